@@ -1,0 +1,59 @@
+"""Packaging for oprd-mega.
+
+The folder ``kernels/`` installs under the import name ``oprd_kernels``: a top-level module
+named ``kernels`` would clash with the PyPI package of that name, which transformers can load.
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+# torch is listed with a floor only; install it first and explicitly (scripts/test.sh does), so
+# that pip never resolves an open-ended torch (that downloads a multi-GB CUDA build).
+INSTALL_REQUIRES = [
+    "torch>=2.6",
+    # 0.17+ require Python >= 3.12; 0.16.1 is the release tested in CI on Python 3.11.
+    "megatron-core==0.16.1; python_version < '3.12'",
+    "megatron-core>=0.16.1,<0.20; python_version >= '3.12'",
+    # Megatron's torch_dist checkpointing imports psutil without declaring it.
+    "psutil>=5.9",
+    "numpy>=1.26",
+    "transformers>=4.51",
+    "safetensors>=0.4",
+    "pyyaml>=6.0",
+    "pydantic>=2.7",
+    "httpx>=0.27",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    "dev": [
+        "pytest>=8.0",
+        "pytest-timeout>=2.3",
+        "hypothesis>=6.100",
+        "ruff==0.17.6",
+        # Only for the CPU interpreter tests (TRITON_INTERPRET=1); GPU images bring their own.
+        "triton>=3.3,<4",
+    ],
+    # NVIDIA apex is not on PyPI (the PyPI package `apex` is unrelated): see README, "GPU set-up".
+    "gpu": ["transformer-engine[pytorch]>=2.9"],
+    "sglang": ["sglang>=0.5.23"],
+}
+
+setup(
+    name="oprd-mega",
+    version="0.1.0",
+    description="On-Policy Representation Distillation on Megatron-Core",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[*find_packages(include=["oprd_mega", "oprd_mega.*"]), "oprd_kernels"],
+    package_dir={"oprd_kernels": "kernels"},
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={
+        "console_scripts": [
+            "oprd-bench-kernels=oprd_kernels.benchmark:main",
+        ]
+    },
+)
