@@ -34,10 +34,15 @@ EXTRAS_REQUIRE = {
         "ruff==0.17.6",
         # Only for the CPU interpreter tests (TRITON_INTERPRET=1); GPU images bring their own.
         "triton>=3.3,<4",
+        # Loads SGLang's own request/response schema in the rollout conformance tests.
+        "msgspec>=0.18",
+        # Parquet prompt datasets in tests (optional at run time: the `parquet` extra).
+        "pyarrow>=14",
     ],
     # NVIDIA apex is not on PyPI (the PyPI package `apex` is unrelated): see README, "GPU set-up".
     "gpu": ["transformer-engine[pytorch]>=2.9"],
     "sglang": ["sglang>=0.5.23"],
+    "parquet": ["pyarrow>=14"],
 }
 
 setup(
@@ -54,6 +59,7 @@ setup(
     entry_points={
         "console_scripts": [
             "oprd-bench-kernels=oprd_kernels.benchmark:main",
+            "oprd-mega=oprd_mega.cli:main",
         ]
     },
 )

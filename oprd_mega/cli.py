@@ -1,0 +1,64 @@
+"""The `oprd-mega` command line: one argparse subcommand per entry point (`serve`, later `train`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def _add_serve(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the embedded SGLang-compatible rollout server on CPU",
+        description=(
+            "Serve a Hugging Face model directory over SGLang's native HTTP API "
+            "(/generate, /health, /get_model_info, weight updates) with transformers."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=30000, help="TCP port (default 30000)")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=32, help="most sequences decoded together"
+    )
+    parser.add_argument("--dtype", default="float32", help="torch dtype of the weights")
+    parser.add_argument("--seed", type=int, default=0, help="base seed for sampling")
+    parser.add_argument(
+        "--weight-version", default="default", help="weight version reported before any update"
+    )
+    parser.set_defaults(func=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from oprd_mega.rollout.embedded_server import ServerConfig, serve_forever
+
+    serve_forever(
+        ServerConfig(
+            model_path=args.model,
+            host=args.host,
+            port=args.port,
+            max_batch_size=args.max_batch_size,
+            dtype=args.dtype,
+            seed=args.seed,
+            weight_version=args.weight_version,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(prog="oprd-mega", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_serve(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
