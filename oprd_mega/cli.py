@@ -1,4 +1,4 @@
-"""The `oprd-mega` command line: one argparse subcommand per entry point (`serve`, later `train`)."""
+"""The `oprd-mega` command line: one argparse subcommand per entry point (serve, later train)."""
 
 from __future__ import annotations
 

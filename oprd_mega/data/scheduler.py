@@ -1,0 +1,267 @@
+"""Microbatch scheduling across data-parallel ranks: pure functions over sample lengths.
+
+A step's samples are packed into microbatches under a token budget (first-fit decreasing), the
+microbatch count is made a multiple of ``dp_size * microbatch_multiple`` (so every rank runs the
+same number, as Megatron's pipeline schedule needs), and the microbatches are dealt to ranks
+balanced by estimated cost (balanced Karmarkar-Karp differencing, then pairwise swaps). The cost
+counts the student's forward + backward and the teacher's forward, attention's quadratic term
+included, because packed sequences attend only within themselves.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of one transformer that decide its FLOPs per token.
+
+    ``num_layers`` counts the layers actually run (for the teacher: up to the deepest tapped
+    layer); ``kv_size`` is ``num_query_groups * head_dim`` (``hidden_size`` without GQA);
+    ``vocab_size`` is 0 when no LM head runs (the teacher).
+    """
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    vocab_size: int = 0
+    kv_size: int | None = None
+    gated_mlp: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelDims.{name} must be positive, got {getattr(self, name)}")
+        if self.vocab_size < 0:
+            raise ValueError(f"ModelDims.vocab_size must be >= 0, got {self.vocab_size}")
+        if self.kv_size is not None and self.kv_size <= 0:
+            raise ValueError(f"ModelDims.kv_size must be positive, got {self.kv_size}")
+
+    def forward_flops(self, length: int) -> float:
+        """Forward FLOPs of one sequence of ``length`` tokens (matmuls only, causal attention)."""
+        h = self.hidden_size
+        kv = h if self.kv_size is None else self.kv_size
+        mlp_mats = 3 if self.gated_mlp else 2
+        per_token_layer = 2 * (2 * h * h + 2 * h * kv + mlp_mats * h * self.ffn_hidden_size)
+        # QK^T and AV over a causal mask: about length^2 / 2 pairs, 2 FLOPs each, both matmuls.
+        attention_layer = 2.0 * h * length * length
+        linear = self.num_layers * per_token_layer * length + 2.0 * h * self.vocab_size * length
+        return float(linear + self.num_layers * attention_layer)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Cost of one sample: student forward + backward (3x forward) plus teacher forward."""
+
+    student: ModelDims
+    teacher: ModelDims | None = None
+    student_backward_factor: float = 3.0
+
+    def cost(self, length: int) -> float:
+        """Estimated FLOPs to train on one sequence of ``length`` tokens."""
+        total = self.student_backward_factor * self.student.forward_flops(length)
+        if self.teacher is not None:
+            total += self.teacher.forward_flops(length)
+        return total
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Each rank's microbatches as lists of sample indices, with cost statistics.
+
+    ``ranks[r][m]`` lists the samples of microbatch ``m`` on data-parallel rank ``r``;
+    ``imbalance`` is ``max(rank_costs) / mean(rank_costs) - 1`` (0 is perfect balance).
+    """
+
+    ranks: list[list[list[int]]]
+    rank_costs: list[float]
+    rank_tokens: list[int]
+    imbalance: float
+    oversized: list[int]
+
+    @property
+    def microbatches_per_rank(self) -> int:
+        """The number of microbatches every rank runs."""
+        return len(self.ranks[0]) if self.ranks else 0
+
+
+def first_fit_pack(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Pack sample indices into bins of at most ``max_tokens`` tokens, longest first (FFD).
+
+    A sample longer than ``max_tokens`` gets a bin of its own. Bins keep the order in which they
+    were opened; inside a bin, samples are in decreasing length.
+    """
+    if max_tokens <= 0:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in order:
+        length = lengths[i]
+        for b, load in enumerate(loads):
+            if load + length <= max_tokens:
+                bins[b].append(i)
+                loads[b] += length
+                break
+        else:
+            bins.append([i])
+            loads.append(length)
+    return bins
+
+
+def _split_to_count(bins: list[list[int]], lengths: Sequence[int], count: int) -> list[list[int]]:
+    """Split the fullest multi-sample bins in two until there are ``count`` bins."""
+    bins = [list(b) for b in bins]
+    while len(bins) < count:
+        splittable = [b for b in range(len(bins)) if len(bins[b]) > 1]
+        if not splittable:
+            raise ValueError(f"cannot make {count} microbatches from {len(lengths)} samples")
+        b = max(splittable, key=lambda k: sum(lengths[i] for i in bins[k]))
+        members = sorted(bins[b], key=lambda i: -lengths[i])
+        left: list[int] = []
+        right: list[int] = []
+        left_load = right_load = 0
+        for i in members:  # greedy halving keeps both halves under the original load
+            if left_load <= right_load:
+                left.append(i)
+                left_load += lengths[i]
+            else:
+                right.append(i)
+                right_load += lengths[i]
+        bins[b] = left
+        bins.append(right)
+    return bins
+
+
+def _merge_to_count(bins: list[list[int]], lengths: Sequence[int], count: int) -> list[list[int]]:
+    """Merge the two lightest bins until there are ``count`` bins."""
+    bins = [list(b) for b in bins]
+    while len(bins) > count:
+        bins.sort(key=lambda b: sum(lengths[i] for i in b))
+        bins = [bins[0] + bins[1], *bins[2:]]
+    return bins
+
+
+def balanced_partition(costs: Sequence[float], parts: int) -> list[list[int]]:
+    """Split item indices into ``parts`` sets of equal size with balanced cost sums.
+
+    Balanced largest-differencing (Karmarkar-Karp) over groups of ``parts`` items, followed by
+    pairwise swaps between the heaviest and lightest sets while they lower the maximum.
+    ``len(costs)`` must be a multiple of ``parts``.
+    """
+    if parts <= 0:
+        raise ValueError(f"parts must be positive, got {parts}")
+    if len(costs) % parts:
+        raise ValueError(f"{len(costs)} items cannot be split into {parts} equal sets")
+    if not costs:
+        return [[] for _ in range(parts)]
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    tie = itertools.count()
+    heap: list[tuple[float, int, list[tuple[float, list[int]]]]] = []
+    for start in range(0, len(order), parts):
+        sets = [(costs[i], [i]) for i in order[start : start + parts]]
+        spread = max(s for s, _ in sets) - min(s for s, _ in sets)
+        heapq.heappush(heap, (-spread, next(tie), sets))
+    while len(heap) > 1:
+        _, _, a = heapq.heappop(heap)
+        _, _, b = heapq.heappop(heap)
+        a = sorted(a, key=lambda s: s[0])
+        b = sorted(b, key=lambda s: -s[0])
+        merged = [(sa + sb, ia + ib) for (sa, ia), (sb, ib) in zip(a, b, strict=True)]
+        spread = max(s for s, _ in merged) - min(s for s, _ in merged)
+        heapq.heappush(heap, (-spread, next(tie), merged))
+    result = [list(items) for _, items in heap[0][2]]
+    _improve_by_swaps(result, costs)
+    return result
+
+
+def _improve_by_swaps(sets: list[list[int]], costs: Sequence[float], rounds: int = 64) -> None:
+    """Swap one item between the heaviest and the lightest set while that lowers the maximum."""
+    for _ in range(rounds):
+        sums = [sum(costs[i] for i in s) for s in sets]
+        hi = max(range(len(sets)), key=lambda k: sums[k])
+        lo = min(range(len(sets)), key=lambda k: sums[k])
+        gap = sums[hi] - sums[lo]
+        if gap <= 0:
+            return
+        best: tuple[float, int, int] | None = None
+        for x, y in itertools.product(range(len(sets[hi])), range(len(sets[lo]))):
+            delta = costs[sets[hi][x]] - costs[sets[lo][y]]
+            if 0 < delta < gap:
+                new_max = max(sums[hi] - delta, sums[lo] + delta)
+                if best is None or new_max < best[0]:
+                    best = (new_max, x, y)
+        if best is None:
+            return
+        _, x, y = best
+        sets[hi][x], sets[lo][y] = sets[lo][y], sets[hi][x]
+
+
+def schedule_microbatches(
+    lengths: Sequence[int],
+    dp_size: int,
+    max_tokens_per_microbatch: int,
+    cost_model: CostModel | None = None,
+    microbatch_multiple: int = 1,
+) -> Schedule:
+    """Plan every data-parallel rank's microbatches for one step.
+
+    ``lengths`` are total (prompt + response) token counts per sample. Every sample is used
+    exactly once; every rank gets the same number of microbatches, a multiple of
+    ``microbatch_multiple`` (e.g. the virtual pipeline size). Without a cost model, the cost of a
+    sample is its length squared plus its length (attention plus linear work).
+    """
+    if dp_size <= 0:
+        raise ValueError(f"dp_size must be positive, got {dp_size}")
+    if microbatch_multiple <= 0:
+        raise ValueError(f"microbatch_multiple must be positive, got {microbatch_multiple}")
+    if any(length <= 0 for length in lengths):
+        bad = next(i for i, length in enumerate(lengths) if length <= 0)
+        raise ValueError(f"sample {bad} has length {lengths[bad]}; lengths must be positive")
+    group = dp_size * microbatch_multiple
+    if len(lengths) < group:
+        raise ValueError(
+            f"{len(lengths)} samples cannot fill dp_size={dp_size} x "
+            f"microbatch_multiple={microbatch_multiple} microbatches; need at least {group}"
+        )
+    oversized = [i for i, length in enumerate(lengths) if length > max_tokens_per_microbatch]
+    if oversized:
+        warnings.warn(
+            f"{len(oversized)} sample(s) exceed max_tokens_per_microbatch="
+            f"{max_tokens_per_microbatch} (longest {max(lengths[i] for i in oversized)} tokens); "
+            "each gets a microbatch of its own",
+            stacklevel=2,
+        )
+    bins = first_fit_pack(lengths, max_tokens_per_microbatch)
+    target = -(-len(bins) // group) * group
+    if target <= len(lengths):
+        bins = _split_to_count(bins, lengths, target)
+    else:  # too few samples to split further: merge the lightest microbatches instead
+        target -= group
+        warnings.warn(
+            f"{len(lengths)} samples in {len(bins)} microbatches cannot be split into "
+            f"{target + group}; "
+            f"merging down to {target}, some microbatches exceed max_tokens_per_microbatch="
+            f"{max_tokens_per_microbatch}",
+            stacklevel=2,
+        )
+        bins = _merge_to_count(bins, lengths, target)
+
+    def sample_cost(i: int) -> float:
+        if cost_model is None:
+            return float(lengths[i]) ** 2 + float(lengths[i])
+        return cost_model.cost(lengths[i])
+
+    bin_costs = [sum(sample_cost(i) for i in b) for b in bins]
+    parts = balanced_partition(bin_costs, dp_size)
+    ranks = [[sorted(bins[b]) for b in sorted(part)] for part in parts]
+    rank_costs = [sum(bin_costs[b] for b in part) for part in parts]
+    rank_tokens = [sum(lengths[i] for b in part for i in bins[b]) for part in parts]
+    mean = sum(rank_costs) / len(rank_costs)
+    imbalance = max(rank_costs) / mean - 1.0 if mean > 0 else 0.0
+    return Schedule(ranks, rank_costs, rank_tokens, imbalance, oversized)
