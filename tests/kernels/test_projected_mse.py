@@ -1,0 +1,310 @@
+"""projected_mse against the float64 oracle: every impl, option and odd shape."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import oprd_kernels
+from tests.kernels.float64_oracle import oracle
+
+REDUCTIONS = ("mean", "sum", "none")
+WEIGHT_MODES = ("identity", "frozen", "trainable")
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    tokens: int
+    d_s: int
+    d_t: int
+    mask: str  # "none", "some" (~20% masked) or "all" (every weight zero)
+
+
+# No dimension of ODD is a multiple of a block size (16/32 in the interpreter, 64/128 on GPU).
+REALISTIC = Shape("realistic", 512, 256, 512, "some")
+ODD = Shape("odd", 37, 40, 72, "some")
+ONE_TOKEN = Shape("one-token", 1, 24, 40, "none")
+ALL_MASKED = Shape("all-masked", 19, 24, 40, "all")
+
+
+def make_case(
+    shape: Shape,
+    weight_mode: str,
+    with_bias: bool,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, torch.Tensor | None]:
+    generator = torch.Generator().manual_seed(seed)
+    d_s = shape.d_t if weight_mode == "identity" else shape.d_s
+
+    def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*size, generator=generator, dtype=torch.float64) * scale).to(dtype)
+
+    student = randn(shape.tokens, d_s).requires_grad_()
+    # A target correlated with the projected student, as after some training.
+    weight = None if weight_mode == "identity" else randn(shape.d_t, d_s, scale=d_s**-0.5)
+    base = (
+        student.detach().double()
+        if weight is None
+        else student.detach().double() @ weight.double().T
+    )
+    target = (
+        base + torch.randn(shape.tokens, shape.d_t, generator=generator, dtype=torch.float64)
+    ).to(dtype)
+    if weight is not None and weight_mode == "trainable":
+        weight.requires_grad_()
+    bias = randn(shape.d_t, scale=0.5).requires_grad_() if with_bias else None
+    if shape.mask == "none":
+        token_weight = None
+    elif shape.mask == "all":
+        token_weight = torch.zeros(shape.tokens)
+    else:
+        keep = torch.rand(shape.tokens, generator=generator) >= 0.2
+        token_weight = keep.float() * (0.5 + torch.rand(shape.tokens, generator=generator))
+    return {
+        "student": student,
+        "target": target,
+        "weight": weight,
+        "bias": bias,
+        "token_weight": token_weight,
+    }
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.abs().max().item()
+    difference = (actual.double() - expected.double()).abs().max().item()
+    return difference / scale if scale > 0 else difference
+
+
+def run_and_compare(
+    case: dict[str, torch.Tensor | None],
+    *,
+    impl: str,
+    normalize: bool,
+    reduction: str,
+    recompute: bool = False,
+    workspace_bytes: int | None = None,
+    rtol: float = 2e-5,
+) -> None:
+    student, target = case["student"], case["target"]
+    assert student is not None and target is not None
+    weight, bias, token_weight = case["weight"], case["bias"], case["token_weight"]
+    loss = oprd_kernels.projected_mse(
+        student,
+        target,
+        weight,
+        bias,
+        token_weight,
+        normalize=normalize,
+        reduction=reduction,
+        impl=impl,
+        recompute=recompute,
+        workspace_bytes=workspace_bytes,
+    )
+    assert loss.dtype == torch.float32
+    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7)) + 1.5
+    expected = oracle(
+        student,
+        target,
+        weight,
+        bias,
+        token_weight,
+        normalize=normalize,
+        reduction=reduction,
+        upstream=upstream,
+    )
+    assert loss.shape == expected.loss.shape
+    assert relative_error(loss.detach(), expected.loss) <= rtol
+    leaves = [v for v in (student, weight, bias) if v is not None and v.requires_grad]
+    grads = torch.autograd.grad((loss * upstream).sum(), leaves, allow_unused=True)
+    by_leaf = dict(zip(map(id, leaves), grads, strict=True))
+    for name, tensor, expected_grad in (
+        ("student", student, expected.student_grad),
+        ("weight", weight, expected.weight_grad),
+        ("bias", bias, expected.bias_grad),
+    ):
+        if tensor is None or not tensor.requires_grad:
+            continue
+        actual = by_leaf[id(tensor)]
+        assert actual is not None, f"no gradient for {name}"
+        assert actual.dtype == tensor.dtype
+        assert relative_error(actual, expected_grad) <= rtol * 5, f"{name} gradient"
+
+
+# The PyTorch paths are fast: the full option matrix, chunked into several pieces.
+@pytest.mark.parametrize("shape", [REALISTIC, ODD, ONE_TOKEN, ALL_MASKED], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "impl,recompute", [("reference", False), ("torch", False), ("torch", True)]
+)
+@pytest.mark.parametrize("weight_mode", WEIGHT_MODES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "plain"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_paths_match_float64(
+    shape: Shape,
+    impl: str,
+    recompute: bool,
+    weight_mode: str,
+    with_bias: bool,
+    normalize: bool,
+    reduction: str,
+) -> None:
+    case = make_case(shape, weight_mode, with_bias)
+    run_and_compare(
+        case,
+        impl=impl,
+        normalize=normalize,
+        reduction=reduction,
+        recompute=recompute,
+        workspace_bytes=None if shape is ONE_TOKEN else 60_000,
+    )
+
+
+# The interpreter is slow: every option once on the odd shape, the edge shapes on a few.
+TRITON_MATRIX = [
+    (ODD, weight_mode, weight_mode != "frozen", normalize, reduction, recompute)
+    for weight_mode, normalize, reduction, recompute in itertools.product(
+        WEIGHT_MODES, (True, False), REDUCTIONS, (False, True)
+    )
+] + [
+    (ONE_TOKEN, "trainable", True, True, "mean", False),
+    (ALL_MASKED, "trainable", True, True, "mean", False),
+    (ALL_MASKED, "frozen", False, False, "none", True),
+]
+
+
+@pytest.mark.parametrize(
+    "shape,weight_mode,with_bias,normalize,reduction,recompute",
+    TRITON_MATRIX,
+    ids=[
+        "-".join(
+            (
+                s.name,
+                m,
+                "bias" if b else "nobias",
+                "norm" if n else "plain",
+                r,
+                "rec" if rc else "fwd",
+            )
+        )
+        for s, m, b, n, r, rc in TRITON_MATRIX
+    ],
+)
+def test_triton_matches_float64(
+    shape: Shape,
+    weight_mode: str,
+    with_bias: bool,
+    normalize: bool,
+    reduction: str,
+    recompute: bool,
+) -> None:
+    case = make_case(shape, weight_mode, with_bias)
+    # A budget of a few rows per chunk, so several chunks and partial tiles are exercised.
+    run_and_compare(
+        case,
+        impl="triton",
+        normalize=normalize,
+        reduction=reduction,
+        recompute=recompute,
+        workspace_bytes=8_000,
+    )
+
+
+def test_default_workspace_and_auto_impl_on_cpu() -> None:
+    case = make_case(REALISTIC, "trainable", True)
+    assert oprd_kernels.resolve_impl("auto", torch.device("cpu")) == "torch"
+    run_and_compare(case, impl="auto", normalize=True, reduction="mean")
+
+
+def test_frozen_student_still_trains_projection() -> None:
+    case = make_case(ODD, "trainable", True)
+    assert case["student"] is not None
+    case["student"].requires_grad_(False)
+    run_and_compare(case, impl="torch", normalize=True, reduction="mean")
+
+
+def test_target_never_receives_gradient() -> None:
+    case = make_case(ODD, "trainable", False)
+    target = case["target"]
+    assert target is not None
+    target.requires_grad_()
+    for impl in ("reference", "torch"):
+        loss = oprd_kernels.projected_mse(
+            case["student"], target, case["weight"], token_weight=case["token_weight"], impl=impl
+        )
+        loss.backward()
+        assert target.grad is None
+
+
+def test_loss_does_not_depend_on_chunking() -> None:
+    case = make_case(REALISTIC, "trainable", True)
+    losses = [
+        oprd_kernels.projected_mse(
+            case["student"],
+            case["target"],
+            case["weight"],
+            case["bias"],
+            case["token_weight"],
+            impl="torch",
+            workspace_bytes=budget,
+        ).item()
+        for budget in (10_000, 200_000, 10**9)
+    ]
+    assert max(losses) - min(losses) <= 1e-6 * abs(losses[0])
+
+
+# bf16: no worse than PyTorch's own bf16 evaluation of the same formula, plus a small margin.
+def torch_bf16_formula(
+    case: dict[str, torch.Tensor | None], normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    student = case["student"].detach().clone().requires_grad_()  # type: ignore[union-attr]
+    weight = case["weight"].detach().clone().requires_grad_()  # type: ignore[union-attr]
+    target = case["target"]
+    p = student @ weight.T
+    t = target
+    if normalize:
+        p = p / p.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    loss = ((p - t) ** 2).mean(dim=1).mean()
+    loss.backward()
+    return loss.detach(), student.grad, weight.grad  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    "impl,shape", [("torch", REALISTIC), ("reference", REALISTIC), ("triton", ODD)]
+)
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "plain"])
+def test_bf16_no_worse_than_pytorch_bf16(impl: str, shape: Shape, normalize: bool) -> None:
+    shape = Shape(shape.name, shape.tokens, shape.d_s, shape.d_t, "none")
+    case = make_case(shape, "trainable", False, dtype=torch.bfloat16, seed=3)
+    student, weight, target = case["student"], case["weight"], case["target"]
+    assert student is not None and weight is not None and target is not None
+    upstream = torch.ones(())
+    expected = oracle(
+        student,
+        target,
+        weight,
+        None,
+        None,
+        normalize=normalize,
+        reduction="mean",
+        upstream=upstream,
+    )
+    torch_loss, torch_dx, torch_dw = torch_bf16_formula(case, normalize)
+    loss = oprd_kernels.projected_mse(student, target, weight, normalize=normalize, impl=impl)
+    dx, dw = torch.autograd.grad(loss, [student, weight])
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.bfloat16
+    margin = 2e-3
+    assert relative_error(loss, expected.loss) <= relative_error(torch_loss, expected.loss) + margin
+    assert (
+        relative_error(dx, expected.student_grad)
+        <= relative_error(torch_dx, expected.student_grad) + margin
+    )
+    assert (
+        relative_error(dw, expected.weight_grad)
+        <= relative_error(torch_dw, expected.weight_grad) + margin
+    )
