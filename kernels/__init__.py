@@ -4,8 +4,8 @@ Installed from the repository folder ``kernels/`` under this import name (a top-
 called ``kernels`` would clash with an unrelated PyPI package that transformers can load).
 """
 
+from .api import projected_mse, resolve_impl, triton_available
 from .bridge import bridge_project
-from .projected_mse import projected_mse, resolve_impl, triton_available
 from .reference import projected_mse_reference
 
 __all__ = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .projected_mse import resolve_impl
+from .api import resolve_impl
 
 # Rows per chunk of the PyTorch path: bounds its float32 centred copy of the hidden states.
 _TORCH_CHUNK_ROWS = 4096
