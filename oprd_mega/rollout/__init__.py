@@ -1,0 +1,1 @@
+"""Rollouts: the SGLang client, server management, the embedded server and weight sync."""

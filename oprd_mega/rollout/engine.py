@@ -1,0 +1,435 @@
+"""The embedded server's generation engine: a transformers model, batched decoding on CPU.
+
+Requests queue up; a worker thread takes whatever is waiting (up to ``max_batch_size``
+sequences), decodes them together with a shared KV cache, and answers each. Weight updates hold
+the same lock as decoding, so they happen between batches, never inside one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oprd_mega.rollout.sampling import SamplingConfig, select_tokens
+
+
+@dataclass
+class SequenceJob:
+    """One sequence to generate (a request with ``n`` samples makes ``n`` jobs)."""
+
+    input_ids: list[int]
+    config: SamplingConfig
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    seed: int = 0
+    future: Future = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+def load_state_dict_from_dir(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor in the ``*.safetensors`` files of a directory (or one file)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    return state
+
+
+def _output_cache(output: Any) -> Any:
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+class GenerationEngine:
+    """Holds the model and tokenizer; generates batches; applies weight updates."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        dtype: str = "float32",
+        max_batch_size: int = 32,
+        seed: int = 0,
+        weight_version: str = "default",
+        batch_wait_s: float = 0.005,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = str(model_path)
+        torch_dtype = getattr(torch, dtype, None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype")
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch_dtype)
+        self.model.eval()
+        try:
+            self.tokenizer: Any = AutoTokenizer.from_pretrained(self.model_path)
+        except (OSError, ValueError):
+            self.tokenizer = None  # token ids in, token ids out; text fields stay empty
+        self.eos_ids = self._eos_ids()
+        # transformers >= 5.2x names the KV cache argument `cache`; earlier `past_key_values`.
+        forward_args = inspect.signature(self.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.weight_version = weight_version
+        self.lock = threading.Lock()
+        self.stats = {"batches": 0, "sequences": 0, "max_batch": 0, "tokens": 0}
+        self._rng = torch.Generator().manual_seed(seed)
+        self._queue: queue.Queue[SequenceJob] = queue.Queue()
+        self._stop = threading.Event()
+        self._groups: dict[str, Any] = {}
+        self._worker = threading.Thread(target=self._loop, name="oprd-engine", daemon=True)
+        self._worker.start()
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(source, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, list | tuple):
+                ids.update(int(e) for e in eos)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+    # ----- requests -----
+
+    def next_seed(self) -> int:
+        """A fresh seed for a sequence that did not ask for ``sampling_seed``."""
+        return int(torch.randint(0, 2**62, (1,), generator=self._rng))
+
+    def submit(self, jobs: Iterable[SequenceJob]) -> list[Future]:
+        """Queue sequences; each future resolves to that sequence's response dict."""
+        futures = []
+        for job in jobs:
+            self._queue.put(job)
+            futures.append(job.future)
+        return futures
+
+    def close(self) -> None:
+        """Stop the worker; queued sequences fail."""
+        self._stop.set()
+        self._worker.join(timeout=10)
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            job.future.set_exception(RuntimeError("server shutting down"))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.perf_counter() + self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                remaining = deadline - time.perf_counter()
+                try:
+                    batch.append(
+                        self._queue.get(timeout=remaining)
+                        if remaining > 0
+                        else self._queue.get_nowait()
+                    )
+                except queue.Empty:
+                    break
+            try:
+                with self.lock:
+                    results = self._generate(batch)
+            except Exception as exc:  # a failed batch fails its requests, not the server
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                continue
+            for job, result in zip(batch, results, strict=True):
+                job.future.set_result(result)
+
+    # ----- decoding -----
+
+    def _decode(self, ids: list[int], skip_special: bool = True) -> str:
+        if self.tokenizer is None or not ids:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special)
+
+    def _token_text(self, token: int, wanted: bool) -> str | None:
+        if not wanted or self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token])
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[SequenceJob]) -> list[dict[str, Any]]:
+        for job in batch:
+            if not job.input_ids:
+                raise ValueError("input_ids must not be empty")
+            if len(job.input_ids) >= self.max_context:
+                raise ValueError(
+                    f"prompt of {len(job.input_ids)} tokens does not fit the context "
+                    f"length {self.max_context}"
+                )
+        size = len(batch)
+        self.stats["batches"] += 1
+        self.stats["sequences"] += size
+        self.stats["max_batch"] = max(self.stats["max_batch"], size)
+        lengths = [len(j.input_ids) for j in batch]
+        width = max(lengths)
+        pad = 0
+        input_ids = torch.full((size, width), pad, dtype=torch.long)
+        mask = torch.zeros((size, width), dtype=torch.long)
+        for r, job in enumerate(batch):
+            input_ids[r, width - lengths[r] :] = torch.tensor(job.input_ids)
+            mask[r, width - lengths[r] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        generators = [torch.Generator().manual_seed(j.seed) for j in batch]
+        limits = [
+            min(
+                j.config.max_new_tokens if j.config.max_new_tokens is not None else 1 << 30,
+                self.max_context - len(j.input_ids),
+            )
+            for j in batch
+        ]
+        outputs: list[list[int]] = [[] for _ in batch]
+        logprobs: list[list[float]] = [[] for _ in batch]
+        tops: list[list[list[Any]]] = [[] for _ in batch]
+        finish: list[dict[str, Any] | None] = [
+            {"type": "length", "length": 0} if limit == 0 else None for limit in limits
+        ]
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
+        )
+        all_logits = out.logits.float()
+        input_logprobs = self._input_logprobs(batch, all_logits, lengths, width)
+        logits = all_logits[:, -1, :]
+        past = _output_cache(out)
+        step = 0
+        while any(f is None for f in finish):
+            logits = logits.clone()
+            for r, job in enumerate(batch):
+                if len(outputs[r]) < job.config.min_new_tokens:
+                    blocked = set(job.config.stop_token_ids)
+                    if not job.config.ignore_eos:
+                        blocked |= self.eos_ids
+                    if blocked:
+                        logits[r, list(blocked)] = float("-inf")
+            tokens, chosen = select_tokens(logits, [j.config for j in batch], generators)
+            if any(j.top_logprobs_num > 0 for j in batch):
+                full = torch.log_softmax(
+                    logits
+                    / torch.tensor(
+                        [1.0 if j.config.greedy else j.config.temperature for j in batch]
+                    )[:, None],
+                    dim=-1,
+                )
+            for r, job in enumerate(batch):
+                if finish[r] is not None:
+                    continue
+                token = int(tokens[r])
+                outputs[r].append(token)
+                logprobs[r].append(float(chosen[r]))
+                if job.top_logprobs_num > 0:
+                    values, ids = full[r].topk(job.top_logprobs_num)
+                    tops[r].append(
+                        [
+                            [
+                                float(v),
+                                int(i),
+                                self._token_text(int(i), job.return_text_in_logprobs),
+                            ]
+                            for v, i in zip(values, ids, strict=True)
+                        ]
+                    )
+                finish[r] = self._finish(job, outputs[r], token, limits[r])
+            step += 1
+            if all(f is not None for f in finish):
+                break
+            mask = torch.cat([mask, torch.ones((size, 1), dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{self._cache_arg: past},
+            )
+            past = _output_cache(out)
+            logits = out.logits[:, -1, :].float()
+        now = time.perf_counter()
+        results = []
+        for r, job in enumerate(batch):
+            self.stats["tokens"] += len(outputs[r])
+            results.append(
+                self._response(
+                    job, outputs[r], logprobs[r], tops[r], finish[r], input_logprobs[r], now
+                )
+            )
+        return results
+
+    def _input_logprobs(
+        self, batch: list[SequenceJob], logits: torch.Tensor, lengths: list[int], width: int
+    ) -> list[list[list[Any]] | None]:
+        result: list[list[list[Any]] | None] = []
+        for r, job in enumerate(batch):
+            if not job.return_logprob or job.logprob_start_len < 0:
+                result.append(None)
+                continue
+            offset = width - lengths[r]
+            row = torch.log_softmax(logits[r, offset:], dim=-1)
+            entries: list[list[Any]] = []
+            for pos in range(min(job.logprob_start_len, lengths[r]), lengths[r]):
+                token = job.input_ids[pos]
+                value = None if pos == 0 else float(row[pos - 1, token])
+                entries.append([value, token, self._token_text(token, job.return_text_in_logprobs)])
+            result.append(entries)
+        return result
+
+    def _finish(
+        self, job: SequenceJob, output: list[int], token: int, limit: int
+    ) -> dict[str, Any] | None:
+        config = job.config
+        if len(output) >= config.min_new_tokens:
+            if token in config.stop_token_ids or (not config.ignore_eos and token in self.eos_ids):
+                return {"type": "stop", "matched": token}
+            if config.stop:
+                text = self._decode(output, config.skip_special_tokens)
+                for stop in config.stop:
+                    if stop in text:
+                        return {"type": "stop", "matched": stop}
+        if len(output) >= limit:
+            return {"type": "length", "length": len(output)}
+        return None
+
+    def _response(
+        self,
+        job: SequenceJob,
+        output: list[int],
+        logprobs: list[float],
+        tops: list[list[list[Any]]],
+        finish: dict[str, Any] | None,
+        input_logprobs: list[list[Any]] | None,
+        now: float,
+    ) -> dict[str, Any]:
+        assert finish is not None
+        text = self._decode(output, job.config.skip_special_tokens)
+        matched = finish.get("matched")
+        if isinstance(matched, str) and not job.config.no_stop_trim:
+            text = text[: text.find(matched)] if matched in text else text
+        meta: dict[str, Any] = {
+            "id": uuid.uuid4().hex,
+            "finish_reason": finish,
+            "prompt_tokens": len(job.input_ids),
+            "completion_tokens": len(output),
+            "cached_tokens": 0,
+            "weight_version": self.weight_version,
+            "e2e_latency": now - job.submitted,
+        }
+        if job.return_logprob:
+            meta["output_token_logprobs"] = [
+                [lp, tok, self._token_text(tok, job.return_text_in_logprobs)]
+                for lp, tok in zip(logprobs, output, strict=True)
+            ]
+            meta["input_token_logprobs"] = input_logprobs if input_logprobs is not None else []
+            if job.top_logprobs_num > 0:
+                meta["output_top_logprobs"] = tops
+        return {"text": text, "output_ids": output, "meta_info": meta}
+
+    # ----- weights -----
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Copy HF-named tensors into the model; unknown names or shapes raise, naming them."""
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise ValueError(f"{source}: tensor(s) not in the model: {', '.join(unknown[:5])}")
+        for name, tensor in tensors.items():
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise ValueError(
+                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model's is "
+                    f"{tuple(params[name].shape)}"
+                )
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor.to(params[name].dtype))
+
+    def update_from_disk(self, model_path: str, weight_version: str | None) -> None:
+        """Reload every safetensors tensor from ``model_path``, then set the version."""
+        tensors = load_state_dict_from_dir(model_path)
+        with self.lock:
+            self.load_weights(tensors, source=model_path)
+            if weight_version is not None:
+                self.weight_version = weight_version
+
+    def init_group(
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+    ) -> None:
+        """Join the trainer's weight-update group as rank ``rank_offset`` (tensor parallel 1)."""
+        from oprd_mega.rollout.process_group import init_custom_process_group
+
+        if group_name in self._groups:
+            raise ValueError(f"weight update group {group_name!r} already exists")
+        self._groups[group_name] = init_custom_process_group(
+            master_address, master_port, rank_offset, world_size, group_name, backend
+        )
+
+    def destroy_group(self, group_name: str) -> None:
+        """Leave a weight-update group."""
+        from oprd_mega.rollout.process_group import destroy_custom_process_group
+
+        group = self._groups.pop(group_name, None)
+        if group is None:
+            raise ValueError(f"no weight update group {group_name!r}")
+        destroy_custom_process_group(group)
+
+    def update_from_distributed(
+        self,
+        names: list[str],
+        dtypes: list[str],
+        shapes: list[list[int]],
+        group_name: str,
+        weight_version: str | None,
+    ) -> None:
+        """Receive one bucket of tensors broadcast from rank 0 in ``names`` order, then load it."""
+        import torch.distributed as dist
+
+        group = self._groups.get(group_name)
+        if group is None:
+            raise ValueError(f"no weight update group {group_name!r}; call init first")
+        if not len(names) == len(dtypes) == len(shapes):
+            raise ValueError("names, dtypes and shapes must have the same length")
+        with self.lock:
+            received: dict[str, torch.Tensor] = {}
+            for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+                torch_dtype = getattr(torch, str(dtype).removeprefix("torch."), None)
+                if not isinstance(torch_dtype, torch.dtype):
+                    raise ValueError(f"tensor {name}: unknown dtype {dtype!r}")
+                tensor = torch.empty(tuple(shape), dtype=torch_dtype)
+                dist.broadcast(tensor, src=0, group=group)
+                received[name] = tensor
+            self.load_weights(received, source=f"group {group_name}")
+            if weight_version is not None:
+                self.weight_version = weight_version
