@@ -1,0 +1,106 @@
+"""Command line of the checkpoint converter (``oprd-convert-checkpoint``).
+
+oprd-convert-checkpoint hf-to-mcore --hf DIR --mcore DIR
+oprd-convert-checkpoint mcore-to-hf --mcore DIR --hf DIR
+torchrun --nproc-per-node N*M tools/convert_checkpoint.py verify --hf DIR --mcore DIR --tp N
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+# Errors caused by the user's input: reported in one line, exit status 2.
+_INPUT_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oprd-convert-checkpoint",
+        description="Convert Llama/Qwen2/Qwen3 checkpoints between Hugging Face and Megatron.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    h2m = sub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron torch_dist")
+    h2m.add_argument("--hf", required=True, help="Hugging Face model directory")
+    h2m.add_argument("--mcore", required=True, help="new Megatron checkpoint directory")
+    m2h = sub.add_parser("mcore-to-hf", help="Megatron torch_dist -> HF safetensors")
+    m2h.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
+    m2h.add_argument("--hf", required=True, help="new Hugging Face model directory")
+    m2h.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
+    ver = sub.add_parser("verify", help="compare with transformers layer by layer (torchrun)")
+    ver.add_argument("--hf", required=True, help="Hugging Face model directory")
+    ver.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
+    ver.add_argument("--tp", type=int, default=1, help="tensor parallel size")
+    ver.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    ver.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    ver.add_argument("--batch", type=int, default=2)
+    ver.add_argument("--seq-len", type=int, default=32)
+    ver.add_argument("--seed", type=int, default=0)
+    ver.add_argument("--tolerance", type=float, default=None, help="max relative difference")
+    for p in (h2m, m2h):
+        p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def _verify(ns: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from oprd_mega.convert.convert import checkpoint_dtype
+    from oprd_mega.convert.mcore_io import read_mcore_args
+    from oprd_mega.convert.verify import TOLERANCE, verify
+    from oprd_mega.parallel import ParallelLayout, init_distributed
+
+    read_mcore_args(ns.mcore)  # clear errors before any process group exists
+    layout = ParallelLayout(tp=ns.tp, pp=ns.pp, sp=ns.sp)
+    tolerance = ns.tolerance if ns.tolerance is not None else TOLERANCE[checkpoint_dtype(ns.mcore)]
+    info = init_distributed(layout)
+    diffs = verify(
+        ns.hf, ns.mcore, sequence_parallel=ns.sp, batch=ns.batch, seq_len=ns.seq_len, seed=ns.seed
+    )
+    status = [0]
+    if info.rank == 0:
+        print(f"verify {layout} (world {info.world_size}), tolerance max_rel <= {tolerance:g}")
+        print(f"{'tensor':<12} {'max_abs':>12} {'max_rel':>12}")
+        for d in diffs or []:
+            flag = "" if d.max_rel <= tolerance else "  FAIL"
+            print(f"{d.name:<12} {d.max_abs:>12.3e} {d.max_rel:>12.3e}{flag}")
+        failed = [d.name for d in diffs or [] if d.max_rel > tolerance]
+        print("FAILED: " + ", ".join(failed) if failed else "OK: all within tolerance")
+        status[0] = 1 if failed else 0
+    dist.broadcast_object_list(status, src=0)
+    return status[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand; returns the process exit status."""
+    ns = _parser().parse_args(argv)
+    try:
+        if ns.command == "hf-to-mcore":
+            from oprd_mega.convert.convert import hf_to_mcore
+
+            out = hf_to_mcore(ns.hf, ns.mcore, progress=not ns.no_progress)
+            print(f"wrote Megatron checkpoint {out}")
+            return 0
+        if ns.command == "mcore-to-hf":
+            from oprd_mega.convert.convert import mcore_to_hf
+
+            max_bytes = int(ns.max_shard_gb * 1024**3)
+            out = mcore_to_hf(
+                ns.mcore, ns.hf, max_shard_bytes=max_bytes, progress=not ns.no_progress
+            )
+            print(f"wrote Hugging Face checkpoint {out}")
+            return 0
+        return _verify(ns)
+    except _INPUT_ERRORS as exc:
+        print(f"oprd-convert-checkpoint {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        from oprd_mega.parallel.distributed import destroy_distributed
+
+        if "megatron.core" in sys.modules:
+            destroy_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Checkpoint conversion: Hugging Face safetensors <-> Megatron torch_dist.
+
+Both directions validate everything they can before writing, write into a temporary folder
+and rename it at the end: a failure leaves nothing at the target.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from oprd_mega.convert.hf_io import HFCheckpointReader, copy_aux_files, write_safetensors_shards
+from oprd_mega.convert.mcore_io import (
+    HF_SUBDIR,
+    export_hf_weights,
+    load_hf_weights,
+    load_mcore_checkpoint,
+    read_mcore_args,
+    save_mcore_checkpoint,
+)
+from oprd_mega.models.builder import build_gpt_model
+from oprd_mega.models.hf_config import load_hf_config
+from oprd_mega.parallel import ParallelLayout, init_distributed
+
+
+def _require_new_target(target: Path) -> None:
+    if target.exists():
+        raise FileExistsError(f"target {target} already exists; choose a new directory")
+
+
+def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, *, progress: bool = True) -> Path:
+    """Convert a Hugging Face checkpoint into a Megatron torch_dist checkpoint.
+
+    The result loads at any TP/PP layout. Under torchrun all ranks take part (TP1/PP1).
+    """
+    hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
+    _require_new_target(mcore_dir)
+    args = load_hf_config(hf_dir)
+    reader = HFCheckpointReader(hf_dir)
+    dtype = reader.validate(args)
+    init_distributed(ParallelLayout())
+    model = build_gpt_model(args, params_dtype=dtype)
+    with tqdm(
+        total=args.num_layers + 1, desc="hf-to-mcore", unit="layer", disable=not progress
+    ) as bar:
+        load_hf_weights(model, args, reader, progress=bar)
+    return save_mcore_checkpoint(model, args, mcore_dir, hf_source=hf_dir)
+
+
+def mcore_to_hf(
+    mcore_dir: str | Path,
+    hf_dir: str | Path,
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: bool = True,
+) -> Path:
+    """Convert a Megatron checkpoint (from :func:`hf_to_mcore` or training) to safetensors.
+
+    Under torchrun every rank loads the full model (TP1/PP1) and rank 0 writes.
+    """
+    mcore_dir, hf_dir = Path(mcore_dir), Path(hf_dir)
+    _require_new_target(hf_dir)
+    args = read_mcore_args(mcore_dir)
+    dtype = checkpoint_dtype(mcore_dir)
+    init_distributed(ParallelLayout())
+    model = build_gpt_model(args, params_dtype=dtype)
+    load_mcore_checkpoint(model, mcore_dir)
+    if dist.get_rank() == 0:
+        hf_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{hf_dir.name}.tmp-", dir=hf_dir.parent))
+        try:
+            with tqdm(
+                total=args.num_layers + 1, desc="mcore-to-hf", unit="layer", disable=not progress
+            ) as bar:
+                write_safetensors_shards(
+                    export_hf_weights(model, args, progress=bar),
+                    tmp,
+                    max_shard_bytes=max_shard_bytes,
+                )
+            copy_aux_files(mcore_dir / HF_SUBDIR, tmp)
+            os.replace(tmp, hf_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    dist.barrier()
+    return hf_dir
+
+
+def checkpoint_dtype(mcore_dir: Path) -> torch.dtype:
+    """The dtype of the stored embedding tensor (all tensors share it)."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
+    key = "embedding.word_embeddings.weight"
+    if key not in metadata:
+        raise FileNotFoundError(f"{mcore_dir}: tensor {key} missing from the checkpoint")
+    return metadata[key].dtype

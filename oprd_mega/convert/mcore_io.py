@@ -1,0 +1,203 @@
+"""Megatron side of conversion: HF weights into a live model, out of it, and torch_dist I/O.
+
+Checkpoints are Megatron distributed checkpoints (``torch_dist``) saved with per-layer keys
+(``non_homogeneous_layers``), so a model with fewer layers (the truncated teacher) and any TP/PP
+layout can load them. The source ``config.json`` (and tokenizer files) travel in ``hf/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from oprd_mega.convert.hf_io import AUX_FILES, CheckpointError, HFCheckpointReader
+from oprd_mega.convert.mapping import get_mapping, hf_to_mcore_state, mcore_to_hf_state
+from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
+
+# How the model's sharded state dict is built, on save and on load alike (Megatron adds keys
+# to the dict it is given, so every call gets a fresh copy).
+SHARDED_METADATA = {"non_homogeneous_layers": True}
+
+
+def _sharded_metadata() -> dict:
+    return dict(SHARDED_METADATA)
+
+
+FORMAT_FILE = "oprd_checkpoint.json"
+FORMAT_VERSION = 1
+HF_SUBDIR = "hf"
+_TE_TO_LOCAL = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def global_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """This stage's parameters by canonical Megatron name with the *global* layer index."""
+    model = _unwrap(model)
+    layers = model.decoder.layers
+    out: dict[str, torch.nn.Parameter] = {}
+    for name, param in model.named_parameters():
+        if name.startswith("decoder.layers."):
+            _, _, local, rest = name.split(".", 3)
+            rest = _TE_TO_LOCAL.get(rest, rest)
+            name = f"decoder.layers.{layers[int(local)].layer_number - 1}.{rest}"
+        out[name] = param
+    return out
+
+
+def _stage_layers(model: torch.nn.Module) -> list[int]:
+    return [layer.layer_number - 1 for layer in _unwrap(model).decoder.layers]
+
+
+@torch.no_grad()
+def load_hf_weights(
+    model: torch.nn.Module, args: HFModelArgs, reader: HFCheckpointReader, *, progress=None
+) -> None:
+    """Copy HF weights into this rank's shards of a live model (any TP/PP), via the mapping."""
+    params = global_parameters(model)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    filled: set[str] = set()
+    for layer in [None, *_stage_layers(model)]:
+        if layer is None:  # only the model-level tensors this stage owns
+            wanted = {n for n in params if not n.startswith("decoder.layers.")}
+            if not wanted:
+                continue
+        state = hf_to_mcore_state(args, reader.get, layer, tp_rank=tp_rank, tp_size=tp_size)
+        if args.tie_word_embeddings and "output_layer.weight" in params:
+            state["output_layer.weight"] = state.get(
+                "embedding.word_embeddings.weight",
+                hf_to_mcore_state(args, reader.get, None, tp_rank=tp_rank, tp_size=tp_size)[
+                    "embedding.word_embeddings.weight"
+                ],
+            )
+        for name, tensor in state.items():
+            if name not in params:
+                continue  # e.g. the embedding on a later pipeline stage
+            if params[name].shape != tensor.shape:
+                raise CheckpointError(
+                    f"{name}: mapped shape {tuple(tensor.shape)} != model shape "
+                    f"{tuple(params[name].shape)}"
+                )
+            params[name].copy_(tensor)
+            filled.add(name)
+        if progress is not None:
+            progress.update(1)
+    left = sorted(set(params) - filled)
+    if left:
+        raise CheckpointError(f"no HF weight mapped to model parameter(s) {left[:5]}")
+
+
+def export_hf_weights(
+    model: torch.nn.Module, args: HFModelArgs, *, progress=None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` layer by layer from a TP1/PP1 model (for mcore-to-hf)."""
+    if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
+        parallel_state.get_pipeline_model_parallel_world_size() != 1
+    ):
+        raise RuntimeError("export_hf_weights needs the full model (TP1, PP1)")
+    params = {n: p.detach() for n, p in global_parameters(model).items()}
+    yield from mcore_to_hf_state(args, params, None).items()
+    if progress is not None:
+        progress.update(1)
+    for layer in range(args.num_layers):
+        prefix = f"decoder.layers.{layer}."
+        state = {n: t for n, t in params.items() if n.startswith(prefix)}
+        yield from mcore_to_hf_state(args, state, layer).items()
+        if progress is not None:
+            progress.update(1)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_mcore_checkpoint(
+    model: torch.nn.Module, args: HFModelArgs, directory: str | Path, hf_source: Path | None
+) -> Path:
+    """Save ``model`` as a torch_dist checkpoint into a new ``directory``, atomically.
+
+    Everything is written into a temporary sibling folder, renamed at the end; a failure leaves
+    nothing at ``directory``. ``hf_source``'s config and tokenizer files are kept in ``hf/``.
+    """
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"target {directory} already exists; choose a new directory")
+    tmp_holder = [""]
+    if _rank() == 0:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp_holder[0] = tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent)
+    if dist.is_initialized():
+        dist.broadcast_object_list(tmp_holder, src=0)
+    tmp = Path(tmp_holder[0])
+    try:
+        sharded = _unwrap(model).sharded_state_dict(metadata=_sharded_metadata())
+        dist_checkpointing.save(
+            sharded, str(tmp), content_metadata={"oprd_format": FORMAT_VERSION, **SHARDED_METADATA}
+        )
+        _barrier()
+        if _rank() == 0:
+            hf_dir = tmp / HF_SUBDIR
+            hf_dir.mkdir()
+            if hf_source is not None:
+                for name in AUX_FILES:
+                    if (hf_source / name).is_file():
+                        shutil.copy2(hf_source / name, hf_dir / name)
+            if not (hf_dir / "config.json").is_file():
+                (hf_dir / "config.json").write_text(json.dumps(args.to_dict()), encoding="utf-8")
+            fmt = {"format_version": FORMAT_VERSION, "model": args.to_dict(), **SHARDED_METADATA}
+            (tmp / FORMAT_FILE).write_text(json.dumps(fmt, indent=2) + "\n", encoding="utf-8")
+            os.replace(tmp, directory)
+    except BaseException:
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    return directory
+
+
+def read_mcore_args(directory: str | Path) -> HFModelArgs:
+    """The model arguments stored with a checkpoint written by :func:`save_mcore_checkpoint`."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"Megatron checkpoint directory not found: {directory}")
+    for required in (FORMAT_FILE, "metadata.json", f"{HF_SUBDIR}/config.json"):
+        if not (directory / required).is_file():
+            raise FileNotFoundError(
+                f"{directory} is not an oprd-mega Megatron checkpoint: {required} is missing"
+            )
+    return load_hf_config(directory / HF_SUBDIR / "config.json")
+
+
+def load_mcore_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
+    """Load a checkpoint into ``model`` at this process's TP/PP layout (Megatron reshards)."""
+    model = _unwrap(model)
+    sharded = model.sharded_state_dict(metadata=_sharded_metadata())
+    state = dist_checkpointing.load(sharded, str(directory))
+    state.pop("content_metadata", None)
+    model.load_state_dict(state, strict=True)
+
+
+def check_family(args: HFModelArgs) -> None:
+    """Raise if no mapping exists for ``args.family`` (before any work starts)."""
+    get_mapping(args.family)

@@ -1,0 +1,165 @@
+"""Build a Megatron-Core ``GPTModel`` from validated Hugging Face model arguments.
+
+``build_gpt_model`` gives the full model (student, conversion); ``build_truncated_model`` the
+teacher's first K layers without final norm and output layer. Both use the current Megatron
+``parallel_state`` (see :func:`oprd_mega.parallel.init_distributed`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.models.specs import block_spec, te_available
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.float32):
+    """A torch dtype from a name such as ``"bfloat16"`` (``None`` gives ``default``)."""
+    if name is None:
+        return default
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; supported: {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _pipeline_split(num_layers: int, pp: int) -> dict[str, int | None]:
+    """Megatron's fields for ``num_layers`` over ``pp`` stages (the last one may hold fewer)."""
+    if pp == 1 or num_layers % pp == 0:
+        return {}
+    per_stage = math.ceil(num_layers / pp)
+    last = num_layers - per_stage * (pp - 1)
+    if last < 1:
+        raise ValueError(
+            f"cannot split {num_layers} layers over pipeline size {pp}: use a pipeline size "
+            f"that leaves every stage at least one layer"
+        )
+    return {"num_layers_in_last_pipeline_stage": last}
+
+
+def transformer_config(
+    args: HFModelArgs,
+    *,
+    num_layers: int | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+) -> TransformerConfig:
+    """Megatron's ``TransformerConfig`` for ``args`` under the current parallel_state."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    num_layers = args.num_layers if num_layers is None else num_layers
+    if not 1 <= num_layers <= args.num_layers:
+        raise ValueError(f"num_layers={num_layers} must be in [1, {args.num_layers}]")
+    for field, value in (
+        ("num_attention_heads", args.num_attention_heads),
+        ("num_key_value_heads", args.num_key_value_heads),
+        ("vocab_size", args.vocab_size),
+        ("intermediate_size", args.intermediate_size),
+    ):
+        if value % tp:
+            raise ValueError(f"{field}={value} is not divisible by tensor parallel size {tp}")
+    fused = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.intermediate_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_key_value_heads,
+        kv_channels=args.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=args.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=args.qkv_bias,
+        qk_layernorm=args.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        init_method_std=args.initializer_range,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=fused,
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        **_pipeline_split(num_layers, pp),
+    )
+
+
+def _build(
+    args: HFModelArgs,
+    config: TransformerConfig,
+    *,
+    post_process: bool,
+    use_te: bool | None,
+    tied: bool,
+) -> GPTModel:
+    use_te = te_available() if use_te is None else use_te
+    num_to_build = get_num_layers_to_build(config)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=block_spec(args, num_to_build, use_te),
+        vocab_size=args.vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=post_process and parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=tied,
+        position_embedding_type="rope",
+        rotary_base=args.rope_theta,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def build_gpt_model(
+    args: HFModelArgs,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    use_te: bool | None = None,
+) -> GPTModel:
+    """This rank's pipeline stage of the full model (embedding, layers, final norm, LM head)."""
+    config = transformer_config(
+        args, params_dtype=params_dtype, sequence_parallel=sequence_parallel
+    )
+    return _build(args, config, post_process=True, use_te=use_te, tied=args.tie_word_embeddings)
+
+
+def build_truncated_model(
+    args: HFModelArgs,
+    num_layers: int,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+    use_te: bool | None = None,
+) -> GPTModel:
+    """The first ``num_layers`` layers only: no final norm, no output layer (the teacher).
+
+    Its forward returns the last kept layer's output ``[seq, batch, hidden]`` (a sequence shard
+    under sequence parallelism).
+    """
+    config = transformer_config(
+        args, num_layers=num_layers, params_dtype=params_dtype, sequence_parallel=sequence_parallel
+    )
+    return _build(args, config, post_process=False, use_te=use_te, tied=False)

@@ -1,0 +1,164 @@
+"""Validate a Hugging Face ``config.json`` against what the supported families implement.
+
+The result, :class:`HFModelArgs`, is the single description of the architecture that the model
+builder and the checkpoint mappings use. Anything we do not implement raises a ``ValueError``
+naming the field (and the file when read from disk).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
+
+# Fields that must keep their "off" value: (families, field, allowed values).
+_MUST_BE: tuple[tuple[tuple[str, ...], str, tuple[Any, ...]], ...] = (
+    (SUPPORTED_FAMILIES, "hidden_act", ("silu",)),
+    (("llama", "qwen3"), "attention_bias", (False, None)),
+    (("llama",), "mlp_bias", (False, None)),
+    (("llama",), "pretraining_tp", (1, None)),
+    (("qwen2", "qwen3"), "use_sliding_window", (False, None)),
+    (SUPPORTED_FAMILIES, "quantization_config", (None,)),
+    (SUPPORTED_FAMILIES, "num_experts", (None, 0)),
+)
+
+
+@dataclass(frozen=True)
+class HFModelArgs:
+    """The architecture of a supported Hugging Face causal LM (validated)."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    initializer_range: float = 0.02
+    dtype: str | None = None
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Qwen2 has biases on the Q, K and V projections."""
+        return self.family == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3 applies RMSNorm to each head of Q and K."""
+        return self.family == "qwen3"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+
+class ConfigError(ValueError):
+    """An unsupported or inconsistent Hugging Face config field."""
+
+
+def _rope_theta(config: dict[str, Any], where: str) -> float:
+    params = config.get("rope_parameters")
+    scaling = config.get("rope_scaling")
+    if isinstance(params, dict):
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(
+                f"{where}: rope_parameters.rope_type={rope_type!r} is not supported "
+                "(only 'default' RoPE is implemented)"
+            )
+        theta = params.get("rope_theta", config.get("rope_theta"))
+    else:
+        if params is not None:
+            raise ConfigError(f"{where}: rope_parameters must be an object, got {params!r}")
+        theta = config.get("rope_theta", 10000.0)
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
+        if kind not in ("default", None) or not isinstance(scaling, dict):
+            raise ConfigError(
+                f"{where}: rope_scaling={scaling!r} is not supported (only unscaled RoPE)"
+            )
+    if theta is None:
+        raise ConfigError(f"{where}: rope_theta is missing")
+    return float(theta)
+
+
+def _require_int(config: dict[str, Any], field: str, where: str) -> int:
+    value = config.get(field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: {field} must be a positive integer, got {value!r}")
+    return value
+
+
+def parse_hf_config(config: dict[str, Any], where: str = "config.json") -> HFModelArgs:
+    """Validate a config dict (as in ``config.json``) and return the model arguments."""
+    family = config.get("model_type")
+    if family not in SUPPORTED_FAMILIES:
+        raise ConfigError(
+            f"{where}: model_type={family!r} is not supported; "
+            f"supported: {list(SUPPORTED_FAMILIES)}"
+        )
+    for families, field, allowed in _MUST_BE:
+        if family in families and config.get(field) not in allowed:
+            raise ConfigError(
+                f"{where}: {field}={config.get(field)!r} is not supported for {family} "
+                f"(allowed: {list(allowed)})"
+            )
+    layer_types = config.get("layer_types")
+    if layer_types is not None and any(kind != "full_attention" for kind in layer_types):
+        raise ConfigError(
+            f"{where}: layer_types={layer_types!r}: only 'full_attention' layers are supported "
+            "(no sliding window)"
+        )
+    hidden = _require_int(config, "hidden_size", where)
+    heads = _require_int(config, "num_attention_heads", where)
+    kv_heads = config.get("num_key_value_heads") or heads
+    if not isinstance(kv_heads, int) or heads % kv_heads:
+        raise ConfigError(
+            f"{where}: num_key_value_heads={kv_heads!r} must divide num_attention_heads={heads}"
+        )
+    head_dim = config.get("head_dim")
+    if head_dim is None:
+        if hidden % heads:
+            raise ConfigError(
+                f"{where}: head_dim is missing and hidden_size={hidden} is not divisible by "
+                f"num_attention_heads={heads}"
+            )
+        head_dim = hidden // heads
+    dtype = config.get("dtype", config.get("torch_dtype"))
+    return HFModelArgs(
+        family=family,
+        vocab_size=_require_int(config, "vocab_size", where),
+        hidden_size=hidden,
+        intermediate_size=_require_int(config, "intermediate_size", where),
+        num_layers=_require_int(config, "num_hidden_layers", where),
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=_require_int({"head_dim": head_dim}, "head_dim", where),
+        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(config, where),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        max_position_embeddings=_require_int(config, "max_position_embeddings", where),
+        initializer_range=float(config.get("initializer_range", 0.02)),
+        dtype=dtype if isinstance(dtype, str) else None,
+    )
+
+
+def load_hf_config(path: str | Path) -> HFModelArgs:
+    """Read and validate ``config.json`` from a file or a model directory."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"Hugging Face config not found: {file}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file}: not valid JSON ({exc})") from exc
+    return parse_hf_config(config, where=str(file))

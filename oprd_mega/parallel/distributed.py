@@ -1,0 +1,117 @@
+"""Distributed start-up in one helper: torchrun's environment -> process group -> Megatron.
+
+NCCL with CUDA, gloo without (then the CPU patches are applied). Without torchrun's variables
+the process starts as a world of one on loopback, so tools run as plain commands too.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from oprd_mega.parallel.cpu_patches import apply_cpu_patches
+from oprd_mega.parallel.layout import ParallelLayout
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process sits: global rank, world size, local rank, backend and device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    layout: ParallelLayout
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from exc
+
+
+def init_distributed(
+    layout: ParallelLayout | None = None, *, seed: int = 1234, timeout_minutes: int = 30
+) -> DistributedInfo:
+    """Initialise torch.distributed from torchrun's environment and Megatron's parallel_state.
+
+    Idempotent for the same layout; raises if Megatron was already set up with another one.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    layout = layout or ParallelLayout()
+    use_cuda = torch.cuda.is_available()
+    backend = "nccl" if use_cuda else "gloo"
+    if not use_cuda:
+        apply_cpu_patches()
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain process: a world of one on loopback
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        local_rank = _env_int("LOCAL_RANK", 0)
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(
+            backend=backend,
+            rank=_env_int("RANK", 0),
+            world_size=_env_int("WORLD_SIZE", 1),
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    world_size = dist.get_world_size()
+    layout.data_parallel_size(world_size)  # raises when tp*pp does not divide the world
+
+    if parallel_state.model_parallel_is_initialized():
+        current = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+        if current != (layout.tp, layout.pp):
+            raise RuntimeError(
+                f"Megatron parallel_state is already initialised with TP{current[0]}PP{current[1]}"
+                f", cannot switch to {layout}; call destroy_distributed() first"
+            )
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            distributed_timeout_minutes=timeout_minutes,
+        )
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return DistributedInfo(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        backend=backend,
+        device=device,
+        layout=layout,
+    )
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's parallel_state and the default process group."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
