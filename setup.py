@@ -60,6 +60,7 @@ setup(
         "console_scripts": [
             "oprd-bench-kernels=oprd_kernels.benchmark:main",
             "oprd-mega=oprd_mega.cli:main",
+            "oprd-convert-checkpoint=oprd_mega.convert.cli:main",
         ]
     },
 )
