@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import oprd_kernels
+from tests.kernels.devices import DEVICE
 from tests.kernels.float64_oracle import oracle
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -42,7 +43,9 @@ def make_case(
     d_s = shape.d_t if weight_mode == "identity" else shape.d_s
 
     def randn(*size: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*size, generator=generator, dtype=torch.float64) * scale).to(dtype)
+        return (torch.randn(*size, generator=generator, dtype=torch.float64) * scale).to(
+            DEVICE, dtype
+        )
 
     student = randn(shape.tokens, d_s).requires_grad_()
     # A target correlated with the projected student, as after some training.
@@ -53,7 +56,8 @@ def make_case(
         else student.detach().double() @ weight.double().T
     )
     target = (
-        base + torch.randn(shape.tokens, shape.d_t, generator=generator, dtype=torch.float64)
+        base
+        + torch.randn(shape.tokens, shape.d_t, generator=generator, dtype=torch.float64).to(DEVICE)
     ).to(dtype)
     if weight is not None and weight_mode == "trainable":
         weight.requires_grad_()
@@ -61,10 +65,12 @@ def make_case(
     if shape.mask == "none":
         token_weight = None
     elif shape.mask == "all":
-        token_weight = torch.zeros(shape.tokens)
+        token_weight = torch.zeros(shape.tokens, device=DEVICE)
     else:
         keep = torch.rand(shape.tokens, generator=generator) >= 0.2
-        token_weight = keep.float() * (0.5 + torch.rand(shape.tokens, generator=generator))
+        token_weight = (keep.float() * (0.5 + torch.rand(shape.tokens, generator=generator))).to(
+            DEVICE
+        )
     return {
         "student": student,
         "target": target,
@@ -106,7 +112,9 @@ def run_and_compare(
         workspace_bytes=workspace_bytes,
     )
     assert loss.dtype == torch.float32
-    upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7)) + 1.5
+    upstream = (torch.randn(loss.shape, generator=torch.Generator().manual_seed(7)) + 1.5).to(
+        DEVICE
+    )
     expected = oracle(
         student,
         target,
@@ -283,7 +291,7 @@ def test_bf16_no_worse_than_pytorch_bf16(impl: str, shape: Shape, normalize: boo
     case = make_case(shape, "trainable", False, dtype=torch.bfloat16, seed=3)
     student, weight, target = case["student"], case["weight"], case["target"]
     assert student is not None and weight is not None and target is not None
-    upstream = torch.ones(())
+    upstream = torch.ones((), device=DEVICE)
     expected = oracle(
         student,
         target,
@@ -308,3 +316,70 @@ def test_bf16_no_worse_than_pytorch_bf16(impl: str, shape: Shape, normalize: boo
         relative_error(dw, expected.weight_grad)
         <= relative_error(torch_dw, expected.weight_grad) + margin
     )
+
+
+GPU_REALISTIC = Shape("gpu-realistic", 4096, 2048, 4096, "some")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True], ids=["fwd", "rec"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "plain"])
+def test_triton_realistic_float32_on_gpu(recompute: bool, normalize: bool) -> None:
+    case = make_case(GPU_REALISTIC, "trainable", True)
+    run_and_compare(case, impl="triton", normalize=normalize, reduction="mean", recompute=recompute)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "plain"])
+def test_triton_realistic_bf16_on_gpu(normalize: bool) -> None:
+    shape = Shape("gpu-bf16", 4096, 2048, 4096, "none")
+    case = make_case(shape, "trainable", False, dtype=torch.bfloat16, seed=5)
+    student, weight, target = case["student"], case["weight"], case["target"]
+    assert student is not None and weight is not None and target is not None
+    expected = oracle(
+        student,
+        target,
+        weight,
+        None,
+        None,
+        normalize=normalize,
+        reduction="mean",
+        upstream=torch.ones((), device=DEVICE),
+    )
+    torch_loss, torch_dx, torch_dw = torch_bf16_formula(case, normalize)
+    loss = oprd_kernels.projected_mse(student, target, weight, normalize=normalize, impl="triton")
+    dx, dw = torch.autograd.grad(loss, [student, weight])
+    margin = 2e-3
+    assert relative_error(loss, expected.loss) <= relative_error(torch_loss, expected.loss) + margin
+    assert (
+        relative_error(dx, expected.student_grad)
+        <= relative_error(torch_dx, expected.student_grad) + margin
+    )
+    assert (
+        relative_error(dw, expected.weight_grad)
+        <= relative_error(torch_dw, expected.weight_grad) + margin
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True], ids=["fwd", "rec"])
+def test_triton_makes_no_host_sync(recompute: bool) -> None:
+    case = make_case(ODD, "trainable", True)
+    student = case["student"]
+    assert student is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = oprd_kernels.projected_mse(
+            student,
+            case["target"],
+            case["weight"],
+            case["bias"],
+            case["token_weight"],
+            impl="triton",
+            recompute=recompute,
+        )
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert student.grad is not None

@@ -7,16 +7,17 @@ import torch
 
 import oprd_kernels
 from oprd_kernels import engine
+from tests.kernels.devices import DEVICE
 
 TOKENS, D_S, D_T = 48, 24, 40
 
 
 def inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    student = torch.randn(TOKENS, D_S, generator=generator, requires_grad=True)
-    target = torch.randn(TOKENS, D_T, generator=generator)
-    weight = torch.randn(D_T, D_S, generator=generator, requires_grad=True)
-    bias = torch.randn(D_T, generator=generator, requires_grad=True)
+    student = torch.randn(TOKENS, D_S, generator=generator).to(DEVICE).requires_grad_()
+    target = torch.randn(TOKENS, D_T, generator=generator).to(DEVICE)
+    weight = torch.randn(D_T, D_S, generator=generator).to(DEVICE).requires_grad_()
+    bias = torch.randn(D_T, generator=generator).to(DEVICE).requires_grad_()
     return student, target, weight, bias
 
 
@@ -143,7 +144,7 @@ def test_masked_tokens_cost_no_flops_in_torch_path(monkeypatch: pytest.MonkeyPat
     from oprd_kernels.torch_backend import TorchChunkBackend
 
     student, target, weight, bias = inputs()
-    token_weight = torch.zeros(TOKENS)
+    token_weight = torch.zeros(TOKENS, device=DEVICE)
     token_weight[:5] = 1.0
     rows_seen: list[int] = []
     original = TorchChunkBackend.project_with_statistics
