@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from tiny_hf import make_tiny_model_dir  # tests/ is on sys.path through tests/conftest.py
+
+from tests.tiny_hf import make_tiny_model_dir
 
 
 @pytest.fixture(scope="session")

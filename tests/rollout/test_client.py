@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-from torchrun_utils import free_port
 
 from oprd_mega.rollout.client import (
     ClientConfig,
@@ -19,6 +18,7 @@ from oprd_mega.rollout.client import (
     ServerRequestError,
     ServerState,
 )
+from tests.torchrun_utils import free_port
 
 from .fake_sglang import FakeServer, expected_output
 
