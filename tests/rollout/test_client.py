@@ -156,28 +156,33 @@ def _start_embedded(model_dir, port):
 
 
 def test_server_killed_and_restarted(tiny_model_dir, server):
+    """A real server process is SIGKILLed mid-run; its port comes back later (in-process)."""
+    from oprd_mega.rollout.embedded_server import EmbeddedServer, ServerConfig
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start_embedded(tiny_model_dir, port)
     params = {"max_new_tokens": 4, "n": 2}
+    restarted: list[EmbeddedServer] = []
     try:
 
         async def main():
             config = ClientConfig(max_retries=4, backoff_initial_s=0.05, down_for_s=0.5)
             async with RolloutClient([url, server.url], config) as client:
-                await client.wait_healthy(timeout_s=60)
+                await client.wait_healthy(timeout_s=120)
                 before = await client.generate_groups(PROMPTS[:8], params)
+                assert client.servers[0].completed > 0
                 proc.send_signal(signal.SIGKILL)
                 proc.wait(timeout=10)
                 during = await client.generate_groups(PROMPTS[:8], params, first_group_id=8)
-                nonlocal_proc.append(_start_embedded(tiny_model_dir, port))
-                await RolloutClient([url]).wait_healthy(timeout_s=60)
+                restarted.append(
+                    EmbeddedServer(ServerConfig(str(tiny_model_dir), port=port)).start()
+                )
                 await asyncio.sleep(0.6)
                 done_before = client.servers[0].completed
                 after = await client.generate_groups(PROMPTS[:16], params, first_group_id=16)
                 return before, during, after, client.servers[0].completed - done_before
 
-        nonlocal_proc: list[subprocess.Popen] = []
         before, during, after, revived = run(main())
         for groups, first in ((before, 0), (during, 8), (after, 16)):
             for gid, group in enumerate(groups, start=first):
@@ -186,10 +191,11 @@ def test_server_killed_and_restarted(tiny_model_dir, server):
         assert all(s.server == server.url for g in during for s in g)
         assert revived > 0, "the restarted server never got requests again"
     finally:
-        for p in [proc, *locals().get("nonlocal_proc", [])]:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(timeout=20)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+        for srv in restarted:
+            srv.stop()
 
 
 def test_generate_against_embedded_server(server):
