@@ -167,7 +167,7 @@ def projected_mse(
         normalize=normalize,
         reduction=reduction,
         chunk_rows=chunk_rows_for_budget(
-            backend, student.shape[1], target.shape[1], workspace_bytes
+            backend, student.shape[1], target.shape[1], student.dtype, workspace_bytes
         ),
         recompute=recompute,
     )

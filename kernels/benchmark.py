@@ -258,8 +258,9 @@ def format_table(results: list[Result]) -> str:
         time_ratio = mem_ratio = "-"
         if base is not None and not base.error:
             time_ratio = f"{result.median_ms / base.median_ms:.2f}x"
-            if base.peak_above_inputs_and_grads_mib > 0:
-                mem_ratio = f"{result.peak_above_inputs_and_grads_mib / base.peak_above_inputs_and_grads_mib:.1%}"
+            base_peak = base.peak_above_inputs_and_grads_mib
+            if base_peak > 0:
+                mem_ratio = f"{result.peak_above_inputs_and_grads_mib / base_peak:.1%}"
         lines.append(
             f"{shape:>20} {c.dtype:>9} {c.mode:>16} {c.impl:>16} {result.median_ms:>10.3f} "
             f"{result.tflops:>8.2f} {result.peak_above_inputs_mib:>12.1f} "

@@ -36,7 +36,7 @@ class ChunkBackend(Protocol):
     name: str
     compacts_masked_rows: bool
 
-    def workspace_bytes_per_row(self, d_s: int, d_t: int) -> int: ...
+    def workspace_bytes_per_row(self, d_s: int, d_t: int, element_size: int) -> int: ...
 
     def project_with_statistics(
         self,
@@ -69,11 +69,12 @@ class EnginePlan:
 
 
 def chunk_rows_for_budget(
-    backend: ChunkBackend, d_s: int, d_t: int, workspace_bytes: int | None
+    backend: ChunkBackend, d_s: int, d_t: int, dtype: torch.dtype, workspace_bytes: int | None
 ) -> int:
     """Rows per chunk so that one chunk's workspace fits ``workspace_bytes``."""
     budget = DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
-    return max(1, budget // backend.workspace_bytes_per_row(d_s, d_t))
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return max(1, budget // backend.workspace_bytes_per_row(d_s, d_t, element_size))
 
 
 @dataclass
@@ -166,9 +167,15 @@ def sweep(
         if grads.student is not None:
             if weight is None:
                 student_grad = gradient.to(student.dtype)
+            elif isinstance(rows, slice) and gradient.dtype == weight.dtype == student.dtype:
+                # Straight into the gradient's rows: no chunk-sized temporary.
+                torch.mm(gradient, weight, out=grads.student[rows])
+                student_grad = None
             else:
                 student_grad = gradient.to(weight.dtype) @ weight
-            if isinstance(rows, slice):
+            if student_grad is None:
+                pass
+            elif isinstance(rows, slice):
                 grads.student[rows] = student_grad
             else:
                 grads.student.index_copy_(0, rows, student_grad.to(student.dtype))
@@ -249,12 +256,18 @@ class FusedProjectedMSE(torch.autograd.Function):
         needs: tuple[bool, bool, bool] = ctx.needs  # type: ignore[attr-defined]
         grad_output = grad_output.to(torch.float32)
         if ctx.gradient_in_forward:  # type: ignore[attr-defined]
-            student_grad, weight_grad, bias_grad = ctx.saved_tensors  # type: ignore[attr-defined]
-            grads = _Gradients(
-                student=None if student_grad is None else student_grad * grad_output,
-                weight=None if weight_grad is None else weight_grad * grad_output,
-                bias=None if bias_grad is None else bias_grad * grad_output,
+            if getattr(ctx, "consumed", False):
+                raise RuntimeError(
+                    "projected_mse: backward ran twice through a call that computed its "
+                    "gradients during forward; pass recompute=True to backpropagate repeatedly"
+                )
+            ctx.consumed = True  # type: ignore[attr-defined]
+            # Scaled in place: the saved gradients are this call's own and used once.
+            saved = ctx.saved_tensors  # type: ignore[attr-defined]
+            student_grad, weight_grad, bias_grad = (
+                None if tensor is None else tensor.mul_(grad_output) for tensor in saved
             )
+            grads = _Gradients(student=student_grad, weight=weight_grad, bias=bias_grad)
         else:
             student, target, weight, bias, token_weight = ctx.saved_tensors  # type: ignore[attr-defined]
             coefficient = token_coefficients(token_weight, plan.reduction) * grad_output

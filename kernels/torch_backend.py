@@ -19,7 +19,8 @@ class TorchChunkBackend:
     # Masked rows are gathered away so they cost no FLOPs (a host sync, free on CPU).
     compacts_masked_rows = True
 
-    def workspace_bytes_per_row(self, d_s: int, d_t: int) -> int:
+    def workspace_bytes_per_row(self, d_s: int, d_t: int, element_size: int) -> int:
+        del element_size  # the chunk is processed in float32 whatever the inputs' dtype
         # float32 projection, float32 target copy and one [rows, d_t] temporary, plus the
         # gathered student rows and their gradient.
         return 4 * (3 * d_t + 2 * d_s)

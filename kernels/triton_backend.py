@@ -233,10 +233,10 @@ class TritonChunkBackend:
     # No host sync: masked token blocks exit early inside the kernel instead.
     compacts_masked_rows = False
 
-    def workspace_bytes_per_row(self, d_s: int, d_t: int) -> int:
-        # The projection/gradient tile in the compute dtype (<= 4 bytes), the student-gradient
-        # chunk and the per-column-block partial statistics.
-        return 4 * d_t + 4 * d_s + 4 * NUM_STATS * triton.cdiv(d_t, _blocks().cols)
+    def workspace_bytes_per_row(self, d_s: int, d_t: int, element_size: int) -> int:
+        # The projection/gradient chunk in the compute dtype and the partial statistics per
+        # column block; the student gradient is written straight into its output rows.
+        return element_size * d_t + 4 * NUM_STATS * triton.cdiv(d_t, _blocks().cols)
 
     def project_with_statistics(
         self,
