@@ -383,3 +383,20 @@ def test_triton_makes_no_host_sync(recompute: bool) -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert student.grad is not None
+
+
+def test_second_backward_needs_recompute() -> None:
+    case = make_case(ODD, "trainable", True)
+    arguments = (case["student"], case["target"], case["weight"], case["bias"])
+    loss = oprd_kernels.projected_mse(*arguments, impl="torch")  # type: ignore[arg-type]
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="pass recompute=True"):
+        loss.backward()
+    student = case["student"]
+    assert student is not None
+    student.grad = None
+    loss = oprd_kernels.projected_mse(*arguments, impl="torch", recompute=True)  # type: ignore[arg-type]
+    loss.backward(retain_graph=True)
+    first = student.grad.clone()  # type: ignore[union-attr]
+    loss.backward()
+    torch.testing.assert_close(student.grad, 2 * first)
