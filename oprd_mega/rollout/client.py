@@ -303,24 +303,29 @@ class RolloutClient:
         await self.call_all("POST", "/flush_cache")
 
     async def update_weights_from_disk(
-        self, model_path: str, weight_version: str | None = None, flush_cache: bool = True
+        self,
+        model_path: str,
+        weight_version: str | None = None,
+        flush_cache: bool = True,
+        urls: Sequence[str] = (),
     ) -> None:
-        """Make every server reload its weights from ``model_path``."""
+        """Make every server (or those in ``urls``) reload its weights from ``model_path``."""
         body: dict[str, Any] = {"model_path": model_path, "flush_cache": flush_cache}
         if weight_version is not None:
             body["weight_version"] = weight_version
-        await self._update_all("/update_weights_from_disk", body)
+        await self._update_all("/update_weights_from_disk", body, urls)
 
     async def _update_all(self, path: str, body: dict[str, Any], urls: Sequence[str] = ()) -> None:
         targets = list(urls) or self.urls
         results = await asyncio.gather(
-            *(self._update_one(u, path, body) for u in targets), return_exceptions=True
+            *(self.update_one(u, path, body) for u in targets), return_exceptions=True
         )
         failures = [f"{u}: {r}" for u, r in zip(targets, results, strict=True) if r is not None]
         if failures:
             raise WeightUpdateError(f"{path} failed on: " + " | ".join(failures))
 
-    async def _update_one(self, url: str, path: str, body: dict[str, Any]) -> str | None:
+    async def update_one(self, url: str, path: str, body: dict[str, Any]) -> str | None:
+        """POST a weight-update call to one server; ``None`` on success, else the reason."""
         try:
             answer = await self._request(url, "POST", path, body)
         except (RolloutError, _Transient) as exc:
@@ -337,11 +342,13 @@ class RolloutClient:
         group_name: str,
         backend: str,
         rank_offsets: Sequence[int],
+        urls: Sequence[str] = (),
     ) -> None:
         """Ask server ``i`` to join the group as rank ``rank_offsets[i]`` (blocks until all do)."""
+        targets = list(urls) or self.urls
         results = await asyncio.gather(
             *(
-                self._update_one(
+                self.update_one(
                     url,
                     "/init_weights_update_group",
                     {
@@ -353,10 +360,10 @@ class RolloutClient:
                         "backend": backend,
                     },
                 )
-                for url, offset in zip(self.urls, rank_offsets, strict=True)
+                for url, offset in zip(targets, rank_offsets, strict=True)
             )
         )
-        failures = [f"{u}: {r}" for u, r in zip(self.urls, results, strict=True) if r is not None]
+        failures = [f"{u}: {r}" for u, r in zip(targets, results, strict=True) if r is not None]
         if failures:
             raise WeightUpdateError("init_weights_update_group failed on: " + " | ".join(failures))
 
@@ -368,6 +375,7 @@ class RolloutClient:
         group_name: str,
         weight_version: str | None = None,
         flush_cache: bool = True,
+        urls: Sequence[str] = (),
     ) -> None:
         """Tell every server to receive one broadcast bucket (the caller broadcasts it)."""
         body: dict[str, Any] = {
@@ -379,7 +387,7 @@ class RolloutClient:
         }
         if weight_version is not None:
             body["weight_version"] = weight_version
-        await self._update_all("/update_weights_from_distributed", body)
+        await self._update_all("/update_weights_from_distributed", body, urls)
 
 
 def _parse_without_logprobs(

@@ -38,7 +38,6 @@ def init_custom_process_group(
 
 def destroy_custom_process_group(group: dist.ProcessGroup) -> None:
     """Release a group made by :func:`init_custom_process_group`."""
-    _world.pg_group_ranks.pop(group, None)
-    # Not registered in the default world: dropping our references is then enough.
-    with contextlib.suppress(ValueError, RuntimeError, AssertionError):
+    with contextlib.suppress(ValueError, RuntimeError, AssertionError, KeyError):
         dist.destroy_process_group(group)
+    _world.pg_group_ranks.pop(group, None)
