@@ -32,13 +32,14 @@ class LaunchConfig:
     """How to start ``num_servers`` servers on consecutive ports from ``base_port``.
 
     ``backend="sglang"`` runs ``python -m sglang.launch_server``; ``"embedded"`` runs
-    ``python -m oprd_mega.cli serve``. ``command`` replaces the launcher's command prefix
-    (tests pass a fake server script). ``extra_args`` are passed through unchanged.
+    ``python -m oprd_mega.cli serve``; ``"auto"`` picks SGLang when it is installed.
+    ``command`` replaces the launcher's command prefix (tests pass a fake server script).
+    ``extra_args`` are passed through unchanged.
     """
 
     model_path: str
     num_servers: int = 1
-    backend: Literal["sglang", "embedded"] = "sglang"
+    backend: Literal["auto", "sglang", "embedded"] = "auto"
     tp_size: int = 1
     host: str = "127.0.0.1"
     base_port: int = 30000
@@ -55,15 +56,15 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig.num_servers must be >= 1, got {self.num_servers}")
         if self.tp_size < 1:
             raise ValueError(f"LaunchConfig.tp_size must be >= 1, got {self.tp_size}")
-        if self.backend not in ("sglang", "embedded"):
+        if self.backend not in ("auto", "sglang", "embedded"):
             raise ValueError(
-                f"LaunchConfig.backend must be 'sglang' or 'embedded', got {self.backend!r}"
+                f"LaunchConfig.backend must be 'auto', 'sglang' or 'embedded', got {self.backend!r}"
             )
 
     def argv(self, index: int) -> list[str]:
         """The command line of server ``index``."""
         port = self.base_port + index
-        if self.backend == "sglang":
+        if resolve_backend(self.backend) == "sglang":
             prefix = list(self.command or (sys.executable, "-m", "sglang.launch_server"))
             args = [
                 "--model-path", self.model_path, "--tp-size", str(self.tp_size),
@@ -75,6 +76,15 @@ class LaunchConfig:
             prefix = list(self.command or (sys.executable, "-m", "oprd_mega.cli", "serve"))
             args = ["--model", self.model_path, "--host", self.host, "--port", str(port)]
         return [*prefix, *args, *self.extra_args]
+
+
+def resolve_backend(backend: str) -> str:
+    """``"auto"`` becomes ``"sglang"`` when the sglang package is installed, else ``"embedded"``."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    return "sglang" if importlib.util.find_spec("sglang") is not None else "embedded"
 
 
 def _kill_group(proc: subprocess.Popen, grace_s: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -65,6 +66,7 @@ def config(tmp_path, **overrides) -> LaunchConfig:
     env = {"FAKE_STATE_DIR": str(state), **overrides.pop("env", {})}
     values = dict(
         model_path="/models/tiny",
+        backend="sglang",
         num_servers=2,
         tp_size=2,
         base_port=two_ports(),
@@ -99,7 +101,7 @@ def test_launch_passes_flags_waits_and_shuts_down_children(tmp_path):
 
 
 def test_default_sglang_command_line():
-    argv = LaunchConfig(model_path="m", base_port=31000, tp_size=4).argv(1)
+    argv = LaunchConfig(model_path="m", backend="sglang", base_port=31000, tp_size=4).argv(1)
     assert argv[:3] == [sys.executable, "-m", "sglang.launch_server"]
     assert argv[3:] == [
         "--model-path",
@@ -113,6 +115,9 @@ def test_default_sglang_command_line():
     ]
     embedded = LaunchConfig(model_path="m", backend="embedded", base_port=31000).argv(0)
     assert embedded[1:4] == ["-m", "oprd_mega.cli", "serve"]
+    auto = LaunchConfig(model_path="m").argv(0)
+    has_sglang = importlib.util.find_spec("sglang") is not None
+    assert ("sglang.launch_server" in auto) == has_sglang
     with pytest.raises(ValueError, match="num_servers"):
         LaunchConfig(model_path="m", num_servers=0)
 
