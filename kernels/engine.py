@@ -46,6 +46,7 @@ class ChunkBackend(Protocol):
         target: torch.Tensor,
         active: torch.Tensor | None,
         keep_projection: bool,
+        normalize: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor]: ...
 
     def projection_to_gradient(
@@ -155,6 +156,7 @@ def sweep(
             target_rows,
             None if backend.compacts_masked_rows else active[rows],
             keep_projection=coefficient is not None,
+            normalize=plan.normalize,
         )
         stats[:, rows] = chunk_stats
         if coefficient is None or projection is None:

@@ -33,8 +33,13 @@ class TorchChunkBackend:
         target: torch.Tensor,
         active: torch.Tensor | None,
         keep_projection: bool,
+        normalize: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(projection [rows, d_t] float32 or None, stats [4, rows] float32)`` of one chunk."""
+        """``(projection [rows, d_t] float32 or None, stats [4, rows] float32)`` of one chunk.
+
+        Only the statistics the loss needs are filled: ``pp, pt, tt`` when ``normalize``,
+        else ``dd`` (computed from the difference itself, which does not cancel).
+        """
         del active  # rows are already compacted
         if weight is None:
             projection = student.to(torch.float32, copy=True)
@@ -43,13 +48,15 @@ class TorchChunkBackend:
         if bias is not None:
             projection += bias.to(torch.float32)
         target32 = target.to(torch.float32)
-        stats = projection.new_empty(NUM_STATS, projection.shape[0])
-        stats[STAT_PP] = _row_dot(projection, projection)
-        stats[STAT_PT] = _row_dot(projection, target32)
-        stats[STAT_TT] = _row_dot(target32, target32)
-        difference = projection - target32
-        stats[STAT_DD] = _row_dot(difference, difference)
-        del difference
+        stats = projection.new_zeros(NUM_STATS, projection.shape[0])
+        if normalize:
+            stats[STAT_PP] = _row_dot(projection, projection)
+            stats[STAT_PT] = _row_dot(projection, target32)
+            stats[STAT_TT] = _row_dot(target32, target32)
+        else:
+            difference = projection - target32
+            stats[STAT_DD] = _row_dot(difference, difference)
+            del difference
         return (projection if keep_projection else None), stats
 
     def projection_to_gradient(

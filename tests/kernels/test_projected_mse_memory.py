@@ -79,9 +79,11 @@ class _Counting:
     def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
         return getattr(self.backend, name)
 
-    def project_with_statistics(self, *args, keep_projection: bool):  # type: ignore[no-untyped-def]
+    def project_with_statistics(self, *args, keep_projection: bool, normalize: bool):  # type: ignore[no-untyped-def]
         self.kept_projections += int(keep_projection)
-        return self.backend.project_with_statistics(*args, keep_projection=keep_projection)
+        return self.backend.project_with_statistics(
+            *args, keep_projection=keep_projection, normalize=normalize
+        )
 
     def projection_to_gradient(self, *args):  # type: ignore[no-untyped-def]
         self.gradients += 1
@@ -149,9 +151,9 @@ def test_masked_tokens_cost_no_flops_in_torch_path(monkeypatch: pytest.MonkeyPat
     rows_seen: list[int] = []
     original = TorchChunkBackend.project_with_statistics
 
-    def spy(self, student_rows, *args, keep_projection):  # type: ignore[no-untyped-def]
+    def spy(self, student_rows, *args, **options):  # type: ignore[no-untyped-def]
         rows_seen.append(student_rows.shape[0])
-        return original(self, student_rows, *args, keep_projection=keep_projection)
+        return original(self, student_rows, *args, **options)
 
     monkeypatch.setattr(TorchChunkBackend, "project_with_statistics", spy)
     loss = oprd_kernels.projected_mse(
