@@ -1,0 +1,1 @@
+"""The OPRD step: which layers and positions are supervised, teacher targets, losses."""
