@@ -22,7 +22,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "--max-batch-size", type=int, default=32, help="most sequences decoded together"
     )
     parser.add_argument("--dtype", default="float32", help="torch dtype of the weights")
-    parser.add_argument("--seed", type=int, default=0, help="base seed for sampling")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="base seed for sampling (default: random, so that servers never repeat each other)",
+    )
     parser.add_argument(
         "--weight-version", default="default", help="weight version reported before any update"
     )

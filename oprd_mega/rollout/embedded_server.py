@@ -50,7 +50,7 @@ class ServerConfig:
     port: int = 30000
     max_batch_size: int = 32
     dtype: str = "float32"
-    seed: int = 0
+    seed: int | None = None
     weight_version: str = "default"
     batch_wait_s: float = 0.005
     request_timeout_s: float = 3600.0

@@ -8,6 +8,7 @@ the same lock as decoding, so they happen between batches, never inside one.
 from __future__ import annotations
 
 import inspect
+import os
 import queue
 import threading
 import time
@@ -65,7 +66,7 @@ class GenerationEngine:
         model_path: str | Path,
         dtype: str = "float32",
         max_batch_size: int = 32,
-        seed: int = 0,
+        seed: int | None = None,
         weight_version: str = "default",
         batch_wait_s: float = 0.005,
     ) -> None:
@@ -91,7 +92,9 @@ class GenerationEngine:
         self.weight_version = weight_version
         self.lock = threading.Lock()
         self.stats = {"batches": 0, "sequences": 0, "max_batch": 0, "tokens": 0}
-        self._rng = torch.Generator().manual_seed(seed)
+        # Without a seed, draw one: two servers must not sample the same streams.
+        self._rng = torch.Generator()
+        self._rng.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1)
         self._queue: queue.Queue[SequenceJob] = queue.Queue()
         self._stop = threading.Event()
         self._groups: dict[str, Any] = {}

@@ -191,3 +191,14 @@ def test_update_weights_from_disk(tiny_model_dir, other_model_dir):
         assert got == pytest.approx(
             reference_logprobs(other, PROMPTS[1], out["output_ids"]), abs=2e-4
         )
+
+
+def test_unseeded_servers_sample_different_streams(tiny_model_dir):
+    from oprd_mega.rollout.embedded_server import EmbeddedServer, ServerConfig
+
+    body = {"input_ids": PROMPTS[0], "sampling_params": {"max_new_tokens": 8, "n": 4}}
+    answers = []
+    for _ in range(2):
+        with EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0)) as srv:
+            answers.append([o["output_ids"] for o in post(srv, "/generate", body)])
+    assert answers[0] != answers[1]
