@@ -17,8 +17,10 @@ Under ``TRITON_INTERPRET=1`` (CPU tests) the kernels run in fp32 (the interprete
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -44,6 +46,27 @@ def _blocks() -> _Blocks:
     if interpreting():
         return _Blocks(rows=16, cols=32, inner=32, num_warps=1, num_stages=1)
     return _Blocks(rows=128, cols=128, inner=64, num_warps=8, num_stages=3)
+
+
+# On GPUs the fused projection kernel is autotuned over these; the column block stays fixed
+# because the partial-statistics buffer is laid out by it.
+_GPU_TUNING = (  # (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (128, 64, 8, 3),
+    (128, 64, 4, 4),
+    (64, 64, 4, 4),
+    (128, 128, 8, 3),
+    (256, 64, 8, 3),
+)
+
+
+@functools.cache
+def _autotuned_projection_statistics() -> Any:
+    configs = [
+        triton.Config({"BLOCK_N": rows, "BLOCK_K": inner}, num_warps=warps, num_stages=stages)
+        for rows, inner, warps, stages in _GPU_TUNING
+    ]
+    key = ["n_rows", "d_s", "d_t", "HAS_WEIGHT", "WRITE_P"]
+    return triton.autotune(configs=configs, key=key)(_projection_statistics_kernel)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -263,8 +286,20 @@ class TritonChunkBackend:
         )
         # Dummy pointers for absent operands; the constexpr flags keep them unread.
         weight_arg = student if weight is None else weight
-        grid = (triton.cdiv(n_rows, blocks.rows), n_col_blocks)
-        _projection_statistics_kernel[grid](
+        if interpreting():
+            kernel: Any = _projection_statistics_kernel
+            grid: Any = (triton.cdiv(n_rows, blocks.rows), n_col_blocks)
+            launch: dict[str, int] = {
+                "BLOCK_N": blocks.rows,
+                "BLOCK_K": blocks.inner,
+                "num_warps": blocks.num_warps,
+                "num_stages": blocks.num_stages,
+            }
+        else:
+            kernel = _autotuned_projection_statistics()
+            grid = lambda meta: (triton.cdiv(n_rows, meta["BLOCK_N"]), n_col_blocks)
+            launch = {}
+        kernel[grid](
             student,
             weight_arg,
             student if bias is None else bias,
@@ -290,11 +325,8 @@ class TritonChunkBackend:
             WRITE_P=projection is not None,
             UPCAST=interpreting(),
             DOT_PRECISION=_dot_precision(student.dtype),
-            BLOCK_N=blocks.rows,
             BLOCK_T=blocks.cols,
-            BLOCK_K=blocks.inner,
-            num_warps=blocks.num_warps,
-            num_stages=blocks.num_stages,
+            **launch,
         )
         return projection, partial.sum(dim=2)
 
