@@ -55,6 +55,9 @@ class ClientConfig:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 10.0
     down_for_s: float = 5.0
+    # A server failing this many requests in a row is gone for good: raise instead of routing
+    # around it forever (None: keep trying it every ``down_for_s``).
+    max_consecutive_failures: int | None = 20
 
     def __post_init__(self) -> None:
         if self.max_concurrency_per_server < 1:
@@ -233,6 +236,12 @@ class RolloutClient:
                 tried.add(state.url)
             finally:
                 await self._release(state, error, time.monotonic() - start)
+            limit = self.config.max_consecutive_failures
+            if limit is not None and state.failures >= limit:
+                raise ServerGoneError(
+                    f"rollout server {state.url} failed {state.failures} requests in a row and "
+                    f"is taken as gone; last error: {state.last_error}"
+                )
             if attempt < self.config.max_retries:
                 await asyncio.sleep(self._backoff(attempt))
         raise ServerGoneError(

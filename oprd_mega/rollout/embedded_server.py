@@ -154,7 +154,9 @@ class EmbeddedServer:
 
     def start(self) -> EmbeddedServer:
         """Serve in a daemon thread and return self."""
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self
 

@@ -126,6 +126,21 @@ def test_server_gone_for_good_names_it():
     assert "failed 4 time(s)" in str(info.value)
 
 
+def test_server_failing_in_a_row_is_gone_for_good():
+    with FakeServer(lambda i, body: (503, "down")) as dead, FakeServer() as ok:
+        config = ClientConfig(
+            max_retries=2, backoff_initial_s=0.001, down_for_s=0.0, max_consecutive_failures=3
+        )
+
+        async def main():
+            async with RolloutClient([dead.url, ok.url], config) as client:
+                for gid in range(20):
+                    await client.generate([1, 2], {"max_new_tokens": 1}, group_id=gid)
+
+        with pytest.raises(ServerGoneError, match=f"{dead.url} failed 3 requests in a row"):
+            run(main())
+
+
 def test_wrong_sample_count_is_malformed():
     with FakeServer(lambda i, body: (200, [])) as bad:
 
