@@ -119,8 +119,27 @@ class GenerationEngine:
         """A fresh seed for a sequence that did not ask for ``sampling_seed``."""
         return int(torch.randint(0, 2**62, (1,), generator=self._rng))
 
+    def validate(self, job: SequenceJob) -> None:
+        """Reject a sequence before it joins a batch, so one bad request fails alone."""
+        if not job.input_ids:
+            raise ValueError("input_ids must not be empty")
+        vocab = int(self.model.get_input_embeddings().num_embeddings)
+        bad = [t for t in job.input_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"input_ids contains token id {bad[0]} outside [0, {vocab})")
+        if len(job.input_ids) >= self.max_context:
+            raise ValueError(
+                f"prompt of {len(job.input_ids)} tokens does not fit the context length "
+                f"{self.max_context}"
+            )
+        if job.config.stop and self.tokenizer is None:
+            raise ValueError("sampling_params.stop needs a tokenizer in the model directory")
+
     def submit(self, jobs: Iterable[SequenceJob]) -> list[Future]:
-        """Queue sequences; each future resolves to that sequence's response dict."""
+        """Validate and queue sequences; each future resolves to that sequence's answer."""
+        jobs = list(jobs)
+        for job in jobs:
+            self.validate(job)
         futures = []
         for job in jobs:
             self._queue.put(job)
@@ -181,14 +200,6 @@ class GenerationEngine:
 
     @torch.inference_mode()
     def _generate(self, batch: list[SequenceJob]) -> list[dict[str, Any]]:
-        for job in batch:
-            if not job.input_ids:
-                raise ValueError("input_ids must not be empty")
-            if len(job.input_ids) >= self.max_context:
-                raise ValueError(
-                    f"prompt of {len(job.input_ids)} tokens does not fit the context "
-                    f"length {self.max_context}"
-                )
         size = len(batch)
         self.stats["batches"] += 1
         self.stats["sequences"] += size
