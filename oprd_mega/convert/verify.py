@@ -93,7 +93,7 @@ def megatron_outputs(
         )
     for handle in handles:
         handle.remove()
-    if parallel_state.is_pipeline_last_stage() and results and config is not None:
+    if model.post_process and results and config is not None:
         captured["logits"] = gather_from_tensor_model_parallel_region(results[0]["logits"]).float()
     return captured
 

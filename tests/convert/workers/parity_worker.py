@@ -1,0 +1,173 @@
+"""torchrun worker (4 processes): convert tiny HF models, check round trip, parity per layout.
+
+Usage: parity_worker.py WORKDIR PLAN_JSON. Writes WORKDIR/results.json on rank 0.
+PLAN_JSON: [{"family": ..., "tied": bool, "layouts": [[tp, pp, sp], ...], "extra": bool}, ...]
+"""
+
+import faulthandler
+import json
+import os
+import sys
+from pathlib import Path
+
+faulthandler.dump_traceback_later(int(os.environ.get("OPRD_TEST_HANG_S", "600")), exit=True)
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repo root: tests.tiny_hf_models
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def use_layout(layout):
+    from megatron.core import parallel_state
+
+    from oprd_mega.parallel import init_distributed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    return init_distributed(layout)
+
+
+def load_all(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    from oprd_mega.convert.mcore_io import global_parameters
+
+    return {n: p.detach().clone() for n, p in global_parameters(model).items()}
+
+
+def all_ranks_true(flag: bool) -> bool:
+    t = torch.tensor([0 if flag else 1])
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def run_model(work: Path, item: dict, results: dict) -> None:
+    from oprd_mega.convert.convert import hf_to_mcore, mcore_to_hf
+    from oprd_mega.convert.hf_io import HFCheckpointReader
+    from oprd_mega.convert.mcore_io import (
+        load_hf_weights,
+        load_mcore_checkpoint,
+        read_mcore_args,
+        save_mcore_checkpoint,
+    )
+    from oprd_mega.convert.verify import (
+        gather_to_rank0,
+        hf_outputs,
+        megatron_outputs,
+        random_tokens,
+        verify,
+    )
+    from oprd_mega.models import build_gpt_model, build_truncated_model
+    from oprd_mega.parallel import ParallelLayout
+    from tests.tiny_hf_models import make_tiny_model
+
+    name = f"{item['family']}-{'tied' if item['tied'] else 'untied'}"
+    base = work / name
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
+    if rank == 0:
+        make_tiny_model(item["family"], base / "hf", tied=item["tied"], seed=len(name))
+    if dist.is_initialized():
+        dist.barrier()
+    else:  # first model: no process group yet; wait for the files
+        import time
+
+        while not (base / "hf" / "config.json").is_file():
+            time.sleep(0.2)
+        time.sleep(0.5)
+    use_layout(ParallelLayout())
+    hf_to_mcore(base / "hf", base / "mcore", progress=False)
+    mcore_to_hf(base / "mcore", base / "hf_back", progress=False)
+    out = {"layouts": {}}
+    if rank == 0:
+        original, back = load_all(base / "hf"), load_all(base / "hf_back")
+        out["roundtrip_names_equal"] = sorted(original) == sorted(back)
+        out["roundtrip_bad"] = [
+            k
+            for k in original
+            if k not in back
+            or back[k].dtype != original[k].dtype
+            or not torch.equal(original[k], back[k])
+        ]
+        out["roundtrip_count"] = len(original)
+    args = read_mcore_args(base / "mcore")
+    tokens = random_tokens(args, 2, 16, seed=1)
+    reference = hf_outputs(base / "hf", tokens, torch.float32) if rank == 0 else None
+    for tp, pp, sp in item["layouts"]:
+        layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
+        use_layout(layout)
+        diffs = verify(
+            base / "hf",
+            base / "mcore",
+            sequence_parallel=sp,
+            batch=2,
+            seq_len=16,
+            seed=1,
+            hf_reference=reference,
+        )
+        if rank == 0:
+            out["layouts"][str(layout)] = {d.name: [d.max_abs, d.max_rel] for d in diffs}
+    if item.get("extra"):
+        # (a) The mapping's own TP/PP sharding == Megatron's resharding of the torch_dist file.
+        use_layout(ParallelLayout(tp=2, pp=2))
+        from_ckpt = build_gpt_model(args)
+        load_mcore_checkpoint(from_ckpt, base / "mcore")
+        from_hf = build_gpt_model(args)
+        load_hf_weights(from_hf, args, HFCheckpointReader(base / "hf"))
+        a, b = params_of(from_ckpt), params_of(from_hf)
+        out["mapping_shards_equal"] = all_ranks_true(
+            sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        )
+        # (b) Saved at TP2xPP2, loaded at TP2 (DP2): identical weights and outputs.
+        save_mcore_checkpoint(from_ckpt, args, base / "mcore_tp2pp2", hf_source=base / "hf")
+        use_layout(ParallelLayout(tp=2, pp=1))
+        outs, weights = [], []
+        for ckpt in ("mcore", "mcore_tp2pp2"):
+            model = build_gpt_model(args)
+            load_mcore_checkpoint(model, base / ckpt)
+            weights.append(params_of(model))
+            outs.append(megatron_outputs(model, tokens, sequence_parallel=False))
+        same = sorted(weights[0]) == sorted(weights[1]) and all(
+            torch.equal(weights[0][k], weights[1][k]) for k in weights[0]
+        )
+        same = same and sorted(outs[0]) == sorted(outs[1])
+        same = same and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+        out["relayout_identical"] = all_ranks_true(same)
+        # (c) Truncated teacher (first 2 layers) at PP2: last kept layer == HF hidden_states[2].
+        use_layout(ParallelLayout(tp=1, pp=2))
+        teacher = build_truncated_model(args, 2)
+        load_mcore_checkpoint(teacher, base / "mcore")
+        teacher.eval()
+        has_head = getattr(teacher, "output_layer", None) is not None or (
+            getattr(teacher.decoder, "final_layernorm", None) is not None
+        )
+        out["teacher_has_head"] = not all_ranks_true(not has_head)
+        got = gather_to_rank0(megatron_outputs(teacher, tokens, sequence_parallel=False))
+        if rank == 0:
+            assert "logits" not in got and "final_norm" not in got, sorted(got)
+            diff = (got["layer 2"] - reference["layer 2"]).abs().max().item()
+            out["teacher_layer2"] = [diff, diff / reference["layer 2"].abs().max().item()]
+            out["teacher_keys"] = sorted(got)
+    results[name] = out
+
+
+def main() -> None:
+    work, plan = Path(sys.argv[1]), json.loads(sys.argv[2])
+    results: dict = {}
+    for item in plan:
+        run_model(work, item, results)
+    if dist.get_rank() == 0:
+        (work / "results.json").write_text(json.dumps(results, indent=1))
+    from oprd_mega.parallel import destroy_distributed
+
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
