@@ -1,0 +1,79 @@
+"""The per-family HF <-> Megatron mapping on real transformers state dicts (no Megatron run)."""
+
+import pytest
+import torch
+
+from oprd_mega.convert import layout
+from oprd_mega.convert.mapping import (
+    all_hf_names,
+    get_mapping,
+    hf_to_mcore_state,
+    mcore_to_hf_state,
+    tp_kind,
+)
+from tests.tiny_hf_models import make_tiny_model
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def hf_model(request, tmp_path_factory):
+    from safetensors.torch import load_file
+
+    from oprd_mega.models.hf_config import load_hf_config
+
+    directory = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param))
+    return load_hf_config(directory), load_file(str(directory / "model.safetensors"))
+
+
+def test_expected_names_are_exactly_transformers_tensors(hf_model) -> None:
+    args, tensors = hf_model
+    expected = all_hf_names(args)
+    assert sorted(expected) == sorted(tensors)
+    assert all(tuple(tensors[n].shape) == s for n, s in expected.items())
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_round_trip_through_tp_shards_is_bit_exact(hf_model, tp: int) -> None:
+    args, tensors = hf_model
+    for layer in [None, *range(args.num_layers)]:
+        shards = [hf_to_mcore_state(args, tensors, layer, tp_rank=r, tp_size=tp) for r in range(tp)]
+        merged = {name: [s[name] for s in shards] for name in shards[0]}
+        back = mcore_to_hf_state(args, merged, layer)
+        for name, tensor in back.items():
+            assert torch.equal(tensor, tensors[name]), name
+
+
+def test_megatron_names_and_values(hf_model) -> None:
+    args, tensors = hf_model
+    state = hf_to_mcore_state(args, tensors, 1)
+    qkv = state["decoder.layers.1.self_attention.linear_qkv.weight"]
+    q = tensors["model.layers.1.self_attn.q_proj.weight"]
+    k = tensors["model.layers.1.self_attn.k_proj.weight"]
+    # group 0 = query heads 0..2, then key head 0 (head_dim 16)
+    assert torch.equal(qkv[:48], q[:48]) and torch.equal(qkv[48:64], k[:16])
+    fc1 = state["decoder.layers.1.mlp.linear_fc1.weight"]
+    assert torch.equal(fc1[:160], tensors["model.layers.1.mlp.gate_proj.weight"])
+    assert ("decoder.layers.1.self_attention.linear_qkv.bias" in state) == (args.family == "qwen2")
+    assert ("decoder.layers.1.self_attention.q_layernorm.weight" in state) == (
+        args.family == "qwen3"
+    )
+    assert tp_kind(args, "decoder.layers.1.self_attention.linear_proj.weight") == layout.TP_ROW
+    assert tp_kind(args, "embedding.word_embeddings.weight") == layout.TP_COLUMN
+
+
+def test_shape_mismatch_names_the_tensor(hf_model) -> None:
+    args, tensors = hf_model
+    bad = dict(tensors)
+    bad["model.layers.2.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"model\.layers\.2\.mlp\.up_proj\.weight"):
+        hf_to_mcore_state(args, bad, 2)
+
+
+def test_tied_models_have_no_output_layer_rule(hf_model) -> None:
+    args, _ = hf_model
+    from dataclasses import replace
+
+    tied = replace(args, tie_word_embeddings=True)
+    names = [r.mcore for r in get_mapping(args.family).rules(tied, None)]
+    assert "output_layer.weight" not in names and "lm_head.weight" not in all_hf_names(tied)
+    with pytest.raises(ValueError, match="no mapping"):
+        get_mapping("gpt2")
