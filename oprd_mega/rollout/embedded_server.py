@@ -37,6 +37,14 @@ _UNSUPPORTED_REQUEST_FIELDS = (
 SERVER_VERSION = "oprd-embedded-0.1"
 
 
+class _HTTPServer(ThreadingHTTPServer):
+    """A thread per connection, with a listen backlog deep enough for bursts of rollouts."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+
 class RequestError(ValueError):
     """A request the server rejects with HTTP 400; the message names the field."""
 
@@ -142,8 +150,7 @@ class EmbeddedServer:
             batch_wait_s=config.batch_wait_s,
         )
         handler = type("Handler", (_Handler,), {"server_state": self})
-        self.httpd = ThreadingHTTPServer((config.host, config.port), handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer((config.host, config.port), handler)
         self._thread: threading.Thread | None = None
 
     @property
