@@ -1,0 +1,32 @@
+"""Student and teacher checkpoints and the parallel layout they train under."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from oprd_mega.config.adopt import adopt
+from oprd_mega.config.base import Section
+from oprd_mega.parallel.layout import ParallelLayout
+
+# The names oprd_mega.models.builder.resolve_dtype accepts (a test keeps them equal).
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ModelSection(Section):
+    """A Hugging Face model directory and the dtype its weights are trained or run in."""
+
+    path: str
+    """Hugging Face model directory (config.json, tokenizer, safetensors weights)."""
+    dtype: DType = "bfloat16"
+    """Parameter dtype (paper: bf16; float32 on CPU)."""
+
+
+Parallel = adopt(
+    ParallelLayout,
+    {
+        "tp": "Tensor-parallel size.",
+        "pp": "Pipeline-parallel size.",
+        "sp": "Sequence parallelism (needs tp > 1). The data-parallel size is "
+        "world_size / (tp * pp).",
+    },
+)

@@ -1,0 +1,165 @@
+"""Rollout servers (launched or attached), the client, sampling and weight sync."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from oprd_mega.config.adopt import adopt, plain
+from oprd_mega.config.base import Section, invalid
+from oprd_mega.rollout.client import ClientConfig
+from oprd_mega.rollout.sampling import SamplingConfig, parse_sampling_params
+from oprd_mega.rollout.servers import LaunchConfig
+from oprd_mega.rollout.weight_sync import DEFAULT_BUCKET_BYTES, ProbeConfig
+
+SAMPLING_DOCS = {
+    "max_new_tokens": "Most tokens generated per response (paper: 16,384); null: no limit.",
+    "temperature": "Sampling temperature (paper: 1.0); 0 is greedy.",
+    "top_p": "Nucleus sampling mass, in (0, 1].",
+    "top_k": "Keep the k most likely tokens; -1 keeps all.",
+    "min_p": "Drop tokens below min_p times the most likely token's probability, in [0, 1].",
+    "min_new_tokens": "Least tokens generated before a stop is honoured.",
+    "n": "Responses sampled per prompt (paper: 2).",
+    "stop": "Stop strings.",
+    "stop_token_ids": "Token ids that end a response (besides EOS).",
+    "ignore_eos": "Keep generating past EOS.",
+    "skip_special_tokens": "Drop special tokens from the returned text.",
+    "no_stop_trim": "Keep the stop string in the returned text.",
+    "sampling_seed": "Seed of the server's sampler; null: the server's own.",
+}
+
+
+def _check_sampling(config: SamplingConfig) -> SamplingConfig:
+    """SGLang's own checks (the rollout module's parser), normalising e.g. top_k=0 to -1."""
+    return parse_sampling_params(plain(config))
+
+
+Sampling = adopt(
+    SamplingConfig,
+    SAMPLING_DOCS,
+    defaults={"n": 2, "temperature": 1.0, "max_new_tokens": 16384},
+    check=_check_sampling,
+)
+PAPER_SAMPLING = SamplingConfig(n=2, temperature=1.0, max_new_tokens=16384)
+
+Launch = adopt(
+    LaunchConfig,
+    {
+        "model_path": "Model directory the servers load; defaults to student.path.",
+        "num_servers": "Servers to start, on consecutive ports from base_port.",
+        "backend": "'sglang' (python -m sglang.launch_server), 'embedded' (the CPU server) or "
+        "'auto' (SGLang when installed).",
+        "tp_size": "Tensor-parallel size of each SGLang server.",
+        "host": "Address the servers bind to.",
+        "base_port": "Port of the first server.",
+        "mem_fraction_static": "SGLang --mem-fraction-static; null: SGLang's default.",
+        "extra_args": "Extra server command-line arguments, passed unchanged.",
+        "command": "Command prefix replacing the launcher's (tests use a fake server).",
+        "log_dir": "Directory for the servers' logs; null: a temporary directory.",
+        "health_timeout_s": "Seconds to wait for every server's /health.",
+        "shutdown_grace_s": "Seconds between SIGTERM and SIGKILL at shutdown.",
+        "env": "Extra environment variables of the server processes.",
+    },
+)
+
+Client = adopt(
+    ClientConfig,
+    {
+        "max_concurrency_per_server": "Most requests in flight per server.",
+        "timeout_s": "Seconds before a request is abandoned and retried.",
+        "connect_timeout_s": "Seconds to connect to a server.",
+        "max_retries": "Retries of a failed request (on another server when possible).",
+        "backoff_initial_s": "First retry delay; doubles per retry.",
+        "backoff_max_s": "Longest retry delay.",
+        "down_for_s": "Seconds a failing server is avoided.",
+        "max_consecutive_failures": "Failed requests in a row after which a server counts as "
+        "gone (an error); null: keep retrying it.",
+    },
+)
+
+Probe = adopt(
+    ProbeConfig,
+    {
+        "prompt_ids": "Token ids of the greedy probe run on every server after a sync.",
+        "max_new_tokens": "Tokens the probe generates.",
+        "atol": "Largest allowed |server - trainer| probe log-prob (1e-3 float32 CPU; ~0.1 "
+        "bf16 GPU).",
+    },
+)
+
+
+class AttachSection(Section):
+    """Servers that already run (``ServerGroup.attach``)."""
+
+    urls: tuple[str, ...] = ()
+    """Server base URLs (http://host:port)."""
+    router_url: str | None = None
+    """An sglang_router URL: generation goes through it, weight updates to its workers."""
+    health_timeout_s: float = Field(60.0, gt=0)
+    """Seconds to wait for the servers' /health at start."""
+
+
+class DiskSyncSection(Section):
+    """Weight sync through a shared directory (``DiskWeightSync``)."""
+
+    directory: str = "runs/oprd/rollout_weights"
+    """Directory the servers can read; each sync writes a new subdirectory."""
+    keep_last: int = Field(1, ge=1)
+    """Synced weight directories kept."""
+
+
+class DistributedSyncSection(Section):
+    """Weight sync by broadcast over a group shared with the servers."""
+
+    master_address: str = "127.0.0.1"
+    """Address of the trainer's rank 0 as the servers see it."""
+    master_port: int | None = Field(None, ge=1, le=65535)
+    """Port of the sync group; null: a free port."""
+    group_name: str = "oprd_weight_sync"
+    """Name of the sync process group."""
+    backend: Literal["gloo", "nccl"] = "gloo"
+    """Collective backend: gloo on CPU, nccl on GPU."""
+    timeout_s: float = Field(300.0, gt=0)
+    """Seconds before a sync collective fails."""
+
+
+class WeightSyncSection(Section):
+    """How updated student weights reach the servers, and the check after each sync."""
+
+    method: Literal["disk", "distributed"] = "disk"
+    """'disk' (safetensors + /update_weights_from_disk) or 'distributed' (broadcast)."""
+    bucket_bytes: int = Field(DEFAULT_BUCKET_BYTES, gt=0)
+    """Bytes of weights per bucket."""
+    probe: Probe = ProbeConfig()
+    """The post-sync check."""
+    disk: DiskSyncSection = DiskSyncSection()
+    """Options of method 'disk'."""
+    distributed: DistributedSyncSection = DistributedSyncSection()
+    """Options of method 'distributed'."""
+
+
+class RolloutSection(Section):
+    """Where rollouts come from and how they are sampled."""
+
+    mode: Literal["launch", "attach"] = "launch"
+    """'launch': the trainer starts the servers (rollout.launch); 'attach': use running ones
+    (rollout.attach)."""
+    launch: Launch | None = None
+    """Servers the trainer starts and stops."""
+    attach: AttachSection = AttachSection()
+    """Servers that already run."""
+    client: Client = ClientConfig()
+    """Request concurrency, timeouts and retries."""
+    sampling: Sampling = PAPER_SAMPLING
+    """Sampling parameters of the training rollouts."""
+    weight_sync: WeightSyncSection = WeightSyncSection()
+    """Pushing new weights to the servers."""
+
+    @model_validator(mode="after")
+    def _servers_given(self) -> RolloutSection:
+        if self.mode == "attach" and not self.attach.urls and self.attach.router_url is None:
+            raise invalid("attach.urls", [], "mode 'attach' needs attach.urls or attach.router_url")
+        if self.mode == "launch" and self.launch is None:
+            raise invalid("launch", None, "mode 'launch' needs a rollout.launch section")
+        return self

@@ -1,0 +1,127 @@
+"""The whole training configuration: one frozen, validated object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from oprd_mega.config.base import Section
+from oprd_mega.config.data import BatchSection, PromptsSection
+from oprd_mega.config.distill import DistillationSection
+from oprd_mega.config.models import ModelSection, Parallel
+from oprd_mega.config.rollout import RolloutSection
+from oprd_mega.config.training import (
+    CheckpointSection,
+    EvaluationSection,
+    MetricsSection,
+    OptimizerSection,
+    ScheduleSection,
+)
+from oprd_mega.parallel.layout import ParallelLayout
+
+
+class TrainConfig(Section):
+    """An OPRD training run (``oprd-mega train --config FILE.yaml key.sub=value ...``)."""
+
+    seed: int = Field(1234, ge=0)
+    """Seed of data order, rollouts' sampling seeds, model init and dropout."""
+    student: ModelSection
+    """The model being trained; rollout servers serve its current weights."""
+    teacher: ModelSection
+    """The frozen teacher (run up to its deepest tapped layer, no LM head in OPRD-only mode)."""
+    parallel: Parallel = ParallelLayout()
+    """Tensor/pipeline/sequence parallelism of both models; data parallelism fills the rest."""
+    rollout: RolloutSection
+    """Rollout servers, sampling and weight sync."""
+    data: PromptsSection
+    """The training prompts."""
+    batch: BatchSection = BatchSection()
+    """Batch size and token budgets."""
+    distillation: DistillationSection = DistillationSection()
+    """The objective."""
+    optimizer: OptimizerSection = OptimizerSection()
+    """AdamW settings."""
+    schedule: ScheduleSection = ScheduleSection()
+    """Steps, warm-up and decay."""
+    checkpoint: CheckpointSection = CheckpointSection()
+    """Checkpoints and resume."""
+    metrics: MetricsSection = MetricsSection()
+    """Metrics sinks."""
+    evaluation: EvaluationSection = EvaluationSection()
+    """Held-out evaluation."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _launch_serves_student(cls, data: Any) -> Any:
+        """rollout.launch.model_path defaults to student.path (rollout.launch itself to {} in
+        mode 'launch')."""
+        if not isinstance(data, dict):
+            return data
+        rollout = data.get("rollout", {})
+        if not isinstance(rollout, dict):
+            return data
+        student = data.get("student")
+        path = student.get("path") if isinstance(student, dict) else None
+        launch = rollout.get("launch", None if rollout.get("mode") == "attach" else {})
+        if isinstance(launch, dict) and "model_path" not in launch and path is not None:
+            launch = {**launch, "model_path": path}
+        if launch is not None:
+            rollout = {**rollout, "launch": launch}
+        return {**data, "rollout": rollout}
+
+
+def data_parallel_size(config: TrainConfig, world_size: int) -> int:
+    """The data-parallel size under ``world_size`` processes; a ConfigError if it cannot work.
+
+    tp * pp must divide the world size, and a step's samples must fill every rank's
+    microbatches (prompts_per_step * n >= dp * microbatch_multiple).
+    """
+    from oprd_mega.config.errors import ConfigError
+
+    layout = config.parallel
+    if world_size < 1 or world_size % (layout.tp * layout.pp):
+        raise ConfigError(
+            [
+                f"parallel.tp = {layout.tp}, parallel.pp = {layout.pp}: tp * pp = "
+                f"{layout.tp * layout.pp} must divide the world size {world_size}"
+            ]
+        )
+    dp = layout.data_parallel_size(world_size)
+    samples = config.batch.prompts_per_step * config.rollout.sampling.n
+    needed = dp * config.batch.microbatch_multiple
+    if samples < needed:
+        raise ConfigError(
+            [
+                f"batch.prompts_per_step = {config.batch.prompts_per_step}: with "
+                f"rollout.sampling.n = {config.rollout.sampling.n} a step has {samples} samples, "
+                f"fewer than dp ({dp}) x batch.microbatch_multiple "
+                f"({config.batch.microbatch_multiple}) = {needed}; use at least "
+                f"{-(-needed // config.rollout.sampling.n)} prompts per step"
+            ]
+        )
+    return dp
+
+
+def check_paths(config: TrainConfig) -> None:
+    """Raise a ConfigError naming every configured input file or directory that is missing."""
+    from pathlib import Path
+
+    from oprd_mega.config.errors import ConfigError
+
+    inputs: dict[str, str | None] = {
+        "student.path": config.student.path,
+        "teacher.path": config.teacher.path,
+        "data.path": config.data.path,
+        "distillation.projection.bridge_path": config.distillation.projection.bridge_path,
+        "evaluation.prompts": config.evaluation.prompts,
+    }
+    if config.rollout.mode == "launch" and config.rollout.launch is not None:
+        inputs["rollout.launch.model_path"] = config.rollout.launch.model_path
+    missing = [
+        f"{key} = {value!r}: no such file or directory"
+        for key, value in inputs.items()
+        if value is not None and not Path(value).exists()
+    ]
+    if missing:
+        raise ConfigError(missing)
