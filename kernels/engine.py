@@ -115,6 +115,25 @@ def _accumulate_float32(accumulator: torch.Tensor, a: torch.Tensor, b: torch.Ten
     accumulator.addmm_(a.to(torch.float32), b.to(torch.float32))
 
 
+def _write_student_gradient(
+    student_grad: torch.Tensor,
+    rows: slice | torch.Tensor,
+    gradient: torch.Tensor,
+    weight: torch.Tensor | None,
+) -> None:
+    """``student_grad[rows] = gradient @ weight`` (or ``gradient`` for the identity)."""
+    same_dtype = weight is not None and gradient.dtype == weight.dtype == student_grad.dtype
+    if same_dtype and isinstance(rows, slice):
+        # Straight into the gradient's rows: no chunk-sized temporary.
+        torch.mm(gradient, weight, out=student_grad[rows])
+        return
+    chunk = gradient if weight is None else gradient.to(weight.dtype) @ weight
+    if isinstance(rows, slice):
+        student_grad[rows] = chunk
+    else:
+        student_grad.index_copy_(0, rows, chunk.to(student_grad.dtype))
+
+
 def sweep(
     plan: EnginePlan,
     student: torch.Tensor,
@@ -141,8 +160,10 @@ def sweep(
             active_rows = None
     stats = student.new_zeros((NUM_STATS, num_rows), dtype=torch.float32)
     want_student, want_weight, want_bias = needs if coefficient is not None else (False,) * 3
+    # Without compaction every row is written; with it, masked rows must read zero.
+    new_student_grad = torch.empty_like if active_rows is None else torch.zeros_like
     grads = _Gradients(
-        student=torch.zeros_like(student) if want_student else None,
+        student=new_student_grad(student) if want_student else None,
         weight=torch.zeros_like(weight, dtype=torch.float32) if want_weight else None,
         bias=torch.zeros_like(bias, dtype=torch.float32) if want_bias else None,
     )
@@ -167,20 +188,7 @@ def sweep(
             projection, target_rows, alpha * scale, beta * scale
         )
         if grads.student is not None:
-            if weight is None:
-                student_grad = gradient.to(student.dtype)
-            elif isinstance(rows, slice) and gradient.dtype == weight.dtype == student.dtype:
-                # Straight into the gradient's rows: no chunk-sized temporary.
-                torch.mm(gradient, weight, out=grads.student[rows])
-                student_grad = None
-            else:
-                student_grad = gradient.to(weight.dtype) @ weight
-            if student_grad is None:
-                pass
-            elif isinstance(rows, slice):
-                grads.student[rows] = student_grad
-            else:
-                grads.student.index_copy_(0, rows, student_grad.to(student.dtype))
+            _write_student_gradient(grads.student, rows, gradient, weight)
         if grads.weight is not None:
             _accumulate_float32(grads.weight, gradient.t(), student_rows)
         if grads.bias is not None:
