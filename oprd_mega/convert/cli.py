@@ -77,6 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
     try:
         if ns.command == "hf-to-mcore":
+            from oprd_mega.convert.hf_io import HFCheckpointReader
+            from oprd_mega.models.hf_config import load_hf_config
+
+            # Validate before importing Megatron (seconds), so bad input fails fast.
+            HFCheckpointReader(ns.hf).validate(load_hf_config(ns.hf))
             from oprd_mega.convert.convert import hf_to_mcore
 
             out = hf_to_mcore(ns.hf, ns.mcore, progress=not ns.no_progress)

@@ -1,0 +1,104 @@
+"""The converter's command line end to end: console script, tools script under torchrun."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.tiny_hf import make_tokenizer
+from tests.tiny_hf_models import make_tiny_model
+from tests.torchrun_utils import run_torchrun
+
+ROOT = Path(__file__).resolve().parents[2]
+TOOL = ROOT / "tools" / "convert_checkpoint.py"
+
+
+def console(*args: str) -> subprocess.CompletedProcess[str]:
+    script = Path(sys.executable).parent / "oprd-convert-checkpoint"
+    cmd = [str(script)] if script.exists() else [sys.executable, str(TOOL)]
+    return subprocess.run(
+        [*cmd, *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={"CUDA_VISIBLE_DEVICES": ""} | {k: v for k, v in __import__("os").environ.items()},
+    )
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("cli")
+    hf = make_tiny_model("qwen2", base / "hf", tied=False)
+    make_tokenizer().save_pretrained(hf)
+    result = console("hf-to-mcore", "--hf", str(hf), "--mcore", str(base / "mcore"))
+    assert result.returncode == 0, result.stderr
+    assert "wrote Megatron checkpoint" in result.stdout
+    return hf, base / "mcore"
+
+
+def test_verify_under_torchrun_prints_every_layer_and_passes(converted) -> None:
+    hf, mcore = converted
+    result = run_torchrun(
+        TOOL,
+        "verify",
+        "--hf",
+        str(hf),
+        "--mcore",
+        str(mcore),
+        "--tp",
+        "2",
+        "--sp",
+        "--seq-len",
+        "8",
+        nproc=2,
+        timeout=240,
+    )
+    for name in ("layer 1", "layer 2", "layer 3", "final_norm", "logits"):
+        assert name in result.stdout
+    assert "OK: all within tolerance" in result.stdout
+
+
+def test_verify_exits_non_zero_for_other_weights(converted, tmp_path: Path) -> None:
+    _, mcore = converted
+    other = make_tiny_model("qwen2", tmp_path / "other", seed=123)
+    with pytest.raises(AssertionError, match="exited 1") as info:
+        run_torchrun(
+            TOOL,
+            "verify",
+            "--hf",
+            str(other),
+            "--mcore",
+            str(mcore),
+            "--seq-len",
+            "8",
+            nproc=1,
+            timeout=240,
+        )
+    assert "FAILED: layer 1" in str(info.value)
+
+
+def test_mcore_to_hf_copies_tokenizer_and_config(converted, tmp_path: Path) -> None:
+    hf, mcore = converted
+    out = tmp_path / "back"
+    result = console("mcore-to-hf", "--mcore", str(mcore), "--hf", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (hf / name).read_bytes(), name
+    original = load_file(str(hf / "model.safetensors"))
+    back = {}
+    for file in out.glob("*.safetensors"):
+        back.update(load_file(str(file)))
+    assert sorted(back) == sorted(original)
+    assert all(back[k].equal(original[k]) for k in original)
+
+
+def test_bad_input_exits_2_with_one_line_naming_the_problem(tmp_path: Path) -> None:
+    result = console(
+        "hf-to-mcore", "--hf", str(tmp_path / "absent"), "--mcore", str(tmp_path / "m")
+    )
+    assert result.returncode == 2
+    assert "error:" in result.stderr and str(tmp_path / "absent") in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "m").exists()
