@@ -1,0 +1,266 @@
+"""Student-to-teacher projections: identity, a trainable ``full`` map, or the frozen bridge.
+
+* ``identity``: equal widths, the student state is compared as is.
+* ``full``: a trainable ``W`` [d_T, d_S] per tapped layer (or one shared map). It is a real
+  parameter of the student model chunk (attribute :data:`PROJECTION_ATTR`), so Megatron's DDP
+  reduces its gradient, the optimizer updates it and checkpoints hold it. Weight sync and HF
+  export must skip it: :func:`is_projection_param` / :data:`PROJECTION_PREFIX`.
+* ``bridge``: frozen ``P_S`` [r, d_S] per student layer; the teacher ships
+  ``P_T (h_T - mu_T)`` [r] per token (see :mod:`oprd_mega.distill.teacher`).
+
+Initialisation is seeded per layer and independent of the parallel layout, so every layout
+starts from the same maps.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+PROJECTION_MODES = ("identity", "full", "bridge")
+PROJECTION_ATTR = "oprd_projection"
+PROJECTION_PREFIX = f"{PROJECTION_ATTR}."
+SHARED_KEY = "shared"
+
+
+def is_projection_param(name: str) -> bool:
+    """Whether a (possibly DDP-wrapped) parameter name belongs to the OPRD projection.
+
+    These parameters train with the student but are never synced to rollout servers nor
+    exported to Hugging Face.
+    """
+    return name.startswith(PROJECTION_PREFIX) or f".{PROJECTION_PREFIX}" in name
+
+
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """Projection mode, per-layer or shared ``full`` maps, normalisation, bridge file."""
+
+    mode: str = "identity"
+    per_layer: bool = True
+    normalize: bool = False
+    bridge_path: str | None = None
+    init_std: float | None = None  # full: default 1/sqrt(d_S)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in PROJECTION_MODES:
+            raise ValueError(f"projection.mode: {self.mode!r} is not one of {PROJECTION_MODES}")
+        if self.mode == "bridge" and self.bridge_path is None:
+            raise ValueError("projection.bridge_path: mode 'bridge' needs the bridge file")
+        if self.mode == "bridge" and not self.normalize:
+            raise ValueError("projection.normalize: mode 'bridge' uses normalized MSE (true)")
+
+
+def _key(layer: int) -> str:
+    return f"layer_{layer}"
+
+
+class FullProjection(torch.nn.Module):
+    """Trainable maps ``W`` [d_T, d_S], one per tapped student layer or one shared.
+
+    Parameters are replicated across tensor-parallel ranks; under sequence parallelism each rank
+    sees a different sequence shard, so they carry ``sequence_parallel`` and Megatron sums their
+    gradients across the tensor-parallel group, as for norm weights.
+    """
+
+    def __init__(
+        self,
+        layers: Iterable[int],
+        d_student: int,
+        d_teacher: int,
+        *,
+        per_layer: bool,
+        sequence_parallel: bool,
+        dtype: torch.dtype = torch.float32,
+        init_std: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.per_layer = per_layer
+        std = d_student**-0.5 if init_std is None else init_std
+        keys = [(_key(layer), layer) for layer in layers] if per_layer else [(SHARED_KEY, 0)]
+        self.weights = torch.nn.ParameterDict()
+        for key, layer in keys:
+            generator = torch.Generator().manual_seed(seed * 100003 + layer)
+            value = torch.randn(d_teacher, d_student, generator=generator) * std
+            param = torch.nn.Parameter(value.to(dtype))
+            param.sequence_parallel = sequence_parallel  # type: ignore[attr-defined]
+            param.tensor_model_parallel = False  # type: ignore[attr-defined]
+            self.weights[key] = param
+        if torch.cuda.is_available():
+            self.cuda(torch.cuda.current_device())
+
+    def weight_for(self, layer: int) -> torch.Tensor:
+        """The map applied to student layer ``layer``."""
+        return self.weights[_key(layer) if self.per_layer else SHARED_KEY]
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        """Replicated tensors; a shared map held by every pipeline stage is a replica there."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        replica = (
+            pp_rank if not self.per_layer else 0,
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(with_context_parallel=True),
+        )
+        out = {}
+        for key, param in self.weights.items():
+            name = f"{prefix}weights.{key}"
+            out[name] = ShardedTensor.from_rank_offsets(name, param, replica_id=replica)
+        return out
+
+
+class BridgeProjection(torch.nn.Module):
+    """Frozen ``P_S`` [r, d_S] per student layer (buffers: no gradient, no optimizer state)."""
+
+    def __init__(self, student_maps: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        for layer, value in student_maps.items():
+            self.register_buffer(_key(layer), value.detach().clone())
+
+    def weight_for(self, layer: int) -> torch.Tensor:
+        """P_S of student layer ``layer``."""
+        return getattr(self, _key(layer))
+
+
+@dataclass
+class Bridge:
+    """An OPRD-Bridge: P_S per student layer, P_T and mu_T per teacher layer (rank r)."""
+
+    student: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [r, d_S]
+    teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        """The bridge rank r."""
+        return next(iter(self.student.values())).shape[0]
+
+
+def save_bridge(bridge: Bridge, path: str | Path) -> Path:
+    """Write a bridge as safetensors: ``student.{l}.P_S``, ``teacher.{l}.P_T``/``.mu_T``."""
+    from safetensors.torch import save_file
+
+    tensors = {f"student.{layer}.P_S": p.contiguous() for layer, p in bridge.student.items()}
+    for layer, (projection, mean) in bridge.teacher.items():
+        tensors[f"teacher.{layer}.P_T"] = projection.contiguous()
+        tensors[f"teacher.{layer}.mu_T"] = mean.contiguous()
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"format": "oprd-bridge", "version": "1"})
+    return path
+
+
+def load_bridge(path: str | Path) -> Bridge:
+    """Read a bridge file written by :func:`save_bridge`; errors name the file and key."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"projection.bridge_path: bridge file not found: {path}")
+    bridge = Bridge()
+    means: dict[int, torch.Tensor] = {}
+    projections: dict[int, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            parts = key.split(".")
+            if len(parts) != 3 or parts[0] not in ("student", "teacher") or not parts[1].isdigit():
+                raise ValueError(f"{path}: unexpected tensor {key!r} in the bridge file")
+            side, layer, name = parts[0], int(parts[1]), parts[2]
+            tensor = handle.get_tensor(key)
+            if side == "student" and name == "P_S":
+                bridge.student[layer] = tensor
+            elif side == "teacher" and name == "P_T":
+                projections[layer] = tensor
+            elif side == "teacher" and name == "mu_T":
+                means[layer] = tensor
+            else:
+                raise ValueError(f"{path}: unexpected tensor {key!r} in the bridge file")
+    if set(projections) != set(means):
+        raise ValueError(f"{path}: teacher layers with P_T {sorted(projections)} but mu_T "
+                         f"{sorted(means)}")
+    bridge.teacher = {layer: (projections[layer], means[layer]) for layer in projections}
+    if not bridge.student:
+        raise ValueError(f"{path}: the bridge file holds no student map (student.<l>.P_S)")
+    return bridge
+
+
+def check_bridge(
+    bridge: Bridge, pairs: list[tuple[int, int]], d_student: int, d_teacher: int, where: str
+) -> None:
+    """Every supervised pair has maps of matching rank and widths."""
+    for student_layer, teacher_layer in pairs:
+        if student_layer not in bridge.student:
+            raise ValueError(f"{where}: no P_S for student layer {student_layer}")
+        if teacher_layer not in bridge.teacher:
+            raise ValueError(f"{where}: no P_T/mu_T for teacher layer {teacher_layer}")
+        p_s = bridge.student[student_layer]
+        p_t, mu_t = bridge.teacher[teacher_layer]
+        if p_s.dim() != 2 or p_s.shape[1] != d_student:
+            raise ValueError(f"{where}: student.{student_layer}.P_S is {list(p_s.shape)}, "
+                             f"expected [r, {d_student}]")
+        if p_t.shape != (p_s.shape[0], d_teacher) or mu_t.shape != (d_teacher,):
+            raise ValueError(
+                f"{where}: teacher.{teacher_layer}.P_T {list(p_t.shape)} / mu_T "
+                f"{list(mu_t.shape)} do not match r={p_s.shape[0]}, d_T={d_teacher}"
+            )
+
+
+def attach_projection(
+    model: torch.nn.Module,
+    spec: ProjectionSpec,
+    stage_layers: list[int],
+    d_student: int,
+    d_teacher: int,
+    *,
+    sequence_parallel: bool,
+    bridge: Bridge | None = None,
+) -> torch.nn.Module | None:
+    """Add this stage's projection to the (unwrapped) student chunk; call before DDP wrapping.
+
+    ``stage_layers``: the tapped student layers this pipeline stage owns. A shared ``full`` map
+    lives on every stage (its gradients are summed over the pipeline group by the step).
+    Returns the module, or None for ``identity``.
+    """
+    if spec.mode == "identity":
+        if d_student != d_teacher:
+            raise ValueError(
+                f"projection.mode: identity needs equal widths, student {d_student} != "
+                f"teacher {d_teacher}; use 'full' or 'bridge'"
+            )
+        return None
+    if hasattr(model, PROJECTION_ATTR):
+        raise ValueError(f"the student model already has an {PROJECTION_ATTR!r} module")
+    dtype = next(model.parameters()).dtype
+    if spec.mode == "full":
+        module: torch.nn.Module = FullProjection(
+            stage_layers,
+            d_student,
+            d_teacher,
+            per_layer=spec.per_layer,
+            sequence_parallel=sequence_parallel,
+            dtype=dtype,
+            init_std=spec.init_std,
+            seed=spec.seed,
+        )
+    else:
+        if bridge is None:
+            bridge = load_bridge(spec.bridge_path)  # type: ignore[arg-type]
+        device = next(model.parameters()).device
+        module = BridgeProjection(
+            {layer: bridge.student[layer].to(device, dtype) for layer in stage_layers}
+        )
+    setattr(model, PROJECTION_ATTR, module)
+    return module
+
+
+def describe(spec: ProjectionSpec) -> str:
+    """One-line summary for logs."""
+    return json.dumps({"mode": spec.mode, "per_layer": spec.per_layer, "normalize": spec.normalize})

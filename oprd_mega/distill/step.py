@@ -1,0 +1,397 @@
+"""One distillation step under Megatron-Core: teacher pass, student forward/backward, optimizer.
+
+Loss normalisation (METHOD.md): with ``N`` the number of supervised tokens in the *global*
+batch (all microbatches, all data-parallel ranks; counted before the step and all-reduced),
+
+    L_OPRD = (1 / |layers|) * sum_l sum_t (1 / N) * ||f(W h_s[l, t]) - f(h_t[phi(l), t])||^2 / d,
+
+so every token weighs ``1 / N`` whatever the microbatch or data-parallel split. OPD terms are
+token sums weighted by ``1 / N_opd`` (response tokens of the global batch) likewise. The
+objective is ``loss_coef * L_OPRD`` (``oprd``), ``L_OPD`` (``opd-top1``/``opd-topk``) or
+``L_OPD + mu * loss_coef * L_OPRD`` (``combined``).
+
+Megatron runs with ``calculate_per_token_loss=True`` (no division by the microbatch count;
+DDP sums gradients over data-parallel ranks) and a ``finalize_model_grads`` that applies no
+token rescaling: the weights above already give the global mean. The student never runs its
+output layer through Megatron: in OPRD-only mode nothing uses it, in OPD modes
+:func:`oprd_mega.distill.opd.opd_loss` forms the logits in token chunks from its weight shard.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+from oprd_mega.distill.batch import DistillMicrobatch, local_rows, sequence_major
+from oprd_mega.distill.opd import OPDOptions, opd_loss
+from oprd_mega.distill.projection import PROJECTION_ATTR, SHARED_KEY, is_projection_param
+from oprd_mega.distill.taps import KernelOptions, StudentTaps, TapInputs
+from oprd_mega.distill.teacher import (
+    TeacherPlan,
+    layer_stages,
+    teacher_pass,
+    unwrap,
+    without_output_layer,
+)
+
+METHODS = ("oprd", "opd-top1", "opd-topk", "combined")
+OPD_METRICS = ("pg_loss", "reward", "student_entropy", "teacher_entropy", "top16_overlap")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The objective and how it is computed."""
+
+    method: str = "oprd"
+    opd: str = "opd-top1"  # the OPD term of ``combined``
+    top_k: int = 16
+    mu: float = 10.0
+    loss_coef: float = 1.0
+    kernel: KernelOptions = KernelOptions()
+    target_dtype: torch.dtype = torch.bfloat16
+    opd_chunk_tokens: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"distillation.method: {self.method!r} is not one of {METHODS}")
+        if self.opd not in ("opd-top1", "opd-topk"):
+            raise ValueError(f"distillation.opd: {self.opd!r} is not 'opd-top1' or 'opd-topk'")
+        if self.top_k < 1:
+            raise ValueError(f"distillation.top_k: {self.top_k} must be >= 1")
+        if self.method == "combined" and self.mu <= 0:
+            raise ValueError(f"distillation.mu: {self.mu} must be > 0 with method 'combined'")
+
+    @property
+    def oprd_weight(self) -> float:
+        """Coefficient of L_OPRD in the objective (0: not used)."""
+        if self.method == "oprd":
+            return self.loss_coef
+        return self.mu * self.loss_coef if self.method == "combined" else 0.0
+
+    @property
+    def opd_kind(self) -> str | None:
+        """``top1`` / ``topk`` when an OPD term is used."""
+        term = self.opd if self.method == "combined" else self.method
+        return {"opd-top1": "top1", "opd-topk": "topk"}.get(term)
+
+
+@dataclass
+class StepResult:
+    """Metrics of one step, identical on every rank."""
+
+    loss: float
+    oprd_loss: float
+    cosine: float
+    layer_loss: dict[int, float] = field(default_factory=dict)
+    layer_cosine: dict[int, float] = field(default_factory=dict)
+    opd: dict[str, float] = field(default_factory=dict)
+    grad_norm: float | None = None
+    supervised_tokens: int = 0
+    opd_tokens: int = 0
+    seconds: float = 0.0
+
+
+class _ZeroAnchor(torch.autograd.Function):
+    """A zero scalar that depends on ``hidden`` (zero gradient): the last stage's output when
+    only tapped layers carry losses."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # noqa: ANN001
+        ctx.meta = (hidden.shape, hidden.dtype, hidden.device)
+        return torch.zeros((), dtype=torch.float32, device=hidden.device)
+
+    @staticmethod
+    def backward(ctx, _grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # noqa: ANN001
+        shape, dtype, device = ctx.meta
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _finalize_grads(model_chunks: list, num_tokens=None, **kwargs) -> None:  # noqa: ANN001
+    """Sum a shared projection's gradient over pipeline stages, then Megatron's finalisation
+    without token rescaling (the loss is already a global token mean)."""
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        for chunk in model_chunks:
+            for name, param in chunk.named_parameters():
+                if is_projection_param(name) and name.endswith(f"weights.{SHARED_KEY}"):
+                    dist.all_reduce(param.main_grad, group=group)
+    kwargs.pop("pg_collection", None)
+    finalize_model_grads(model_chunks, None, **kwargs)
+
+
+def wrap_student(
+    model: torch.nn.Module, ddp_config: DistributedDataParallelConfig | None = None
+) -> DistributedDataParallel:
+    """Megatron DDP around the student chunk (projection attached first), set up for the step."""
+    config = model.config
+    config.calculate_per_token_loss = True
+    config.finalize_model_grads_func = _finalize_grads
+    ddp_config = ddp_config or DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(
+    model: DistributedDataParallel,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    clip_grad: float = 0.0,
+    use_distributed_optimizer: bool = False,
+):  # noqa: ANN201
+    """Megatron's AdamW over the student chunk (projection included)."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    dtype = model.config.params_dtype
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=betas[0],
+        adam_beta2=betas[1],
+        adam_eps=eps,
+        clip_grad=clip_grad,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        params_dtype=dtype,
+        use_distributed_optimizer=use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(config, [model])
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """This rank's output-layer weight shard ``[vocab/tp, h]`` (last stage)."""
+    inner = unwrap(model)
+    if getattr(inner, "share_embeddings_and_output_weights", False):
+        return inner.shared_embedding_or_output_weight()
+    if getattr(inner, "output_layer", None) is None:
+        raise ValueError("OPD needs an output layer on the last pipeline stage")
+    return inner.output_layer.weight
+
+
+class DistillStep:
+    """The step for one student chunk (DDP-wrapped) and one teacher chunk (same layout).
+
+    ``pairs``: ``(student layer, teacher layer)`` for every tapped layer
+    (:func:`oprd_mega.distill.layers.layer_pairs`); ``bridge``: teacher-side ``(P_T, mu_T)``
+    per teacher layer with the bridge projection.
+    """
+
+    def __init__(
+        self,
+        student: DistributedDataParallel,
+        teacher: torch.nn.Module,
+        optimizer,  # noqa: ANN001
+        pairs: list[tuple[int, int]],
+        options: StepOptions,
+        *,
+        bridge: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        if not pairs:
+            raise ValueError("distillation.layers: no supervised layer")
+        self.student, self.teacher, self.optimizer = student, teacher, optimizer
+        self.pairs = list(pairs)
+        self.options = options
+        inner = unwrap(student)
+        self.sequence_parallel = bool(inner.config.sequence_parallel)
+        if bool(unwrap(teacher).config.sequence_parallel) != self.sequence_parallel:
+            raise ValueError("teacher: sequence_parallel must match the student's")
+        self.num_layers = int(inner.config.num_layers)
+        projection = getattr(inner, PROJECTION_ATTR, None)
+        self.taps = StudentTaps(
+            inner,
+            [student_layer for student_layer, _ in self.pairs],
+            projection,
+            options.kernel,
+            scale=options.oprd_weight / len(self.pairs),
+        )
+        teacher_stage = layer_stages(teacher)
+        missing = sorted({t for _, t in self.pairs} - set(teacher_stage))
+        if missing and options.oprd_weight:
+            raise ValueError(
+                f"teacher: tapped teacher layer(s) {missing} are deeper than the teacher model "
+                f"({len(teacher_stage)} layers)"
+            )
+        self.plan = TeacherPlan(
+            pairs=tuple(self.pairs) if options.oprd_weight else (),
+            student_stage=layer_stages(student),
+            teacher_stage=teacher_stage,
+            sequence_parallel=self.sequence_parallel,
+            target_dtype=options.target_dtype,
+            bridge=bridge,
+            opd=options.opd_kind is not None,
+        )
+
+    def _global_count(self, microbatches: list[DistillMicrobatch], name: str) -> int:
+        count = torch.tensor(
+            [float(getattr(batch, name).sum()) for batch in microbatches], dtype=torch.float64
+        ).sum()
+        dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+        return int(count.item())
+
+    def run(self, microbatches: list[DistillMicrobatch]) -> StepResult:
+        """Teacher pass, student forward/backward, optimizer step; metrics from every stage."""
+        if not microbatches:
+            raise ValueError("step: no microbatch")
+        start = time.perf_counter()
+        options = self.options
+        n_sup = self._global_count(microbatches, "supervised")
+        n_opd = self._global_count(microbatches, "predicts")
+        self.teacher.eval()
+        teacher_out = teacher_pass(self.teacher, microbatches, self.plan)
+        device = next(unwrap(self.student).parameters()).device
+        self.taps.load(
+            {
+                batch.index: TapInputs(
+                    rows=local_rows(batch.supervised, self.sequence_parallel).to(device),
+                    targets=teacher_out.targets[batch.index],
+                    token_weight=1.0 / max(n_sup, 1),
+                )
+                for batch in microbatches
+            }
+            if options.oprd_weight
+            else {batch.index: None for batch in microbatches}  # type: ignore[misc]
+        )
+        opd_sums = torch.zeros(len(OPD_METRICS), dtype=torch.float64)
+        teacher_weight = (
+            output_weight(self.teacher)
+            if options.opd_kind and parallel_state.is_pipeline_last_stage()
+            else None
+        )
+
+        def forward_step(data_iterator, model):  # noqa: ANN001, ANN202
+            batch = next(data_iterator)
+            self.taps.select(batch.index)
+            try:
+                with without_output_layer(model):
+                    output = model(batch.tokens.to(device), None, None)
+            finally:
+                self.taps.select(None)
+
+            def loss_func(output_tensor: torch.Tensor):  # noqa: ANN202
+                if options.opd_kind is None:
+                    loss = _ZeroAnchor.apply(output_tensor)
+                else:
+                    loss = self._opd(batch, output_tensor, teacher_out, teacher_weight, n_opd)
+                    opd_sums.add_(self._last_opd)
+                return loss, torch.tensor(0, dtype=torch.int), {}
+
+            return output, loss_func
+
+        self.student.train()
+        self.student.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batch, seq = microbatches[0].shape
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(microbatches),
+            model=[self.student],
+            num_microbatches=len(microbatches),
+            seq_length=seq,
+            micro_batch_size=batch,
+            forward_only=False,
+        )
+        _, grad_norm, _ = self.optimizer.step()
+        result = self._metrics(opd_sums, n_sup, n_opd)
+        result.grad_norm = None if grad_norm is None else float(grad_norm)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _opd(
+        self,
+        batch: DistillMicrobatch,
+        hidden: torch.Tensor,
+        teacher_out,  # noqa: ANN001
+        teacher_weight: torch.Tensor,
+        n_opd: int,
+    ) -> torch.Tensor:
+        """OPD loss of one microbatch on the last stage (vocabulary-parallel logits)."""
+        if self.sequence_parallel:
+            full = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+        elif parallel_state.get_tensor_model_parallel_world_size() > 1:
+            full = copy_to_tensor_model_parallel_region(hidden)
+        else:
+            full = hidden
+        rows = sequence_major(batch.predicts).nonzero().squeeze(1).to(full.device)
+        student_rows = full.reshape(-1, full.shape[-1]).index_select(0, rows)
+        labels = sequence_major(batch.labels).to(full.device).index_select(0, rows)
+        token_weight = torch.full(
+            (rows.numel(),), 1.0 / max(n_opd, 1), dtype=torch.float32, device=full.device
+        )
+        group = parallel_state.get_tensor_model_parallel_group()
+        result = opd_loss(
+            student_rows,
+            output_weight(self.student),
+            teacher_out.opd_hidden[batch.index].to(student_rows.dtype),
+            teacher_weight,
+            labels,
+            token_weight,
+            OPDOptions(
+                kind=self.options.opd_kind,  # type: ignore[arg-type]
+                k=self.options.top_k,
+                chunk_tokens=self.options.opd_chunk_tokens,
+                group=group if parallel_state.get_tensor_model_parallel_world_size() > 1 else None,
+            ),
+        )
+        self._last_opd = torch.tensor(
+            [float(result.loss.detach())] + [float(result.metrics[name]) for name in OPD_METRICS[1:]],
+            dtype=torch.float64,
+        )
+        return result.loss
+
+    def _metrics(self, opd_sums: torch.Tensor, n_sup: int, n_opd: int) -> StepResult:
+        """Per-layer loss and cosine from every stage, OPD metrics from the last stage."""
+        stats = self.taps.stats
+        layers = torch.zeros(2, self.num_layers, dtype=torch.float64)
+        for layer, value in stats.loss.items():
+            layers[0, layer - 1] = float(value)
+            layers[1, layer - 1] = float(stats.cosine[layer])
+        dist.all_reduce(layers, group=parallel_state.get_data_parallel_group())
+        if self.sequence_parallel:  # each TP rank summed its own sequence shard
+            dist.all_reduce(layers, group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_reduce(opd_sums, group=parallel_state.get_data_parallel_group())
+        if not parallel_state.is_pipeline_last_stage():
+            opd_sums.zero_()
+        stacked = torch.cat([layers.reshape(-1), opd_sums])
+        dist.all_reduce(stacked, group=parallel_state.get_pipeline_model_parallel_group())
+        layers = stacked[: layers.numel()].reshape(2, -1)
+        opd_values = stacked[layers.numel() :]
+        tapped = [student_layer for student_layer, _ in self.pairs]
+        layer_loss = {layer: float(layers[0, layer - 1]) for layer in tapped}
+        layer_cosine = {layer: float(layers[1, layer - 1]) for layer in tapped}
+        oprd_loss = sum(layer_loss.values()) / len(tapped)
+        opd = (
+            {name: float(value) for name, value in zip(OPD_METRICS, opd_values, strict=True)}
+            if self.options.opd_kind
+            else {}
+        )
+        total = self.options.oprd_weight * oprd_loss if self.options.oprd_weight else 0.0
+        if opd:
+            total += opd["pg_loss"]
+        return StepResult(
+            loss=total,
+            oprd_loss=oprd_loss if self.options.oprd_weight else 0.0,
+            cosine=sum(layer_cosine.values()) / len(tapped) if self.options.oprd_weight else 0.0,
+            layer_loss=layer_loss if self.options.oprd_weight else {},
+            layer_cosine=layer_cosine if self.options.oprd_weight else {},
+            opd=opd,
+            supervised_tokens=n_sup,
+            opd_tokens=n_opd,
+        )

@@ -1,0 +1,188 @@
+"""Student taps: alignment loss at each tapped layer, its gradient injected during backward.
+
+A forward hook on ``model.decoder.layers[i]`` (global ``layer_number``, on whichever pipeline
+stage owns the layer) selects the supervised rows of the layer output ``[s, b, h]`` (this
+rank's sequence shard under sequence parallelism), computes the layer loss with
+``oprd_kernels.projected_mse`` (gradient formed in forward) and returns the hidden state
+through :class:`InjectLoss`, which passes it on unchanged and, in backward, gives the loss the
+upstream gradient ``scale``: the loss's own backward then adds its gradient to the layer
+output (Megatron's ``MoEAuxLossAutoScaler`` pattern). The loss never joins the pipeline's
+output, so it works on every stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from oprd_kernels import projected_mse
+
+_COSINE_CHUNK = 4096
+
+
+class InjectLoss(torch.autograd.Function):
+    """Identity on ``hidden``; in backward the attached ``loss`` gets gradient ``scale``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        loss: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(loss)
+        ctx.scale = scale  # type: ignore[attr-defined]
+        return hidden
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        (loss,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad_output, torch.full_like(loss, ctx.scale), None  # type: ignore[attr-defined]
+
+
+@dataclass
+class TapInputs:
+    """What the taps align in one microbatch on this rank.
+
+    ``rows``: indices into the flattened local layer output; ``targets``: student layer ->
+    ``[rows, d]`` teacher targets (only the layers this stage owns); ``token_weight``: the
+    weight of one token (1 / global supervised token count).
+    """
+
+    rows: torch.Tensor
+    targets: dict[int, torch.Tensor]
+    token_weight: float
+
+
+@dataclass
+class LayerStats:
+    """Per-layer sums over this rank's tokens (each token weighted by ``token_weight``)."""
+
+    loss: dict[int, torch.Tensor] = field(default_factory=dict)
+    cosine: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, layer: int, loss: torch.Tensor, cosine: torch.Tensor) -> None:
+        """Accumulate one microbatch's weighted sums."""
+        self.loss[layer] = self.loss.get(layer, torch.zeros_like(loss)) + loss
+        self.cosine[layer] = self.cosine.get(layer, torch.zeros_like(cosine)) + cosine
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Options passed to ``projected_mse``."""
+
+    normalize: bool = False
+    impl: str = "auto"
+    recompute: bool = False
+    workspace_bytes: int | None = None
+
+
+class StudentTaps:
+    """Hooks on this stage's tapped student layers.
+
+    ``layers``: tapped global layer numbers (those not on this stage are ignored);
+    ``projection``: a module with ``weight_for(layer)`` or None (identity); ``scale``: the
+    gradient each layer loss receives (loss coefficient / number of tapped layers).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        layers: list[int],
+        projection: torch.nn.Module | None,
+        kernel: KernelOptions,
+        scale: float,
+    ) -> None:
+        self.projection = projection
+        self.kernel = kernel
+        self.scale = scale
+        self.stats = LayerStats()
+        self.inputs: dict[int, TapInputs] = {}
+        self.current: TapInputs | None = None
+        wanted = set(layers)
+        self.layers = [
+            layer.layer_number for layer in model.decoder.layers if layer.layer_number in wanted
+        ]
+        self._handles = [
+            layer.register_forward_hook(self._hook)
+            for layer in model.decoder.layers
+            if layer.layer_number in wanted
+        ]
+
+    def load(self, inputs: dict[int, TapInputs]) -> None:
+        """Targets for the coming step, by microbatch index; resets the statistics."""
+        self.inputs = inputs
+        self.stats = LayerStats()
+
+    def select(self, microbatch: int | None) -> None:
+        """The microbatch the next forward belongs to (None: taps pass through)."""
+        self.current = None if microbatch is None else self.inputs[microbatch]
+
+    def remove(self) -> None:
+        """Unregister the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, module: torch.nn.Module, _inputs: tuple, output):  # noqa: ANN202
+        if self.current is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        layer = module.layer_number
+        loss = self.layer_loss(layer, hidden, self.current)
+        if loss is None or not (torch.is_grad_enabled() and hidden.requires_grad):
+            return None
+        injected = InjectLoss.apply(hidden, loss, self.scale)
+        return (injected, *output[1:]) if isinstance(output, tuple) else injected
+
+    def layer_loss(
+        self, layer: int, hidden: torch.Tensor, inputs: TapInputs
+    ) -> torch.Tensor | None:
+        """Weighted loss sum of ``layer`` on this rank's rows (also recorded in ``stats``)."""
+        target = inputs.targets[layer]
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, inputs.rows)
+        if rows.shape[0] != target.shape[0]:
+            raise RuntimeError(
+                f"tap layer {layer}: {rows.shape[0]} supervised rows but {target.shape[0]} "
+                "teacher targets (student and teacher masks differ)"
+            )
+        weight = None if self.projection is None else self.projection.weight_for(layer)
+        token_weight = torch.full(
+            (rows.shape[0],), inputs.token_weight, dtype=torch.float32, device=rows.device
+        )
+        loss = projected_mse(
+            rows,
+            target,
+            weight,
+            None,
+            token_weight,
+            normalize=self.kernel.normalize,
+            reduction="sum",
+            impl=self.kernel.impl,  # type: ignore[arg-type]
+            recompute=self.kernel.recompute,
+            workspace_bytes=self.kernel.workspace_bytes,
+        )
+        self.stats.add(layer, loss.detach(), weighted_cosine(rows, target, weight, token_weight))
+        return loss if rows.shape[0] else None
+
+
+@torch.no_grad()
+def weighted_cosine(
+    student: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    token_weight: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_i w_i cos(W s_i, t_i)`` in float32, in token chunks."""
+    total = torch.zeros((), dtype=torch.float32, device=student.device)
+    for start in range(0, student.shape[0], _COSINE_CHUNK):
+        rows = slice(start, start + _COSINE_CHUNK)
+        projected = student[rows].detach().float()
+        if weight is not None:
+            projected = projected @ weight.detach().float().t()
+        cosine = F.cosine_similarity(projected, target[rows].float(), dim=-1)
+        total += (cosine * token_weight[rows]).sum()
+    return total
