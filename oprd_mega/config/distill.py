@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, PlainValidator, model_validator
+from pydantic import Field, PlainSerializer, PlainValidator, model_validator
 
 from oprd_kernels.api import Impl
 from oprd_mega.config.adopt import adopt
@@ -38,6 +38,7 @@ def _layer_spec(value: Any) -> str | tuple[int, ...]:
 LayerSpec = Annotated[
     str | tuple[int, ...],
     PlainValidator(_layer_spec, json_schema_input_type=str | list[int]),
+    PlainSerializer(lambda v: v if isinstance(v, str) else list(v), when_used="json"),
 ]
 
 Positions = adopt(

@@ -100,16 +100,32 @@ def _dataclass_field(target: Adopted, message: str) -> str | None:
     return None
 
 
+# Pydantic's Python words for the YAML ones a user writes.
+_YAML_WORDS = {
+    "a valid tuple": "a list",
+    "a valid frozenset": "a list",
+    "a valid set": "a list",
+    "a valid dictionary": "a mapping",
+}
+
+
 def describe(root: type[BaseModel], error: Any) -> str:
     """One line for one pydantic error dict."""
     path = list(error["loc"])
     kind = error["type"]
     value = error.get("input")
     message = str(error["msg"]).removeprefix("Value error, ")
+    for python, yaml_word in _YAML_WORDS.items():
+        message = message.replace(python, yaml_word)
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         parent, name = path[:-1], str(path[-1])
         hint = suggest(root, parent, name)
         return f"{dotted(path)} = {show(value)}: unknown key; {hint}{_allowed_keys(root, parent)}"
+    if kind == "missing" and path and isinstance(path[-1], int):  # a fixed-length list
+        target = target_at(root, path[:-2])
+        child = next((c for c in children(target) if c.name == path[-2]), None) if target else None
+        expected = type_name(child.annotation) if child else "more items"
+        return f"{dotted(path[:-1])} = {show(value)}: too few items; expected {expected}"
     if kind in ("missing", "missing_argument"):
         return f"{dotted(path)}: required key is missing; {_expected(root, path)}"
     if kind == "config_check":

@@ -1,0 +1,157 @@
+"""The config reuses the project's option types, and its own sections match the functions
+they feed (names and defaults), so the two cannot drift apart."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from oprd_kernels.api import projected_mse
+from oprd_mega.config import ConfigError, check_paths, data_parallel_size
+from oprd_mega.config.data import BatchSection, PromptsSection
+from oprd_mega.config.distill import KernelSection, OPDSection
+from oprd_mega.config.models import DType
+from oprd_mega.config.rollout import AttachSection, DiskSyncSection, DistributedSyncSection
+from oprd_mega.data.prompts import load_prompts
+from oprd_mega.data.scheduler import schedule_microbatches
+from oprd_mega.distill.opd import OPDOptions
+from oprd_mega.distill.positions import PositionSpec
+from oprd_mega.parallel.layout import ParallelLayout
+from oprd_mega.rollout.client import ClientConfig
+from oprd_mega.rollout.sampling import SamplingConfig
+from oprd_mega.rollout.servers import LaunchConfig, ServerGroup
+from oprd_mega.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, ProbeConfig
+from tests.config.helpers import minimal
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+
+def test_fields_hold_the_existing_dataclasses() -> None:
+    config = minimal("evaluation.sampling.top_p=0.9")
+    assert isinstance(config.parallel, ParallelLayout)
+    assert isinstance(config.rollout.launch, LaunchConfig)
+    assert isinstance(config.rollout.client, ClientConfig)
+    assert isinstance(config.rollout.sampling, SamplingConfig)
+    assert isinstance(config.rollout.weight_sync.probe, ProbeConfig)
+    assert isinstance(config.distillation.positions, PositionSpec)
+    assert isinstance(config.evaluation.sampling, SamplingConfig)
+
+
+def test_sampling_goes_through_sglangs_checks() -> None:
+    config = minimal("rollout.sampling.top_k=0", "rollout.sampling.stop=[END]")
+    assert config.rollout.sampling.top_k == -1  # SGLang's "all"
+    assert config.rollout.sampling.stop == ("END",)
+
+
+def test_opd_options_are_built_with_the_methods_kind() -> None:
+    assert minimal().distillation.opd_options() is None
+    top1 = minimal("distillation.method=opd-top1").distillation.opd_options()
+    assert top1 == OPDOptions("top1", 16, 1024)
+    combined = minimal(
+        "distillation.method=combined", "distillation.combined_opd=opd-topk", "distillation.opd.k=8"
+    ).distillation
+    assert combined.opd_options() == OPDOptions("topk", 8, 1024)
+    assert combined.uses_oprd and combined.opd_term == "opd-topk"
+
+
+def _parameters(function: object) -> dict[str, object]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(function).parameters.items()  # type: ignore[arg-type]
+    }
+
+
+@pytest.mark.parametrize(
+    "section, function, renamed, own",
+    [
+        (PromptsSection, load_prompts, {}, {"format", "shuffle"}),
+        (BatchSection, schedule_microbatches, {}, {"prompts_per_step"}),
+        (AttachSection, ServerGroup.attach, {}, set()),
+        (DiskSyncSection, DiskWeightSync.__init__, {}, set()),
+        (DistributedSyncSection, DistributedWeightSync.__init__, {}, set()),
+        (KernelSection, projected_mse, {}, set()),
+    ],
+)
+def test_sections_match_the_functions_they_feed(
+    section: type, function: object, renamed: dict[str, str], own: set[str]
+) -> None:
+    parameters = _parameters(function)
+    for name, field in section.model_fields.items():  # type: ignore[attr-defined]
+        if name in own:
+            continue
+        assert name in parameters, f"{section.__name__}.{name} is not a parameter of {function}"
+        default = parameters[name]
+        if default is not inspect.Parameter.empty and name not in ("path", "urls"):
+            assert field.default == default or name in ("max_prompt_length",), name
+
+
+def test_opd_section_matches_opd_options() -> None:
+    fields = {f.name: f.default for f in dataclasses.fields(OPDOptions)}
+    for name, field in OPDSection.model_fields.items():
+        assert fields[name] == field.default
+
+
+def test_dtypes_are_the_ones_the_model_builder_accepts() -> None:
+    source = Path(inspect.getfile(PromptsSection)).parents[1] / "models" / "builder.py"
+    tree = ast.parse(source.read_text())
+    names = next(
+        {key.value for key in node.value.keys}  # type: ignore[union-attr]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Assign)
+        and any(getattr(t, "id", None) == "_DTYPES" for t in node.targets)
+    )
+    assert set(get_args(DType)) == names
+
+
+@pytest.mark.parametrize(
+    "overrides, world, dp",
+    [
+        ([], 1, 1),
+        ([], 8, 8),
+        (["parallel.tp=2"], 8, 4),
+        (["parallel.tp=2", "parallel.pp=2"], 16, 4),
+    ],
+)
+def test_data_parallel_size(overrides: list[str], world: int, dp: int) -> None:
+    assert data_parallel_size(minimal(*overrides), world) == dp
+
+
+def test_world_size_not_divisible_names_tp_and_pp() -> None:
+    with pytest.raises(ConfigError) as info:
+        data_parallel_size(minimal("parallel.tp=2", "parallel.pp=2"), 6)
+    (problem,) = info.value.problems
+    assert "parallel.tp = 2, parallel.pp = 2" in problem
+    assert "must divide the world size 6" in problem
+
+
+def test_too_few_samples_for_the_ranks_names_prompts_per_step() -> None:
+    config = minimal("batch.prompts_per_step=3", "batch.microbatch_multiple=2")
+    assert data_parallel_size(config, 3) == 3  # 6 samples fill 3 ranks x 2
+    with pytest.raises(ConfigError) as info:
+        data_parallel_size(config, 4)
+    (problem,) = info.value.problems
+    assert problem.startswith("batch.prompts_per_step = 3:")
+    assert "use at least 4 prompts per step" in problem
+
+
+def test_check_paths_names_every_missing_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    (tmp_path / "p.jsonl").write_text("{}\n")
+    config = minimal("evaluation.prompts=held.jsonl")
+    with pytest.raises(ConfigError) as info:
+        check_paths(config)
+    assert info.value.problems == [
+        "teacher.path = 'models/teacher': no such file or directory",
+        "evaluation.prompts = 'held.jsonl': no such file or directory",
+    ]
+    (tmp_path / "models" / "teacher").mkdir()
+    (tmp_path / "held.jsonl").write_text("{}\n")
+    check_paths(config)
