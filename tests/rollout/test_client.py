@@ -42,7 +42,7 @@ def check_groups(groups, prompts, n):
 
 
 def test_balances_and_bounds_concurrency():
-    slow = lambda i, body: ("sleep", 0.05)
+    slow = lambda i, body: ("sleep", 0.1)
     with FakeServer(slow) as a, FakeServer(slow) as b:
         config = ClientConfig(max_concurrency_per_server=3)
 
@@ -84,13 +84,13 @@ def test_least_outstanding_choice():
         "close",
         (200, "{not json"),
         (200, {"text": "", "output_ids": [1, 2]}),  # no meta_info
-        ("sleep", 1.0),  # longer than the client's timeout
+        ("sleep", 2.5),  # longer than the client's timeout
     ],
 )
 def test_transient_failures_are_retried_without_loss_or_duplicates(failure):
     # Every third request fails; the rest succeed.
     with FakeServer(lambda i, body: failure if i % 3 == 0 else None) as flaky, FakeServer() as ok:
-        config = ClientConfig(timeout_s=0.5, max_retries=4, backoff_initial_s=0.01, down_for_s=0.05)
+        config = ClientConfig(timeout_s=1.0, max_retries=4, backoff_initial_s=0.01, down_for_s=0.05)
 
         async def main():
             async with RolloutClient([flaky.url, ok.url], config) as client:
