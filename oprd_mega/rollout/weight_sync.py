@@ -52,7 +52,8 @@ class ProbeConfig:
 
     ``atol`` bounds ``max |server log-prob - trainer log-prob|`` over the probe's tokens. With
     float32 weights on both sides (CPU, the embedded server) 1e-3 holds with a wide margin (the
-    observed difference is ~1e-6); with bf16 on GPU (SGLang vs Megatron kernels) use about 0.1.
+    observed difference is ~1e-6); with bf16 on GPU (SGLang vs Megatron kernels) about 0.1 is an
+    estimate, not yet measured.
     """
 
     prompt_ids: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
