@@ -138,3 +138,28 @@ def parse_generate_output(
         index=index,
         server=server,
     )
+
+
+class StaleRolloutError(RuntimeError):
+    """Samples were generated with weights other than the ones the trainer expects."""
+
+
+def require_weight_version(samples: Sequence[Sample], version: str) -> None:
+    """Raise :class:`StaleRolloutError` if any sample's weight version is not ``version``.
+
+    The message counts the stale samples per server and version, so the lagging server is named.
+    """
+    stale: dict[tuple[str | None, str | None], int] = {}
+    for sample in samples:
+        if sample.weight_version != version:
+            key = (sample.server, sample.weight_version)
+            stale[key] = stale.get(key, 0) + 1
+    if stale:
+        details = ", ".join(
+            f"{count} from {server or 'unknown server'} at {found!r}"
+            for (server, found), count in sorted(stale.items(), key=str)
+        )
+        raise StaleRolloutError(
+            f"{sum(stale.values())} of {len(samples)} samples were not generated with weight "
+            f"version {version!r}: {details}"
+        )

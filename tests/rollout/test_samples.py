@@ -45,3 +45,17 @@ def test_malformed_answers(mutate, needle):
     with pytest.raises(MalformedResponseError, match="http://s:1") as info:
         parse_generate_output(answer, [1], group_id=0, index=0, server="http://s:1")
     assert needle in str(info.value)
+
+
+def test_require_weight_version_names_stale_servers():
+    from oprd_mega.rollout.samples import StaleRolloutError, require_weight_version
+
+    def sample(version, server):
+        return Sample((1,), (2,), (-0.1,), "length", version, 0, 0, server)
+
+    fresh = [sample("v2", "http://a"), sample("v2", "http://b")]
+    require_weight_version(fresh, "v2")
+    with pytest.raises(StaleRolloutError, match=r"2 of 3 samples .* 2 from http://b at 'v1'"):
+        require_weight_version(
+            [*fresh[:1], sample("v1", "http://b"), sample("v1", "http://b")], "v2"
+        )
