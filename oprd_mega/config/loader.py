@@ -13,9 +13,12 @@ from pydantic import ValidationError
 from oprd_mega.config.errors import ConfigError, from_validation_error
 from oprd_mega.config.schema import TrainConfig
 
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available
+_SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``)."""
+
+class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
+    """Safe loader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``)."""
 
 
 _Loader.add_implicit_resolver(
@@ -108,7 +111,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
 def to_yaml(config: TrainConfig) -> str:
     """The resolved configuration as YAML (every key, defaults included)."""
     data = config.model_dump(mode="json")
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+    return yaml.dump(data, Dumper=_SafeDumper, sort_keys=False, default_flow_style=False, width=100)
 
 
 def dump_config(config: TrainConfig, path: str | Path) -> Path:

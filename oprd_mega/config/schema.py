@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -19,6 +20,7 @@ from oprd_mega.config.training import (
     ScheduleSection,
 )
 from oprd_mega.parallel.layout import ParallelLayout
+from oprd_mega.rollout.sampling import SamplingConfig
 
 
 class TrainConfig(Section):
@@ -50,6 +52,13 @@ class TrainConfig(Section):
     """Metrics sinks."""
     evaluation: EvaluationSection = EvaluationSection()
     """Held-out evaluation."""
+
+    @property
+    def evaluation_sampling(self) -> SamplingConfig:
+        """Evaluation's sampling: evaluation.sampling, else rollout.sampling with n = k."""
+        if self.evaluation.sampling is not None:
+            return self.evaluation.sampling
+        return dataclasses.replace(self.rollout.sampling, n=self.evaluation.k)
 
     @model_validator(mode="before")
     @classmethod

@@ -138,8 +138,8 @@ class EvaluationSection(Section):
     max_prompts: int | None = Field(None, ge=1)
     """Evaluate on the first this many prompts; null: all."""
     sampling: Sampling | None = None
-    """Sampling for evaluation (n defaults to and must equal k); null: rollout.sampling with
-    n = k."""
+    """Sampling for evaluation; keys left out take rollout.sampling's defaults, n defaults to
+    (and must equal) k. Null: the run's rollout.sampling with n = k."""
 
     @model_validator(mode="before")
     @classmethod

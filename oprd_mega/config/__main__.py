@@ -1,0 +1,41 @@
+"""Check a configuration: ``python -m oprd_mega.config FILE.yaml [key.sub=value ...]``.
+
+Prints the resolved YAML (every key), or the problems and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from oprd_mega.config.errors import ConfigError
+from oprd_mega.config.loader import dump_config, load_config, to_yaml
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Validate, then print or write the resolved configuration."""
+    parser = argparse.ArgumentParser(prog="python -m oprd_mega.config", description=__doc__)
+    parser.add_argument("config", help="YAML configuration file")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value (a YAML value)")
+    parser.add_argument("--world-size", type=int, help="also check the layout for this many ranks")
+    parser.add_argument("--dump", help="write the resolved configuration here")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.world_size is not None:
+            from oprd_mega.config.schema import data_parallel_size
+
+            data_parallel_size(config, args.world_size)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.dump:
+        dump_config(config, args.dump)
+    else:
+        sys.stdout.write(to_yaml(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
