@@ -48,6 +48,19 @@ def all_ranks_true(flag: bool) -> bool:
     return int(t.item()) == 0
 
 
+def tick(label: str) -> None:
+    """Rank 0 prints the seconds since the previous tick (the test log shows where time goes)."""
+    import time
+
+    now = time.monotonic()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"TIMING {label} {now - tick.last:.1f}s", flush=True)
+    tick.last = now
+
+
+tick.last = __import__("time").monotonic()
+
+
 def run_model(work: Path, item: dict, results: dict) -> None:
     from oprd_mega.convert.convert import hf_to_mcore, mcore_to_hf
     from oprd_mega.convert.hf_io import HFCheckpointReader
@@ -81,9 +94,12 @@ def run_model(work: Path, item: dict, results: dict) -> None:
         while not (base / "hf" / "config.json").is_file():
             time.sleep(0.2)
         time.sleep(0.5)
+    tick(f"{name} start")
     use_layout(ParallelLayout())
     hf_to_mcore(base / "hf", base / "mcore", progress=False)
+    tick(f"{name} hf_to_mcore")
     mcore_to_hf(base / "mcore", base / "hf_back", progress=False)
+    tick(f"{name} mcore_to_hf")
     out = {"layouts": {}}
     if rank == 0:
         original, back = load_all(base / "hf"), load_all(base / "hf_back")
@@ -99,6 +115,7 @@ def run_model(work: Path, item: dict, results: dict) -> None:
     args = read_mcore_args(base / "mcore")
     tokens = random_tokens(args, 2, 16, seed=1)
     reference = hf_outputs(base / "hf", tokens, torch.float32) if rank == 0 else None
+    tick(f"{name} hf reference")
     for tp, pp, sp in item["layouts"]:
         layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
         use_layout(layout)
@@ -113,6 +130,7 @@ def run_model(work: Path, item: dict, results: dict) -> None:
         )
         if rank == 0:
             out["layouts"][str(layout)] = {d.name: [d.max_abs, d.max_rel] for d in diffs}
+        tick(f"{name} verify {layout}")
     if item.get("extra"):
         # (a) The mapping's own TP/PP sharding == Megatron's resharding of the torch_dist file.
         use_layout(ParallelLayout(tp=2, pp=2))
@@ -139,6 +157,7 @@ def run_model(work: Path, item: dict, results: dict) -> None:
         same = same and sorted(outs[0]) == sorted(outs[1])
         same = same and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
         out["relayout_identical"] = all_ranks_true(same)
+        tick(f"{name} mapping shards + relayout")
         # (c) Truncated teacher (first 2 layers) at PP2: last kept layer == HF hidden_states[2].
         use_layout(ParallelLayout(tp=1, pp=2))
         teacher = build_truncated_model(args, 2)
@@ -154,6 +173,7 @@ def run_model(work: Path, item: dict, results: dict) -> None:
             diff = (got["layer 2"] - reference["layer 2"]).abs().max().item()
             out["teacher_layer2"] = [diff, diff / reference["layer 2"].abs().max().item()]
             out["teacher_keys"] = sorted(got)
+    tick(f"{name} teacher")
     results[name] = out
 
 
