@@ -76,3 +76,7 @@ def test_truncated_teacher_matches_hf_layer_without_head(results: dict, model: s
     assert not out["teacher_has_head"]
     assert out["teacher_keys"] == ["layer 1", "layer 2"]
     assert out["teacher_layer2"][1] <= FP32_TOL
+
+
+def test_init_distributed_refuses_to_switch_layout_silently(results: dict) -> None:
+    assert results["layout_switch_refused"]

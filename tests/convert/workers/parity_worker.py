@@ -182,6 +182,15 @@ def main() -> None:
     results: dict = {}
     for item in plan:
         run_model(work, item, results)
+    # init_distributed refuses to silently switch an initialised parallel layout.
+    from oprd_mega.parallel import ParallelLayout, init_distributed
+
+    use_layout(ParallelLayout(tp=2))
+    try:
+        init_distributed(ParallelLayout(pp=2))
+        results["layout_switch_refused"] = False
+    except RuntimeError as exc:
+        results["layout_switch_refused"] = "already initialised with TP2PP1" in str(exc)
     if dist.get_rank() == 0:
         (work / "results.json").write_text(json.dumps(results, indent=1))
     from oprd_mega.parallel import destroy_distributed
