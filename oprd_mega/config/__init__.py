@@ -1,5 +1,6 @@
 """The training configuration: one typed, validated object read from YAML plus overrides."""
 
+from oprd_mega.config.against_models import check_models
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.loader import (
     apply_override,
@@ -14,6 +15,7 @@ __all__ = [
     "ConfigError",
     "TrainConfig",
     "apply_override",
+    "check_models",
     "check_paths",
     "data_parallel_size",
     "dump_config",

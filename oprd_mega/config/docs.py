@@ -28,7 +28,10 @@ oprd-mega train --config examples/tiny_cpu.yaml optimizer.lr=3e-4 \\
 the value and what is allowed, and unknown keys get a did-you-mean suggestion. Relative paths
 are relative to the working directory. `dump_config` writes the resolved configuration (every
 key, defaults included) for checkpoints; it loads back to an equal object.
-`data_parallel_size(config, world_size)` checks the layout against the world size.
+`data_parallel_size(config, world_size)` checks the layout against the world size,
+`check_paths(config)` the input files, and `check_models(config, student_args, teacher_args)`
+what needs the models' shapes (equal widths for `identity`, layer numbers, tp/pp against heads
+and depth, one vocabulary for OPD).
 """
 
 

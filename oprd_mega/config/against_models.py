@@ -1,0 +1,71 @@
+"""Checks that need the models' shapes: run once both config.json files are read."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from oprd_mega.config.errors import ConfigError
+from oprd_mega.config.schema import TrainConfig
+from oprd_mega.distill.layers import layer_pairs
+
+
+class ModelShape(Protocol):
+    """What the checks read of a model (``oprd_mega.models.HFModelArgs`` has it)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+
+
+def check_models(
+    config: TrainConfig, student: ModelShape, teacher: ModelShape
+) -> list[tuple[int, int]]:
+    """The (student layer, teacher layer) pairs, or a ConfigError naming every key that does
+    not fit these models (widths, layer numbers, tensor/pipeline sizes, vocabularies)."""
+    problems: list[str] = []
+    distill = config.distillation
+    pairs: list[tuple[int, int]] = []
+    try:
+        pairs = layer_pairs(distill.layers, student.num_layers, teacher.num_layers)
+    except ValueError as exc:
+        layers = distill.layers if isinstance(distill.layers, str) else list(distill.layers)
+        problems.append(
+            f"distillation.layers = {layers!r}: {exc} (the student has {student.num_layers})"
+        )
+    if (
+        distill.uses_oprd
+        and distill.projection.mode == "identity"
+        and student.hidden_size != teacher.hidden_size
+    ):
+        problems.append(
+            f"distillation.projection.mode = 'identity': the student's width "
+            f"{student.hidden_size} differs from the teacher's {teacher.hidden_size}; use "
+            "'full' or 'bridge'"
+        )
+    if distill.opd_term is not None and student.vocab_size != teacher.vocab_size:
+        problems.append(
+            f"distillation.method = {distill.method!r}: OPD needs one vocabulary, but the "
+            f"student has {student.vocab_size} tokens and the teacher {teacher.vocab_size}"
+        )
+    tp, pp = config.parallel.tp, config.parallel.pp
+    deepest = max((t for _, t in pairs), default=teacher.num_layers)
+    if distill.opd_term is not None:
+        deepest = teacher.num_layers  # OPD needs the teacher's logits
+    for name, model, depth in (
+        ("student", student, student.num_layers),
+        ("teacher", teacher, deepest),
+    ):
+        for heads in ("num_attention_heads", "num_key_value_heads"):
+            count = getattr(model, heads)
+            if count % tp:
+                problems.append(f"parallel.tp = {tp}: must divide the {name}'s {heads} ({count})")
+        if pp > depth:
+            problems.append(
+                f"parallel.pp = {pp}: the {name} runs {depth} layer(s); every pipeline stage "
+                "needs at least one"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return pairs

@@ -1,0 +1,66 @@
+"""Checks against the models' shapes (HFModelArgs as read from config.json)."""
+
+from __future__ import annotations
+
+import pytest
+
+from oprd_mega.config import ConfigError
+from oprd_mega.config.against_models import check_models
+from oprd_mega.models.hf_config import HFModelArgs
+from tests.config.helpers import minimal
+
+
+def _model(layers: int, hidden: int, heads: int = 8, kv: int = 4, vocab: int = 100) -> HFModelArgs:
+    return HFModelArgs(
+        family="qwen3",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hidden // heads,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    )
+
+
+def test_pairs_follow_the_layer_map() -> None:
+    pairs = check_models(minimal("distillation.layers=[1, 3]"), _model(3, 64), _model(5, 64))
+    assert pairs == [(1, 1), (3, 5)]
+
+
+def test_identity_needs_equal_widths() -> None:
+    with pytest.raises(ConfigError) as info:
+        check_models(minimal(), _model(4, 64), _model(4, 128))
+    assert info.value.problems == [
+        "distillation.projection.mode = 'identity': the student's width 64 differs from the "
+        "teacher's 128; use 'full' or 'bridge'"
+    ]
+    check_models(minimal("distillation.projection.mode=full"), _model(4, 64), _model(4, 128))
+
+
+def test_every_misfit_is_named() -> None:
+    config = minimal(
+        "distillation.method=combined",
+        "distillation.layers=[2, 9]",
+        "parallel.tp=3",
+        "parallel.pp=6",
+    )
+    with pytest.raises(ConfigError) as info:
+        check_models(config, _model(4, 64, vocab=100), _model(4, 64, vocab=120))
+    text = "\n".join(info.value.problems)
+    assert "distillation.layers = [2, 9]: layers: 9 is outside 1..4" in text
+    assert "distillation.method = 'combined': OPD needs one vocabulary" in text
+    assert "parallel.tp = 3: must divide the student's num_attention_heads (8)" in text
+    assert "parallel.pp = 6: the teacher runs 4 layer" in text
+
+
+def test_the_teacher_is_truncated_at_the_deepest_tap() -> None:
+    config = minimal("distillation.layers=last", "parallel.pp=2")
+    check_models(config, _model(2, 64), _model(4, 64))  # last student layer -> teacher 4
+    config = minimal("distillation.layers=[1]", "parallel.pp=2")
+    with pytest.raises(ConfigError, match="the teacher runs 1 layer"):
+        check_models(config, _model(2, 64), _model(4, 64))
