@@ -1,6 +1,7 @@
 """The training configuration: one typed, validated object read from YAML plus overrides."""
 
 from oprd_mega.config.against_models import check_models
+from oprd_mega.config.diff import config_diff
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.loader import (
     apply_override,
@@ -17,6 +18,7 @@ __all__ = [
     "apply_override",
     "check_models",
     "check_paths",
+    "config_diff",
     "data_parallel_size",
     "dump_config",
     "load_config",

@@ -36,7 +36,7 @@ and depth, one vocabulary for OPD).
 
 
 def _cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|")
+    return " ".join(text.split()).replace("``", "`").replace("|", "\\|")
 
 
 def render() -> str:

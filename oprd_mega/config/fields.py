@@ -19,7 +19,10 @@ from pydantic_core import PydanticUndefined
 from oprd_mega.config.adopt import Adopted, plain
 
 # Defaults that another key supplies at load time.
-DERIVED_DEFAULTS = {"rollout.launch.model_path": "student.path"}
+DERIVED_DEFAULTS = {
+    "rollout.launch.model_path": "student.path",
+    "evaluation.sampling.n": "evaluation.k",
+}
 
 Target = type[BaseModel] | Adopted
 

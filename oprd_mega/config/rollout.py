@@ -146,7 +146,8 @@ class RolloutSection(Section):
     """'launch': the trainer starts the servers (rollout.launch); 'attach': use running ones
     (rollout.attach)."""
     launch: Launch | None = None
-    """Servers the trainer starts and stops."""
+    """Servers the trainer starts and stops (mode 'launch'; filled in from the defaults when
+    left out); null in mode 'attach' when left out."""
     attach: AttachSection = AttachSection()
     """Servers that already run."""
     client: Client = ClientConfig()
