@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, PlainSerializer, PlainValidator, model_validator
 
@@ -13,7 +13,8 @@ from oprd_mega.distill.layers import LAYER_MODES, select_layers
 from oprd_mega.distill.opd import OPDOptions
 from oprd_mega.distill.positions import PositionSpec
 
-METHODS = ("oprd", "opd-top1", "opd-topk", "combined")
+Method = Literal["oprd", "opd-top1", "opd-topk", "combined"]
+METHODS: tuple[str, ...] = get_args(Method)
 
 
 def _layer_spec(value: Any) -> str | tuple[int, ...]:
@@ -95,7 +96,7 @@ class OPDSection(Section):
 class DistillationSection(Section):
     """The loss: OPRD, OPD baselines, or OPD + mu * OPRD."""
 
-    method: Literal["oprd", "opd-top1", "opd-topk", "combined"] = "oprd"
+    method: Method = "oprd"
     """'oprd' (representation alignment), 'opd-top1' (sampled-token reverse KL), 'opd-topk'
     (KL on the student's top-k) or 'combined' (L_OPD + mu * L_OPRD)."""
     combined_opd: Literal["opd-top1", "opd-topk"] = "opd-top1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
@@ -10,6 +11,7 @@ from pydantic import Field, model_validator
 from oprd_mega.config.base import Section
 from oprd_mega.config.data import BatchSection, PromptsSection
 from oprd_mega.config.distill import DistillationSection
+from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.models import ModelSection, Parallel
 from oprd_mega.config.rollout import RolloutSection
 from oprd_mega.config.training import (
@@ -86,8 +88,6 @@ def data_parallel_size(config: TrainConfig, world_size: int) -> int:
     tp * pp must divide the world size, and a step's samples must fill every rank's
     microbatches (prompts_per_step * n >= dp * microbatch_multiple).
     """
-    from oprd_mega.config.errors import ConfigError
-
     layout = config.parallel
     if world_size < 1 or world_size % (layout.tp * layout.pp):
         raise ConfigError(
@@ -114,10 +114,6 @@ def data_parallel_size(config: TrainConfig, world_size: int) -> int:
 
 def check_paths(config: TrainConfig) -> None:
     """Raise a ConfigError naming every configured input file or directory that is missing."""
-    from pathlib import Path
-
-    from oprd_mega.config.errors import ConfigError
-
     inputs: dict[str, str | None] = {
         "student.path": config.student.path,
         "teacher.path": config.teacher.path,
