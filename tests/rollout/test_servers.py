@@ -43,6 +43,30 @@ def wait_dead(pids, timeout=10.0) -> bool:
     return False
 
 
+def survivors(state: Path) -> list[int]:
+    """Live processes started for this test: they inherit FAKE_STATE_DIR=<state>."""
+    marker = f"FAKE_STATE_DIR={state}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0") and alive(int(proc.name)):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def no_survivors(state: Path, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while survivors(state):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def recorded(state: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(state.glob("server-*.json"))]
 
@@ -98,6 +122,7 @@ def test_launch_passes_flags_waits_and_shuts_down_children(tmp_path):
         pids = [p for rec in records for p in rec["pids"]]
         assert all(alive(p) for p in pids)
     assert wait_dead(pids), "a server or its child outlived shutdown"
+    assert no_survivors(tmp_path / "state")
 
 
 def test_default_sglang_command_line():
@@ -129,21 +154,22 @@ def test_early_exit_names_server_and_log_and_cleans_up(tmp_path):
     message = str(info.value)
     assert f"http://127.0.0.1:{cfg.base_port}" in message
     assert "exited with code 3" in message and "CUDA out of memory (simulated)" in message
+    assert no_survivors(tmp_path / "state")
 
 
 def test_health_timeout_cleans_up(tmp_path):
     cfg = config(tmp_path, env={"FAKE_DELAY": "60"}, health_timeout_s=1.5)
     with pytest.raises(ServerLaunchError, match=r"not healthy after 1\.5s"):
         ServerGroup.launch(cfg)
-    pids = [p for rec in recorded(tmp_path / "state") for p in rec["pids"]]
-    assert pids and wait_dead(pids)
+    assert no_survivors(tmp_path / "state")
 
 
 def test_exception_inside_with_shuts_down(tmp_path):
     with pytest.raises(RuntimeError, match="training failed"), ServerGroup.launch(config(tmp_path)):
         raise RuntimeError("training failed")
     pids = [p for rec in recorded(tmp_path / "state") for p in rec["pids"]]
-    assert wait_dead(pids)
+    assert len(pids) == 4 and wait_dead(pids)
+    assert no_survivors(tmp_path / "state")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -168,6 +194,7 @@ def test_signal_to_trainer_shuts_servers_down(tmp_path, signum):
         trainer.wait(timeout=30)
         assert trainer.returncode != 0
         assert wait_dead(pids), "servers outlived the trainer"
+        assert no_survivors(tmp_path / "state")
     finally:
         if trainer.poll() is None:
             trainer.kill()
