@@ -25,6 +25,9 @@ _MUST_BE: tuple[tuple[tuple[str, ...], str, tuple[Any, ...]], ...] = (
     (SUPPORTED_FAMILIES, "num_experts", (None, 0)),
 )
 
+# transformers' defaults for fields a config.json may omit.
+_DEFAULTS = {"hidden_act": "silu"}
+
 
 @dataclass(frozen=True)
 class HFModelArgs:
@@ -106,9 +109,10 @@ def parse_hf_config(config: dict[str, Any], where: str = "config.json") -> HFMod
             f"supported: {list(SUPPORTED_FAMILIES)}"
         )
     for families, field, allowed in _MUST_BE:
-        if family in families and config.get(field) not in allowed:
+        value = config.get(field, _DEFAULTS.get(field))
+        if family in families and value not in allowed:
             raise ConfigError(
-                f"{where}: {field}={config.get(field)!r} is not supported for {family} "
+                f"{where}: {field}={value!r} is not supported for {family} "
                 f"(allowed: {list(allowed)})"
             )
     layer_types = config.get("layer_types")

@@ -17,6 +17,7 @@ def test_each_patch_fails_before_and_works_after_under_torchrun() -> None:
         for rank in (0, 1):
             assert f"PATCH-OK {name} rank={rank}" in result.stdout, result.stdout
     assert "P2P-OK rank=0" in result.stdout and "P2P-OK rank=1" in result.stdout
+    assert "TRAIN-OK rank=0" in result.stdout and "TRAIN-OK rank=1" in result.stdout
 
 
 def test_patches_are_not_applied_when_cuda_is_present(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,76 @@ def all_equal(t: torch.Tensor) -> bool:
     return all(torch.equal(parts[0], p) for p in parts)
 
 
+def train_step_pp2(rank: int) -> None:
+    """All patches together: a 1F1B training step at PP2 with Megatron's distributed optimizer
+    and gradient clipping (schedules, p2p, clip_grads, distributed-optimizer type checks)."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from oprd_mega.models import build_gpt_model, parse_hf_config
+
+    tensor_parallel.model_parallel_cuda_manual_seed(11)
+    args = parse_hf_config(
+        {
+            "model_type": "llama",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+        }
+    )
+    model = build_gpt_model(args)
+    config = model.config
+    model = DistributedDataParallel(
+        config=config,
+        ddp_config=DistributedDataParallelConfig(use_distributed_optimizer=True),
+        module=model,
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, use_distributed_optimizer=True, clip_grad=0.5),
+        [model],
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    before = [p.detach().clone() for p in model.parameters()]
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (2, 8), generator=gen) for _ in range(2)]
+
+    def forward_step(data_iterator, step_model):
+        tokens = next(data_iterator)
+        losses = step_model(tokens, None, None, labels=torch.roll(tokens, -1, dims=1))
+
+        def loss_func(output):
+            loss = output.float().mean()
+            return loss, {"lm": loss.detach()}
+
+        return losses, loss_func
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    results = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(batches),
+        model=[model],
+        num_microbatches=2,
+        seq_length=8,
+        micro_batch_size=2,
+        forward_only=False,
+    )
+    ok, grad_norm, _ = optimizer.step()
+    assert ok and grad_norm is not None and grad_norm > 0, (ok, grad_norm)
+    changed = any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert changed, "optimizer step changed nothing"
+    if parallel_state.is_pipeline_last_stage():
+        assert len(results) == 2 and all(torch.isfinite(r["lm"]) for r in results)
+    print(f"TRAIN-OK rank={rank} grad_norm={grad_norm:.4f}", flush=True)
+
+
 def main() -> None:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.optimizer.clip_grads import (
@@ -113,6 +183,7 @@ def main() -> None:
         got = comm.recv_forward((3, 2, 4), is_first_stage=False)
         assert torch.equal(got, payload)
     print(f"P2P-OK rank={rank}", flush=True)
+    train_step_pp2(rank)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
