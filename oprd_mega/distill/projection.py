@@ -14,7 +14,6 @@ starts from the same maps.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,8 +183,9 @@ def load_bridge(path: str | Path) -> Bridge:
             else:
                 raise ValueError(f"{path}: unexpected tensor {key!r} in the bridge file")
     if set(projections) != set(means):
-        raise ValueError(f"{path}: teacher layers with P_T {sorted(projections)} but mu_T "
-                         f"{sorted(means)}")
+        raise ValueError(
+            f"{path}: teacher layers with P_T {sorted(projections)} but mu_T {sorted(means)}"
+        )
     bridge.teacher = {layer: (projections[layer], means[layer]) for layer in projections}
     if not bridge.student:
         raise ValueError(f"{path}: the bridge file holds no student map (student.<l>.P_S)")
@@ -204,8 +204,10 @@ def check_bridge(
         p_s = bridge.student[student_layer]
         p_t, mu_t = bridge.teacher[teacher_layer]
         if p_s.dim() != 2 or p_s.shape[1] != d_student:
-            raise ValueError(f"{where}: student.{student_layer}.P_S is {list(p_s.shape)}, "
-                             f"expected [r, {d_student}]")
+            raise ValueError(
+                f"{where}: student.{student_layer}.P_S is {list(p_s.shape)}, "
+                f"expected [r, {d_student}]"
+            )
         if p_t.shape != (p_s.shape[0], d_teacher) or mu_t.shape != (d_teacher,):
             raise ValueError(
                 f"{where}: teacher.{teacher_layer}.P_T {list(p_t.shape)} / mu_T "
@@ -259,8 +261,3 @@ def attach_projection(
         )
     setattr(model, PROJECTION_ATTR, module)
     return module
-
-
-def describe(spec: ProjectionSpec) -> str:
-    """One-line summary for logs."""
-    return json.dumps({"mode": spec.mode, "per_layer": spec.per_layer, "normalize": spec.normalize})

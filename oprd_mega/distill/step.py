@@ -61,7 +61,7 @@ class StepOptions:
     top_k: int = 16
     mu: float = 10.0
     loss_coef: float = 1.0
-    kernel: KernelOptions = KernelOptions()
+    kernel: KernelOptions = field(default_factory=KernelOptions)
     target_dtype: torch.dtype = torch.bfloat16
     opd_chunk_tokens: int = 1024
 
@@ -110,17 +110,17 @@ class _ZeroAnchor(torch.autograd.Function):
     only tapped layers carry losses."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # noqa: ANN001
+    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.meta = (hidden.shape, hidden.dtype, hidden.device)
         return torch.zeros((), dtype=torch.float32, device=hidden.device)
 
     @staticmethod
-    def backward(ctx, _grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]  # noqa: ANN001
+    def backward(ctx, _grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         shape, dtype, device = ctx.meta
         return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _finalize_grads(model_chunks: list, num_tokens=None, **kwargs) -> None:  # noqa: ANN001
+def _finalize_grads(model_chunks: list, num_tokens=None, **kwargs) -> None:
     """Sum a shared projection's gradient over pipeline stages, then Megatron's finalisation
     without token rescaling (the loss is already a global token mean)."""
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -155,8 +155,12 @@ def build_optimizer(
     eps: float = 1e-8,
     clip_grad: float = 0.0,
     use_distributed_optimizer: bool = False,
-):  # noqa: ANN201
-    """Megatron's AdamW over the student chunk (projection included)."""
+):
+    """Megatron's AdamW over the student chunk (projection included).
+
+    Megatron marks 1-D parameters and biases with ``wd_mult = 0`` but only its learning-rate
+    scheduler applies the multipliers; they are applied here so the first step is right too.
+    """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     dtype = model.config.params_dtype
@@ -173,7 +177,11 @@ def build_optimizer(
         params_dtype=dtype,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, [model])
+    optimizer = get_megatron_optimizer(config, [model])
+    for group in optimizer.param_groups:
+        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return optimizer
 
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -198,7 +206,7 @@ class DistillStep:
         self,
         student: DistributedDataParallel,
         teacher: torch.nn.Module,
-        optimizer,  # noqa: ANN001
+        optimizer,
         pairs: list[tuple[int, int]],
         options: StepOptions,
         *,
@@ -276,7 +284,7 @@ class DistillStep:
             else None
         )
 
-        def forward_step(data_iterator, model):  # noqa: ANN001, ANN202
+        def forward_step(data_iterator, model):
             batch = next(data_iterator)
             self.taps.select(batch.index)
             try:
@@ -285,7 +293,7 @@ class DistillStep:
             finally:
                 self.taps.select(None)
 
-            def loss_func(output_tensor: torch.Tensor):  # noqa: ANN202
+            def loss_func(output_tensor: torch.Tensor):
                 if options.opd_kind is None:
                     loss = _ZeroAnchor.apply(output_tensor)
                 else:
@@ -318,7 +326,7 @@ class DistillStep:
         self,
         batch: DistillMicrobatch,
         hidden: torch.Tensor,
-        teacher_out,  # noqa: ANN001
+        teacher_out,
         teacher_weight: torch.Tensor,
         n_opd: int,
     ) -> torch.Tensor:
@@ -351,7 +359,8 @@ class DistillStep:
             ),
         )
         self._last_opd = torch.tensor(
-            [float(result.loss.detach())] + [float(result.metrics[name]) for name in OPD_METRICS[1:]],
+            [float(result.loss.detach())]
+            + [float(result.metrics[name]) for name in OPD_METRICS[1:]],
             dtype=torch.float64,
         )
         return result.loss

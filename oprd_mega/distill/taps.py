@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
 from oprd_kernels import projected_mse
 
 _COSINE_CHUNK = 4096
@@ -127,7 +128,7 @@ class StudentTaps:
             handle.remove()
         self._handles = []
 
-    def _hook(self, module: torch.nn.Module, _inputs: tuple, output):  # noqa: ANN202
+    def _hook(self, module: torch.nn.Module, _inputs: tuple, output):
         if self.current is None:
             return None
         hidden = output[0] if isinstance(output, tuple) else output

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-from oprd_kernels import bridge_project
 
+from oprd_kernels import bridge_project
 from oprd_mega.distill.batch import DistillMicrobatch, local_rows, sequence_major
 
 
@@ -56,9 +56,7 @@ def layer_stages(model: torch.nn.Module) -> dict[int, int]:
     if size == 1:
         return dict.fromkeys(mine, 0)
     gathered: list[list[int]] = [[] for _ in range(size)]
-    dist.all_gather_object(
-        gathered, mine, group=parallel_state.get_pipeline_model_parallel_group()
-    )
+    dist.all_gather_object(gathered, mine, group=parallel_state.get_pipeline_model_parallel_group())
     return {layer: stage for stage, layers in enumerate(gathered) for layer in layers}
 
 
@@ -105,7 +103,7 @@ def teacher_pass(
     opd_hidden: dict[int, torch.Tensor] = {}
     current: list[DistillMicrobatch] = []
 
-    def keep(module: torch.nn.Module, _inputs: tuple, output) -> None:  # noqa: ANN001
+    def keep(module: torch.nn.Module, _inputs: tuple, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
         batch = current[-1]
         rows = local_rows(batch.supervised, plan.sequence_parallel).to(hidden.device)
@@ -114,7 +112,9 @@ def teacher_pass(
         if plan.bridge is not None:
             projection, mean = plan.bridge[layer]
             selected = bridge_project(
-                selected, projection.to(selected.device), mean.to(selected.device),
+                selected,
+                projection.to(selected.device),
+                mean.to(selected.device),
                 out_dtype=torch.float32,
             )
         else:
@@ -127,13 +127,13 @@ def teacher_pass(
         if layer.layer_number in tapped
     ]
 
-    def forward_step(data_iterator, model):  # noqa: ANN001, ANN202
+    def forward_step(data_iterator, model):
         batch = next(data_iterator)
         current.append(batch)
         with without_output_layer(model):
             output = model(batch.tokens.to(_device(model)), None, None)
 
-        def loss_func(output_tensor: torch.Tensor):  # noqa: ANN202
+        def loss_func(output_tensor: torch.Tensor):
             if plan.opd:
                 full = output_tensor
                 if plan.sequence_parallel:
