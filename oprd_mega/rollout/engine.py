@@ -234,33 +234,37 @@ class GenerationEngine:
         input_logprobs = self._input_logprobs(batch, all_logits, lengths, width)
         logits = all_logits[:, -1, :]
         past = _output_cache(out)
-        step = 0
-        while any(f is None for f in finish):
+        rows = list(range(size))  # the original index of each row still being decoded
+        while True:
+            keep = [k for k, r in enumerate(rows) if finish[r] is None]
+            if not keep:
+                break
+            if len(keep) < len(rows):  # drop finished rows from the batch and the KV cache
+                index = torch.tensor(keep)
+                logits, mask, positions = logits[index], mask[index], positions[index]
+                past.reorder_cache(index)
+                rows = [rows[k] for k in keep]
+            jobs = [batch[r] for r in rows]
             logits = logits.clone()
-            for r, job in enumerate(batch):
+            for k, (r, job) in enumerate(zip(rows, jobs, strict=True)):
                 if len(outputs[r]) < job.config.min_new_tokens:
                     blocked = set(job.config.stop_token_ids)
                     if not job.config.ignore_eos:
                         blocked |= self.eos_ids
                     if blocked:
-                        logits[r, list(blocked)] = float("-inf")
-            tokens, chosen = select_tokens(logits, [j.config for j in batch], generators)
-            if any(j.top_logprobs_num > 0 for j in batch):
-                full = torch.log_softmax(
-                    logits
-                    / torch.tensor(
-                        [1.0 if j.config.greedy else j.config.temperature for j in batch]
-                    )[:, None],
-                    dim=-1,
-                )
-            for r, job in enumerate(batch):
-                if finish[r] is not None:
-                    continue
-                token = int(tokens[r])
+                        logits[k, list(blocked)] = float("-inf")
+            tokens, chosen = select_tokens(
+                logits, [j.config for j in jobs], [generators[r] for r in rows]
+            )
+            if any(j.top_logprobs_num > 0 for j in jobs):
+                temps = [1.0 if j.config.greedy else j.config.temperature for j in jobs]
+                full = torch.log_softmax(logits / torch.tensor(temps)[:, None], dim=-1)
+            for k, (r, job) in enumerate(zip(rows, jobs, strict=True)):
+                token = int(tokens[k])
                 outputs[r].append(token)
-                logprobs[r].append(float(chosen[r]))
+                logprobs[r].append(float(chosen[k]))
                 if job.top_logprobs_num > 0:
-                    values, ids = full[r].topk(job.top_logprobs_num)
+                    values, ids = full[k].topk(job.top_logprobs_num)
                     tops[r].append(
                         [
                             [
@@ -272,10 +276,9 @@ class GenerationEngine:
                         ]
                     )
                 finish[r] = self._finish(job, outputs[r], token, limits[r])
-            step += 1
-            if all(f is not None for f in finish):
+            if all(finish[r] is not None for r in rows):
                 break
-            mask = torch.cat([mask, torch.ones((size, 1), dtype=torch.long)], dim=1)
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             positions = positions[:, -1:] + 1
             out = self.model(
                 input_ids=tokens[:, None],

@@ -48,6 +48,26 @@ def test_logprobs_match_transformers_forward(server, reference_model, temperatur
         assert out["meta_info"]["completion_tokens"] == 12
 
 
+def test_rows_finishing_at_different_steps_keep_exact_logprobs(server, reference_model):
+    # Per-prompt lengths: finished rows leave the batch (and the KV cache) while others go on.
+    body = {
+        "input_ids": PROMPTS,
+        "sampling_params": [
+            {"max_new_tokens": m, "ignore_eos": True, "temperature": t}
+            for m, t in zip([2, 9, 5, 12], [1.0, 0.0, 0.9, 1.0], strict=True)
+        ],
+        "return_logprob": True,
+    }
+    outputs = post(server, "/generate", body)
+    for prompt, out, m, t in zip(
+        PROMPTS, outputs, [2, 9, 5, 12], [1.0, 0.0, 0.9, 1.0], strict=True
+    ):
+        assert len(out["output_ids"]) == m
+        got = [entry[0] for entry in out["meta_info"]["output_token_logprobs"]]
+        want = reference_logprobs(reference_model, prompt, out["output_ids"], t or 1.0)
+        assert got == pytest.approx(want, abs=2e-4)
+
+
 def test_greedy_equals_transformers_generate(server, reference_model):
     for prompt in PROMPTS:
         out = post(
