@@ -1,0 +1,160 @@
+"""Single-process pieces of the step: microbatch masks, row order, loss injection, projections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from oprd_mega.distill.batch import local_rows, make_microbatch, sequence_major
+from oprd_mega.distill.positions import PositionSpec
+from oprd_mega.distill.projection import (
+    Bridge,
+    FullProjection,
+    ProjectionSpec,
+    check_bridge,
+    is_projection_param,
+    load_bridge,
+    save_bridge,
+)
+from oprd_mega.distill.step import StepOptions
+from oprd_mega.distill.taps import InjectLoss, KernelOptions, StudentTaps, TapInputs
+
+
+def test_microbatch_masks_select_response_tokens_and_next_token_labels() -> None:
+    batch = make_microbatch(3, [[5, 6, 7, 8, 9], [1, 2, 3]], [2, 1], 6, PositionSpec("last_k", 2))
+    assert batch.index == 3 and batch.shape == (2, 6)
+    assert batch.tokens.tolist() == [[5, 6, 7, 8, 9, 0], [1, 2, 3, 0, 0, 0]]
+    assert batch.supervised.int().tolist() == [[0, 0, 0, 1, 1, 0], [0, 1, 1, 0, 0, 0]]
+    # position p predicts token p + 1; only response tokens are predicted
+    assert batch.predicts.int().tolist() == [[0, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert batch.labels[0, 1:4].tolist() == [7, 8, 9] and batch.labels[1, :2].tolist() == [2, 3]
+    with pytest.raises(ValueError, match="sequence 0 has 7 tokens, more than seq_length 6"):
+        make_microbatch(0, [[1] * 7], [1], 6, PositionSpec("all"))
+
+
+def test_rows_are_sequence_major_like_megatron_hidden_states() -> None:
+    mask = torch.tensor([[0, 1, 0], [1, 0, 1]], dtype=torch.bool)  # [batch, seq]
+    hidden = torch.arange(6.0).view(2, 3).t().unsqueeze(-1)  # [seq, batch, 1]: value = b*3+s
+    rows = local_rows(mask, sequence_parallel=False)
+    picked = hidden.reshape(-1, 1)[rows].squeeze(1).tolist()
+    assert picked == [3.0, 1.0, 5.0]  # (s0,b1), (s1,b0), (s2,b1)
+    assert sequence_major(mask).tolist() == [False, True, True, False, False, True]
+
+
+def test_inject_loss_adds_the_scaled_loss_gradient_to_the_hidden_state() -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 2, 3, requires_grad=True)
+    target = torch.randn(5, 3)
+    rows = torch.tensor([0, 2, 3, 5, 7])
+    selected = hidden.reshape(-1, 3)[rows]
+    loss = ((selected - target) ** 2).sum()
+    out = InjectLoss.apply(hidden, loss, 0.25)
+    upstream = torch.randn(4, 2, 3)
+    (out * upstream).sum().backward()
+    expected = upstream.clone().reshape(-1, 3)
+    expected[rows] += 0.25 * 2 * (hidden.detach().reshape(-1, 3)[rows] - target)
+    torch.testing.assert_close(hidden.grad, expected.view(4, 2, 3))
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self, number: int) -> None:
+        super().__init__()
+        self.layer_number = number
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return self.linear(x), None
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_Layer(5), _Layer(6)])  # a later pipeline stage
+
+
+class _Model(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.decoder = _Decoder()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.decoder.layers:
+            x = layer(x)[0]
+        return x
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_taps_gradient_equals_autograd_of_the_weighted_layer_loss(normalize: bool) -> None:
+    torch.manual_seed(1)
+    model = _Model()
+    x = torch.randn(4, 2, 3)  # [seq, batch, hidden]
+    rows = torch.tensor([1, 4, 6])
+    targets = {6: torch.randn(3, 3)}
+    taps = StudentTaps(model, [2, 6], None, KernelOptions(normalize=normalize), scale=0.5)
+    assert taps.layers == [6]  # layer 2 lives on another stage
+    taps.load({0: TapInputs(rows=rows, targets=targets, token_weight=1 / 3)})
+    taps.select(0)
+    model(x).sum().backward()
+    taps.remove()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    out = model(x)
+    h = model.decoder.layers[1](model.decoder.layers[0](x)[0])[0].reshape(-1, 3)[rows]
+    t = targets[6]
+    if normalize:
+        h, t = F.normalize(h, dim=-1), F.normalize(t, dim=-1)
+    loss = ((h - t) ** 2).sum(-1).div(3).sum() / 3
+    (out.sum() + 0.5 * loss).backward()
+    for a, p in zip(got, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
+    assert taps.stats.loss[6].item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_full_projection_is_seeded_per_layer_and_marked_for_tp_reduction() -> None:
+    a = FullProjection([1, 3], 4, 6, per_layer=True, sequence_parallel=True, seed=2)
+    b = FullProjection([3], 4, 6, per_layer=True, sequence_parallel=False, seed=2)
+    torch.testing.assert_close(a.weight_for(3), b.weight_for(3))  # independent of the stage
+    assert a.weight_for(1).shape == (6, 4) and a.weights["layer_1"].sequence_parallel
+    shared = FullProjection([1, 3], 4, 6, per_layer=False, sequence_parallel=False)
+    assert shared.weight_for(1) is shared.weight_for(3)
+    assert is_projection_param("module.oprd_projection.weights.layer_1")
+    assert is_projection_param("oprd_projection.weights.shared")
+    assert not is_projection_param("decoder.layers.0.mlp.linear_fc1.weight")
+
+
+def test_bridge_file_round_trip_and_errors(tmp_path: Path) -> None:
+    bridge = Bridge(
+        student={2: torch.randn(4, 8)},
+        teacher={3: (torch.randn(4, 12), torch.randn(12))},
+    )
+    path = save_bridge(bridge, tmp_path / "bridge.safetensors")
+    loaded = load_bridge(path)
+    assert loaded.rank == 4
+    torch.testing.assert_close(loaded.teacher[3][1], bridge.teacher[3][1])
+    check_bridge(loaded, [(2, 3)], 8, 12, "bridge")
+    with pytest.raises(ValueError, match="no P_S for student layer 1"):
+        check_bridge(loaded, [(1, 3)], 8, 12, "bridge")
+    with pytest.raises(ValueError, match=r"P_S is \[4, 8\], expected \[r, 9\]"):
+        check_bridge(loaded, [(2, 3)], 9, 12, "bridge")
+    with pytest.raises(FileNotFoundError, match="projection.bridge_path"):
+        load_bridge(tmp_path / "missing.safetensors")
+
+
+def test_option_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match="projection.mode: 'lowrank'"):
+        ProjectionSpec("lowrank")
+    with pytest.raises(ValueError, match="projection.bridge_path"):
+        ProjectionSpec("bridge", normalize=True)
+    with pytest.raises(ValueError, match="projection.normalize"):
+        ProjectionSpec("bridge", bridge_path="b.safetensors")
+    with pytest.raises(ValueError, match="distillation.method: 'kd'"):
+        StepOptions(method="kd")
+    with pytest.raises(ValueError, match="distillation.mu"):
+        StepOptions(method="combined", mu=0.0)
+    assert StepOptions(method="combined", mu=10.0, loss_coef=2.0).oprd_weight == 20.0
+    assert StepOptions(method="opd-topk").opd_kind == "topk"
+    assert StepOptions(method="oprd").opd_kind is None
