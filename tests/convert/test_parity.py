@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from oprd_mega.convert.verify import TOLERANCE
 from tests.torchrun_utils import run_torchrun
@@ -22,9 +23,14 @@ PLAN = [
     {"family": "qwen2", "tied": True, "layouts": ALL_LAYOUTS, "extra": True},
     {"family": "qwen3", "tied": False, "layouts": ALL_LAYOUTS, "extra": True},
     {"family": "qwen3", "tied": True, "layouts": [[2, 2, False]], "extra": False},
+    {"family": "llama", "tied": True, "layouts": [[2, 1, False]], "dtype": "bfloat16"},
 ]
-MODELS = [f"{p['family']}-{'tied' if p['tied'] else 'untied'}" for p in PLAN]
-FP32_TOL = TOLERANCE[__import__("torch").float32]
+MODELS = [
+    f"{p['family']}-{'tied' if p['tied'] else 'untied'}"
+    + (f"-{p['dtype']}" if "dtype" in p else "")
+    for p in PLAN
+]
+FP32_TOL = TOLERANCE[torch.float32]
 EXPECTED_KEYS = {"layer 1", "layer 2", "layer 3", "final_norm", "logits"}
 
 
@@ -51,11 +57,14 @@ def test_every_layer_and_logits_match_transformers(results: dict, model: str) ->
     layouts = results[model]["layouts"]
     expected = [LAYOUT_NAMES[ALL_LAYOUTS.index(layout)] for layout in plan["layouts"]]
     assert sorted(layouts) == sorted(expected)
+    dtype = getattr(torch, plan.get("dtype", "float32"))
+    # float32: the documented verify tolerance and an absolute bound; bfloat16: the tolerance.
+    max_abs_allowed = 1e-4 if dtype == torch.float32 else float("inf")
     for layout, diffs in layouts.items():
         assert set(diffs) == EXPECTED_KEYS, (layout, sorted(diffs))
         for name, (max_abs, max_rel) in diffs.items():
-            assert max_rel <= FP32_TOL, f"{model} {layout} {name}: rel {max_rel:.2e}"
-            assert max_abs <= 1e-4, f"{model} {layout} {name}: abs {max_abs:.2e}"
+            assert max_rel <= TOLERANCE[dtype], f"{model} {layout} {name}: rel {max_rel:.2e}"
+            assert max_abs <= max_abs_allowed, f"{model} {layout} {name}: abs {max_abs:.2e}"
 
 
 @pytest.mark.parametrize("model", ["qwen2-tied", "qwen3-untied"])

@@ -82,10 +82,13 @@ def run_model(work: Path, item: dict, results: dict) -> None:
     from tests.tiny_hf_models import make_tiny_model
 
     name = f"{item['family']}-{'tied' if item['tied'] else 'untied'}"
+    dtype = getattr(torch, item.get("dtype", "float32"))
+    if dtype != torch.float32:
+        name += f"-{item['dtype']}"
     base = work / name
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
     if rank == 0:
-        make_tiny_model(item["family"], base / "hf", tied=item["tied"], seed=len(name))
+        make_tiny_model(item["family"], base / "hf", tied=item["tied"], seed=len(name), dtype=dtype)
     if dist.is_initialized():
         dist.barrier()
     else:  # first model: no process group yet; wait for the files
@@ -114,7 +117,7 @@ def run_model(work: Path, item: dict, results: dict) -> None:
         out["roundtrip_count"] = len(original)
     args = read_mcore_args(base / "mcore")
     tokens = random_tokens(args, 2, 16, seed=1)
-    reference = hf_outputs(base / "hf", tokens, torch.float32) if rank == 0 else None
+    reference = hf_outputs(base / "hf", tokens, dtype) if rank == 0 else None
     tick(f"{name} hf reference")
     for tp, pp, sp in item["layouts"]:
         layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
