@@ -26,6 +26,7 @@ class Adopted:
     cls: type
     docs: Mapping[str, str]
     defaults: Mapping[str, Any]
+    derived: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def default(self) -> Any:
         """The dataclass built from this section's defaults (fails if a field is required)."""
@@ -51,22 +52,30 @@ def adopt(
     *,
     defaults: Mapping[str, Any] | None = None,
     check: Callable[[Any], Any] | None = None,
+    derived: Mapping[str, str] | None = None,
 ) -> Any:
     """An ``Annotated`` type validating ``cls`` from a mapping.
 
     ``defaults`` fill keys the input leaves out; ``check`` receives the built instance and
-    returns it (or a normalised copy) or raises ``ValueError``.
+    returns it (or a normalised copy) or raises ``ValueError``. ``derived`` maps fields that
+    the enclosing section fills in from another key (field -> that dotted key): they are not
+    keys of this section, so neither dumped nor documented here.
     """
-    docs = {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}  # a test wants all
+    derived = dict(derived or {})
+    docs = {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls) if f.name not in derived}
     defaults = dict(defaults or {})
+
+    def dump(value: Any) -> Any:
+        data = plain(value)
+        return {k: v for k, v in data.items() if k not in derived}
 
     def fill(value: Any) -> Any:
         if isinstance(value, Mapping):
             return {**defaults, **value}
         return value
 
-    metadata: list[Any] = [Adopted(cls, dict(docs), defaults), BeforeValidator(fill)]
+    metadata: list[Any] = [Adopted(cls, docs, defaults, derived), BeforeValidator(fill)]
     if check is not None:
         metadata.append(AfterValidator(check))
-    metadata.append(PlainSerializer(plain, when_used="json"))
+    metadata.append(PlainSerializer(dump, when_used="json"))
     return Annotated[cls, *metadata]

@@ -1,4 +1,11 @@
-"""The distillation objective: method, supervised layers and positions, projection, kernel."""
+"""The distillation objective: method, supervised layers and positions, projection, kernel.
+
+The keys are those of the distillation step's own options: ``distillation`` builds
+``oprd_mega.distill.step.StepOptions``, ``distillation.projection`` a
+``oprd_mega.distill.projection.ProjectionSpec`` (both imported only when built: their modules
+load Megatron; a test keeps names and defaults in step), and ``distillation.kernel`` *is* a
+``oprd_mega.distill.taps.KernelOptions``.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,13 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, PlainSerializer, PlainValidator, model_validator
 
-from oprd_kernels.api import Impl
+from oprd_kernels.api import IMPLS
 from oprd_mega.config.adopt import adopt
 from oprd_mega.config.base import Section, invalid
+from oprd_mega.config.models import DType
 from oprd_mega.distill.layers import LAYER_MODES, select_layers
-from oprd_mega.distill.opd import OPDOptions
 from oprd_mega.distill.positions import PositionSpec
+from oprd_mega.distill.taps import KernelOptions
 
 Method = Literal["oprd", "opd-top1", "opd-topk", "combined"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -57,10 +65,14 @@ class ProjectionSection(Section):
     mode: Literal["identity", "full", "bridge"] = "identity"
     """'identity' (equal widths), 'full' (trainable d_T x d_S map) or 'bridge' (frozen
     low-rank OPRD-Bridge projections from bridge_path)."""
-    per_layer: bool = False
-    """With 'full': one map per supervised layer instead of one shared map."""
+    per_layer: bool = True
+    """With 'full': one map per supervised layer; false: one map shared by all layers."""
     bridge_path: str | None = None
     """With 'bridge': the bridge file built offline (stage 1)."""
+    init_std: float | None = Field(None, gt=0)
+    """With 'full': standard deviation of the initial maps; null: 1/sqrt(d_S)."""
+    seed: int = Field(0, ge=0)
+    """With 'full': seed of the maps' initialisation."""
 
     @model_validator(mode="after")
     def _options_fit_mode(self) -> ProjectionSection:
@@ -68,43 +80,49 @@ class ProjectionSection(Section):
             raise invalid("bridge_path", None, "mode 'bridge' needs the bridge file's path")
         if self.mode != "bridge" and self.bridge_path is not None:
             raise invalid("bridge_path", self.bridge_path, "only mode 'bridge' reads a bridge")
-        if self.mode != "full" and self.per_layer:
-            raise invalid("per_layer", True, "only mode 'full' has per-layer maps")
         return self
 
 
-class KernelSection(Section):
-    """Options of the fused projected-MSE kernel (``oprd_kernels.projected_mse``)."""
-
-    impl: Impl = "auto"
-    """'auto' (triton on CUDA, torch elsewhere), 'triton', 'torch' or 'reference'."""
-    recompute: bool = False
-    """Save nothing in forward and recompute the projection in backward (one more GEMM)."""
-    workspace_bytes: int | None = Field(None, gt=0)
-    """Chunk workspace of the torch path; null: 64 MiB."""
+def _check_kernel(options: KernelOptions) -> KernelOptions:
+    """The implementations ``projected_mse`` knows and a positive workspace."""
+    if options.impl not in IMPLS:
+        raise ValueError(f"kernel.impl: {options.impl!r} is not one of {IMPLS}")
+    if options.workspace_bytes is not None and options.workspace_bytes <= 0:
+        raise ValueError(f"kernel.workspace_bytes: {options.workspace_bytes} must be positive")
+    return options
 
 
-class OPDSection(Section):
-    """Options of the output-space term (names as in ``oprd_mega.distill.opd.OPDOptions``)."""
-
-    k: int = 16
-    """k of opd-topk (paper: 16); must be >= 1 when used."""
-    chunk_tokens: int = 1024
-    """Tokens whose logits are formed at a time (no [tokens, vocab] tensor ever exists)."""
+Kernel = adopt(
+    KernelOptions,
+    {
+        "impl": "'auto' (triton on CUDA, torch elsewhere), 'triton', 'torch' or 'reference'.",
+        "recompute": "Save nothing in forward and recompute the projection in backward (one "
+        "more GEMM).",
+        "workspace_bytes": "Chunk workspace of the torch path; null: 64 MiB.",
+    },
+    check=_check_kernel,
+    derived={"normalize": "distillation.normalize"},
+)
 
 
 class DistillationSection(Section):
-    """The loss: OPRD, OPD baselines, or OPD + mu * OPRD."""
+    """The loss: OPRD, OPD baselines, or OPD + mu * OPRD (``StepOptions``)."""
 
     method: Method = "oprd"
     """'oprd' (representation alignment), 'opd-top1' (sampled-token reverse KL), 'opd-topk'
-    (KL on the student's top-k) or 'combined' (L_OPD + mu * L_OPRD)."""
-    combined_opd: Literal["opd-top1", "opd-topk"] = "opd-top1"
+    (KL on the student's top-k) or 'combined' (L_OPD + mu * loss_coef * L_OPRD)."""
+    opd: Literal["opd-top1", "opd-topk"] = "opd-top1"
     """The OPD term of 'combined'."""
+    top_k: int = Field(16, ge=1)
+    """k of opd-topk (paper: 16)."""
     mu: float = Field(10.0, ge=0)
     """Weight of L_OPRD in 'combined' (paper: 0, 1, 10; 10 best); must be > 0 there."""
     loss_coef: float = Field(1.0, gt=0)
     """Coefficient of the OPRD loss (normalized MSE needs ~100-1000x plain MSE's)."""
+    opd_chunk_tokens: int = Field(1024, ge=1)
+    """Tokens whose logits are formed at a time in OPD (no [tokens, vocab] tensor exists)."""
+    target_dtype: DType = "bfloat16"
+    """Dtype of the teacher targets sent to the student."""
     layers: LayerSpec = "all"
     """Supervised student layers: last, all, even, odd (authors' parity) or a list of 1-based
     layers (paper: all)."""
@@ -115,10 +133,8 @@ class DistillationSection(Section):
     same-architecture runs). The bridge needs true."""
     projection: ProjectionSection = ProjectionSection()
     """Student-to-teacher projection."""
-    kernel: KernelSection = KernelSection()
+    kernel: Kernel = KernelOptions()
     """Loss kernel options."""
-    opd: OPDSection = OPDSection()
-    """Output-space (OPD) term options."""
 
     @property
     def uses_oprd(self) -> bool:
@@ -129,27 +145,59 @@ class DistillationSection(Section):
     def opd_term(self) -> str | None:
         """The output-space term in use ('opd-top1', 'opd-topk') or None."""
         if self.method == "combined":
-            return self.combined_opd
+            return self.opd
         return self.method if self.method.startswith("opd-") else None
 
-    def opd_options(self, group: Any = None) -> OPDOptions | None:
-        """The OPD term's options for ``opd_loss`` (None when the method has no OPD term)."""
-        if self.opd_term is None:
-            return None
-        kind = self.opd_term.removeprefix("opd-")
-        return OPDOptions(kind, self.opd.k, self.opd.chunk_tokens, group)
+    def step_options(self) -> Any:
+        """The step's ``StepOptions`` (imports the Megatron step module)."""
+        import torch
+
+        from oprd_mega.distill.step import StepOptions
+
+        return StepOptions(
+            method=self.method,
+            opd=self.opd,
+            top_k=self.top_k,
+            mu=self.mu,
+            loss_coef=self.loss_coef,
+            kernel=self.kernel,
+            target_dtype=getattr(torch, self.target_dtype),
+            opd_chunk_tokens=self.opd_chunk_tokens,
+        )
+
+    def projection_spec(self) -> Any:
+        """The ``ProjectionSpec`` of ``attach_projection`` (imports the projection module)."""
+        from oprd_mega.distill.projection import ProjectionSpec
+
+        return ProjectionSpec(normalize=self.normalize, **self.projection.model_dump())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_normalize_switch(cls, data: Any) -> Any:
+        """distillation.normalize is the kernel's (and the projection's) normalize."""
+        if not isinstance(data, dict):
+            return data
+        kernel = data.get("kernel", {})
+        if isinstance(kernel, dict):
+            if "normalize" in kernel:
+                raise invalid(
+                    "kernel.normalize",
+                    kernel["normalize"],
+                    "set distillation.normalize instead (one switch for kernel and projection)",
+                )
+            normalize = data.get("normalize", False)
+            if isinstance(normalize, bool):
+                data = {**data, "kernel": {**kernel, "normalize": normalize}}
+        return data
 
     @model_validator(mode="after")
     def _method_options(self) -> DistillationSection:
+        if self.kernel.normalize != self.normalize:
+            raise invalid(
+                "kernel", self.kernel, "kernel.normalize must equal distillation.normalize"
+            )
         if self.method == "combined" and self.mu <= 0:
             raise invalid("mu", self.mu, "method 'combined' needs mu > 0 (L_OPD + mu * L_OPRD)")
-        if self.opd_term is not None:
-            try:
-                self.opd_options()
-            except ValueError as exc:
-                field = "k" if "opd.k" in str(exc) else "chunk_tokens"
-                value = getattr(self.opd, field)
-                raise invalid(f"opd.{field}", value, f"{exc} (for {self.opd_term})") from None
         if self.projection.mode == "bridge" and not self.normalize:
             raise invalid(
                 "normalize",

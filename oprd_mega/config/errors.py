@@ -93,7 +93,7 @@ def _expected(root: type[BaseModel], path: Sequence[str | int]) -> str:
 
 def _dataclass_field(target: Adopted, message: str) -> str | None:
     """The field a dataclass's own check names (``LaunchConfig.num_servers must ...``)."""
-    names = {c.name for c in children(target)}
+    names = {c.name for c in children(target)} | set(target.derived)
     for match in re.finditer(r"\w+\.(\w+)", message):
         if match.group(1) in names:
             return match.group(1)
@@ -138,7 +138,8 @@ def describe(root: type[BaseModel], error: Any) -> str:
         if field is not None:
             if isinstance(value, dict) and field in value:
                 value = value[field]
-            return f"{dotted([*path, field])} = {show(value)}: {message}"
+            key = target.derived.get(field) or dotted([*path, field])
+            return f"{key} = {show(value)}: {message}"
     return f"{dotted(path)} = {show(value)}: {message}"
 
 

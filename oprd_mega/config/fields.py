@@ -84,6 +84,8 @@ def children(target: Target) -> list[Child]:
         hints = typing.get_type_hints(target.cls)
         result = []
         for field in dataclasses.fields(target.cls):
+            if field.name in target.derived:
+                continue
             if field.name in target.defaults:
                 default = target.defaults[field.name]
             elif field.default is not dataclasses.MISSING:

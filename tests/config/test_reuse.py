@@ -12,15 +12,15 @@ from typing import get_args
 import pytest
 
 from oprd_kernels.api import projected_mse
-from oprd_mega.config import ConfigError, check_paths, data_parallel_size
+from oprd_mega.config import ConfigError, check_paths, data_parallel_size, to_yaml
 from oprd_mega.config.data import BatchSection, PromptsSection
-from oprd_mega.config.distill import KernelSection, OPDSection
+from oprd_mega.config.distill import DistillationSection, ProjectionSection
 from oprd_mega.config.models import DType
 from oprd_mega.config.rollout import AttachSection, DiskSyncSection, DistributedSyncSection
 from oprd_mega.data.prompts import load_prompts
 from oprd_mega.data.scheduler import schedule_microbatches
-from oprd_mega.distill.opd import OPDOptions
 from oprd_mega.distill.positions import PositionSpec
+from oprd_mega.distill.taps import KernelOptions
 from oprd_mega.parallel.layout import ParallelLayout
 from oprd_mega.rollout.client import ClientConfig
 from oprd_mega.rollout.sampling import SamplingConfig
@@ -40,6 +40,7 @@ def test_fields_hold_the_existing_dataclasses() -> None:
     assert isinstance(config.rollout.weight_sync.probe, ProbeConfig)
     assert isinstance(config.distillation.positions, PositionSpec)
     assert isinstance(config.evaluation.sampling, SamplingConfig)
+    assert isinstance(config.distillation.kernel, KernelOptions)
 
 
 def test_sampling_goes_through_sglangs_checks() -> None:
@@ -48,15 +49,40 @@ def test_sampling_goes_through_sglangs_checks() -> None:
     assert config.rollout.sampling.stop == ("END",)
 
 
-def test_opd_options_are_built_with_the_methods_kind() -> None:
-    assert minimal().distillation.opd_options() is None
-    top1 = minimal("distillation.method=opd-top1").distillation.opd_options()
-    assert top1 == OPDOptions("top1", 16, 1024)
-    combined = minimal(
-        "distillation.method=combined", "distillation.combined_opd=opd-topk", "distillation.opd.k=8"
-    ).distillation
-    assert combined.opd_options() == OPDOptions("topk", 8, 1024)
-    assert combined.uses_oprd and combined.opd_term == "opd-topk"
+def test_kernel_options_share_the_normalize_switch() -> None:
+    config = minimal("distillation.normalize=true", "distillation.kernel.recompute=true")
+    assert config.distillation.kernel == KernelOptions(normalize=True, recompute=True)
+    assert "normalize" not in to_yaml(config).split("kernel:")[1].split("opd")[0]
+
+
+def _dataclass_fields(module: str, name: str) -> dict[str, object]:
+    """Field defaults of a dataclass read from its source (its module loads Megatron)."""
+    path = Path(inspect.getfile(PromptsSection)).parents[1] / "distill" / f"{module}.py"
+    tree = ast.parse(path.read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == name)
+    fields: dict[str, object] = {}
+    for item in node.body:
+        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
+            try:
+                fields[item.target.id] = ast.literal_eval(item.value) if item.value else None
+            except ValueError:
+                fields[item.target.id] = ast.unparse(item.value)  # type: ignore[arg-type]
+    return fields
+
+
+def test_projection_section_is_projection_spec_without_normalize() -> None:
+    spec = _dataclass_fields("projection", "ProjectionSpec")
+    assert spec.pop("normalize") is False
+    assert {n: f.default for n, f in ProjectionSection.model_fields.items()} == spec
+
+
+def test_distillation_section_carries_every_step_option() -> None:
+    step = _dataclass_fields("step", "StepOptions")
+    section = DistillationSection.model_fields
+    assert step.pop("kernel") in ("KernelOptions()", "field(default_factory=KernelOptions)")
+    assert step.pop("target_dtype") == f"torch.{section['target_dtype'].default}"
+    for name, default in step.items():
+        assert section[name].default == default, name
 
 
 def _parameters(function: object) -> dict[str, object]:
@@ -74,7 +100,6 @@ def _parameters(function: object) -> dict[str, object]:
         (AttachSection, ServerGroup.attach, {}, set()),
         (DiskSyncSection, DiskWeightSync.__init__, {}, set()),
         (DistributedSyncSection, DistributedWeightSync.__init__, {}, set()),
-        (KernelSection, projected_mse, {}, set()),
     ],
 )
 def test_sections_match_the_functions_they_feed(
@@ -90,10 +115,12 @@ def test_sections_match_the_functions_they_feed(
             assert field.default == default or name in ("max_prompt_length",), name
 
 
-def test_opd_section_matches_opd_options() -> None:
-    fields = {f.name: f.default for f in dataclasses.fields(OPDOptions)}
-    for name, field in OPDSection.model_fields.items():
-        assert fields[name] == field.default
+def test_kernel_options_are_projected_mse_keywords() -> None:
+    parameters = _parameters(projected_mse)
+    for field in dataclasses.fields(KernelOptions):
+        assert field.name in parameters, field.name
+        if field.name != "normalize":  # the kernel defaults to true, the step to plain MSE
+            assert parameters[field.name] == field.default, field.name
 
 
 def test_dtypes_are_the_ones_the_model_builder_accepts() -> None:
