@@ -12,7 +12,8 @@ from oprd_mega.config.rollout import Sampling
 
 
 class OptimizerSection(Section):
-    """AdamW over the student (and any trainable projection)."""
+    """AdamW over the student (and any trainable projection); the keys other than name and
+    min_lr are the keywords of ``oprd_mega.distill.step.build_optimizer``."""
 
     name: Literal["adamw"] = "adamw"
     """The optimizer (paper: AdamW)."""
@@ -28,6 +29,8 @@ class OptimizerSection(Section):
     """Decoupled weight decay."""
     clip_grad: float = Field(1.0, ge=0)
     """Global gradient-norm clip; 0 turns clipping off."""
+    use_distributed_optimizer: bool = False
+    """Megatron's distributed optimizer (optimizer state sharded over data-parallel ranks)."""
 
     @model_validator(mode="after")
     def _ranges(self) -> OptimizerSection:

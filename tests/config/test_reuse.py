@@ -17,6 +17,7 @@ from oprd_mega.config.data import BatchSection, PromptsSection
 from oprd_mega.config.distill import DistillationSection, ProjectionSection
 from oprd_mega.config.models import DType
 from oprd_mega.config.rollout import AttachSection, DiskSyncSection, DistributedSyncSection
+from oprd_mega.config.training import OptimizerSection
 from oprd_mega.data.prompts import load_prompts
 from oprd_mega.data.scheduler import schedule_microbatches
 from oprd_mega.distill.positions import PositionSpec
@@ -113,6 +114,16 @@ def test_sections_match_the_functions_they_feed(
         default = parameters[name]
         if default is not inspect.Parameter.empty and name not in ("path", "urls"):
             assert field.default == default or name in ("max_prompt_length",), name
+
+
+def test_optimizer_keys_are_build_optimizer_keywords() -> None:
+    path = Path(inspect.getfile(PromptsSection)).parents[1] / "distill" / "step.py"
+    tree = ast.parse(path.read_text())
+    function = next(
+        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "build_optimizer"
+    )
+    keywords = {a.arg for a in function.args.kwonlyargs}
+    assert set(OptimizerSection.model_fields) - {"name", "min_lr"} == keywords
 
 
 def test_kernel_options_are_projected_mse_keywords() -> None:
