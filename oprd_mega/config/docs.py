@@ -21,7 +21,7 @@ A run reads one YAML file and then dotted overrides, each a YAML value:
 
 ```bash
 oprd-mega train --config examples/tiny_cpu.yaml optimizer.lr=3e-4 \\
-    distillation.layers=[2,4] parallel.sp=true evaluation.sampling=null
+    'distillation.layers=[2,4]' parallel.sp=true evaluation.sampling=null
 ```
 
 `load_config(path, overrides)` validates everything at once; each error names the dotted key,
