@@ -230,6 +230,12 @@ class DistillStep:
             options.kernel,
             scale=options.oprd_weight / len(self.pairs),
         )
+        if bridge is not None:
+            absent = sorted({t for _, t in self.pairs} - set(bridge))
+            if absent:
+                raise ValueError(
+                    f"projection.bridge_path: no P_T/mu_T for teacher layer(s) {absent}"
+                )
         teacher_stage = layer_stages(teacher)
         missing = sorted({t for _, t in self.pairs} - set(teacher_stage))
         if missing and options.oprd_weight:

@@ -379,8 +379,31 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
             for key, param in (projection.weights.items() if proj_grads else [])
         ]
         out["base_proj_grad_abs"] = all_max(max(pb, default=0.0))
+    if projection is not None and case["projection"] == "full":
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        out["projection_in_optimizer"] = int(
+            -all_max(-float(all(id(p) in in_optimizer for p in projection.weights.values())))
+        )
+        if pp == 2:
+            out["checkpoint_restores_projection"] = checkpoint_round_trip(
+                inner, s_args, projection, work / f"ckpt-{case['name']}-tp{tp}", work / "student"
+            )
     out["_export"] = (grads, params, proj_grads, s_args) if tp == 1 and pp == 1 else None
     return out
+
+
+def checkpoint_round_trip(inner, args, projection, directory: Path, hf_dir: Path) -> int:
+    """Save the student (projection included) as torch_dist, clobber, load: same tensors?"""
+    from oprd_mega.convert.mcore_io import load_mcore_checkpoint, save_mcore_checkpoint
+
+    saved = {k: p.detach().clone() for k, p in projection.weights.items()}
+    save_mcore_checkpoint(inner, args, directory, hf_source=hf_dir)
+    with torch.no_grad():
+        for param in projection.weights.values():
+            param.fill_(7.0)
+    load_mcore_checkpoint(inner, directory)
+    same = all(torch.equal(saved[k], p.detach()) for k, p in projection.weights.items())
+    return int(-all_max(-float(same)))
 
 
 def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool) -> dict:
