@@ -2,9 +2,10 @@
 
 Linear (no bias, as the distillation step applies it) or a small MLP, trained with AdamW on
 mini-batches with a cosine learning-rate decay, a held-out split and early stopping on the
-held-out mean squared error. Inputs are divided by their per-feature RMS during training (a
-preconditioner for the large outlier features of LLM states) and the scale is folded into the
-first weight afterwards, so the exported map applies to raw states.
+held-out mean squared error. Inputs are whitened by the inverse square root of their
+(uncentred) second-moment matrix during training, a preconditioner for the large means and
+outlier features of LLM states, and the whitening is folded into the first weight afterwards, so
+the exported map applies to raw states.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class FitConfig:
     mlp_hidden: int = 256
     epochs: int = 20
     batch_size: int = 256
-    lr: float = 1e-3
+    lr: float = 1e-2
     weight_decay: float = 0.0
     heldout_fraction: float = 0.1
     patience: int = 3
@@ -63,8 +64,8 @@ class StudentMap(torch.nn.Module):
             )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[tokens, d_S] -> [tokens, r]."""
-        return self.net(hidden)
+        """[tokens, d_S] -> [tokens, r] (computed in the map's dtype)."""
+        return self.net(hidden.to(self.first.weight.dtype))
 
     @property
     def first(self) -> torch.nn.Linear:
@@ -134,6 +135,15 @@ def split_rows(rows: int, fraction: float, seed: int) -> tuple[torch.Tensor, tor
     return permutation[heldout:], permutation[:heldout]
 
 
+def whitening_matrix(rows: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """S^(-1/2) [d, d] (float64) for S = rows^T rows / n + ridge * mean eigenvalue * I."""
+    x = rows.to(torch.float64)
+    second = x.t() @ x / x.shape[0]
+    values, vectors = torch.linalg.eigh(second)
+    values = values.clamp_min(0) + ridge * float(values.clamp_min(0).mean()) + 1e-30
+    return (vectors * values.rsqrt()) @ vectors.t()
+
+
 def _mse(module: StudentMap, inputs: torch.Tensor, targets: torch.Tensor) -> float:
     with torch.no_grad():
         return float(((module(inputs) - targets) ** 2).mean())
@@ -162,9 +172,8 @@ def fit_student_map(
     if heldout.numel() == 0:
         heldout = train
     train, heldout = train.to(device), heldout.to(device)
-    scale = inputs[train].to(torch.float64).pow(2).mean(0).sqrt().clamp_min(1e-12)
-    inv_scale = (1.0 / scale).to(torch.float32)
-    scaled = inputs * inv_scale
+    whitening = whitening_matrix(inputs[train]).to(device, torch.float32)
+    scaled = inputs @ whitening
     torch.manual_seed(config.seed)
     module = StudentMap(inputs.shape[1], targets.shape[1], config.kind, config.mlp_hidden)
     module = module.to(device)
@@ -192,7 +201,7 @@ def fit_student_map(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss) * index.numel()
+            total += float(loss.detach()) * index.numel()
         result.train_loss.append(total / order.numel())
         result.heldout_loss.append(_mse(module, scaled[heldout], targets[heldout]))
         if result.heldout_loss[-1] < best[0]:
@@ -202,7 +211,8 @@ def fit_student_map(
     module.load_state_dict(best[1])
     result.best_epoch = best[2]
     with torch.no_grad():
-        module.first.weight.mul_(inv_scale)  # fold the input scale: the map reads raw states
+        # Fold the whitening (symmetric): the map reads raw states.
+        module.first.weight.copy_(module.first.weight @ whitening)
     result.cosine_after = _cosine(module, inputs[heldout], targets[heldout])
     return result
 
