@@ -18,9 +18,8 @@ from tqdm import tqdm
 from oprd_mega.convert.hf_io import HFCheckpointReader, copy_aux_files, write_safetensors_shards
 from oprd_mega.convert.mcore_io import (
     HF_SUBDIR,
-    export_hf_weights,
+    export_hf_from_checkpoint,
     load_hf_weights,
-    load_mcore_checkpoint,
     read_mcore_args,
     save_mcore_checkpoint,
 )
@@ -62,16 +61,18 @@ def mcore_to_hf(
 ) -> Path:
     """Convert a Megatron checkpoint (from :func:`hf_to_mcore` or training) to safetensors.
 
-    Under torchrun every rank loads the full model (TP1/PP1) and rank 0 writes.
+    Reads one layer at a time straight from the checkpoint (no model is built); under torchrun
+    every rank reads and rank 0 writes.
     """
     mcore_dir, hf_dir = Path(mcore_dir), Path(hf_dir)
     _require_new_target(hf_dir)
     args = read_mcore_args(mcore_dir)
-    dtype = checkpoint_dtype(mcore_dir)
+    checkpoint_dtype(mcore_dir)  # fails early on a checkpoint without model tensors
     init_distributed(ParallelLayout())
-    model = build_gpt_model(args, params_dtype=dtype)
-    load_mcore_checkpoint(model, mcore_dir)
-    if dist.get_rank() == 0:
+    if dist.get_rank() != 0:  # checkpoint loads are collective: read along, write nothing
+        for _ in export_hf_from_checkpoint(args, mcore_dir):
+            pass
+    else:
         hf_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{hf_dir.name}.tmp-", dir=hf_dir.parent))
         try:
@@ -79,7 +80,7 @@ def mcore_to_hf(
                 total=args.num_layers + 1, desc="mcore-to-hf", unit="layer", disable=not progress
             ) as bar:
                 write_safetensors_shards(
-                    export_hf_weights(model, args, progress=bar),
+                    export_hf_from_checkpoint(args, mcore_dir, progress=bar),
                     tmp,
                     max_shard_bytes=max_shard_bytes,
                 )

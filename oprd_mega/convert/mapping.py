@@ -74,6 +74,11 @@ def _fill(template: str, layer: int | None) -> str:
     return template.format(i=layer) if layer is not None else template
 
 
+def mcore_names(args: HFModelArgs, layer: int | None) -> list[str]:
+    """Megatron tensor names (global layer index) of one layer or of the model-level tensors."""
+    return [_fill(rule.mcore, layer) for rule in get_mapping(args.family).rules(args, layer)]
+
+
 def hf_names(args: HFModelArgs, layer: int | None) -> dict[str, tuple[int, ...]]:
     """Expected HF tensor names and shapes of one layer (or of the model-level tensors)."""
     out: dict[str, tuple[int, ...]] = {}

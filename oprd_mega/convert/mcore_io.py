@@ -19,7 +19,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from oprd_mega.convert.hf_io import AUX_FILES, CheckpointError, HFCheckpointReader
-from oprd_mega.convert.mapping import get_mapping, hf_to_mcore_state, mcore_to_hf_state
+from oprd_mega.convert.mapping import (
+    get_mapping,
+    hf_to_mcore_state,
+    mcore_names,
+    mcore_to_hf_state,
+)
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
 
 # How the model's sharded state dict is built, on save and on load alike (Megatron adds keys
@@ -38,6 +43,8 @@ _TE_TO_LOCAL = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
+# Megatron stores the local spec's layer norms under the TE names (sharded_state_dict_keys_map).
+_LOCAL_TO_CHECKPOINT = {local: te for te, local in _TE_TO_LOCAL.items()}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -119,6 +126,46 @@ def export_hf_weights(
         prefix = f"decoder.layers.{layer}."
         state = {n: t for n, t in params.items() if n.startswith(prefix)}
         yield from mcore_to_hf_state(args, state, layer).items()
+        if progress is not None:
+            progress.update(1)
+
+
+def checkpoint_key(name: str) -> str:
+    """The torch_dist key of a canonical Megatron tensor name (norms are stored TE-style)."""
+    if name.startswith("decoder.layers."):
+        head, rest = name.split(".", 3)[:3], name.split(".", 3)[3]
+        return ".".join([*head, _LOCAL_TO_CHECKPOINT.get(rest, rest)])
+    return name
+
+
+def read_checkpoint_layers(
+    args: HFModelArgs, directory: str | Path
+) -> Iterator[tuple[int | None, dict[str, torch.Tensor]]]:
+    """Yield ``(layer, {canonical name: full tensor})`` from a torch_dist checkpoint, one layer
+    at a time (model-level tensors first, as ``layer=None``), without building a model."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+    for layer in [None, *range(args.num_layers)]:
+        request = {}
+        for name in mcore_names(args, layer):
+            key = checkpoint_key(name)
+            if key not in metadata:
+                raise CheckpointError(f"{directory}: tensor {key} is missing from the checkpoint")
+            meta = metadata[key]
+            empty = torch.empty(meta.global_shape, dtype=meta.dtype)
+            # every rank reads the full tensor; rank 0 holds the main replica
+            request[name] = ShardedTensor.from_rank_offsets(key, empty, replica_id=_rank())
+        loaded = dist_checkpointing.load(request, str(directory))
+        yield layer, {name: loaded[name] for name in request}
+
+
+def export_hf_from_checkpoint(
+    args: HFModelArgs, directory: str | Path, *, progress=None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` from a torch_dist checkpoint, holding one layer at a time."""
+    for layer, tensors in read_checkpoint_layers(args, directory):
+        yield from mcore_to_hf_state(args, tensors, layer).items()
         if progress is not None:
             progress.update(1)
 
