@@ -1,0 +1,174 @@
+"""Weight sync from a live Megatron model: gather on every rank, sync and check on one.
+
+:func:`sync_model_weights` is the trainer's call after each optimizer step. Every rank runs the
+gather (:func:`oprd_mega.convert.gather.gather_hf_weights`); ``dst_rank``, the rank that talks
+to the servers, streams the HF-named tensors into a :class:`WeightSync` (disk or distributed),
+then checks the servers (weight version + greedy probe against the trainer's own Megatron
+forward, which every rank of the model replica joins). The outcome is broadcast, so a failed
+sync or check raises the same :class:`WeightSyncError` on every rank instead of leaving the
+others waiting or training on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from oprd_mega.convert.gather import Include, gather_hf_weights
+from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.rollout.weight_sync import SyncReport, WeightSync, WeightSyncError
+
+_FORWARD = "forward"
+_DONE = "done"
+
+
+def _broadcast(message: Any, src: int) -> Any:
+    box = [message]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _replica() -> tuple[int, int]:
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank(), ps.get_context_parallel_rank()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def _megatron_logits(model: torch.nn.Module, tokens: Sequence[int]) -> torch.Tensor | None:
+    """Forward one sequence through this rank's stage; full logits ``[tokens, vocab]`` on the
+    last pipeline stage (vocabulary shards gathered), None elsewhere. Collective over the
+    model-parallel group."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    inner = _unwrap(model)
+    device = next(inner.parameters()).device
+    length = len(tokens)
+    multiple = ps.get_tensor_model_parallel_world_size() if inner.config.sequence_parallel else 1
+    padded = list(tokens) + [0] * (-length % multiple)  # causal: padding after changes nothing
+    ids = torch.tensor([padded], dtype=torch.long, device=device)
+
+    def forward_step(data_iterator, step_model):
+        output = step_model(next(data_iterator), None, None)
+        return output, lambda out: (torch.zeros((), device=device), {"logits": out.detach()})
+
+    results = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([ids]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=ids.shape[1],
+        micro_batch_size=1,
+        forward_only=True,
+    )
+    if not ps.is_pipeline_last_stage():
+        return None
+    logits = gather_from_tensor_model_parallel_region(results[0]["logits"])
+    return logits[0, :length].float()
+
+
+def _probe_forward(model: torch.nn.Module, tokens: list[int], dst_rank: int) -> torch.Tensor:
+    """Run by every rank in the check loop: Megatron forward in ``dst_rank``'s replica, logits
+    sent from the last stage of ``dst_rank``'s pipeline to ``dst_rank``."""
+    from megatron.core import parallel_state as ps
+
+    me = dist.get_rank()
+    logits = _megatron_logits(model, tokens)
+    last = ps.get_pipeline_model_parallel_last_rank()
+    if me == dst_rank:
+        if last != me:
+            vocab = _unwrap(model).vocab_size
+            logits = torch.empty(len(tokens), vocab, device=next(model.parameters()).device)
+            dist.recv(logits, src=last)
+        return logits  # type: ignore[return-value]
+    pipeline = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    if logits is not None and dst_rank in pipeline:
+        dist.send(logits.contiguous(), dst=dst_rank)
+    return torch.empty(0)
+
+
+async def check_model_weights(
+    sync: WeightSync | None,
+    model: torch.nn.Module,
+    version: str,
+    *,
+    dst_rank: int = 0,
+    probe: bool = True,
+    error: str | None = None,
+) -> None:
+    """Collective post-sync check: ``dst_rank`` probes the servers (version, and with ``probe``
+    the greedy log-probs against this model's Megatron forward, run by all ranks of its
+    replica); every rank raises the same :class:`WeightSyncError` if it fails. A non-None
+    ``error`` (an earlier failure on ``dst_rank``) skips the probe and is raised everywhere."""
+    me = dist.get_rank()
+    if me == dst_rank:
+        replica = _replica()
+
+        def forward(tokens: Sequence[int]) -> torch.Tensor:
+            _broadcast((_FORWARD, list(tokens), replica), dst_rank)
+            return _probe_forward(model, list(tokens), dst_rank)
+
+        if error is None and sync is None:
+            error = f"weight sync of {version!r}: no WeightSync was given on dst_rank {dst_rank}"
+        if error is None:
+            try:
+                await sync.check(version, forward if probe else None)  # type: ignore[union-attr]
+            except WeightSyncError as exc:
+                error = str(exc)
+            except Exception as exc:  # a dead server, a bad answer: stop training all the same
+                error = f"check of weight version {version!r} failed: {exc!r}"
+        _broadcast((_DONE, error, None), dst_rank)
+    else:
+        while True:
+            kind, payload, replica = _broadcast(None, dst_rank)
+            if kind == _DONE:
+                error = payload
+                break
+            if replica == _replica():
+                _probe_forward(model, payload, dst_rank)
+    if error is not None:
+        raise WeightSyncError(error)
+
+
+async def sync_model_weights(
+    sync: WeightSync | None,
+    model: torch.nn.Module,
+    args: HFModelArgs,
+    version: str,
+    *,
+    dst_rank: int = 0,
+    include: Include | None = None,
+    probe: bool = True,
+) -> SyncReport | None:
+    """Sync ``model``'s weights to the servers as ``version`` and check them (collective).
+
+    Every rank calls it; ``sync`` (a :class:`DiskWeightSync` or :class:`DistributedWeightSync`)
+    is needed on ``dst_rank`` only. Returns the :class:`SyncReport` on ``dst_rank`` (its time
+    includes the gather), None elsewhere. Raises :class:`WeightSyncError` on every rank when the
+    sync or its check fails. ``include``: see :func:`gather_hf_weights`.
+    """
+    weights = gather_hf_weights(model, args, dst_rank=dst_rank, include=include)
+    report: SyncReport | None = None
+    error: str | None = None
+    if dist.get_rank() == dst_rank and sync is not None:
+        try:
+            report = await sync.sync(weights, version)
+        except Exception as exc:
+            error = f"weight sync of {version!r} failed: {exc}"
+    # Exhaust the gather (all of it on other ranks; what a failed sync left on dst_rank) so
+    # that every rank leaves its collectives in step.
+    for _ in weights:
+        pass
+    await check_model_weights(sync, model, version, dst_rank=dst_rank, probe=probe, error=error)
+    return report
