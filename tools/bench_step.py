@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(out.stderr[-4000:])
             raise SystemExit(f"bench_step: method {name} failed (exit {out.returncode})")
         results[name] = json.loads(lines[-1][len("RESULT ") :])
+        print(f"# {name}: {json.dumps(results[name])}", flush=True)  # partial results survive
     reference = results.get("opd-top16")
     print(f"{'method':<10} {'time_s':>9} {'dpeak_MiB':>10} {'time/top16':>11} {'dpeak/top16':>12}")
     for name, value in results.items():

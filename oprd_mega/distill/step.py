@@ -42,6 +42,7 @@ from oprd_mega.distill.projection import PROJECTION_ATTR, SHARED_KEY, is_project
 from oprd_mega.distill.taps import KernelOptions, StudentTaps, TapInputs
 from oprd_mega.distill.teacher import (
     TeacherPlan,
+    current_device,
     layer_stages,
     teacher_pass,
     unwrap,
@@ -255,7 +256,9 @@ class DistillStep:
 
     def _global_count(self, microbatches: list[DistillMicrobatch], name: str) -> int:
         count = torch.tensor(
-            [float(getattr(batch, name).sum()) for batch in microbatches], dtype=torch.float64
+            [float(getattr(batch, name).sum()) for batch in microbatches],
+            dtype=torch.float64,
+            device=current_device(),
         ).sum()
         dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
         return int(count.item())
@@ -264,6 +267,11 @@ class DistillStep:
         """Teacher pass, student forward/backward, optimizer step; metrics from every stage."""
         if not microbatches:
             raise ValueError("step: no microbatch")
+        shapes = {batch.shape for batch in microbatches}
+        if len(shapes) > 1:  # Megatron's pipeline exchanges fixed-shape activations
+            raise ValueError(
+                f"step: microbatches must share one [batch, seq] shape (pad them), got {shapes}"
+            )
         start = time.perf_counter()
         options = self.options
         n_sup = self._global_count(microbatches, "supervised")
@@ -374,7 +382,9 @@ class DistillStep:
     def _metrics(self, opd_sums: torch.Tensor, n_sup: int, n_opd: int) -> StepResult:
         """Per-layer loss and cosine from every stage, OPD metrics from the last stage."""
         stats = self.taps.stats
-        layers = torch.zeros(2, self.num_layers, dtype=torch.float64)
+        device = current_device()  # NCCL reduces device tensors only
+        layers = torch.zeros(2, self.num_layers, dtype=torch.float64, device=device)
+        opd_sums = opd_sums.to(device)
         for layer, value in stats.loss.items():
             layers[0, layer - 1] = float(value)
             layers[1, layer - 1] = float(stats.cosine[layer])

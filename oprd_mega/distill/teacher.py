@@ -199,7 +199,7 @@ def _deliver(
                     count,
                     plan.target_width(teacher_layer, hidden),
                     dtype=dtype,
-                    device=_current_device(),
+                    device=current_device(),
                 )
                 peer = dist.get_global_rank(group, source)
                 requests.append(dist.irecv(buffer, src=peer, group=group))
@@ -209,7 +209,7 @@ def _deliver(
     return out
 
 
-def _current_device() -> torch.device:
+def current_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
