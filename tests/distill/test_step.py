@@ -1,13 +1,13 @@
 """One OPRD / OPD step under Megatron at six layouts, against a float64 transformers oracle.
 
 One torchrun launch (4 gloo processes, Megatron start-up dominates) runs every case at its
-layouts (15 by default, the full matrix of 27 with ``-m slow``); the tests read its results. Student: Llama, 4 layers, hidden 32; teacher: Llama,
-6 layers, hidden 48 (a hidden-32 one for identity). Tapped student layers 1-3 pair with teacher
-layers 1, 3, 4 (phi), so the teacher is truncated at 4 layers; at PP2 the student holds layers
-1-2 | 3-4 and the truncated teacher 1-2 | 3-4: layer 2's target crosses from stage 1 to stage 0.
-Four processes give TP1PP1 = DP4 (one sample per rank), TP2 and TP2+SP = DP2, PP2 = DP2,
-TP2xPP2 = DP1 (two microbatches of two): loss, gradients and parameters after one AdamW step
-must not depend on the split.
+layouts (15 by default, the full matrix of 27 with ``-m slow``); the tests read its results.
+Student: Llama, 4 layers, hidden 32; teacher: Llama, 6 layers, hidden 48 (a hidden-32 one for
+identity). Tapped student layers 1-3 pair with teacher layers 1, 3, 4 (phi), so the teacher is
+truncated at 4 layers; at PP2 the student holds layers 1-2 | 3-4 and the truncated teacher
+1-2 | 3-4: layer 2's target crosses from stage 1 to stage 0. Four processes give TP1PP1 = DP4
+(one sample per rank), TP2 and TP2+SP = DP2, PP2 = DP2, TP2xPP2 = DP1 (two microbatches of
+two): loss, gradients and parameters after one AdamW step must not depend on the split.
 """
 
 from __future__ import annotations
