@@ -5,7 +5,8 @@ mini-batches with a cosine learning-rate decay, a held-out split and early stopp
 held-out mean squared error. Inputs are whitened by the inverse square root of their
 (uncentred) second-moment matrix during training, a preconditioner for the large means and
 outlier features of LLM states, and the whitening is folded into the first weight afterwards, so
-the exported map applies to raw states.
+the exported map applies to raw states. The targets are divided by their RMS while training
+(a scalar, so the objective is unchanged) and the scale is folded into the last weight.
 """
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ def fit_student_map(
     train, heldout = train.to(device), heldout.to(device)
     whitening = whitening_matrix(inputs[train]).to(device, torch.float32)
     scaled = inputs @ whitening
+    # One scalar brings the targets to unit RMS (the objective only scales); with whitened
+    # inputs the optimum is O(1), within reach of AdamW's bounded steps.
+    target_scale = float(targets[train].to(torch.float64).pow(2).mean().sqrt()) or 1.0
+    targets = targets / target_scale
     torch.manual_seed(config.seed)
     module = StudentMap(inputs.shape[1], targets.shape[1], config.kind, config.mlp_hidden)
     module = module.to(device)
@@ -203,7 +208,10 @@ def fit_student_map(
             scheduler.step()
             total += float(loss.detach()) * index.numel()
         result.train_loss.append(total / order.numel())
-        result.heldout_loss.append(_mse(module, scaled[heldout], targets[heldout]))
+        result.train_loss[-1] *= target_scale**2  # losses are reported in target units
+        result.heldout_loss.append(
+            _mse(module, scaled[heldout], targets[heldout]) * target_scale**2
+        )
         if result.heldout_loss[-1] < best[0]:
             best = (result.heldout_loss[-1], copy.deepcopy(module.state_dict()), epoch)
         elif epoch - best[2] >= config.patience:
@@ -211,8 +219,11 @@ def fit_student_map(
     module.load_state_dict(best[1])
     result.best_epoch = best[2]
     with torch.no_grad():
-        # Fold the whitening (symmetric): the map reads raw states.
+        # Fold the whitening (symmetric) and the target scale: the map reads raw states.
         module.first.weight.copy_(module.first.weight @ whitening)
+        last = module.net if config.kind == "linear" else module.net[2]  # type: ignore[index]
+        last.weight.mul_(target_scale)  # type: ignore[union-attr,operator]
+    targets = targets * target_scale
     result.cosine_after = _cosine(module, inputs[heldout], targets[heldout])
     return result
 
