@@ -1,7 +1,12 @@
 """Distributed start-up (torchrun -> NCCL/gloo -> Megatron parallel_state) and CPU patches."""
 
 from oprd_mega.parallel.cpu_patches import applied_patches, apply_cpu_patches, patch_names
-from oprd_mega.parallel.distributed import DistributedInfo, destroy_distributed, init_distributed
+from oprd_mega.parallel.distributed import (
+    DistributedInfo,
+    destroy_distributed,
+    init_distributed,
+    reset_model_parallel,
+)
 from oprd_mega.parallel.layout import ParallelLayout
 
 __all__ = [
@@ -12,4 +17,5 @@ __all__ = [
     "destroy_distributed",
     "init_distributed",
     "patch_names",
+    "reset_model_parallel",
 ]

@@ -107,11 +107,29 @@ def init_distributed(
     )
 
 
-def destroy_distributed() -> None:
-    """Tear down Megatron's parallel_state and the default process group."""
+def reset_model_parallel() -> None:
+    """Tear down Megatron's parallel_state and free every non-default process group.
+
+    Megatron's own ``destroy_model_parallel`` only drops its references: the groups (about
+    fifty per initialisation, each with its own gloo threads) live on, and a process that
+    switches layouts a few dozen times ends up with thousands of polling threads. Call this
+    before :func:`init_distributed` with another layout.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if not dist.is_initialized():
+        return
+    c10d = dist.distributed_c10d
+    default = c10d._get_default_group()
+    for group in list(c10d._world.pg_map):
+        if group is not default:
+            dist.destroy_process_group(group)
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron's parallel_state and every process group."""
+    reset_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

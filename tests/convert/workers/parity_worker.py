@@ -18,12 +18,9 @@ import torch.distributed as dist  # noqa: E402
 
 
 def use_layout(layout):
-    from megatron.core import parallel_state
+    from oprd_mega.parallel import init_distributed, reset_model_parallel
 
-    from oprd_mega.parallel import init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    reset_model_parallel()
     return init_distributed(layout)
 
 

@@ -172,7 +172,9 @@ def main() -> None:
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-    parallel_state.destroy_model_parallel()
+    from oprd_mega.parallel import reset_model_parallel
+
+    reset_model_parallel()
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
     config = ModelParallelConfig(pipeline_model_parallel_size=2, pipeline_dtype=torch.float32)
     comm = P2PCommunicator(parallel_state.get_pipeline_model_parallel_group(), config)
