@@ -181,7 +181,7 @@ async def end_to_end(work: Path, port: int, results: dict) -> None:
     client = RolloutClient([url]) if rank == 0 else None
     disk = dist_sync = None
     if rank == 0:
-        await client.wait_healthy(timeout_s=120)
+        await client.wait_healthy(timeout_s=240)
         disk = DiskWeightSync(client, work / "sync", model_dir, bucket_bytes=256 * 1024)
         dist_sync = DistributedWeightSync(client, "127.0.0.1", free_port(), bucket_bytes=256 * 1024)
     try:
