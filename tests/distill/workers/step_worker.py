@@ -36,12 +36,9 @@ LR, EPS, WD, BETAS = 1e-3, 1e-6, 0.01, (0.9, 0.95)
 
 
 def use_layout(tp: int, pp: int, sp: bool):
-    from megatron.core import parallel_state
+    from oprd_mega.parallel import ParallelLayout, init_distributed, reset_model_parallel
 
-    from oprd_mega.parallel import ParallelLayout, init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    reset_model_parallel()  # frees the previous layout's process groups (gloo threads)
     return init_distributed(ParallelLayout(tp=tp, pp=pp, sp=sp))
 
 
