@@ -110,26 +110,6 @@ def load_hf_weights(
         raise CheckpointError(f"no HF weight mapped to model parameter(s) {left[:5]}")
 
 
-def export_hf_weights(
-    model: torch.nn.Module, args: HFModelArgs, *, progress=None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, tensor)`` layer by layer from a TP1/PP1 model (for mcore-to-hf)."""
-    if parallel_state.get_tensor_model_parallel_world_size() != 1 or (
-        parallel_state.get_pipeline_model_parallel_world_size() != 1
-    ):
-        raise RuntimeError("export_hf_weights needs the full model (TP1, PP1)")
-    params = {n: p.detach() for n, p in global_parameters(model).items()}
-    yield from mcore_to_hf_state(args, params, None).items()
-    if progress is not None:
-        progress.update(1)
-    for layer in range(args.num_layers):
-        prefix = f"decoder.layers.{layer}."
-        state = {n: t for n, t in params.items() if n.startswith(prefix)}
-        yield from mcore_to_hf_state(args, state, layer).items()
-        if progress is not None:
-            progress.update(1)
-
-
 def checkpoint_key(name: str) -> str:
     """The torch_dist key of a canonical Megatron tensor name (norms are stored TE-style)."""
     if name.startswith("decoder.layers."):

@@ -57,12 +57,9 @@ def load_all(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def use_layout(tp: int, pp: int):
-    from megatron.core import parallel_state
+    from oprd_mega.parallel import ParallelLayout, init_distributed, reset_model_parallel
 
-    from oprd_mega.parallel import ParallelLayout, init_distributed
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    reset_model_parallel()
     return init_distributed(ParallelLayout(tp=tp, pp=pp))
 
 
