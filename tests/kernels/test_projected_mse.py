@@ -288,10 +288,13 @@ def torch_bf16_formula(
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "plain"])
 def test_bf16_no_worse_than_pytorch_bf16(impl: str, shape: Shape, normalize: bool) -> None:
     shape = Shape(shape.name, shape.tokens, shape.d_s, shape.d_t, "none")
-    case = make_case(shape, "trainable", False, dtype=torch.bfloat16, seed=3)
+    assert_bf16_no_worse_than_pytorch(shape, normalize, impl, seed=3)
+
+
+def assert_bf16_no_worse_than_pytorch(shape: Shape, normalize: bool, impl: str, seed: int) -> None:
+    case = make_case(shape, "trainable", False, dtype=torch.bfloat16, seed=seed)
     student, weight, target = case["student"], case["weight"], case["target"]
     assert student is not None and weight is not None and target is not None
-    upstream = torch.ones((), device=DEVICE)
     expected = oracle(
         student,
         target,
@@ -300,7 +303,7 @@ def test_bf16_no_worse_than_pytorch_bf16(impl: str, shape: Shape, normalize: boo
         None,
         normalize=normalize,
         reduction="mean",
-        upstream=upstream,
+        upstream=torch.ones((), device=DEVICE),
     )
     torch_loss, torch_dx, torch_dw = torch_bf16_formula(case, normalize)
     loss = oprd_kernels.projected_mse(student, target, weight, normalize=normalize, impl=impl)
@@ -333,32 +336,7 @@ def test_triton_realistic_float32_on_gpu(recompute: bool, normalize: bool) -> No
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalized", "plain"])
 def test_triton_realistic_bf16_on_gpu(normalize: bool) -> None:
     shape = Shape("gpu-bf16", 4096, 2048, 4096, "none")
-    case = make_case(shape, "trainable", False, dtype=torch.bfloat16, seed=5)
-    student, weight, target = case["student"], case["weight"], case["target"]
-    assert student is not None and weight is not None and target is not None
-    expected = oracle(
-        student,
-        target,
-        weight,
-        None,
-        None,
-        normalize=normalize,
-        reduction="mean",
-        upstream=torch.ones((), device=DEVICE),
-    )
-    torch_loss, torch_dx, torch_dw = torch_bf16_formula(case, normalize)
-    loss = oprd_kernels.projected_mse(student, target, weight, normalize=normalize, impl="triton")
-    dx, dw = torch.autograd.grad(loss, [student, weight])
-    margin = 2e-3
-    assert relative_error(loss, expected.loss) <= relative_error(torch_loss, expected.loss) + margin
-    assert (
-        relative_error(dx, expected.student_grad)
-        <= relative_error(torch_dx, expected.student_grad) + margin
-    )
-    assert (
-        relative_error(dw, expected.weight_grad)
-        <= relative_error(torch_dw, expected.weight_grad) + margin
-    )
+    assert_bf16_no_worse_than_pytorch(shape, normalize, "triton", seed=5)
 
 
 @pytest.mark.gpu
