@@ -235,6 +235,8 @@ class ServerGroup:
             return
         for signum in (signal.SIGTERM, signal.SIGINT):
             previous = signal.getsignal(signum)
+            if previous == signal.SIG_IGN:
+                continue  # the process chose to ignore it (e.g. a background job): so do we
             self._previous_handlers[signum] = previous
 
             def handler(num: int, frame: Any, previous: Any = previous) -> None:

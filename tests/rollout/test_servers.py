@@ -177,7 +177,10 @@ def test_signal_to_trainer_shuts_servers_down(tmp_path, signum):
     cfg = config(tmp_path)
     script = textwrap.dedent(
         f"""
-        import sys, time
+        import signal, sys, time
+        # A foreground trainer's SIGINT disposition, also when this suite runs as a background
+        # job (where the shell starts children with SIGINT ignored).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from oprd_mega.rollout.servers import LaunchConfig, ServerGroup
         cfg = LaunchConfig(**{{**{cfg.__dict__!r}, "command": tuple({list(LAUNCHER)!r})}})
         group = ServerGroup.launch(cfg)
