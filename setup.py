@@ -24,6 +24,8 @@ INSTALL_REQUIRES = [
     "pydantic>=2.7",
     "httpx>=0.27",
     "tqdm>=4.66",
+    # Training metrics (the trainer's default sinks are JSONL and TensorBoard).
+    "tensorboard>=2.14",
 ]
 
 EXTRAS_REQUIRE = {

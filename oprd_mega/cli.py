@@ -1,4 +1,4 @@
-"""The `oprd-mega` command line: one argparse subcommand per entry point (serve, later train)."""
+"""The `oprd-mega` command line: one argparse subcommand per entry point (train, serve)."""
 
 from __future__ import annotations
 
@@ -51,10 +51,21 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    from oprd_mega.train.cli import DESCRIPTION, add_arguments, run
+
+    parser = subparsers.add_parser(
+        "train", help="train a student (under torchrun)", description=DESCRIPTION
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="oprd-mega", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_train(subparsers)
     _add_serve(subparsers)
     return parser
 

@@ -19,6 +19,7 @@ output layer through Megatron: in OPRD-only mode nothing uses it, in OPD modes
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -104,6 +105,9 @@ class StepResult:
     supervised_tokens: int = 0
     opd_tokens: int = 0
     seconds: float = 0.0
+    teacher_seconds: float = 0.0
+    skipped: bool = False
+    """The loss was not finite: no optimizer update was made."""
 
 
 class _ZeroAnchor(torch.autograd.Function):
@@ -277,7 +281,9 @@ class DistillStep:
         n_sup = self._global_count(microbatches, "supervised")
         n_opd = self._global_count(microbatches, "predicts")
         self.teacher.eval()
+        teacher_start = time.perf_counter()
         teacher_out = teacher_pass(self.teacher, microbatches, self.plan)
+        teacher_seconds = time.perf_counter() - teacher_start
         device = next(unwrap(self.student).parameters()).device
         self.taps.load(
             {
@@ -330,9 +336,15 @@ class DistillStep:
             micro_batch_size=batch,
             forward_only=False,
         )
-        _, grad_norm, _ = self.optimizer.step()
         result = self._metrics(opd_sums, n_sup, n_opd)
-        result.grad_norm = None if grad_norm is None else float(grad_norm)
+        if math.isfinite(result.loss):  # the same value on every rank: all skip or none
+            _, grad_norm, _ = self.optimizer.step()
+            result.grad_norm = None if grad_norm is None else float(grad_norm)
+        else:
+            result.skipped = True
+            self.student.zero_grad_buffer()
+            self.optimizer.zero_grad()
+        result.teacher_seconds = teacher_seconds
         result.seconds = time.perf_counter() - start
         return result
 

@@ -150,6 +150,31 @@ def parse_sampling_params(params: Any) -> SamplingConfig:
     )
 
 
+def request_params(config: SamplingConfig, sampling_seed: int | None = None) -> dict[str, Any]:
+    """``config`` as a /generate ``sampling_params`` object (the inverse of
+    :func:`parse_sampling_params`); ``sampling_seed`` replaces the config's own when given."""
+    params: dict[str, Any] = {
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+        "min_p": config.min_p,
+        "min_new_tokens": config.min_new_tokens,
+        "n": config.n,
+        "ignore_eos": config.ignore_eos,
+        "skip_special_tokens": config.skip_special_tokens,
+        "no_stop_trim": config.no_stop_trim,
+    }
+    if config.stop:
+        params["stop"] = list(config.stop)
+    if config.stop_token_ids:
+        params["stop_token_ids"] = sorted(config.stop_token_ids)
+    seed = config.sampling_seed if sampling_seed is None else sampling_seed
+    if seed is not None:
+        params["sampling_seed"] = seed
+    return params
+
+
 def select_tokens(
     logits: torch.Tensor,
     configs: list[SamplingConfig],

@@ -1,0 +1,1 @@
+"""The training entry point: the on-policy loop, checkpoints, metrics and evaluation."""

@@ -1,0 +1,74 @@
+"""Command line of the trainer: ``oprd-mega train`` and ``python -m oprd_mega.train``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+DESCRIPTION = (
+    "Train a student with OPRD (or an OPD baseline) under torchrun: "
+    "torchrun --nproc-per-node N -m oprd_mega.train --config FILE.yaml [key.sub=value ...]"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trainer's arguments (shared by both entry points)."""
+    parser.add_argument("--config", required=True, help="YAML config (keys: docs/config.md)")
+    parser.add_argument(
+        "--resume",
+        choices=("auto", "always", "never"),
+        default=None,
+        help="override checkpoint.resume: auto (resume when a checkpoint exists), always, never",
+    )
+    parser.add_argument(
+        "--stop-at-step",
+        type=int,
+        default=None,
+        metavar="K",
+        help="save a checkpoint after step K and exit (resume later with the same command)",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied in order"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config and train; a config or run error is one clear message and exit code."""
+    from oprd_mega.config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={args.resume}")
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    from oprd_mega.train.checkpoint import CheckpointError
+    from oprd_mega.train.trainer import TrainingError, train
+
+    try:
+        summary = train(config, stop_at=args.stop_at_step)
+    except (TrainingError, CheckpointError, ConfigError) as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    if rank == 0:
+        print(
+            f"[oprd-mega] done: {summary.steps_run} steps (to step {summary.final_step}) in "
+            f"{summary.seconds:.1f} s; skipped {summary.skipped_steps}; last checkpoint "
+            f"{summary.checkpoint}",
+            flush=True,
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m oprd_mega.train``."""
+    parser = argparse.ArgumentParser(prog="python -m oprd_mega.train", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

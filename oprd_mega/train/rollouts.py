@@ -1,0 +1,129 @@
+"""The trainer's rollout side, on the rank that talks to the servers (rank 0).
+
+It starts (or attaches to) the servers and checks them before any training work, samples each
+step's responses with per-prompt seeds derived from the run's seed and the step (so a resumed
+run samples what the uninterrupted one did), and owns the weight-sync transport that
+:func:`oprd_mega.rollout.megatron_sync.sync_model_weights` drives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from oprd_mega.config.schema import TrainConfig
+from oprd_mega.rollout.client import RolloutClient
+from oprd_mega.rollout.samples import Sample, require_weight_version
+from oprd_mega.rollout.sampling import SamplingConfig, request_params
+from oprd_mega.rollout.servers import ServerGroup
+from oprd_mega.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, WeightSync
+
+_SEED_MODULUS = 2**62
+
+
+def prompt_seed(base: int, step: int, group: int) -> int:
+    """The sampling seed of prompt ``group`` at ``step`` (the server adds the sample index)."""
+    return (base * 1_000_003 + step * 65_537 + group * 1_009) % _SEED_MODULUS
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RolloutService:
+    """Servers, client and weight sync of one run; methods run on this process's event loop."""
+
+    def __init__(self, config: TrainConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.loop = loop
+        rollout = config.rollout
+        if rollout.mode == "launch":
+            assert rollout.launch is not None
+            self.servers = ServerGroup.launch(rollout.launch)
+        else:
+            attach = rollout.attach
+            self.servers = ServerGroup.attach(
+                attach.urls, attach.router_url, health_timeout_s=attach.health_timeout_s
+            )
+        try:
+            self.client = RolloutClient(self.servers.urls, rollout.client)
+            self.weight_sync = self._weight_sync()
+        except BaseException:
+            self.servers.shutdown()
+            raise
+
+    def _weight_sync(self) -> WeightSync:
+        options = self.config.rollout.weight_sync
+        common: dict[str, Any] = {
+            "control_urls": self.servers.control_urls,
+            "bucket_bytes": options.bucket_bytes,
+            "probe": options.probe,
+        }
+        if options.method == "disk":
+            return DiskWeightSync(
+                self.client,
+                options.disk.directory,
+                self.config.student.path,
+                keep_last=options.disk.keep_last,
+                **common,
+            )
+        distributed = options.distributed
+        launch = self.config.rollout.launch
+        return DistributedWeightSync(
+            self.client,
+            distributed.master_address,
+            distributed.master_port or _free_port(),
+            group_name=distributed.group_name,
+            backend=distributed.backend,
+            server_tp_size=launch.tp_size if launch is not None else 1,
+            timeout_s=distributed.timeout_s,
+            **common,
+        )
+
+    def run(self, coroutine: Any) -> Any:
+        """Run ``coroutine`` to completion on the service's loop."""
+        return self.loop.run_until_complete(coroutine)
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling: SamplingConfig,
+        step: int,
+        version: str | None,
+        first_group: int = 0,
+    ) -> list[list[Sample]]:
+        """``sampling.n`` responses per prompt, seeded by (``sampling.sampling_seed``, step,
+        prompt) when the config gives a seed; checked to come from weight ``version``."""
+        base = sampling.sampling_seed
+
+        async def one(index: int, ids: Sequence[int]) -> list[Sample]:
+            seed = None if base is None else prompt_seed(base, step, first_group + index)
+            params = request_params(sampling, sampling_seed=seed)
+            return await self.client.generate(ids, params, group_id=first_group + index)
+
+        async def every() -> list[list[Sample]]:
+            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+        groups = self.run(every())
+        if version is not None:
+            require_weight_version([s for group in groups for s in group], version)
+        return groups
+
+    def close(self) -> None:
+        """Leave the sync group, close connections, stop launched servers."""
+        try:
+            if isinstance(self.weight_sync, DistributedWeightSync):
+                self.run(self.weight_sync.close())
+            self.run(self.client.aclose())
+        finally:
+            self.servers.shutdown()
+
+
+def without_seed(sampling: SamplingConfig) -> SamplingConfig:
+    """``sampling`` with the server choosing seeds."""
+    return dataclasses.replace(sampling, sampling_seed=None)
