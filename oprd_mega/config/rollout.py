@@ -156,6 +156,9 @@ class RolloutSection(Section):
     """Sampling parameters of the training rollouts."""
     weight_sync: WeightSyncSection = WeightSyncSection()
     """Pushing new weights to the servers."""
+    max_restarts: int = Field(1, ge=0)
+    """Times launched servers that die mid-run are restarted and re-synced before the run
+    stops (attached servers are never restarted); 0: stop at once."""
 
     @model_validator(mode="after")
     def _servers_given(self) -> RolloutSection:

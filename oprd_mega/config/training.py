@@ -53,6 +53,9 @@ class ScheduleSection(Section):
     """Warm-up in steps; replaces warmup_fraction (set that to null)."""
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay from lr to optimizer.min_lr after warm-up (paper: cosine)."""
+    max_nonfinite_in_row: int = Field(3, ge=1)
+    """A step whose loss is NaN or infinite is skipped (no update); after this many in a row
+    the run stops."""
 
     @model_validator(mode="before")
     @classmethod

@@ -9,7 +9,6 @@ run samples what the uninterrupted one did), and owns the weight-sync transport 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -41,7 +40,10 @@ class RolloutService:
     def __init__(self, config: TrainConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
         self.loop = loop
-        rollout = config.rollout
+        self._start()
+
+    def _start(self) -> None:
+        rollout = self.config.rollout
         if rollout.mode == "launch":
             assert rollout.launch is not None
             self.servers = ServerGroup.launch(rollout.launch)
@@ -114,6 +116,14 @@ class RolloutService:
             require_weight_version([s for group in groups for s in group], version)
         return groups
 
+    def restart(self) -> None:
+        """Stop the launched servers (whatever is left of them) and start them again; the
+        caller re-syncs the weights."""
+        if self.config.rollout.mode != "launch":
+            raise RuntimeError("attached servers are not restarted by the trainer")
+        self.close()
+        self._start()
+
     def close(self) -> None:
         """Leave the sync group, close connections, stop launched servers."""
         try:
@@ -122,8 +132,3 @@ class RolloutService:
             self.run(self.client.aclose())
         finally:
             self.servers.shutdown()
-
-
-def without_seed(sampling: SamplingConfig) -> SamplingConfig:
-    """``sampling`` with the server choosing seeds."""
-    return dataclasses.replace(sampling, sampling_seed=None)

@@ -39,6 +39,10 @@ class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and where (step, server, file)."""
 
 
+class ServersLostError(TrainingError):
+    """The rollout servers stopped answering."""
+
+
 def say(message: str) -> None:
     """A line on rank 0's standard output."""
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -48,14 +52,20 @@ def say(message: str) -> None:
 def shared(producer: Callable[[], Any], what: str) -> Any:
     """Run ``producer`` on rank 0 and give its value to every rank; an exception there becomes
     the same :class:`TrainingError` on every rank (``what`` says which part failed)."""
+    from oprd_mega.rollout.client import RolloutError
+
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
             box = [("ok", producer())]
+        except RolloutError as exc:
+            box = [("lost", f"{what}: {exc}")]
         except Exception as exc:
             box = [("error", f"{what}: {exc}")]
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
+    if kind == "lost":
+        raise ServersLostError(value)
     if kind == "error":
         raise TrainingError(value)
     return value
@@ -94,6 +104,8 @@ class Trainer:
         self.metrics: Any = None
         self.progress: Any = None
         self.evaluations: list[EvalResult] = []
+        self.restarts = 0
+        self.last_checkpoint: Path | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -276,6 +288,7 @@ class Trainer:
         if self.rank == 0:
             self.prompts.load_state_dict(state.data)
         self.start_step = state.step
+        self.last_checkpoint = path
         say(f"resumed from {path} at step {state.step}")
 
     def _open_metrics(self) -> None:
@@ -304,7 +317,6 @@ class Trainer:
         last_step = steps if stop_at is None else min(stop_at, steps)
         start = time.perf_counter()
         skipped_in_row = skipped_total = 0
-        last_checkpoint: Path | None = None
         self._sync_weights(self.weight_version)
         if self.start_step == 0:
             self._maybe_evaluate(0, force=True)
@@ -314,21 +326,22 @@ class Trainer:
             while step < last_step:
                 record = self._train_step(step)
                 step += 1
+                self._log(step, record)
                 if record.get("skipped"):
                     skipped_in_row += 1
                     skipped_total += 1
                     say(f"step {step}: the loss is not finite; the update was skipped")
-                    if skipped_in_row >= _MAX_SKIPPED_IN_ROW:
+                    if skipped_in_row >= config.schedule.max_nonfinite_in_row:
                         raise TrainingError(
                             f"step {step}: {skipped_in_row} steps in a row had a non-finite "
-                            f"loss; stopping (the last checkpoint is {last_checkpoint})"
+                            f"loss (schedule.max_nonfinite_in_row); stopping. The last "
+                            f"checkpoint ({self.last_checkpoint or 'none yet'}) is intact"
                         )
                 else:
                     skipped_in_row = 0
-                self._log(step, record)
                 self._maybe_evaluate(step)
                 if step % config.checkpoint.interval == 0 or step == last_step:
-                    last_checkpoint = self._save(step)
+                    self.last_checkpoint = self._save(step)
         finally:
             if self.progress is not None:
                 self.progress.close()
@@ -338,7 +351,7 @@ class Trainer:
             steps_run=step - self.start_step,
             final_step=step,
             evaluations=self.evaluations,
-            checkpoint=last_checkpoint,
+            checkpoint=self.last_checkpoint,
             skipped_steps=skipped_total,
             seconds=time.perf_counter() - start,
         )
@@ -349,9 +362,7 @@ class Trainer:
         config = self.config
         timer = StepTimer()
         with timer("rollout"):
-            samples, rollout_stats = shared(
-                lambda: self._rollout(step), f"step {step + 1}: rollouts"
-            )
+            samples, rollout_stats = self._rollout_or_restart(step)
         with timer("schedule"):
             microbatches, imbalance = self._microbatches(samples)
         lr = learning_rate(
@@ -401,12 +412,37 @@ class Trainer:
             self.weight_version = version
         return record
 
+    def _rollout_or_restart(self, step: int) -> tuple[list[StepSample], dict[str, float]]:
+        """The step's samples; launched servers that died are restarted and re-synced
+        (``rollout.max_restarts`` times in the run), otherwise the run stops here."""
+        while True:
+            try:
+                return shared(lambda: self._rollout(step), f"step {step + 1}: rollouts")
+            except ServersLostError as exc:
+                rollout = self.config.rollout
+                if rollout.mode != "launch" or self.restarts >= rollout.max_restarts:
+                    raise TrainingError(
+                        f"{exc}. Stopping at step {step + 1}; the last checkpoint "
+                        f"({self.last_checkpoint or 'none yet'}) is intact: run the same "
+                        "command again to resume from it"
+                    ) from exc
+                say(f"{exc}; restarting the rollout servers")
+                shared(lambda: self.rollouts.restart(), f"step {step + 1}: restarting servers")
+                self.restarts += 1
+                self.weight_version = self._version(step)
+                self._sync_weights(self.weight_version)
+
     def _rollout(self, step: int) -> tuple[list[StepSample], dict[str, float]]:
         config = self.config
+        position = self.prompts.state_dict()
         prompts = self.prompts.take(config.batch.prompts_per_step)
-        groups = self.rollouts.generate(
-            [p.prompt_ids for p in prompts], config.rollout.sampling, step, self.weight_version
-        )
+        try:
+            groups = self.rollouts.generate(
+                [p.prompt_ids for p in prompts], config.rollout.sampling, step, self.weight_version
+            )
+        except BaseException:
+            self.prompts.load_state_dict(position)  # a retry takes the same prompts
+            raise
         flat = [s for group in groups for s in group]
         lengths = [s.response_length for s in flat]
         samples = [StepSample(tuple(s.token_ids), s.prompt_length) for s in flat]
@@ -451,7 +487,8 @@ class Trainer:
 
     def _version(self, step: int) -> str:
         """The weight version of the student after ``step`` optimizer steps in this launch."""
-        return f"step-{step}-{self.run_id}"
+        restarted = f"-r{self.restarts}" if self.restarts else ""
+        return f"step-{step}-{self.run_id}{restarted}"
 
     def _sync_weights(self, version: str) -> int:
         """Push the student's weights to the servers as ``version`` and check them."""
@@ -594,7 +631,6 @@ _RESUMABLE = {
     "metrics.progress_bar",
     "evaluation.interval",
 }
-_MAX_SKIPPED_IN_ROW = 3
 
 
 def _pad_id(model_path: str) -> int:

@@ -1,0 +1,238 @@
+"""The trainer end to end on CPU: real torchrun launches, Megatron, the embedded server.
+
+References are independent runs: the uninterrupted run for resume, a one-node launch for the
+two-node launch. Faults are real: an unreachable URL, a killed server process, a teacher with
+NaN weights, missing files and columns.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from oprd_mega.train.checkpoint import find_latest, read_state
+from oprd_mega.train.metrics import read_metrics
+from tests.torchrun_utils import free_port
+from tests.train.runs import (
+    child_env,
+    comparable,
+    launch_command,
+    make_task,
+    require_success,
+    task_config,
+    train,
+)
+
+METHOD_METRICS = (
+    "loss",
+    "rep/loss",
+    "rep/cosine_similarity",
+    "rep/loss/layer_1",
+    "rep/loss/layer_2",
+    "response_length/mean",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+    "memory/peak_mib",
+    "time/rollout",
+    "time/teacher",
+    "time/student",
+    "time/sync",
+    "time/step",
+)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_task(tmp_path_factory.mktemp("task"))
+
+
+def test_resume_reproduces_the_uninterrupted_run(task: Path, tmp_path: Path) -> None:
+    whole = task_config(task, tmp_path / "whole")
+    require_success(train(whole, "metrics.sinks=[jsonl,tensorboard]"))
+    split = task_config(task, tmp_path / "split")
+    first = require_success(train(split, "--stop-at-step", "3"))
+    assert "checkpoint saved" in first and "step-00000003" in first
+    # Lose the step-3 checkpoint: the resume goes back to step 2 and must drop the metrics the
+    # interrupted run wrote after it.
+    shutil.rmtree(tmp_path / "split" / "ckpt" / "step-00000003")
+    second = require_success(train(split))
+    assert "resumed from" in second and "step-00000002" in second
+
+    reference = read_metrics(tmp_path / "whole" / "logs")
+    resumed = read_metrics(tmp_path / "split" / "logs")
+    assert [(r["step"], r["kind"]) for r in reference] == [
+        (0, "eval"), (1, "train"), (2, "train"), (2, "eval"), (3, "train"), (4, "train"),
+        (4, "eval"), (5, "train"), (6, "train"), (6, "eval"),
+    ]  # fmt: skip
+    assert comparable(resumed) == comparable(reference)
+    train_records = [r for r in reference if r["kind"] == "train"]
+    for name in METHOD_METRICS:
+        assert all(isinstance(r.get(name), float | int) for r in train_records), name
+    assert train_records[-1]["rep/loss"] < train_records[0]["rep/loss"]
+    assert list((tmp_path / "whole" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+    latest = find_latest(tmp_path / "split" / "ckpt")
+    assert latest is not None and latest.name == "step-00000006"
+    state = read_state(latest)
+    assert state.step == 6 and state.layout == {"tp": 2, "pp": 1, "dp": 1}
+    assert not list((tmp_path / "split" / "ckpt").glob(".step-*"))  # no temp dirs left
+
+
+def test_two_nodes_match_one_node(task: Path, tmp_path: Path) -> None:
+    overrides = ("parallel.tp=1", "schedule.steps=2", "evaluation.interval=0")
+    one = task_config(task, tmp_path / "one")
+    require_success(train(one, *overrides, nproc=2))
+    two = task_config(task, tmp_path / "two")
+    port = free_port()
+    launches = [
+        subprocess.Popen(
+            launch_command(two, *overrides, nproc=1, nnodes=2, node_rank=rank, port=port),
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    for proc in launches:
+        try:
+            stdout, stderr = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for other in launches:
+                other.kill()
+            raise
+        outputs.append((proc.returncode, stdout, stderr))
+    for code, stdout, stderr in outputs:
+        assert code == 0, f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr[-6000:]}"
+    assert "done: 2 steps" in outputs[0][1]
+    reference = comparable(read_metrics(tmp_path / "one" / "logs"))
+    assert len(reference) == 2
+    assert comparable(read_metrics(tmp_path / "two" / "logs")) == reference
+    assert read_state(find_latest(tmp_path / "two" / "ckpt")).layout["dp"] == 2
+
+
+def test_unreachable_server_fails_before_any_work(task: Path, tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    rollout = {"mode": "attach", "attach": {"urls": [url], "health_timeout_s": 2}}
+    config = task_config(task, tmp_path / "run", rollout=rollout)
+    start = time.monotonic()
+    result = train(config, "parallel.tp=1", nproc=1, timeout=120)
+    assert result.returncode == 1
+    assert "rollout servers" in result.stderr and url in result.stderr
+    assert not (tmp_path / "run" / "ckpt").exists()
+    assert not (tmp_path / "run" / "logs" / "metrics.jsonl").exists()
+    assert time.monotonic() - start < 90
+
+
+def test_missing_inputs_are_named(task: Path, tmp_path: Path) -> None:
+    config = task_config(task, tmp_path / "run")
+    missing = str(tmp_path / "nowhere")
+    result = train(config, f"student.path={missing}", "parallel.tp=1", nproc=1, timeout=120)
+    assert result.returncode == 1
+    assert "student.path" in result.stderr and missing in result.stderr
+    result = train(config, "data.prompt_key=question", "parallel.tp=1", nproc=1, timeout=180)
+    assert result.returncode == 1
+    assert "'question'" in result.stderr and "train.jsonl" in result.stderr
+
+
+def test_nonfinite_loss_is_skipped_then_stops(task: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "nan_teacher"
+    shutil.copytree(task / "teacher", broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    config = task_config(task, tmp_path / "run")
+    result = train(
+        config,
+        f"teacher.path={broken}",
+        "parallel.tp=1",
+        "evaluation.interval=0",
+        "schedule.max_nonfinite_in_row=2",
+        nproc=1,
+        timeout=180,
+    )
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert result.stdout.count("the loss is not finite; the update was skipped") == 2
+    assert "2 steps in a row had a non-finite loss" in result.stderr
+    records = read_metrics(tmp_path / "run" / "logs", kind="train")
+    assert [r["skipped"] for r in records] == [1, 1]
+    assert all(r["loss"] is None for r in records)  # NaN is written as null
+
+
+def _listening_pid(port: int) -> int | None:
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            return conn.pid
+    return None
+
+
+def _kill_server_after_step(config: Path, step: int, *overrides: str) -> tuple[int, str, str]:
+    """Run the trainer, SIGKILL its rollout server once ``step`` is logged, wait for the end."""
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    port = data["rollout"]["launch"]["base_port"]
+    metrics = Path(data["metrics"]["dir"]) / "metrics.jsonl"
+    proc = subprocess.Popen(
+        launch_command(config, *overrides, nproc=1),
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.is_file() and any(
+                json.loads(line).get("step", 0) >= step
+                for line in metrics.read_text().splitlines()
+                if line.strip()
+            ):
+                pid = _listening_pid(port)
+                assert pid is not None, "no process listens on the server port"
+                psutil.Process(pid).send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.2)
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the server by its listening socket")
+def test_dead_server_is_restarted_and_resynced(task: Path, tmp_path: Path) -> None:
+    config = task_config(task, tmp_path / "run")
+    code, stdout, stderr = _kill_server_after_step(
+        config, 2, "parallel.tp=1", "evaluation.interval=0", "schedule.steps=5"
+    )
+    assert code == 0, f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr[-6000:]}"
+    assert "restarting the rollout servers" in stdout
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "logs", kind="train")]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="finds the server by its listening socket")
+def test_dead_server_without_restarts_stops_with_the_step(task: Path, tmp_path: Path) -> None:
+    config = task_config(task, tmp_path / "run")
+    code, stdout, stderr = _kill_server_after_step(
+        config, 2, "parallel.tp=1", "evaluation.interval=0", "rollout.max_restarts=0"
+    )
+    assert code == 1, f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr[-6000:]}"
+    assert "Stopping at step" in stderr and "is intact" in stderr
+    latest = find_latest(tmp_path / "run" / "ckpt")
+    assert latest is not None and read_state(latest).step == 2
+    assert "step-00000002" in stderr
