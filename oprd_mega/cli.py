@@ -1,4 +1,4 @@
-"""The `oprd-mega` command line: one argparse subcommand per entry point (train, serve)."""
+"""The `oprd-mega` command line: one subcommand per entry point (train, serve, evaluate)."""
 
 from __future__ import annotations
 
@@ -61,12 +61,24 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    from oprd_mega.train.evaluation import add_arguments, run
+
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="Avg@k of a model directory on held-out prompts (the trainer's scoring)",
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="oprd-mega", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_train(subparsers)
     _add_serve(subparsers)
+    _add_evaluate(subparsers)
     return parser
 
 

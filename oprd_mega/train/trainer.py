@@ -521,23 +521,17 @@ class Trainer:
             say(f"step {step}: held-out Avg@{evaluation.k} {100 * accuracy:.1f}%")
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        from oprd_mega.train.verifiers import make_verifier, summarize
+        from oprd_mega.train.evaluation import score
 
         evaluation = self.config.evaluation
-        verifier = make_verifier(evaluation.verifier)
-        sampling = self.config.evaluation_sampling
         prompts = self.eval_prompts
         groups = self.rollouts.generate(
-            [p.prompt_ids for p in prompts], sampling, 1_000_000 + step, self.weight_version
+            [p.prompt_ids for p in prompts],
+            self.config.evaluation_sampling,
+            1_000_000 + step,
+            self.weight_version,
         )
-        correct, lengths, finishes = [], [], []
-        for prompt, group in zip(prompts, groups, strict=True):
-            answer = prompt.extra[evaluation.answer_key]
-            texts = [self.tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in group]
-            correct.append([verifier(text, answer) for text in texts])
-            lengths.append([s.response_length for s in group])
-            finishes.append([s.finish_reason for s in group])
-        return summarize(correct, lengths, finishes).as_metrics()
+        return score(prompts, groups, self.tokenizer, evaluation.answer_key, evaluation.verifier)
 
     # ------------------------------------------------------------------ output
 

@@ -1,0 +1,145 @@
+"""tools/make_toy_task.py: the quickstart's tokenizer, problems, split and a tiny build."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from oprd_mega.models.hf_config import load_hf_config
+from tools import make_toy_task as toy
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return toy.make_char_tokenizer()
+
+
+def test_tokenizer_encodes_prompts_with_bos(tokenizer: PreTrainedTokenizerFast) -> None:
+    ids = tokenizer.encode("07+45=", add_special_tokens=True)
+    assert ids == [tokenizer.bos_token_id, 0, 7, 10, 4, 5, 11]
+    assert tokenizer.encode("07+45=", add_special_tokens=False) == ids[1:]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["<s>", "0", "7", "+", "4", "5", "="]
+
+
+def test_tokenizer_decodes_answers_without_spaces(tokenizer: PreTrainedTokenizerFast) -> None:
+    ids = tokenizer.convert_tokens_to_ids(["2", "5", "0"])
+    assert tokenizer.decode(ids) == "250"
+    with_eos = [*ids, tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert tokenizer.decode(with_eos, skip_special_tokens=True).strip() == "250"
+
+
+def test_tokenizer_vocabulary_and_special_ids(tokenizer: PreTrainedTokenizerFast) -> None:
+    assert len(tokenizer) == toy.VOCAB_SIZE == 16  # 15 used tokens and <unk>: even for TP2
+    assert tokenizer.get_vocab() == toy.VOCAB
+    specials = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+    assert specials == ("<s>", "</s>", "<pad>")
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (12, 13, 14)
+    assert [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)] == list(range(10))
+
+
+def test_saved_tokenizer_loads_with_auto_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.encode("99+99=", add_special_tokens=True) == [12, 9, 9, 10, 9, 9, 11]
+    assert loaded.decode([8, 9, 1, 13], skip_special_tokens=True) == "891"
+    assert (loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id) == (12, 13, 14)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "prompt", "answer"),
+    [
+        (7, 45, "07+45=", "250"),
+        (99, 99, "99+99=", "891"),
+        (0, 0, "00+00=", "000"),
+        (12, 30, "12+30=", "240"),
+        (50, 50, "50+50=", "001"),
+    ],
+)
+def test_problem_format(a: int, b: int, prompt: str, answer: str) -> None:
+    assert toy.problem(a, b) == (prompt, answer)
+
+
+def test_problem_rejects_out_of_range_operands() -> None:
+    with pytest.raises(ValueError, match="0..99"):
+        toy.problem(100, 1)
+
+
+def test_encode_examples_matches_the_tokenizer(tokenizer: PreTrainedTokenizerFast) -> None:
+    records = toy.problem_records([(7, 45), (99, 99)])
+    rows = toy.encode_examples(records).tolist()
+    for row, record in zip(rows, records, strict=True):
+        expected = tokenizer.encode(record["prompt"] + record["answer"], add_special_tokens=True)
+        assert row == [*expected, tokenizer.eos_token_id]
+
+
+def test_split_is_disjoint_complete_and_seeded() -> None:
+    train, held = toy.split_problems(seed=0, heldout=500)
+    assert len(held) == 500 and len(train) == 9500
+    assert not set(train) & set(held)
+    assert set(train) | set(held) == {(a, b) for a in range(100) for b in range(100)}
+    assert toy.split_problems(seed=0, heldout=500) == (train, held)
+    assert toy.split_problems(seed=1, heldout=500)[1] != held
+
+
+def test_tiny_build_loads_and_reruns_idempotently(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "quickstart"
+    args = ["--out", str(out), "--student-steps", "2", "--teacher-steps", "3", "--heldout", "20"]
+    args += ["--batch-size", "8", "--seed", "3"]
+    assert toy.main(args) == 0
+
+    train = [json.loads(line) for line in (out / "data/train.jsonl").read_text().splitlines()]
+    held = [json.loads(line) for line in (out / "data/heldout.jsonl").read_text().splitlines()]
+    assert len(train) == 9980 and len(held) == 20
+    assert set(held[0]) == {"prompt", "answer"}
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    report = json.loads((out / "models/accuracy.json").read_text())
+    assert report["num_problems"] == 20 and report["teacher"]["steps"] == 3
+    assert 0.0 <= report["student"]["accuracy"] <= 1.0
+
+    for name in ("student", "teacher"):
+        path = out / "models" / name
+        for file in toy.MODEL_FILES:
+            assert (path / file).is_file(), f"{name}/{file}"
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path)
+        assert model.config.vocab_size == 16 and model.config.eos_token_id == 13
+        assert next(model.parameters()).dtype.is_floating_point
+        assert tokenizer.encode(held[0]["prompt"])[0] == model.config.bos_token_id
+        assert load_hf_config(path).num_layers == 4  # the trainer's config check accepts it
+    assert not list((out / "models").glob(".*")), "temporary directories left behind"
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    start = time.monotonic()
+    rerun = subprocess.run(
+        [sys.executable, "tools/make_toy_task.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert time.monotonic() - start < 15  # no torch import, no training
+    assert "already complete" in rerun.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+
+    options = toy.parse_args(args)[1]
+    assert toy.is_complete(out, options)
+    assert not toy.is_complete(out, toy.Options(seed=4))
+    (out / "models/student/model.safetensors").unlink()
+    assert not toy.is_complete(out, options)

@@ -1,0 +1,454 @@
+#!/usr/bin/env python
+"""Build the toy task of the CPU quickstart: a teacher, a student and prompt files.
+
+The task: 2-digit addition with zero-padded operands and the sum reversed, zero-padded to 3
+digits ("07+45=" -> "250"). One seeded SFT run of a tiny Llama (4 layers, hidden 128) trains on
+the problems that are not held out; its checkpoint at ``--student-steps`` is the (weak) student
+and the one at ``--teacher-steps`` the (strong) teacher, so the pair shares a lineage like the
+paper's.
+
+With the defaults (seed 0) the student, at step 200, gets 12.4% of the 500 held-out problems
+right (greedy) and the teacher, at step 1600, 99.8%. The student's accuracy climbs steeply around
+its step (seed 0: 5.4% at step 175, 24% at 225, 79% at 450) and the climb starts later or
+earlier with other seeds (seed 1: 1.6% at 200, 13% at 250), so with another ``--seed`` check the
+printed accuracies (also in ``models/accuracy.json``) and move ``--student-steps`` if needed.
+
+Layout of ``--out`` (default ``runs/quickstart``)::
+
+    models/teacher/      config.json, model.safetensors (fp32), generation_config.json,
+    models/student/      tokenizer.json, tokenizer_config.json
+    models/accuracy.json greedy exact-match accuracy of both on the held-out problems
+    data/train.jsonl     {"prompt": "07+45=", "answer": "250"} per line: every training problem
+    data/heldout.jsonl   the held-out problems (same fields)
+    manifest.json        the options of the build; written last, so it marks a complete build
+
+A re-run with the same options finds the manifest and exits at once; ``--force`` rebuilds.
+Each model directory is written into a temporary directory and renamed into place.
+
+The tokenizer is character-level: the 10 digits, '+', '=', then ``<s>``, ``</s>``, ``<pad>`` and
+``<unk>`` (ids 0-9 are the digits; ``<unk>`` is the unused 16th token that makes the vocabulary
+even, so tensor parallel 2 splits it without padding). ``encode(prompt)`` prepends ``<s>``.
+
+Run: ``python tools/make_toy_task.py [--out DIR] [--seed N] [--force]`` (about 5 minutes on two
+idle CPU cores with the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+DIGITS = "0123456789"
+CHARACTERS = [*DIGITS, "+", "="]
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, UNK]
+VOCAB: dict[str, int] = {token: i for i, token in enumerate(CHARACTERS + SPECIAL_TOKENS)}
+VOCAB_SIZE = len(VOCAB)  # 16: 15 used tokens and <unk>
+ANSWER_LENGTH = 3
+PROMPT_LENGTH = 6  # "07+45="
+NUM_PROBLEMS = 100 * 100
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything that determines the build's results (the manifest stores these)."""
+
+    seed: int = 0
+    student_steps: int = 200
+    teacher_steps: int = 1600
+    heldout: int = 500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+
+
+# ----------------------------------------------------------------------------- task and data
+
+
+def problem(a: int, b: int) -> tuple[str, str]:
+    """The prompt and answer for ``a + b``: ``problem(7, 45) == ("07+45=", "250")``."""
+    if not (0 <= a <= 99 and 0 <= b <= 99):
+        raise ValueError(f"operands must be in 0..99, got {a} and {b}")
+    return f"{a:02d}+{b:02d}=", f"{a + b:03d}"[::-1]
+
+
+def all_pairs() -> list[tuple[int, int]]:
+    """Every operand pair, in order: (0, 0), (0, 1), ..., (99, 99)."""
+    return [(a, b) for a in range(100) for b in range(100)]
+
+
+def split_problems(
+    seed: int, heldout: int = 500
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Split all 10,000 operand pairs into (train, held-out), each sorted; ``heldout`` pairs are
+    drawn at random (Python's ``random`` seeded with ``seed``, stable across versions)."""
+    if not 0 < heldout < NUM_PROBLEMS:
+        raise ValueError(f"heldout must be in 1..{NUM_PROBLEMS - 1}, got {heldout}")
+    pairs = all_pairs()
+    chosen = set(random.Random(seed).sample(range(NUM_PROBLEMS), heldout))
+    train = [pair for i, pair in enumerate(pairs) if i not in chosen]
+    held = [pair for i, pair in enumerate(pairs) if i in chosen]
+    return train, held
+
+
+def problem_records(pairs: Sequence[tuple[int, int]]) -> list[dict[str, str]]:
+    """``{"prompt": ..., "answer": ...}`` for each pair (the trainer's prompt-file format)."""
+    records = []
+    for a, b in pairs:
+        prompt, answer = problem(a, b)
+        records.append({"prompt": prompt, "answer": answer})
+    return records
+
+
+def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Write one JSON object per line, atomically (a temporary file renamed into place)."""
+    text = "".join(json.dumps(record) + "\n" for record in records)
+    _write_text_atomic(path, text)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def make_char_tokenizer() -> PreTrainedTokenizerFast:
+    """The character-level tokenizer: one token per character, ``<s>`` prepended by
+    ``encode(..., add_special_tokens=True)``, decoding joins characters without spaces."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab=dict(VOCAB), unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, VOCAB[BOS])]
+    )
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        model_max_length=64,
+    )
+
+
+def encode_examples(records: Sequence[dict[str, str]]) -> torch.Tensor:
+    """Token ids of ``<s> prompt answer </s>`` for each record, shape ``[n, 11]``.
+
+    Characters map straight to :data:`VOCAB` (the same ids the tokenizer gives, which the tests
+    check), so encoding 10,000 problems takes no tokenizer calls."""
+    import torch
+
+    rows = [
+        [VOCAB[BOS], *(VOCAB[c] for c in r["prompt"] + r["answer"]), VOCAB[EOS]] for r in records
+    ]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def make_model(seed: int) -> LlamaForCausalLM:
+    """A freshly initialised fp32 Llama (4 layers, hidden 128, 4 heads, MLP 512), seeded."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        bos_token_id=VOCAB[BOS],
+        eos_token_id=VOCAB[EOS],
+        pad_token_id=VOCAB[PAD],
+    )
+    config.dtype = torch.float32
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.generation_config = GenerationConfig(
+        bos_token_id=VOCAB[BOS], eos_token_id=VOCAB[EOS], pad_token_id=VOCAB[PAD]
+    )
+    return model
+
+
+def save_model_dir(model: LlamaForCausalLM, path: Path) -> None:
+    """Save weights (safetensors, fp32), configs and tokenizer to ``path`` atomically: into a
+    temporary sibling directory, then renamed over any previous ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model directory is for reading
+        model.save_pretrained(tmp, safe_serialization=True)
+        make_char_tokenizer().save_pretrained(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename ``new`` to ``target``; an existing ``target`` is moved aside first, then deleted."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}-old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def answer_loss(model: LlamaForCausalLM, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens and the ``</s>`` after them (the prompt and
+    ``<s>`` carry no loss). ``batch`` is ``[n, 11]`` from :func:`encode_examples`."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch[:, :-1]).logits
+    # Position t predicts token t + 1; the answer starts at token 1 + PROMPT_LENGTH.
+    first = PROMPT_LENGTH  # the position that predicts the first answer token
+    target = batch[:, first + 1 :]
+    pred = logits[:, first:, :]
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1))
+
+
+def batches(examples: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled epochs over ``examples`` in batches of ``batch_size`` (seeded)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=generator)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield examples[order[start : start + batch_size]]
+
+
+def train(
+    model: LlamaForCausalLM,
+    examples: torch.Tensor,
+    options: Options,
+    checkpoints: dict[int, Callable[[LlamaForCausalLM], None]],
+    log_every: int = 100,
+) -> None:
+    """SFT: AdamW, linear warm-up to ``options.lr`` then constant, gradient clipping. After
+    step ``s`` (counting from 1) ``checkpoints[s](model)`` runs, if present."""
+    import torch
+
+    if options.batch_size > len(examples):
+        raise ValueError(f"batch size {options.batch_size} > {len(examples)} training problems")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr)
+    warmup = max(options.warmup_steps, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup)
+    )
+    model.train()
+    stream = batches(examples, options.batch_size, options.seed)
+    start = time.monotonic()
+    for step in range(1, options.teacher_steps + 1):
+        loss = answer_loss(model, next(stream))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+        optimizer.step()
+        schedule.step()
+        if step % log_every == 0 or step == options.teacher_steps:
+            elapsed = time.monotonic() - start
+            print(f"step {step:5d}  loss {loss.item():.4f}  {elapsed:6.1f} s", flush=True)
+        if step in checkpoints:
+            checkpoints[step](model)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def greedy_answers(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    prompts: Sequence[str],
+    batch_size: int = 500,
+) -> list[str]:
+    """Decode ``ANSWER_LENGTH`` tokens greedily after each prompt; return the decoded answers
+    (special tokens skipped, stripped)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        # All prompts have the same length, so the batch needs no padding.
+        ids = torch.tensor([tokenizer.encode(p, add_special_tokens=True) for p in chunk])
+        with torch.no_grad():
+            for _ in range(ANSWER_LENGTH):
+                next_token = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, next_token], dim=1)
+        new = ids[:, -ANSWER_LENGTH:].tolist()
+        answers.extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in new)
+    model.train(was_training)
+    return answers
+
+
+def accuracy(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, records: Sequence[dict[str, str]]
+) -> float:
+    """Greedy exact-match accuracy of ``model`` on ``records``."""
+    answers = greedy_answers(model, tokenizer, [r["prompt"] for r in records])
+    return sum(a == r["answer"] for a, r in zip(answers, records, strict=True)) / len(records)
+
+
+def saved_accuracy(model_dir: Path, records: Sequence[dict[str, str]]) -> float:
+    """Load ``model_dir`` (model and tokenizer) with transformers' Auto classes and measure its
+    greedy exact-match accuracy on ``records``: this checks the saved files, not the memory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return accuracy(model, tokenizer, records)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    """The manifest of a complete build in ``out``, or None (missing, unreadable, or files of
+    the build missing)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    needed = [out / "models" / name / f for name in ("student", "teacher") for f in MODEL_FILES]
+    needed += [out / "models" / "accuracy.json", out / "data/train.jsonl"]
+    needed += [out / "data/heldout.jsonl"]
+    if not isinstance(manifest, dict) or not all(p.is_file() for p in needed):
+        return None
+    return manifest
+
+
+def is_complete(out: Path, options: Options) -> bool:
+    """Whether ``out`` holds a complete build made with ``options``."""
+    manifest = read_manifest(out)
+    return (
+        manifest is not None
+        and manifest.get("format") == MANIFEST_FORMAT
+        and manifest.get("options") == asdict(options)
+    )
+
+
+def build(out: Path, options: Options) -> dict[str, float]:
+    """Write data, both models and their accuracies to ``out``; return the accuracies."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the saves and loads here take milliseconds
+    (out / MANIFEST).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
+    train_pairs, held_pairs = split_problems(options.seed, options.heldout)
+    train_records, held_records = problem_records(train_pairs), problem_records(held_pairs)
+    write_jsonl(out / "data" / "train.jsonl", train_records)
+    write_jsonl(out / "data" / "heldout.jsonl", held_records)
+    print(f"data: {len(train_records)} training, {len(held_records)} held-out problems")
+
+    models = out / "models"
+    checkpoints: dict[int, Callable[[LlamaForCausalLM], None]] = {
+        options.student_steps: lambda m: save_model_dir(m, models / "student")
+    }
+    start = time.monotonic()
+    model = make_model(options.seed)
+    train(model, encode_examples(train_records), options, checkpoints)
+    save_model_dir(model, models / "teacher")
+    print(f"SFT: {options.teacher_steps} steps in {time.monotonic() - start:.1f} s")
+
+    scores = {name: saved_accuracy(models / name, held_records) for name in ("student", "teacher")}
+    report = {
+        "metric": "greedy exact match on data/heldout.jsonl",
+        "num_problems": len(held_records),
+        "student": {"steps": options.student_steps, "accuracy": scores["student"]},
+        "teacher": {"steps": options.teacher_steps, "accuracy": scores["teacher"]},
+    }
+    _write_text_atomic(models / "accuracy.json", json.dumps(report, indent=2) + "\n")
+    manifest = {"format": MANIFEST_FORMAT, "options": asdict(options), "accuracy": scores}
+    _write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return scores
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, Options, bool]:
+    """The output directory, the build options and ``--force``."""
+    defaults = Options()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--student-steps", type=int, default=defaults.student_steps, help="SFT step of the student"
+    )
+    parser.add_argument(
+        "--teacher-steps", type=int, default=defaults.teacher_steps, help="SFT step of the teacher"
+    )
+    parser.add_argument("--heldout", type=int, default=defaults.heldout, help="held-out problems")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    parser.add_argument("--force", action="store_true", help="rebuild even if complete")
+    args = parser.parse_args(argv)
+    if not 1 <= args.student_steps <= args.teacher_steps:
+        parser.error("need 1 <= --student-steps <= --teacher-steps")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be positive")
+    options = Options(
+        seed=args.seed,
+        student_steps=args.student_steps,
+        teacher_steps=args.teacher_steps,
+        heldout=args.heldout,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        grad_clip=args.grad_clip,
+    )
+    return args.out, options, args.force
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Build the toy task unless ``--out`` already holds it; return the exit status."""
+    out, options, force = parse_args(argv)
+    if not force and is_complete(out, options):
+        scores = (read_manifest(out) or {}).get("accuracy", {})
+        print(f"{out}: already complete with these options ({scores}); --force rebuilds")
+        return 0
+    scores = build(out, options)
+    print(f"greedy accuracy on held-out: student {scores['student']:.1%}, ", end="")
+    print(f"teacher {scores['teacher']:.1%}  ({out / 'models' / 'accuracy.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
