@@ -55,6 +55,8 @@ Positions = adopt(
     {
         "mode": "Supervised response positions: all, last, first_k or last_k (paper: last_k).",
         "k": "Positions per response for first_k / last_k (paper: 2000).",
+        "anchor": "Which state stands for response token t: 'token' (computed at t; paper) or "
+        "'prediction' (the state predicting t, one earlier; for very short responses).",
     },
 )
 

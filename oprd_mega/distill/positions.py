@@ -8,6 +8,12 @@ token:
 * ``all``: every response token;
 * ``last``: the last response token;
 * ``first_k`` / ``last_k``: the first / last ``min(k, response length)`` response tokens.
+
+``anchor`` says which hidden state stands for response token t: ``token`` (the paper's: the
+state computed at token t) or ``prediction`` (the state that predicts token t, one position
+earlier: the last prompt token for the first response token). Both models use the same
+positions. ``prediction`` matters for very short responses, where the state that decides the
+first response token would otherwise go unsupervised.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 POSITION_MODES = ("all", "last", "first_k", "last_k")
+POSITION_ANCHORS = ("token", "prediction")
 
 
 @dataclass(frozen=True)
@@ -26,12 +33,20 @@ class PositionSpec:
 
     mode: str = "last_k"
     k: int = 2000
+    anchor: str = "token"
 
     def __post_init__(self) -> None:
         if self.mode not in POSITION_MODES:
             raise ValueError(f"positions.mode: {self.mode!r} is not one of {POSITION_MODES}")
+        if self.anchor not in POSITION_ANCHORS:
+            raise ValueError(f"positions.anchor: {self.anchor!r} is not one of {POSITION_ANCHORS}")
         if self.mode in ("first_k", "last_k") and self.k < 1:
             raise ValueError(f"positions.k: {self.k} must be >= 1 for mode {self.mode!r}")
+
+    @property
+    def shift(self) -> int:
+        """Offset of the supervised state from its response token (-1 for ``prediction``)."""
+        return -1 if self.anchor == "prediction" else 0
 
     def response_range(self, response_length: int) -> tuple[int, int]:
         """``[start, stop)`` of the supervised tokens within one response of this length."""
@@ -78,7 +93,9 @@ def padded_position_mask(
                 f"sequence length {sequence_length}"
             )
         start, stop = spec.response_range(response)
-        mask[row, prompt + start : prompt + stop] = True
+        if spec.shift and prompt == 0 and stop > start:
+            raise ValueError(f"positions: sample {row} has no prompt token to anchor on")
+        mask[row, prompt + start + spec.shift : prompt + stop + spec.shift] = True
     return mask
 
 
@@ -113,6 +130,9 @@ def packed_position_mask(
                 f"positions: sample {index} has {prompt} + {response} tokens but only {slot} slots"
             )
         start, stop = spec.response_range(response)
-        mask[offset + prompt + start : offset + prompt + stop] = True
+        if spec.shift and prompt == 0 and stop > start:
+            raise ValueError(f"positions: sample {index} has no prompt token to anchor on")
+        begin = offset + prompt + spec.shift
+        mask[begin + start : begin + stop] = True
         offset += slot
     return mask

@@ -87,3 +87,24 @@ def test_errors_name_the_problem() -> None:
         packed_position_mask([1, 2], [1, 2], PositionSpec("all"), padded_lengths=[2, 3])
     with pytest.raises(ValueError, match="2 prompt lengths but 1 response lengths"):
         packed_position_mask([1, 2], [1], PositionSpec("all"))
+
+
+@pytest.mark.parametrize(
+    ("mode", "k", "expected"),
+    [("all", 1, [2, 3, 4, 5]), ("last_k", 2, [4, 5]), ("first_k", 1, [2]), ("last", 1, [5])],
+)
+def test_prediction_anchor_is_one_position_earlier(mode: str, k: int, expected: list[int]) -> None:
+    # [p p p r r r r . .]: response tokens at 3..6; their predicting states at 2..5.
+    spec = PositionSpec(mode, k, anchor="prediction")
+    padded = padded_position_mask([3], [4], 9, spec)
+    assert padded[0].nonzero().flatten().tolist() == expected
+    packed = packed_position_mask([2, 3], [1, 4], spec, padded_lengths=[4, 9])
+    assert packed[4:].nonzero().flatten().tolist() == expected
+    assert packed[:4].nonzero().flatten().tolist() == [1]  # the one-token response
+
+
+def test_prediction_anchor_needs_a_prompt_token() -> None:
+    with pytest.raises(ValueError, match="no prompt token"):
+        padded_position_mask([0], [2], 4, PositionSpec("all", anchor="prediction"))
+    with pytest.raises(ValueError, match="anchor"):
+        PositionSpec("all", anchor="before")

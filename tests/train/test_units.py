@@ -1,0 +1,83 @@
+"""The trainer's pure pieces against hand-computed expectations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from oprd_mega.distill.positions import PositionSpec
+from oprd_mega.train.batching import StepSample, plan_step, rank_microbatches
+from oprd_mega.train.lr_schedule import learning_rate
+from oprd_mega.train.prompt_stream import PromptStream
+from oprd_mega.train.rollouts import prompt_seed
+from tools.quickstart_summary import gap_closed, summary_line
+
+
+def lr(step: int, decay: str = "cosine") -> float:
+    return learning_rate(step, lr=1.0, min_lr=0.1, steps=11, warmup=2, decay=decay)  # type: ignore[arg-type]
+
+
+def test_learning_rate_warmup_then_decay() -> None:
+    assert [lr(0), lr(1)] == [0.5, 1.0]
+    assert lr(10) == pytest.approx(0.1) and lr(10, "linear") == pytest.approx(0.1)
+    # Halfway through the decay (step 6 of 2..10): cosine and linear both at the midpoint.
+    assert lr(6) == pytest.approx(0.55) and lr(6, "linear") == pytest.approx(0.55)
+    assert lr(4) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+    assert lr(7, "constant") == 1.0
+    with pytest.raises(ValueError, match="outside"):
+        lr(11)
+
+
+def test_prompt_stream_epochs_and_resume() -> None:
+    items = list(range(7))
+    stream = PromptStream(items, seed=3)
+    first = stream.take(5) + stream.take(5)  # crosses into epoch 1
+    assert sorted(first[:7]) == items and stream.epoch == 1
+    state = stream.state_dict()
+    after = stream.take(6)
+    again = PromptStream(items, seed=3)
+    again.load_state_dict(state)
+    assert again.take(6) == after
+    assert PromptStream(items, seed=4).take(7) != PromptStream(items, seed=3).take(7)
+    assert PromptStream(items, seed=3, shuffle=False).take(9) == [*items, 0, 1]
+    with pytest.raises(ValueError, match="data.path"):
+        PromptStream(list(range(6)), seed=3).load_state_dict(state)
+
+
+def test_rank_microbatches_cover_every_sample_once() -> None:
+    samples = [StepSample(tuple(range(1, 3 + n)), 2) for n in (1, 5, 2, 7, 3, 4)]
+    schedule = plan_step(samples, dp_size=2, max_tokens=14, multiple=1, cost=None)
+    seen = []
+    shapes = set()
+    for rank in range(2):
+        for batch in rank_microbatches(samples, schedule, rank, PositionSpec("all"), 0, 4):
+            shapes.add(batch.shape)
+            for row in range(batch.shape[0]):
+                length = int((batch.tokens[row] != 0).sum())
+                seen.append(length)
+                assert int(batch.supervised[row].sum()) == max(length - 2, 0)
+    assert sorted(x for x in seen if x > 1) == sorted(len(s.token_ids) for s in samples)
+    assert len(shapes) == 1 and next(iter(shapes))[1] % 4 == 0  # one shape, seq padded to 4
+
+
+def test_prompt_seeds_differ_per_step_and_prompt() -> None:
+    seeds = {prompt_seed(0, step, group) for step in range(50) for group in range(64)}
+    assert len(seeds) == 50 * 64
+
+
+def test_summary_line_format() -> None:
+    line = summary_line(0.95, [(0, 0.12), (300, 0.9)], [(0, 0.12), (300, 0.2)])
+    assert line == (
+        "quickstart: teacher 95.0%, student before 12.0% -> after 90.0% (gap closed 94.0%); "
+        "opd-top1 after 20.0%"
+    )
+    assert gap_closed(1.0, 0.5, 0.75) == 0.5
+    with pytest.raises(SystemExit, match="no gap"):
+        gap_closed(0.5, 0.6, 0.7)
+
+
+def test_quickstart_script_prints_the_checked_line_last() -> None:
+    script = (Path(__file__).resolve().parents[2] / "scripts" / "quickstart.sh").read_text()
+    assert script.rstrip().splitlines()[-2].strip().startswith('"$py" tools/quickstart_summary.py')
