@@ -98,6 +98,9 @@ class AttachSection(Section):
     """An sglang_router URL: generation goes through it, weight updates to its workers."""
     health_timeout_s: float = Field(60.0, gt=0)
     """Seconds to wait for the servers' /health at start."""
+    tp_size: int = Field(1, ge=1)
+    """Tensor-parallel size of each attached server (the distributed weight sync gives each
+    server that many ranks)."""
 
 
 class DiskSyncSection(Section):

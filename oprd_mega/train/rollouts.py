@@ -82,7 +82,11 @@ class RolloutService:
             distributed.master_port or _free_port(),
             group_name=distributed.group_name,
             backend=distributed.backend,
-            server_tp_size=launch.tp_size if launch is not None else 1,
+            server_tp_size=(
+                launch.tp_size
+                if self.config.rollout.mode == "launch" and launch is not None
+                else self.config.rollout.attach.tp_size
+            ),
             timeout_s=distributed.timeout_s,
             **common,
         )
