@@ -121,6 +121,9 @@ class Trainer:
         self.pairs = check_models(config, self.student_args, self.teacher_args)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.resume_from = self._find_resume()
+        export = config.checkpoint.export_hf
+        if export is not None and Path(export).exists():  # found now, not after training
+            raise TrainingError(f"checkpoint.export_hf = {export!r} exists; choose a new directory")
         self.prompts, self.eval_prompts, self.tokenizer = None, None, None
         # Servers first: an unreachable one stops the run before any model is built.
         shared(self._start_rollouts, "rollout servers")
@@ -374,8 +377,13 @@ class Trainer:
             decay=config.schedule.decay,
         )
         set_learning_rate(self.optimizer, lr)
+        cuda = torch.cuda.is_available()
+        if cuda:  # dPeak: the update's peak above what was allocated before it (METHOD.md)
+            baseline = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
         with timer("train"):
             result = self.step.run(microbatches)
+        dpeak = (torch.cuda.max_memory_allocated() - baseline) / 2**20 if cuda else None
         version = self._version(step + 1)
         with timer("sync"):
             sync_bytes = self._sync_weights(version) if not result.skipped else 0
@@ -393,6 +401,7 @@ class Trainer:
             "schedule/imbalance": imbalance,
             "sync/bytes": sync_bytes,
             "memory/peak_mib": peak_memory_mib(),
+            "memory/update_dpeak_mib": dpeak,
             "time/teacher": result.teacher_seconds,
             "time/student": result.seconds - result.teacher_seconds,
             "time/step": total,
@@ -583,22 +592,35 @@ class Trainer:
         return path
 
     def _export(self, directory: str) -> None:
+        """The final student as a Hugging Face directory (written aside, then renamed)."""
+        import shutil
+        import tempfile
+
         from oprd_mega.convert.gather import gather_hf_weights
         from oprd_mega.convert.hf_io import copy_aux_files, write_safetensors_shards
 
         target = Path(directory)
+        error = None
+        if self.rank == 0 and target.exists():
+            error = f"checkpoint.export_hf = {directory!r} exists; choose a new directory"
+        error = shared(lambda: error, "export")
+        if error is not None:
+            raise TrainingError(error)
         weights = gather_hf_weights(self.model, self.student_args, dst_rank=0)
-        if self.rank == 0:
-            if target.exists() and any(target.iterdir()):
-                for _ in weights:
-                    pass
-                raise TrainingError(f"checkpoint.export_hf = {directory!r} exists and is not empty")
-            write_safetensors_shards(weights, target)
-            copy_aux_files(Path(self.config.student.path), target)
-            say(f"exported the student to {target} (Hugging Face format)")
-        else:
+        if self.rank != 0:
             for _ in weights:
                 pass
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            try:
+                write_safetensors_shards(weights, tmp)
+                copy_aux_files(Path(self.config.student.path), tmp)
+                tmp.rename(target)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            say(f"exported the student to {target} (Hugging Face format)")
         dist.barrier()
 
     def close(self) -> None:

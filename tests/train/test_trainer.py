@@ -59,7 +59,10 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_resume_reproduces_the_uninterrupted_run(task: Path, tmp_path: Path) -> None:
     whole = task_config(task, tmp_path / "whole")
-    require_success(train(whole, "metrics.sinks=[jsonl,tensorboard]"))
+    exported = tmp_path / "whole" / "hf"
+    require_success(
+        train(whole, "metrics.sinks=[jsonl,tensorboard]", f"checkpoint.export_hf={exported}")
+    )
     split = task_config(task, tmp_path / "split")
     first = require_success(train(split, "--stop-at-step", "3"))
     assert "checkpoint saved" in first and "step-00000003" in first
@@ -87,6 +90,30 @@ def test_resume_reproduces_the_uninterrupted_run(task: Path, tmp_path: Path) -> 
     state = read_state(latest)
     assert state.step == 6 and state.layout == {"tp": 2, "pp": 1, "dp": 1}
     assert not list((tmp_path / "split" / "ckpt").glob(".step-*"))  # no temp dirs left
+
+    # The exported student equals the conversion tool's export of the final checkpoint (which
+    # reads the torch_dist files layer by layer instead of gathering the live model).
+    converted = tmp_path / "converted"
+    subprocess.run(
+        [sys.executable, "-m", "oprd_mega.convert.cli", "mcore-to-hf",
+         "--mcore", str(tmp_path / "whole" / "ckpt" / "step-00000006" / "model"),
+         "--hf", str(converted)],
+        env=child_env(), check=True, capture_output=True, timeout=180,
+    )  # fmt: skip
+    ours, tools = _weights(exported), _weights(converted)
+    assert sorted(ours) == sorted(tools) and all(torch.equal(ours[k], tools[k]) for k in ours)
+    original = _weights(task / "student")
+    assert sorted(original) == sorted(ours) and any(
+        not torch.equal(original[k], ours[k]) for k in ours
+    )
+    assert (exported / "tokenizer.json").is_file() and (exported / "config.json").is_file()
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
 
 
 def test_two_nodes_match_one_node(task: Path, tmp_path: Path) -> None:
