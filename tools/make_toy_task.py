@@ -13,24 +13,33 @@ its step (seed 0: 5.4% at step 175, 24% at 225, 79% at 450) and the climb starts
 earlier with other seeds (seed 1: 1.6% at 200, 13% at 250), so with another ``--seed`` check the
 printed accuracies (also in ``models/accuracy.json``) and move ``--student-steps`` if needed.
 
+With ``--narrow`` it also builds a narrower student for the ``full`` projection example
+(examples/tiny_cpu_narrow_full.yaml): a separate seeded SFT run of the same recipe on the same
+training problems, of a Llama with hidden ``--narrow-hidden`` (default 64; 4 heads, MLP 4x
+hidden), stopped at ``--narrow-steps``. With the defaults (seed 0, hidden 64, step NARROW_ACC_STEPS) it gets
+NARROW_ACC of the held-out problems right. The default build does not pay for it: it has its own
+manifest, written after the default build is complete.
+
 Layout of ``--out`` (default ``runs/quickstart``)::
 
-    models/teacher/      config.json, model.safetensors (fp32), generation_config.json,
-    models/student/      tokenizer.json, tokenizer_config.json
-    models/accuracy.json greedy exact-match accuracy of both on the held-out problems
-    data/train.jsonl     {"prompt": "07+45=", "answer": "250"} per line: every training problem
-    data/heldout.jsonl   the held-out problems (same fields)
-    manifest.json        the options of the build; written last, so it marks a complete build
+    models/teacher/         config.json, model.safetensors (fp32), generation_config.json,
+    models/student/         tokenizer.json, tokenizer_config.json
+    models/student_narrow/  (with --narrow) the same files
+    models/accuracy.json    greedy exact-match accuracy of each on the held-out problems
+    data/train.jsonl        {"prompt": "07+45=", "answer": "250"} per line: every training problem
+    data/heldout.jsonl      the held-out problems (same fields)
+    manifest.json           the options of the build; written last, so it marks a complete build
+    manifest_narrow.json    (with --narrow) the same for the narrow student, written after it
 
-A re-run with the same options finds the manifest and exits at once; ``--force`` rebuilds.
-Each model directory is written into a temporary directory and renamed into place.
+A re-run with the same options finds the manifests and exits at once; ``--force`` rebuilds
+(everything). Each model directory is written into a temporary directory and renamed into place.
 
 The tokenizer is character-level: the 10 digits, '+', '=', then ``<s>``, ``</s>``, ``<pad>`` and
 ``<unk>`` (ids 0-9 are the digits; ``<unk>`` is the unused 16th token that makes the vocabulary
 even, so tensor parallel 2 splits it without padding). ``encode(prompt)`` prepends ``<s>``.
 
-Run: ``python tools/make_toy_task.py [--out DIR] [--seed N] [--force]`` (about 5 minutes on two
-idle CPU cores with the defaults).
+Run: ``python tools/make_toy_task.py [--out DIR] [--seed N] [--narrow] [--force]`` (about 5
+minutes on two idle CPU cores with the defaults; ``--narrow`` adds NARROW_TIME).
 """
 
 from __future__ import annotations
@@ -62,7 +71,11 @@ ANSWER_LENGTH = 3
 PROMPT_LENGTH = 6  # "07+45="
 NUM_PROBLEMS = 100 * 100
 MANIFEST = "manifest.json"
+NARROW_MANIFEST = "manifest_narrow.json"
 MANIFEST_FORMAT = 1
+NARROW_NAME = "student_narrow"
+HIDDEN = 128  # the teacher's and the default student's width
+NUM_HEADS = 4
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json")
 
 
@@ -78,6 +91,14 @@ class Options:
     lr: float = 1e-3
     warmup_steps: int = 100
     grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class NarrowOptions:
+    """The narrow student's own options (the rest of its recipe is :class:`Options`')."""
+
+    hidden: int = 64
+    steps: int = 300
 
 
 # ----------------------------------------------------------------------------- task and data
@@ -173,18 +194,23 @@ def encode_examples(records: Sequence[dict[str, str]]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- model
 
 
-def make_model(seed: int) -> LlamaForCausalLM:
-    """A freshly initialised fp32 Llama (4 layers, hidden 128, 4 heads, MLP 512), seeded."""
+def make_model(seed: int, hidden: int = HIDDEN) -> LlamaForCausalLM:
+    """A freshly initialised fp32 Llama (4 layers, ``hidden`` wide, 4 heads, MLP 4 x hidden;
+    the default: hidden 128, MLP 512), seeded."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+    if hidden % (2 * NUM_HEADS):
+        raise ValueError(
+            f"hidden must be a multiple of {2 * NUM_HEADS} (even head_dim), got {hidden}"
+        )
     config = LlamaConfig(
         vocab_size=VOCAB_SIZE,
-        hidden_size=128,
-        intermediate_size=512,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=NUM_HEADS,
         max_position_embeddings=64,
         hidden_act="silu",
         tie_word_embeddings=False,
@@ -260,10 +286,14 @@ def train(
     options: Options,
     checkpoints: dict[int, Callable[[LlamaForCausalLM], None]],
     log_every: int = 100,
+    steps: int | None = None,
 ) -> None:
-    """SFT: AdamW, linear warm-up to ``options.lr`` then constant, gradient clipping. After
-    step ``s`` (counting from 1) ``checkpoints[s](model)`` runs, if present."""
+    """SFT: AdamW, linear warm-up to ``options.lr`` then constant, gradient clipping, for
+    ``steps`` steps (default ``options.teacher_steps``). After step ``s`` (counting from 1)
+    ``checkpoints[s](model)`` runs, if present."""
     import torch
+
+    steps = options.teacher_steps if steps is None else steps
 
     if options.batch_size > len(examples):
         raise ValueError(f"batch size {options.batch_size} > {len(examples)} training problems")
@@ -275,14 +305,14 @@ def train(
     model.train()
     stream = batches(examples, options.batch_size, options.seed)
     start = time.monotonic()
-    for step in range(1, options.teacher_steps + 1):
+    for step in range(1, steps + 1):
         loss = answer_loss(model, next(stream))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
         optimizer.step()
         schedule.step()
-        if step % log_every == 0 or step == options.teacher_steps:
+        if step % log_every == 0 or step == steps:
             elapsed = time.monotonic() - start
             print(f"step {step:5d}  loss {loss.item():.4f}  {elapsed:6.1f} s", flush=True)
         if step in checkpoints:
@@ -372,6 +402,7 @@ def build(out: Path, options: Options) -> dict[str, float]:
 
     hf_logging.disable_progress_bar()  # the saves and loads here take milliseconds
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
+    (out / NARROW_MANIFEST).unlink(missing_ok=True)  # accuracy.json is rewritten without it
     train_pairs, held_pairs = split_problems(options.seed, options.heldout)
     train_records, held_records = problem_records(train_pairs), problem_records(held_pairs)
     write_jsonl(out / "data" / "train.jsonl", train_records)
@@ -401,8 +432,71 @@ def build(out: Path, options: Options) -> dict[str, float]:
     return scores
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, Options, bool]:
-    """The output directory, the build options and ``--force``."""
+def read_narrow_manifest(out: Path) -> dict[str, Any] | None:
+    """The narrow student's manifest, or None (missing, unreadable, its model files missing, or
+    its accuracy missing from ``models/accuracy.json``)."""
+    try:
+        manifest = json.loads((out / NARROW_MANIFEST).read_text(encoding="utf-8"))
+        report = json.loads((out / "models" / "accuracy.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    files = [out / "models" / NARROW_NAME / f for f in MODEL_FILES]
+    if not isinstance(manifest, dict) or not isinstance(report, dict) or NARROW_NAME not in report:
+        return None
+    return manifest if all(p.is_file() for p in files) else None
+
+
+def is_narrow_complete(out: Path, options: Options, narrow: NarrowOptions) -> bool:
+    """Whether ``out`` holds a complete default build made with ``options`` and a narrow student
+    made with ``options`` and ``narrow``."""
+    manifest = read_narrow_manifest(out)
+    return (
+        is_complete(out, options)
+        and manifest is not None
+        and manifest.get("format") == MANIFEST_FORMAT
+        and manifest.get("options") == asdict(options)
+        and manifest.get("narrow") == asdict(narrow)
+    )
+
+
+def build_narrow(out: Path, options: Options, narrow: NarrowOptions) -> float:
+    """Train the narrow student (its own seeded SFT run, ``options``' recipe, on the training
+    problems of the complete default build in ``out``), save it to ``models/student_narrow``,
+    add its accuracy to ``models/accuracy.json``; return the accuracy."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    (out / NARROW_MANIFEST).unlink(missing_ok=True)
+    train_pairs, held_pairs = split_problems(options.seed, options.heldout)
+    train_records, held_records = problem_records(train_pairs), problem_records(held_pairs)
+    path = out / "models" / NARROW_NAME
+    start = time.monotonic()
+    model = make_model(options.seed, hidden=narrow.hidden)
+    train(model, encode_examples(train_records), options, {}, steps=narrow.steps)
+    save_model_dir(model, path)
+    print(f"narrow SFT (hidden {narrow.hidden}): {narrow.steps} steps in ", end="")
+    print(f"{time.monotonic() - start:.1f} s")
+
+    score = saved_accuracy(path, held_records)
+    report_path = out / "models" / "accuracy.json"
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    report[NARROW_NAME] = {"steps": narrow.steps, "hidden": narrow.hidden, "accuracy": score}
+    _write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "options": asdict(options),
+        "narrow": asdict(narrow),
+        "accuracy": {NARROW_NAME: score},
+    }
+    _write_text_atomic(out / NARROW_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return score
+
+
+def parse_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[Path, Options, NarrowOptions | None, bool]:
+    """The output directory, the build options, the narrow student's options (None without
+    ``--narrow``) and ``--force``."""
     defaults = Options()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
@@ -418,6 +512,19 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, Options, bool]:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
     parser.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    parser.add_argument("--narrow", action="store_true", help=f"also build models/{NARROW_NAME}")
+    parser.add_argument(
+        "--narrow-hidden",
+        type=int,
+        default=None,
+        help=f"hidden size of the narrow student (default {NarrowOptions.hidden})",
+    )
+    parser.add_argument(
+        "--narrow-steps",
+        type=int,
+        default=None,
+        help=f"SFT steps of the narrow student (default {NarrowOptions.steps})",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
     args = parser.parse_args(argv)
     if not 1 <= args.student_steps <= args.teacher_steps:
@@ -434,19 +541,48 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Path, Options, bool]:
         warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip,
     )
-    return args.out, options, args.force
+    return args.out, options, _narrow_options(parser, args), args.force
+
+
+def _narrow_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> NarrowOptions | None:
+    """The narrow student's options from ``args`` (None without ``--narrow``), checked."""
+    given = args.narrow_hidden is not None or args.narrow_steps is not None
+    if not args.narrow:
+        if given:
+            parser.error("--narrow-hidden and --narrow-steps need --narrow")
+        return None
+    defaults = NarrowOptions()
+    hidden = defaults.hidden if args.narrow_hidden is None else args.narrow_hidden
+    steps = defaults.steps if args.narrow_steps is None else args.narrow_steps
+    if hidden < 1 or hidden % (2 * NUM_HEADS):
+        parser.error(f"--narrow-hidden must be a positive multiple of {2 * NUM_HEADS}")
+    if steps < 1:
+        parser.error("--narrow-steps must be positive")
+    return NarrowOptions(hidden=hidden, steps=steps)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Build the toy task unless ``--out`` already holds it; return the exit status."""
-    out, options, force = parse_args(argv)
+    """Build the toy task (and with ``--narrow`` the narrow student) unless ``--out`` already
+    holds it; return the exit status."""
+    out, options, narrow, force = parse_args(argv)
     if not force and is_complete(out, options):
         scores = (read_manifest(out) or {}).get("accuracy", {})
         print(f"{out}: already complete with these options ({scores}); --force rebuilds")
+    else:
+        scores = build(out, options)
+        print(f"greedy accuracy on held-out: student {scores['student']:.1%}, ", end="")
+        print(f"teacher {scores['teacher']:.1%}  ({out / 'models' / 'accuracy.json'})")
+    if narrow is None:
         return 0
-    scores = build(out, options)
-    print(f"greedy accuracy on held-out: student {scores['student']:.1%}, ", end="")
-    print(f"teacher {scores['teacher']:.1%}  ({out / 'models' / 'accuracy.json'})")
+    if not force and is_narrow_complete(out, options, narrow):
+        scores = (read_narrow_manifest(out) or {}).get("accuracy", {})
+        print(f"{out}: narrow student already complete ({scores}); --force rebuilds")
+        return 0
+    score = build_narrow(out, options, narrow)
+    print(f"greedy accuracy on held-out: {NARROW_NAME} (hidden {narrow.hidden}, ", end="")
+    print(f"{narrow.steps} steps) {score:.1%}")
     return 0
 
 

@@ -1,5 +1,10 @@
 """OPRD-Bridge stage 1 building blocks: teacher statistics, P_T/mu_T, P_S fits, the bridge file,
-and cross-tokenizer position alignment (METHOD.md, "bridge")."""
+and cross-tokenizer position alignment (METHOD.md, "bridge").
+
+The end-to-end tool over Megatron models is :mod:`oprd_mega.bridge.build`
+(``tools/build_bridge.py``); it is not imported here, so the building blocks load without
+Megatron.
+"""
 
 from .alignment import AlignmentError, align_last_character
 from .covariance import StreamingCovariance, all_reduce_covariance

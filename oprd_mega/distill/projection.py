@@ -17,9 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from megatron.core import parallel_state
+
+from oprd_mega.bridge.file import BridgeMetadata
 
 PROJECTION_MODES = ("identity", "full", "bridge")
 PROJECTION_ATTR = "oprd_projection"
@@ -133,10 +136,12 @@ class BridgeProjection(torch.nn.Module):
 
 @dataclass
 class Bridge:
-    """An OPRD-Bridge: P_S per student layer, P_T and mu_T per teacher layer (rank r)."""
+    """An OPRD-Bridge as the step uses it: P_S per student layer, P_T and mu_T per teacher
+    layer (rank r), and the file's metadata when read from one."""
 
     student: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [r, d_S]
     teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    metadata: BridgeMetadata | None = None
 
     @property
     def rank(self) -> int:
@@ -144,52 +149,29 @@ class Bridge:
         return next(iter(self.student.values())).shape[0]
 
 
-def save_bridge(bridge: Bridge, path: str | Path) -> Path:
-    """Write a bridge as safetensors: ``student.{l}.P_S``, ``teacher.{l}.P_T``/``.mu_T``."""
-    from safetensors.torch import save_file
-
-    tensors = {f"student.{layer}.P_S": p.contiguous() for layer, p in bridge.student.items()}
-    for layer, (projection, mean) in bridge.teacher.items():
-        tensors[f"teacher.{layer}.P_T"] = projection.contiguous()
-        tensors[f"teacher.{layer}.mu_T"] = mean.contiguous()
-    path = Path(path)
-    save_file(tensors, str(path), metadata={"format": "oprd-bridge", "version": "1"})
-    return path
-
-
 def load_bridge(path: str | Path) -> Bridge:
-    """Read a bridge file written by :func:`save_bridge`; errors name the file and key."""
-    from safetensors import safe_open
+    """Read a bridge file written by :func:`oprd_mega.bridge.save_bridge_file` (stage 1,
+    ``tools/build_bridge.py``); errors name ``projection.bridge_path`` and the file."""
+    from oprd_mega.bridge.file import BridgeMismatchError, load_bridge_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"projection.bridge_path: bridge file not found: {path}")
-    bridge = Bridge()
-    means: dict[int, torch.Tensor] = {}
-    projections: dict[int, torch.Tensor] = {}
-    with safe_open(str(path), framework="pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            parts = key.split(".")
-            if len(parts) != 3 or parts[0] not in ("student", "teacher") or not parts[1].isdigit():
-                raise ValueError(f"{path}: unexpected tensor {key!r} in the bridge file")
-            side, layer, name = parts[0], int(parts[1]), parts[2]
-            tensor = handle.get_tensor(key)
-            if side == "student" and name == "P_S":
-                bridge.student[layer] = tensor
-            elif side == "teacher" and name == "P_T":
-                projections[layer] = tensor
-            elif side == "teacher" and name == "mu_T":
-                means[layer] = tensor
-            else:
-                raise ValueError(f"{path}: unexpected tensor {key!r} in the bridge file")
-    if set(projections) != set(means):
+    try:
+        loaded = load_bridge_file(path)
+    except BridgeMismatchError as exc:
+        raise ValueError(f"projection.bridge_path: {exc}") from exc
+    if loaded.metadata.student_map != "linear":
         raise ValueError(
-            f"{path}: teacher layers with P_T {sorted(projections)} but mu_T {sorted(means)}"
+            f"projection.bridge_path: {path} holds {loaded.metadata.student_map} P_S maps; MLP "
+            "bridge maps are not supported by the distillation step yet; fit a linear map "
+            "(build_bridge --map linear)"
         )
-    bridge.teacher = {layer: (projections[layer], means[layer]) for layer in projections}
-    if not bridge.student:
-        raise ValueError(f"{path}: the bridge file holds no student map (student.<l>.P_S)")
-    return bridge
+    return Bridge(
+        student={layer: m.weight().clone() for layer, m in loaded.student.items()},
+        teacher=dict(loaded.teacher),
+        metadata=loaded.metadata,
+    )
 
 
 def check_bridge(
@@ -213,6 +195,33 @@ def check_bridge(
                 f"{where}: teacher.{teacher_layer}.P_T {list(p_t.shape)} / mu_T "
                 f"{list(mu_t.shape)} do not match r={p_s.shape[0]}, d_T={d_teacher}"
             )
+
+
+def check_bridge_against(
+    bridge: Bridge | str | Path,
+    student_args: Any,
+    teacher_args: Any,
+    pairs: list[tuple[int, int]],
+    where: str = "projection.bridge_path",
+) -> Bridge:
+    """The bridge (loaded when given a path), checked against the models it will be used with
+    (``HFModelArgs`` of both): widths, depths, vocabularies, config hashes and the layer pairs
+    recorded in its metadata, then every pair's tensor shapes. Raises ``ValueError`` naming
+    ``where`` and every mismatch; returns the bridge."""
+    from oprd_mega.bridge.file import ModelIdentity, check_bridge_models
+
+    if not isinstance(bridge, Bridge):
+        bridge = load_bridge(bridge)
+    if bridge.metadata is not None:
+        check_bridge_models(
+            bridge.metadata,
+            ModelIdentity.from_args(student_args, "student"),
+            ModelIdentity.from_args(teacher_args, "teacher"),
+            pairs=pairs,
+            where=where,
+        )
+    check_bridge(bridge, pairs, student_args.hidden_size, teacher_args.hidden_size, where)
+    return bridge
 
 
 def attach_projection(

@@ -8,19 +8,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oprd_mega.bridge import (
+    BridgeFile,
+    BridgeMetadata,
+    BridgeMismatchError,
+    ModelIdentity,
+    StudentMap,
+    save_bridge_file,
+)
 from oprd_mega.distill.batch import local_rows, make_microbatch, sequence_major
 from oprd_mega.distill.positions import PositionSpec
 from oprd_mega.distill.projection import (
-    Bridge,
     FullProjection,
     ProjectionSpec,
     check_bridge,
+    check_bridge_against,
     is_projection_param,
     load_bridge,
-    save_bridge,
 )
 from oprd_mega.distill.step import StepOptions
 from oprd_mega.distill.taps import InjectLoss, KernelOptions, StudentTaps, TapInputs
+from oprd_mega.models.hf_config import HFModelArgs
 
 
 def test_microbatch_masks_select_response_tokens_and_next_token_labels() -> None:
@@ -126,15 +134,44 @@ def test_full_projection_is_seeded_per_layer_and_marked_for_tp_reduction() -> No
     assert not is_projection_param("decoder.layers.0.mlp.linear_fc1.weight")
 
 
-def test_bridge_file_round_trip_and_errors(tmp_path: Path) -> None:
-    bridge = Bridge(
-        student={2: torch.randn(4, 8)},
-        teacher={3: (torch.randn(4, 12), torch.randn(12))},
+def _tiny_args(hidden: int, layers: int) -> HFModelArgs:
+    return HFModelArgs(
+        family="llama",
+        vocab_size=100,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        rms_norm_eps=1e-6,
+        rope_theta=1e4,
+        tie_word_embeddings=False,
+        max_position_embeddings=64,
     )
-    path = save_bridge(bridge, tmp_path / "bridge.safetensors")
+
+
+def _write_bridge(path: Path, kind: str = "linear") -> Path:
+    """A rank-4 bridge for student layer 2 (d_S 8 of 2 layers) -> teacher layer 3 (d_T 12 of 3)."""
+    student, teacher = _tiny_args(8, 2), _tiny_args(12, 3)
+    torch.manual_seed(0)
+    metadata = BridgeMetadata(
+        4,
+        [(2, 3)],
+        ModelIdentity.from_args(student, "s"),
+        ModelIdentity.from_args(teacher, "t"),
+        student_map=kind,
+    )
+    maps = {2: StudentMap(8, 4, kind, hidden=5)}  # type: ignore[arg-type]
+    bridge = BridgeFile(metadata, maps, {3: (torch.randn(4, 12), torch.randn(12))})
+    return save_bridge_file(bridge, path)
+
+
+def test_bridge_file_round_trip_and_errors(tmp_path: Path) -> None:
+    path = _write_bridge(tmp_path / "bridge.safetensors")
     loaded = load_bridge(path)
-    assert loaded.rank == 4
-    torch.testing.assert_close(loaded.teacher[3][1], bridge.teacher[3][1])
+    assert loaded.rank == 4 and loaded.metadata is not None and loaded.metadata.rank == 4
+    assert loaded.student[2].shape == (4, 8) and loaded.teacher[3][0].shape == (4, 12)
     check_bridge(loaded, [(2, 3)], 8, 12, "bridge")
     with pytest.raises(ValueError, match="no P_S for student layer 1"):
         check_bridge(loaded, [(1, 3)], 8, 12, "bridge")
@@ -142,6 +179,29 @@ def test_bridge_file_round_trip_and_errors(tmp_path: Path) -> None:
         check_bridge(loaded, [(2, 3)], 9, 12, "bridge")
     with pytest.raises(FileNotFoundError, match="projection.bridge_path"):
         load_bridge(tmp_path / "missing.safetensors")
+
+
+def test_bridge_needs_metadata_and_a_linear_map(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file({"student.2.P_S": torch.zeros(4, 8)}, str(bare), metadata={"format": "oprd-bridge"})
+    with pytest.raises(ValueError, match="projection.bridge_path: .*not an OPRD bridge"):
+        load_bridge(bare)
+    mlp = _write_bridge(tmp_path / "mlp.safetensors", "mlp")
+    with pytest.raises(ValueError, match="MLP bridge maps are not supported by the distillation"):
+        load_bridge(mlp)
+
+
+def test_bridge_is_checked_against_the_models(tmp_path: Path) -> None:
+    path = _write_bridge(tmp_path / "bridge.safetensors")
+    student, teacher = _tiny_args(8, 2), _tiny_args(12, 3)
+    bridge = check_bridge_against(path, student, teacher, [(2, 3)])
+    assert check_bridge_against(bridge, student, teacher, [(2, 3)]) is bridge
+    with pytest.raises(BridgeMismatchError, match=r"teacher.num_layers: the bridge has 3"):
+        check_bridge_against(bridge, student, _tiny_args(12, 4), [(2, 3)])
+    with pytest.raises(BridgeMismatchError, match=r"layer_pairs: \[\(1, 2\)\] are not in"):
+        check_bridge_against(bridge, student, teacher, [(1, 2)])
 
 
 def test_option_errors_name_the_field() -> None:

@@ -143,3 +143,59 @@ def test_tiny_build_loads_and_reruns_idempotently(tmp_path: Path) -> None:
     assert not toy.is_complete(out, toy.Options(seed=4))
     (out / "models/student/model.safetensors").unlink()
     assert not toy.is_complete(out, options)
+
+
+def test_narrow_build_adds_a_narrow_student_without_rebuilding(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "quickstart"
+    base = ["--out", str(out), "--student-steps", "2", "--teacher-steps", "3", "--heldout", "20"]
+    base += ["--batch-size", "8", "--seed", "3"]
+    assert toy.main(base) == 0
+    assert not (out / toy.NARROW_MANIFEST).exists()  # the default build does not pay for it
+    base_stamps = {p: p.stat().st_mtime_ns for p in (out / "models").rglob("*") if p.is_file()}
+
+    args = [*base, "--narrow", "--narrow-hidden", "32", "--narrow-steps", "2"]
+    assert toy.main(args) == 0
+    for path, stamp in base_stamps.items():  # the default build was reused, not redone
+        if path.name != "accuracy.json":
+            assert path.stat().st_mtime_ns == stamp, path
+    path = out / "models" / toy.NARROW_NAME
+    for file in toy.MODEL_FILES:
+        assert (path / file).is_file(), file
+    model = AutoModelForCausalLM.from_pretrained(path)
+    hf = load_hf_config(path)
+    assert (hf.hidden_size, hf.num_layers, hf.intermediate_size, hf.head_dim) == (32, 4, 128, 8)
+    assert model.config.num_attention_heads == 4 and model.config.vocab_size == 16
+    report = json.loads((out / "models/accuracy.json").read_text())
+    assert report[toy.NARROW_NAME]["steps"] == 2 and report[toy.NARROW_NAME]["hidden"] == 32
+    assert {"student", "teacher"} <= set(report)
+    assert not list((out / "models").glob(".*")), "temporary directories left behind"
+
+    _, options, narrow, _ = toy.parse_args(args)
+    assert narrow == toy.NarrowOptions(hidden=32, steps=2)
+    assert toy.is_complete(out, options) and toy.is_narrow_complete(out, options, narrow)
+    assert not toy.is_narrow_complete(out, options, toy.NarrowOptions(hidden=32, steps=3))
+    assert toy.parse_args(base)[2] is None
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    rerun = subprocess.run(
+        [sys.executable, "tools/make_toy_task.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "narrow student already complete" in rerun.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+
+    (out / "models" / toy.NARROW_NAME / "model.safetensors").unlink()
+    assert toy.is_complete(out, options) and not toy.is_narrow_complete(out, options, narrow)
+
+
+def test_narrow_options_need_narrow_and_a_valid_width() -> None:
+    assert toy.parse_args(["--narrow"])[2] == toy.NarrowOptions()
+    with pytest.raises(SystemExit):
+        toy.parse_args(["--narrow-steps", "5"])
+    with pytest.raises(SystemExit):
+        toy.parse_args(["--narrow", "--narrow-hidden", "60"])  # head_dim 15: odd

@@ -183,23 +183,36 @@ def oracle(case: dict, work: Path) -> dict:
 
 # ----------------------------------------------------------------------------- Megatron side
 def make_bridge(work: Path, case: dict) -> None:
-    from oprd_mega.distill.projection import Bridge, save_bridge
+    from oprd_mega.bridge import (
+        BridgeFile,
+        BridgeMetadata,
+        ModelIdentity,
+        StudentMap,
+        save_bridge_file,
+    )
 
     generator = torch.Generator().manual_seed(11)
     r, d_s, d_t = 4, STUDENT["hidden_size"], TEACHER["hidden_size"]
-    bridge = Bridge()
-    tensors = {}
+    n_s, n_t = STUDENT["num_hidden_layers"], TEACHER["num_hidden_layers"]
+    student, teacher, tensors = {}, {}, {}
     for layer in case["layers"]:
-        t_layer = phi(layer, STUDENT["num_hidden_layers"], TEACHER["num_hidden_layers"])
+        t_layer = phi(layer, n_s, n_t)
         q, _ = torch.linalg.qr(torch.randn(d_t, r, generator=generator, dtype=torch.float64))
         p_t, mu_t = q.T.float().contiguous(), 0.1 * torch.randn(d_t, generator=generator)
         p_s = torch.randn(r, d_s, generator=generator) / d_s**0.5
-        bridge.student[layer] = p_s
-        bridge.teacher[t_layer] = (p_t, mu_t)
+        student[layer] = StudentMap.from_tensors({"P_S": p_s}, f"student.{layer}")
+        teacher[t_layer] = (p_t, mu_t)
         tensors[layer] = (p_s, p_t, mu_t)
     case["_bridge"] = tensors
     if dist.get_rank() == 0:
-        save_bridge(bridge, work / "bridge.safetensors")
+        vocab = COMMON["vocab_size"]
+        metadata = BridgeMetadata(
+            r,
+            [(layer, phi(layer, n_s, n_t)) for layer in case["layers"]],
+            ModelIdentity("student", d_s, n_s, vocab),
+            ModelIdentity("teacher", d_t, n_t, vocab),
+        )
+        save_bridge_file(BridgeFile(metadata, student, teacher), work / "bridge.safetensors")
     dist.barrier()
 
 
