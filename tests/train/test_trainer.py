@@ -58,12 +58,15 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_resume_reproduces_the_uninterrupted_run(task: Path, tmp_path: Path) -> None:
-    whole = task_config(task, tmp_path / "whole")
+    # Pipeline parallel: model, optimizer and RNG live on two stages (TP2 runs in the
+    # restart test, DP2 in the two-node test).
+    layout = {"tp": 1, "pp": 2}
+    whole = task_config(task, tmp_path / "whole", parallel=layout)
     exported = tmp_path / "whole" / "hf"
     require_success(
         train(whole, "metrics.sinks=[jsonl,tensorboard]", f"checkpoint.export_hf={exported}")
     )
-    split = task_config(task, tmp_path / "split")
+    split = task_config(task, tmp_path / "split", parallel=layout)
     first = require_success(train(split, "--stop-at-step", "3"))
     assert "checkpoint saved" in first and "step-00000003" in first
     # Lose the step-3 checkpoint: the resume goes back to step 2 and must drop the metrics the
@@ -88,7 +91,7 @@ def test_resume_reproduces_the_uninterrupted_run(task: Path, tmp_path: Path) -> 
     latest = find_latest(tmp_path / "split" / "ckpt")
     assert latest is not None and latest.name == "step-00000006"
     state = read_state(latest)
-    assert state.step == 6 and state.layout == {"tp": 2, "pp": 1, "dp": 1}
+    assert state.step == 6 and state.layout == {"tp": 1, "pp": 2, "dp": 1}
     assert not list((tmp_path / "split" / "ckpt").glob(".step-*"))  # no temp dirs left
 
     # The exported student equals the conversion tool's export of the final checkpoint (which
@@ -206,7 +209,9 @@ def _listening_pid(port: int) -> int | None:
     return None
 
 
-def _kill_server_after_step(config: Path, step: int, *overrides: str) -> tuple[int, str, str]:
+def _kill_server_after_step(
+    config: Path, step: int, *overrides: str, nproc: int = 1
+) -> tuple[int, str, str]:
     """Run the trainer, SIGKILL its rollout server once ``step`` is logged, wait for the end."""
     import yaml
 
@@ -214,7 +219,7 @@ def _kill_server_after_step(config: Path, step: int, *overrides: str) -> tuple[i
     port = data["rollout"]["launch"]["base_port"]
     metrics = Path(data["metrics"]["dir"]) / "metrics.jsonl"
     proc = subprocess.Popen(
-        launch_command(config, *overrides, nproc=1),
+        launch_command(config, *overrides, nproc=nproc),
         env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -244,8 +249,8 @@ def _kill_server_after_step(config: Path, step: int, *overrides: str) -> tuple[i
 def test_dead_server_is_restarted_and_resynced(task: Path, tmp_path: Path) -> None:
     config = task_config(task, tmp_path / "run")
     code, stdout, stderr = _kill_server_after_step(
-        config, 2, "parallel.tp=1", "evaluation.interval=0", "schedule.steps=5"
-    )
+        config, 2, "evaluation.interval=0", "schedule.steps=5", nproc=2
+    )  # TP2
     assert code == 0, f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr[-6000:]}"
     assert "restarting the rollout servers" in stdout
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "logs", kind="train")]
