@@ -103,9 +103,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# The distributed optimizer's state in the canonical per-parameter layout, so it reshards over
+# TP, PP and DP alike (its default format is not supported by the torch_dist saver).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 def _optimizer_sharded(model: torch.nn.Module, optimizer: Any, is_loading: bool) -> dict:
     model_sharded = unwrap(model).sharded_state_dict(metadata=_sharded_metadata())
-    return optimizer.sharded_state_dict(model_sharded, is_loading=is_loading)
+    return optimizer.sharded_state_dict(
+        model_sharded, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA)
+    )
 
 
 def save_checkpoint(

@@ -56,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     except (TrainingError, CheckpointError, ConfigError) as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        elif not getattr(exc, "shared", False):  # this rank's own failure
+            print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 1
     if rank == 0:
         print(

@@ -64,11 +64,11 @@ def shared(producer: Callable[[], Any], what: str) -> Any:
             box = [("error", f"{what}: {exc}")]
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
-    if kind == "lost":
-        raise ServersLostError(value)
-    if kind == "error":
-        raise TrainingError(value)
-    return value
+    if kind == "ok":
+        return value
+    error = ServersLostError(value) if kind == "lost" else TrainingError(value)
+    error.shared = True  # every rank raises it: rank 0 reports it
+    raise error
 
 
 @dataclass
@@ -119,6 +119,8 @@ class Trainer:
         self.student_args = load_hf_config(config.student.path)
         self.teacher_args = load_hf_config(config.teacher.path)
         self.pairs = check_models(config, self.student_args, self.teacher_args)
+        if config.optimizer.use_distributed_optimizer:
+            _require_apex_or_te()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.resume_from = self._find_resume()
         export = config.checkpoint.export_hf
@@ -199,6 +201,7 @@ class Trainer:
 
     def _build_models(self) -> None:
         from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallelConfig
 
         from oprd_mega.convert.hf_io import HFCheckpointReader
         from oprd_mega.convert.mcore_io import load_hf_weights
@@ -244,8 +247,15 @@ class Trainer:
                 sequence_parallel=sp,
                 bridge=bridge,
             )
-        self.model = wrap_student(student)
         opt = config.optimizer
+        self.model = wrap_student(
+            student,
+            DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=opt.use_distributed_optimizer,
+            ),
+        )
         self.optimizer = build_optimizer(
             self.model,
             lr=opt.lr,
@@ -287,7 +297,7 @@ class Trainer:
         try:
             load_checkpoint(path, self.model, self.optimizer)
         except Exception as exc:
-            raise CheckpointError(f"loading checkpoint {path} failed: {exc}") from exc
+            raise CheckpointError(f"loading checkpoint {path} failed: {exc!r}") from exc
         if self.rank == 0:
             self.prompts.load_state_dict(state.data)
         self.start_step = state.step
@@ -647,6 +657,19 @@ _RESUMABLE = {
     "metrics.progress_bar",
     "evaluation.interval",
 }
+
+
+def _require_apex_or_te() -> None:
+    """Megatron-Core 0.16's distributed optimizer restores its checkpoints only with Apex or
+    Transformer Engine (without them its state lacks or mishandles the Adam ``step``)."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
+        raise TrainingError(
+            "optimizer.use_distributed_optimizer = true needs Transformer Engine or Apex "
+            "(pip install 'oprd-mega[gpu]'): without them Megatron-Core cannot restore the "
+            "distributed optimizer from a checkpoint; set it to false (CPU runs)"
+        )
 
 
 def _pad_id(model_path: str) -> int:
