@@ -16,9 +16,11 @@ printed accuracies (also in ``models/accuracy.json``) and move ``--student-steps
 With ``--narrow`` it also builds a narrower student for the ``full`` projection example
 (examples/tiny_cpu_narrow_full.yaml): a separate seeded SFT run of the same recipe on the same
 training problems, of a Llama with hidden ``--narrow-hidden`` (default 64; 4 heads, MLP 4x
-hidden), stopped at ``--narrow-steps``. With the defaults (seed 0, hidden 64, step NARROW_ACC_STEPS) it gets
-NARROW_ACC of the held-out problems right. The default build does not pay for it: it has its own
-manifest, written after the default build is complete.
+hidden), stopped at ``--narrow-steps``. With the defaults (seed 0, hidden 64, step 300) it gets
+8.4% of the held-out problems right (greedy). Its curve (seed 0): 5.0% at step 200, 10% at 250,
+16% at 325, 26% at 400, 89% at 500, 99% at 700, so it can learn the task; as with the student,
+check the printed accuracy with another ``--seed``. The default build does not pay for it: it
+has its own manifest, written after the default build is complete (reused if there).
 
 Layout of ``--out`` (default ``runs/quickstart``)::
 
@@ -39,7 +41,7 @@ The tokenizer is character-level: the 10 digits, '+', '=', then ``<s>``, ``</s>`
 even, so tensor parallel 2 splits it without padding). ``encode(prompt)`` prepends ``<s>``.
 
 Run: ``python tools/make_toy_task.py [--out DIR] [--seed N] [--narrow] [--force]`` (about 5
-minutes on two idle CPU cores with the defaults; ``--narrow`` adds NARROW_TIME).
+minutes on two idle CPU cores with the defaults; ``--narrow`` adds about a minute).
 """
 
 from __future__ import annotations

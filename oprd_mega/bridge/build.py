@@ -295,20 +295,23 @@ def on_rank0(work: Callable[[], T]) -> T:
 
 def obtain_rollouts(ns: argparse.Namespace, out: Path, tokenizer: Any) -> list[Rollout]:
     """Rank 0: the rollouts, sampled now (written to ``samples.jsonl``) or read back."""
-    from oprd_mega.data.prompts import load_prompts
+    from oprd_mega.data.prompts import PromptDataError, load_prompts
 
     from .rollouts import read_samples, sample_rollouts, write_samples
 
     if ns.samples is not None:
         return read_samples(ns.samples)
-    prompts = load_prompts(
-        ns.prompts,
-        tokenizer,
-        prompt_key=ns.prompt_key,
-        chat_template=ns.chat_template,
-        max_prompt_length=ns.max_prompt_length,
-        on_too_long="skip",
-    )[: ns.max_prompts]
+    try:
+        prompts = load_prompts(
+            ns.prompts,
+            tokenizer,
+            prompt_key=ns.prompt_key,
+            chat_template=ns.chat_template,
+            max_prompt_length=ns.max_prompt_length,
+            on_too_long="skip",
+        )[: ns.max_prompts]
+    except PromptDataError as exc:
+        raise BuildError(f"--prompts / --prompt-key / --chat-template: {exc}") from exc
     if not prompts:
         raise BuildError(f"--prompts {ns.prompts}: no prompt within --max-prompt-length")
     server = ServerOptions(
@@ -339,16 +342,19 @@ class Prepared:
 
 def teacher_prompts(ns: argparse.Namespace, tokenizer: Any) -> dict[int, tuple[int, ...]]:
     """Prompt-file row -> the prompt rendered and tokenized for the teacher."""
-    from oprd_mega.data.prompts import load_prompts
+    from oprd_mega.data.prompts import PromptDataError, load_prompts
 
     if ns.prompts is None:
         raise BuildError(
             "--prompts: the tokenizers differ, so the teacher's prompts are rendered from the "
             "prompt file (needed with --samples too)"
         )
-    prompts = load_prompts(
-        ns.prompts, tokenizer, prompt_key=ns.prompt_key, chat_template=ns.chat_template
-    )
+    try:
+        prompts = load_prompts(
+            ns.prompts, tokenizer, prompt_key=ns.prompt_key, chat_template=ns.chat_template
+        )
+    except PromptDataError as exc:
+        raise BuildError(f"--prompts (teacher's prompts): {exc}") from exc
     return {p.index: p.prompt_ids for p in prompts}
 
 

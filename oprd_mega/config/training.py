@@ -30,7 +30,8 @@ class OptimizerSection(Section):
     clip_grad: float = Field(1.0, ge=0)
     """Global gradient-norm clip; 0 turns clipping off."""
     use_distributed_optimizer: bool = False
-    """Megatron's distributed optimizer (optimizer state sharded over data-parallel ranks)."""
+    """Megatron's distributed optimizer (optimizer state sharded over data-parallel ranks);
+    needs Transformer Engine or Apex (GPU set-up) to restore its checkpoints."""
 
     @model_validator(mode="after")
     def _ranges(self) -> OptimizerSection:
