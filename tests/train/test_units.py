@@ -81,3 +81,14 @@ def test_summary_line_format() -> None:
 def test_quickstart_script_prints_the_checked_line_last() -> None:
     script = (Path(__file__).resolve().parents[2] / "scripts" / "quickstart.sh").read_text()
     assert script.rstrip().splitlines()[-2].strip().startswith('"$py" tools/quickstart_summary.py')
+
+
+def test_train_command_names_config_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    from oprd_mega.cli import main
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "tiny_cpu.yaml"
+    assert main(["train", "--config", str(example), "distillation.methd=oprd"]) == 2
+    err = capsys.readouterr().err
+    assert "distillation.methd" in err and "did you mean 'distillation.method'" in err
+    assert main(["train", "--config", str(example), "--resume", "always", "seed=-1"]) == 2
+    assert "seed" in capsys.readouterr().err
