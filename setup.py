@@ -63,6 +63,7 @@ setup(
             "oprd-bench-kernels=oprd_kernels.benchmark:main",
             "oprd-mega=oprd_mega.cli:main",
             "oprd-convert-checkpoint=oprd_mega.convert.cli:main",
+            "oprd-build-bridge=oprd_mega.bridge.build:main",
         ]
     },
 )

@@ -121,6 +121,17 @@ class Trainer:
         self.pairs = check_models(config, self.student_args, self.teacher_args)
         if config.optimizer.use_distributed_optimizer:
             _require_apex_or_te()
+        self.bridge = None
+        projection = config.distillation.projection
+        if config.distillation.uses_oprd and projection.mode == "bridge":
+            from oprd_mega.distill.projection import check_bridge_against
+
+            try:  # a bridge built for other models fails here, before any server starts
+                self.bridge = check_bridge_against(
+                    projection.bridge_path, self.student_args, self.teacher_args, self.pairs
+                )
+            except ValueError as exc:
+                raise TrainingError(str(exc)) from exc
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.resume_from = self._find_resume()
         export = config.checkpoint.export_hf
@@ -205,7 +216,7 @@ class Trainer:
 
         from oprd_mega.convert.hf_io import HFCheckpointReader
         from oprd_mega.convert.mcore_io import load_hf_weights
-        from oprd_mega.distill.projection import attach_projection, load_bridge
+        from oprd_mega.distill.projection import attach_projection
         from oprd_mega.distill.step import DistillStep, build_optimizer, wrap_student
         from oprd_mega.distill.teacher import layer_stages
         from oprd_mega.models import build_gpt_model, build_truncated_model
@@ -234,7 +245,7 @@ class Trainer:
         bridge = None
         if distill.uses_oprd:
             spec = distill.projection_spec()
-            bridge = load_bridge(spec.bridge_path) if spec.mode == "bridge" else None
+            bridge = self.bridge
             stage = parallel_state.get_pipeline_model_parallel_rank()
             stages = layer_stages(student)
             mine = [s for s, _ in self.pairs if stages[s] == stage]
