@@ -98,7 +98,7 @@ def _parameters(function: object) -> dict[str, object]:
     [
         (PromptsSection, load_prompts, {}, {"format", "shuffle"}),
         (BatchSection, schedule_microbatches, {}, {"prompts_per_step"}),
-        (AttachSection, ServerGroup.attach, {}, set()),
+        (AttachSection, ServerGroup.attach, {}, {"tp_size"}),  # tp_size: the weight sync's
         (DiskSyncSection, DiskWeightSync.__init__, {}, set()),
         (DistributedSyncSection, DistributedWeightSync.__init__, {}, set()),
     ],
