@@ -11,7 +11,11 @@ from oprd_mega.config import data_parallel_size, dump_config, load_config
 pytestmark = pytest.mark.filterwarnings("error")
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-WORLD_SIZES = {"tiny_cpu.yaml": 2, "qwen3_1.7b_from_8b_2x8.yaml": 16}
+WORLD_SIZES = {
+    "tiny_cpu.yaml": 2,
+    "tiny_cpu_narrow_full.yaml": 2,
+    "qwen3_1.7b_from_8b_2x8.yaml": 16,
+}
 
 
 def test_the_examples_are_all_covered() -> None:
