@@ -30,7 +30,8 @@ class DistributedInfo:
     layout: ParallelLayout
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -64,7 +65,7 @@ def init_distributed(
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain process: a world of one on loopback
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         local_rank = _env_int("LOCAL_RANK", 0)
         if use_cuda:

@@ -9,11 +9,11 @@ run samples what the uninterrupted one did), and owns the weight-sync transport 
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Sequence
 from typing import Any
 
 from oprd_mega.config.schema import TrainConfig
+from oprd_mega.parallel.distributed import free_port
 from oprd_mega.rollout.client import RolloutClient
 from oprd_mega.rollout.samples import Sample, require_weight_version
 from oprd_mega.rollout.sampling import SamplingConfig, request_params
@@ -26,12 +26,6 @@ _SEED_MODULUS = 2**62
 def prompt_seed(base: int, step: int, group: int) -> int:
     """The sampling seed of prompt ``group`` at ``step`` (the server adds the sample index)."""
     return (base * 1_000_003 + step * 65_537 + group * 1_009) % _SEED_MODULUS
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RolloutService:
@@ -79,7 +73,7 @@ class RolloutService:
         return DistributedWeightSync(
             self.client,
             distributed.master_address,
-            distributed.master_port or _free_port(),
+            distributed.master_port or free_port(),
             group_name=distributed.group_name,
             backend=distributed.backend,
             server_tp_size=(

@@ -133,6 +133,8 @@ class Trainer:
             except ValueError as exc:
                 raise TrainingError(str(exc)) from exc
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.cost = self._cost_model()  # fixed for the run: built once, not per step
+        self.pad_id = _pad_id(config.student.path)
         self.resume_from = self._find_resume()
         export = config.checkpoint.export_hf
         if export is not None and Path(export).exists():  # found now, not after training
@@ -484,33 +486,37 @@ class Trainer:
         }
         return samples, stats
 
-    def _microbatches(self, samples: list[StepSample]) -> tuple[list, float]:
+    def _cost_model(self) -> Any:
+        """The scheduler's FLOP model of one sample (student update + teacher forward)."""
         from oprd_mega.data.scheduler import CostModel
-        from oprd_mega.train.batching import model_dims, plan_step, rank_microbatches
+        from oprd_mega.train.batching import model_dims
+
+        distill = self.config.distillation
+        opd = distill.opd_term is not None
+        teacher_layers = None if opd else max(t for _, t in self.pairs)
+        return CostModel(
+            student=model_dims(self.student_args, lm_head=opd),
+            teacher=model_dims(self.teacher_args, teacher_layers, lm_head=opd),
+        )
+
+    def _microbatches(self, samples: list[StepSample]) -> tuple[list, float]:
+        from oprd_mega.train.batching import plan_step, rank_microbatches
 
         config = self.config
-        distill = config.distillation
-        teacher_layers = None if distill.opd_term is not None else max(t for _, t in self.pairs)
-        cost = CostModel(
-            student=model_dims(self.student_args, lm_head=distill.opd_term is not None),
-            teacher=model_dims(
-                self.teacher_args, teacher_layers, lm_head=distill.opd_term is not None
-            ),
-        )
         schedule = plan_step(
             samples,
             self.dp_size,
             config.batch.max_tokens_per_microbatch,
             config.batch.microbatch_multiple,
-            cost,
+            self.cost,
         )
         seq_multiple = config.parallel.tp if config.parallel.sp else 1
         microbatches = rank_microbatches(
             samples,
             schedule,
             self.dp_rank,
-            distill.positions,
-            pad_id=_pad_id(self.config.student.path),
+            config.distillation.positions,
+            pad_id=self.pad_id,
             seq_multiple=seq_multiple,
         )
         return microbatches, schedule.imbalance
