@@ -2,7 +2,9 @@
 
 This is the one place that decides between the two (and the only place that knows how their
 parameter names differ). The local variant swaps Megatron's torch norm for :class:`RMSNorm`,
-which supports sequence parallelism and matches Hugging Face's RMSNorm arithmetic.
+which supports sequence parallelism and matches Hugging Face's RMSNorm arithmetic, and its core
+attention for :class:`~oprd_mega.models.attention.SDPAttention` (fused SDPA kernels, packed
+sequences).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from oprd_mega.models.attention import SDPAttention
 from oprd_mega.models.hf_config import HFModelArgs
 
 # Canonical (local-spec) parameter names -> Transformer Engine names, within a layer.
@@ -81,6 +84,7 @@ def layer_spec(args: HFModelArgs, use_te: bool | None = None) -> ModuleSpec:
         attention.submodules,
         q_layernorm=RMSNorm if args.qk_norm else attention.submodules.q_layernorm,
         k_layernorm=RMSNorm if args.qk_norm else attention.submodules.k_layernorm,
+        core_attention=SDPAttention,
     )
     return replace(
         spec,
