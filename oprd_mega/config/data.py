@@ -58,5 +58,9 @@ class BatchSection(Section):
     max_tokens_per_microbatch: int = Field(16384, ge=1)
     """Token budget (prompt + response) of one packed microbatch; a longer sample gets one of
     its own."""
+    pack_sequences: bool = True
+    """Pack each microbatch's samples back to back into one row (THD: attention stays within
+    each sample, rotary positions restart) instead of right-padding every sample to the step's
+    longest; the same loss and gradients, without the padding's compute."""
     microbatch_multiple: int = Field(1, ge=1)
     """Every rank's microbatch count is a multiple of this (e.g. the virtual pipeline size)."""

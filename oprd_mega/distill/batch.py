@@ -1,20 +1,33 @@
-"""One distillation microbatch (right-padded rows) and its row selections on this rank.
+"""One distillation microbatch (right-padded rows, or sequences packed into one row) and its
+row selections on this rank.
 
 Megatron's hidden states are ``[seq, batch, hidden]``; flattened they are sequence-major, row
 ``s * batch + b``. Supervised rows are selected in that order; under sequence parallelism a
 tensor-parallel rank holds the contiguous sequence shard ``[r * s / tp, (r + 1) * s / tp)``, so
 its rows are the same selection restricted to its shard (teacher and student alike).
+
+A packed microbatch is one row ``[1, seq]`` holding the sequences back to back (THD layout),
+with ``cu_seqlens`` marking where each starts; the tail padding is one more sequence. The models
+attend within each sequence only and restart rotary positions at each start
+(:meth:`DistillMicrobatch.packed_seq_params`), so the masks and row selections stay the same
+functions of a ``[batch, seq]`` layout.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 
-from oprd_mega.distill.positions import PositionSpec, padded_position_mask
+from oprd_mega.distill.positions import (
+    PositionSpec,
+    packed_position_mask,
+    padded_position_mask,
+)
 
 
 @dataclass(frozen=True)
@@ -23,7 +36,8 @@ class DistillMicrobatch:
 
     ``supervised``: OPRD positions (response tokens chosen by the position spec).
     ``predicts``: OPD positions, those whose next token is a response token; ``labels`` holds
-    that next token (0 elsewhere).
+    that next token (0 elsewhere). ``cu_seqlens`` (int32, packed microbatches only): sequence
+    boundaries within the single row.
     """
 
     index: int
@@ -31,11 +45,26 @@ class DistillMicrobatch:
     supervised: torch.Tensor
     predicts: torch.Tensor
     labels: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         """``(batch, seq)``."""
         return int(self.tokens.shape[0]), int(self.tokens.shape[1])
+
+    def packed_seq_params(self, device: torch.device | str) -> PackedSeqParams | None:
+        """Megatron's THD description of a packed microbatch (``None`` when padded)."""
+        if self.cu_seqlens is None:
+            return None
+        cu = self.cu_seqlens.to(device=device, dtype=torch.int32)
+        longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=longest,
+            max_seqlen_kv=longest,
+        )
 
 
 def make_microbatch(
@@ -63,11 +92,59 @@ def make_microbatch(
         responses.append(len(ids) - prompt)
     supervised = padded_position_mask(prompt_lengths, responses, seq_length, positions)
     response = padded_position_mask(prompt_lengths, responses, seq_length, PositionSpec("all"))
+    return _with_opd_masks(index, tokens, supervised, response)
+
+
+def make_packed_microbatch(
+    index: int,
+    sequences: Sequence[Sequence[int]],
+    prompt_lengths: Sequence[int],
+    seq_length: int,
+    positions: PositionSpec,
+    pad_id: int = 0,
+) -> DistillMicrobatch:
+    """Pack ``sequences`` back to back into one row of ``seq_length`` tokens (THD layout)."""
+    if not sequences:
+        raise ValueError("microbatch: no sequences")
+    lengths = [len(ids) for ids in sequences]
+    if sum(lengths) > seq_length:
+        raise ValueError(
+            f"microbatch: {len(sequences)} sequences hold {sum(lengths)} tokens, more than "
+            f"seq_length {seq_length}"
+        )
+    for row, (length, prompt) in enumerate(zip(lengths, prompt_lengths, strict=True)):
+        if length <= 0 or not 0 <= prompt <= length:
+            raise ValueError(
+                f"microbatch: sequence {row} has {length} tokens and prompt length {prompt}"
+            )
+    flat = [token for ids in sequences for token in ids]
+    tail = seq_length - len(flat)
+    tokens = torch.tensor(flat + [pad_id] * tail, dtype=torch.long).unsqueeze(0)
+    # the tail padding is one more (empty-response) sequence, so cu_seqlens covers the row
+    slots = lengths + ([tail] if tail else [])
+    prompts = list(prompt_lengths) + ([tail] if tail else [])
+    responses = [length - prompt for length, prompt in zip(slots, prompts, strict=True)]
+    supervised = packed_position_mask(prompts, responses, positions).unsqueeze(0)
+    response = packed_position_mask(prompts, responses, PositionSpec("all")).unsqueeze(0)
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(slots)], dtype=torch.int32)
+    return _with_opd_masks(index, tokens, supervised, response, cu_seqlens)
+
+
+def _with_opd_masks(
+    index: int,
+    tokens: torch.Tensor,
+    supervised: torch.Tensor,
+    response: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+) -> DistillMicrobatch:
+    """Add the OPD masks: a position predicts the next token when that one is a response token."""
     predicts = torch.zeros_like(response)
     predicts[:, :-1] = response[:, 1:]
+    if cu_seqlens is not None:  # the last token of a packed sequence predicts nothing
+        predicts[0, cu_seqlens[1:].long() - 1] = False
     labels = torch.zeros_like(tokens)
-    labels[:, :-1] = torch.where(response[:, 1:], tokens[:, 1:], torch.zeros_like(tokens[:, 1:]))
-    return DistillMicrobatch(index, tokens, supervised, predicts, labels)
+    labels[:, :-1] = torch.where(predicts[:, :-1], tokens[:, 1:], torch.zeros_like(tokens[:, 1:]))
+    return DistillMicrobatch(index, tokens, supervised, predicts, labels, cu_seqlens)
 
 
 def sequence_major(mask: torch.Tensor) -> torch.Tensor:

@@ -309,7 +309,12 @@ class DistillStep:
             self.taps.select(batch.index)
             try:
                 with without_output_layer(model):
-                    output = model(batch.tokens.to(device), None, None)
+                    output = model(
+                        batch.tokens.to(device),
+                        None,
+                        None,
+                        packed_seq_params=batch.packed_seq_params(device),
+                    )
             finally:
                 self.taps.select(None)
 

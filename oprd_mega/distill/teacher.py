@@ -131,7 +131,13 @@ def teacher_pass(
         batch = next(data_iterator)
         current.append(batch)
         with without_output_layer(model):
-            output = model(batch.tokens.to(_device(model)), None, None)
+            device = _device(model)
+            output = model(
+                batch.tokens.to(device),
+                None,
+                None,
+                packed_seq_params=batch.packed_seq_params(device),
+            )
 
         def loss_func(output_tensor: torch.Tensor):
             if plan.opd:

@@ -1,10 +1,12 @@
 """A step's samples turned into this data-parallel rank's microbatches.
 
 Every rank computes the same schedule from the same sample lengths
-(:func:`oprd_mega.data.scheduler.schedule_microbatches`), takes its own share, and right-pads
-each microbatch to one ``[batch, seq]`` shape shared by the whole step (Megatron's pipeline
-exchanges fixed-shape activations). Filler rows are a single pad token with no response: they
-carry no supervised position and no loss.
+(:func:`oprd_mega.data.scheduler.schedule_microbatches`) and takes its own share. Every
+microbatch of the step has one ``[batch, seq]`` shape (Megatron's pipeline exchanges fixed-shape
+activations): packed, each microbatch is one row holding its samples back to back, as long as the
+step's fullest microbatch; padded, each sample is a row right-padded to the step's longest sample,
+and filler rows (a single pad token with no response) even out the row count. Padding carries no
+supervised position and no loss.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from oprd_mega.data.scheduler import CostModel, ModelDims, Schedule, schedule_microbatches
-from oprd_mega.distill.batch import DistillMicrobatch, make_microbatch
+from oprd_mega.distill.batch import DistillMicrobatch, make_microbatch, make_packed_microbatch
 from oprd_mega.distill.positions import PositionSpec
 from oprd_mega.models.hf_config import HFModelArgs
 
@@ -61,8 +63,25 @@ def rank_microbatches(
     positions: PositionSpec,
     pad_id: int,
     seq_multiple: int = 1,
+    packed: bool = False,
 ) -> list[DistillMicrobatch]:
-    """This rank's microbatches, all padded to the step's largest ``[batch, seq]``."""
+    """This rank's microbatches, all of the step's largest ``[batch, seq]`` shape."""
+    if packed:
+        fullest = max(
+            sum(len(samples[i].token_ids) for i in bin_) for rank in schedule.ranks for bin_ in rank
+        )
+        seq = -(-fullest // seq_multiple) * seq_multiple
+        return [
+            make_packed_microbatch(
+                index,
+                [samples[i].token_ids for i in bin_],
+                [samples[i].prompt_length for i in bin_],
+                seq,
+                positions,
+                pad_id=pad_id,
+            )
+            for index, bin_ in enumerate(schedule.ranks[dp_rank])
+        ]
     rows = max(len(bin_) for rank in schedule.ranks for bin_ in rank)
     longest = max(len(s.token_ids) for s in samples)
     seq = -(-longest // seq_multiple) * seq_multiple

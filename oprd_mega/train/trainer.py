@@ -518,6 +518,7 @@ class Trainer:
             config.distillation.positions,
             pad_id=self.pad_id,
             seq_multiple=seq_multiple,
+            packed=config.batch.pack_sequences,
         )
         return microbatches, schedule.imbalance
 

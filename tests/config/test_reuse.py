@@ -97,7 +97,7 @@ def _parameters(function: object) -> dict[str, object]:
     "section, function, renamed, own",
     [
         (PromptsSection, load_prompts, {}, {"format", "shuffle"}),
-        (BatchSection, schedule_microbatches, {}, {"prompts_per_step"}),
+        (BatchSection, schedule_microbatches, {}, {"prompts_per_step", "pack_sequences"}),
         (AttachSection, ServerGroup.attach, {}, {"tp_size"}),  # tp_size: the weight sync's
         (DiskSyncSection, DiskWeightSync.__init__, {}, set()),
         (DistributedSyncSection, DistributedWeightSync.__init__, {}, set()),

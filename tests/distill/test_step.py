@@ -80,6 +80,18 @@ CASES = [
         "normalize": True,
         "layouts": SOME,
     },
+    {
+        **BASE,
+        "name": "combined-packed",
+        "method": "combined",
+        "opd": "topk",
+        "top_k": 5,
+        "mu": 10.0,
+        "projection": "full",
+        "normalize": True,
+        "packed": True,
+        "layouts": ALL,
+    },
 ]
 LR = 1e-3
 # float32 Megatron vs float64 oracle. Gradients: relative to the largest gradient entry.
@@ -96,6 +108,7 @@ FAST_LAYOUTS = {
     "opd-top1": [[1, 1, False], [2, 2, False]],
     "opd-topk": [[1, 1, False], [2, 1, True]],
     "combined": [[2, 2, False]],
+    "combined-packed": [[1, 1, False], [2, 1, True], [1, 2, False]],
 }
 SUITES = {
     "fast": [{**case, "layouts": FAST_LAYOUTS[case["name"]]} for case in CASES],

@@ -6,7 +6,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
+from oprd_mega.distill.batch import make_packed_microbatch
 from oprd_mega.distill.positions import PositionSpec
 from oprd_mega.train.batching import StepSample, plan_step, rank_microbatches
 from oprd_mega.train.lr_schedule import learning_rate
@@ -60,6 +62,38 @@ def test_rank_microbatches_cover_every_sample_once() -> None:
                 assert int(batch.supervised[row].sum()) == max(length - 2, 0)
     assert sorted(x for x in seen if x > 1) == sorted(len(s.token_ids) for s in samples)
     assert len(shapes) == 1 and next(iter(shapes))[1] % 4 == 0  # one shape, seq padded to 4
+
+
+@pytest.mark.parametrize(
+    "positions", [PositionSpec("all"), PositionSpec("last_k", 2, "prediction")]
+)
+def test_packed_microbatches_hold_the_padded_rows_back_to_back(positions: PositionSpec) -> None:
+    samples = [StepSample(tuple(range(1, 3 + n)), 2) for n in (1, 5, 2, 7, 3, 4)]
+    schedule = plan_step(samples, dp_size=2, max_tokens=14, multiple=1, cost=None)
+    shapes, seen = set(), []
+    for rank in range(2):
+        packed = rank_microbatches(samples, schedule, rank, positions, 0, 4, packed=True)
+        padded = rank_microbatches(samples, schedule, rank, positions, 0, 4)
+        for one, rows in zip(packed, padded, strict=True):
+            shapes.add(one.shape)
+            cu = one.cu_seqlens.tolist()
+            assert one.shape[0] == 1 and cu[0] == 0 and cu[-1] == one.shape[1]
+            for j, index in enumerate(schedule.ranks[rank][one.index]):
+                start, stop = cu[j], cu[j + 1]
+                assert stop - start == len(samples[index].token_ids)
+                seen.append(index)
+                for field in ("tokens", "supervised", "predicts", "labels"):
+                    got = getattr(one, field)[0, start:stop]
+                    assert torch.equal(got, getattr(rows, field)[j, : stop - start]), field
+            tail = slice(cu[len(schedule.ranks[rank][one.index])], None)
+            assert not one.supervised[0, tail].any() and not one.predicts[0, tail].any()
+    assert sorted(seen) == list(range(len(samples)))
+    assert len(shapes) == 1 and next(iter(shapes))[1] % 4 == 0
+
+
+def test_packed_microbatch_refuses_overflow() -> None:
+    with pytest.raises(ValueError, match="more than seq_length 5"):
+        make_packed_microbatch(0, [[1, 2, 3], [4, 5, 6]], [1, 1], 5, PositionSpec("all"))
 
 
 def test_prompt_seeds_differ_per_step_and_prompt() -> None:

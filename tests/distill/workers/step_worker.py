@@ -258,7 +258,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
 
     from oprd_mega.convert.hf_io import HFCheckpointReader
     from oprd_mega.convert.mcore_io import global_parameters, load_hf_weights
-    from oprd_mega.distill.batch import make_microbatch
+    from oprd_mega.distill.batch import make_microbatch, make_packed_microbatch
     from oprd_mega.distill.layers import layer_pairs
     from oprd_mega.distill.positions import PositionSpec
     from oprd_mega.distill.projection import (
@@ -327,19 +327,22 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     data = samples()
     per_rank = SAMPLES // dp
     mine_samples = data[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-    mbs = 2 if dp == 1 else 1
+    packed = case.get("packed", False)
+    # packed: a rank's samples two to a row (THD), so that sequences really share rows
+    mbs = 2 if dp == 1 or (packed and per_rank > 1) else 1
     spec_positions = PositionSpec("last_k", case["last_k"])
+    make = make_packed_microbatch if packed else make_microbatch
     microbatches = [
-        make_microbatch(
+        make(
             i,
             [s for s, _ in mine_samples[j : j + mbs]],
             [p for _, p in mine_samples[j : j + mbs]],
-            SEQ,
+            SEQ * mbs if packed else SEQ,
             spec_positions,
         )
         for i, j in enumerate(range(0, per_rank, mbs))
     ]
-    teacher_checks = check_teacher(step, teacher, microbatches, ref, mine_samples, sp)
+    teacher_checks = check_teacher(step, teacher, microbatches, ref, mine_samples, sp, mbs)
     head_calls = [0]
     output_layer = getattr(unwrap(model), "output_layer", None)
     if output_layer is not None:
@@ -416,8 +419,11 @@ def checkpoint_round_trip(inner, args, projection, directory: Path, hf_dir: Path
     return int(-all_max(-float(same)))
 
 
-def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool) -> dict:
-    """Truncated teacher: no head; targets = the oracle's states at this rank's supervised rows."""
+def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs: int) -> dict:
+    """Truncated teacher: no head; targets = the oracle's states at this rank's supervised rows.
+
+    ``mbs`` samples per microbatch (rows when padded, sequences in the one row when packed).
+    """
     import dataclasses
 
     from megatron.core import parallel_state
@@ -439,7 +445,6 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool) -> d
         targets = teacher_pass(
             teacher, microbatches, dataclasses.replace(step.plan, target_dtype=dtype)
         ).targets
-        mbs = microbatches[0].shape[0]
         stage = parallel_state.get_pipeline_model_parallel_rank()
         for batch in microbatches:
             first = batch.index * mbs
@@ -452,6 +457,12 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool) -> d
                 dp_rank = parallel_state.get_data_parallel_rank()
                 offset = dp_rank * len(mine_samples) + first
                 hidden = full[offset : offset + mbs].transpose(0, 1)  # [seq, b, d]
+                if batch.cu_seqlens is not None:  # the same states, back to back in one row
+                    cu = batch.cu_seqlens.tolist()
+                    parts = [full[offset + j, : cu[j + 1] - cu[j]] for j in range(mbs)]
+                    tail = batch.shape[1] - cu[mbs]
+                    parts.append(full.new_zeros(tail, full.shape[-1]))
+                    hidden = torch.cat(parts).unsqueeze(1)  # [seq, 1, d]
                 if sp:
                     tp = parallel_state.get_tensor_model_parallel_world_size()
                     shard = hidden.shape[0] // tp
