@@ -131,15 +131,13 @@ def _check_tensors(bridge: BridgeFile, where: str) -> None:
         if student is None:
             problems.append(f"student.{s}: missing")
         else:
-            first = student.first.weight
-            out = student.net if student.kind == "linear" else student.net[2]  # type: ignore[index]
             if student.kind != meta.student_map:
                 problems.append(
                     f"student.{s}: a {student.kind} map, metadata says {meta.student_map}"
                 )
-            if first.shape[1] != d_s or out.weight.shape[0] != r:  # type: ignore[union-attr]
+            if student.d_student != d_s or student.rank != r:
                 problems.append(
-                    f"student.{s}: maps [{first.shape[1]}] -> [{out.weight.shape[0]}], "  # type: ignore[union-attr]
+                    f"student.{s}: maps [{student.d_student}] -> [{student.rank}], "
                     f"expected d_S={d_s} -> r={r}"
                 )
         if t not in bridge.teacher:

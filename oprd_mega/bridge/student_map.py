@@ -73,6 +73,21 @@ class StudentMap(torch.nn.Module):
         """The layer that reads the student state."""
         return self.net if isinstance(self.net, torch.nn.Linear) else self.net[0]  # type: ignore[return-value,index]
 
+    @property
+    def last(self) -> torch.nn.Linear:
+        """The layer that writes the r-dim output."""
+        return self.net if isinstance(self.net, torch.nn.Linear) else self.net[2]  # type: ignore[return-value,index]
+
+    @property
+    def d_student(self) -> int:
+        """The student width the map reads."""
+        return int(self.first.weight.shape[1])
+
+    @property
+    def rank(self) -> int:
+        """The bridge rank r the map writes."""
+        return int(self.last.weight.shape[0])
+
     def weight(self) -> torch.Tensor:
         """The linear P_S [r, d_S]; an error for an MLP."""
         if self.kind != "linear":

@@ -5,8 +5,13 @@
   parameter of the student model chunk (attribute :data:`PROJECTION_ATTR`), so Megatron's DDP
   reduces its gradient, the optimizer updates it and checkpoints hold it. Weight sync and HF
   export must skip it: :func:`is_projection_param` / :data:`PROJECTION_PREFIX`.
-* ``bridge``: frozen ``P_S`` [r, d_S] per student layer; the teacher ships
+* ``bridge``: frozen ``P_S`` per student layer, linear [r, d_S] or a small MLP
+  (Linear-GELU-Linear, the bridge file's ``student_map: mlp``); the teacher ships
   ``P_T (h_T - mu_T)`` [r] per token (see :mod:`oprd_mega.distill.teacher`).
+
+Every projection answers :meth:`project`: ``(inputs, weight)`` for the fused loss, the student
+rows with the linear map to fuse (``full``, linear bridge) or the MLP's r-dim output with no
+weight (the MLP runs on the supervised rows only, under autograd, so its gradient reaches them).
 
 Initialisation is seeded per layer and independent of the parallel layout, so every layout
 starts from the same maps.
@@ -20,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 
 from oprd_mega.bridge.file import BridgeMetadata
+from oprd_mega.bridge.student_map import StudentMap
 
 PROJECTION_MODES = ("identity", "full", "bridge")
 PROJECTION_ATTR = "oprd_projection"
@@ -102,6 +109,10 @@ class FullProjection(torch.nn.Module):
         """The map applied to student layer ``layer``."""
         return self.weights[_key(layer) if self.per_layer else SHARED_KEY]
 
+    def project(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, W)``: the kernel fuses the map."""
+        return rows, self.weight_for(layer)
+
     def sharded_state_dict(
         self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
     ) -> dict:
@@ -121,17 +132,39 @@ class FullProjection(torch.nn.Module):
         return out
 
 
+_MLP_TENSORS = ("mlp_in", "mlp_in_bias", "mlp_out")
+
+
 class BridgeProjection(torch.nn.Module):
-    """Frozen ``P_S`` [r, d_S] per student layer (buffers: no gradient, no optimizer state)."""
+    """Frozen ``P_S`` per student layer (buffers: no gradient, no optimizer state): the linear
+    ``[r, d_S]`` as ``layer_{l}``, an MLP as ``layer_{l}_mlp_in`` / ``_mlp_in_bias`` /
+    ``_mlp_out``."""
 
-    def __init__(self, student_maps: dict[int, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        student_maps: dict[int, StudentMap],
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
-        for layer, value in student_maps.items():
-            self.register_buffer(_key(layer), value.detach().clone())
+        for layer, student_map in student_maps.items():
+            tensors = student_map.tensors()
+            for name, value in tensors.items():
+                buffer = _key(layer) if name == "P_S" else f"{_key(layer)}_{name}"
+                self.register_buffer(buffer, value.detach().to(device, dtype).clone())
 
-    def weight_for(self, layer: int) -> torch.Tensor:
-        """P_S of student layer ``layer``."""
-        return getattr(self, _key(layer))
+    def weight_for(self, layer: int) -> torch.Tensor | None:
+        """The linear P_S of student layer ``layer`` (None for an MLP map)."""
+        return getattr(self, _key(layer), None)
+
+    def project(self, layer: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(rows, P_S)`` for a linear map; ``(MLP(rows), None)`` for an MLP map."""
+        weight = self.weight_for(layer)
+        if weight is not None:
+            return rows, weight
+        w_in, b_in, w_out = (getattr(self, f"{_key(layer)}_{name}") for name in _MLP_TENSORS)
+        hidden = F.gelu(F.linear(rows.to(w_in.dtype), w_in, b_in))
+        return F.linear(hidden, w_out), None
 
 
 @dataclass
@@ -139,14 +172,14 @@ class Bridge:
     """An OPRD-Bridge as the step uses it: P_S per student layer, P_T and mu_T per teacher
     layer (rank r), and the file's metadata when read from one."""
 
-    student: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [r, d_S]
+    student: dict[int, StudentMap] = field(default_factory=dict)  # layer -> frozen P_S
     teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     metadata: BridgeMetadata | None = None
 
     @property
     def rank(self) -> int:
         """The bridge rank r."""
-        return next(iter(self.student.values())).shape[0]
+        return next(iter(self.student.values())).rank
 
 
 def load_bridge(path: str | Path) -> Bridge:
@@ -161,14 +194,8 @@ def load_bridge(path: str | Path) -> Bridge:
         loaded = load_bridge_file(path)
     except BridgeMismatchError as exc:
         raise ValueError(f"projection.bridge_path: {exc}") from exc
-    if loaded.metadata.student_map != "linear":
-        raise ValueError(
-            f"projection.bridge_path: {path} holds {loaded.metadata.student_map} P_S maps; MLP "
-            "bridge maps are not supported by the distillation step yet; fit a linear map "
-            "(build_bridge --map linear)"
-        )
     return Bridge(
-        student={layer: m.weight().clone() for layer, m in loaded.student.items()},
+        student={layer: m.requires_grad_(False) for layer, m in loaded.student.items()},
         teacher=dict(loaded.teacher),
         metadata=loaded.metadata,
     )
@@ -185,15 +212,15 @@ def check_bridge(
             raise ValueError(f"{where}: no P_T/mu_T for teacher layer {teacher_layer}")
         p_s = bridge.student[student_layer]
         p_t, mu_t = bridge.teacher[teacher_layer]
-        if p_s.dim() != 2 or p_s.shape[1] != d_student:
+        if p_s.d_student != d_student:
             raise ValueError(
-                f"{where}: student.{student_layer}.P_S is {list(p_s.shape)}, "
-                f"expected [r, {d_student}]"
+                f"{where}: student.{student_layer}.P_S maps [{p_s.d_student}] -> [{p_s.rank}], "
+                f"expected [{d_student}] -> [r]"
             )
-        if p_t.shape != (p_s.shape[0], d_teacher) or mu_t.shape != (d_teacher,):
+        if p_t.shape != (p_s.rank, d_teacher) or mu_t.shape != (d_teacher,):
             raise ValueError(
                 f"{where}: teacher.{teacher_layer}.P_T {list(p_t.shape)} / mu_T "
-                f"{list(mu_t.shape)} do not match r={p_s.shape[0]}, d_T={d_teacher}"
+                f"{list(mu_t.shape)} do not match r={p_s.rank}, d_T={d_teacher}"
             )
 
 
@@ -266,7 +293,7 @@ def attach_projection(
             bridge = load_bridge(spec.bridge_path)  # type: ignore[arg-type]
         device = next(model.parameters()).device
         module = BridgeProjection(
-            {layer: bridge.student[layer].to(device, dtype) for layer in stage_layers}
+            {layer: bridge.student[layer] for layer in stage_layers}, device, dtype
         )
     setattr(model, PROJECTION_ATTR, module)
     return module

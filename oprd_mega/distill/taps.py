@@ -85,7 +85,8 @@ class StudentTaps:
     """Hooks on this stage's tapped student layers.
 
     ``layers``: tapped global layer numbers (those not on this stage are ignored);
-    ``projection``: a module with ``weight_for(layer)`` or None (identity); ``scale``: the
+    ``projection``: a module with ``project(layer, rows) -> (inputs, weight)`` (see
+    :mod:`oprd_mega.distill.projection`) or None (identity); ``scale``: the
     gradient each layer loss receives (loss coefficient / number of tapped layers).
     """
 
@@ -150,7 +151,9 @@ class StudentTaps:
                 f"tap layer {layer}: {rows.shape[0]} supervised rows but {target.shape[0]} "
                 "teacher targets (student and teacher masks differ)"
             )
-        weight = None if self.projection is None else self.projection.weight_for(layer)
+        weight = None
+        if self.projection is not None:
+            rows, weight = self.projection.project(layer, rows)
         token_weight = torch.full(
             (rows.shape[0],), inputs.token_weight, dtype=torch.float32, device=rows.device
         )

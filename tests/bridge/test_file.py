@@ -75,7 +75,7 @@ def test_the_distillation_step_reads_a_linear_bridge(tmp_path: Path) -> None:
     loaded = load_bridge(path)
     assert loaded.rank == 4
     check_bridge(loaded, list(bridge.metadata.layer_pairs), 24, 32, "bridge")
-    assert torch.equal(loaded.student[2], bridge.student[2].weight())
+    assert torch.equal(loaded.student[2].weight(), bridge.student[2].weight())
 
 
 def test_models_that_fit_pass() -> None:

@@ -54,6 +54,15 @@ CASES = [
     },
     {
         **BASE,
+        "name": "bridge-mlp",
+        "method": "oprd",
+        "projection": "bridge",
+        "student_map": "mlp",
+        "normalize": True,
+        "layouts": SOME,
+    },
+    {
+        **BASE,
         "name": "opd-top1",
         "method": "opd-top1",
         "opd": "top1",
@@ -105,6 +114,7 @@ FAST_LAYOUTS = {
     "shared-normalized": [[1, 1, False], [2, 2, False]],
     "identity-all": [[2, 1, True]],
     "bridge": [[1, 1, False], [2, 1, True]],
+    "bridge-mlp": [[1, 2, False], [2, 1, True]],
     "opd-top1": [[1, 1, False], [2, 2, False]],
     "opd-topk": [[1, 1, False], [2, 1, True]],
     "combined": [[2, 2, False]],

@@ -19,6 +19,7 @@ from oprd_mega.bridge import (
 from oprd_mega.distill.batch import local_rows, make_microbatch, sequence_major
 from oprd_mega.distill.positions import PositionSpec
 from oprd_mega.distill.projection import (
+    BridgeProjection,
     FullProjection,
     ProjectionSpec,
     check_bridge,
@@ -171,26 +172,43 @@ def test_bridge_file_round_trip_and_errors(tmp_path: Path) -> None:
     path = _write_bridge(tmp_path / "bridge.safetensors")
     loaded = load_bridge(path)
     assert loaded.rank == 4 and loaded.metadata is not None and loaded.metadata.rank == 4
-    assert loaded.student[2].shape == (4, 8) and loaded.teacher[3][0].shape == (4, 12)
+    assert loaded.student[2].weight().shape == (4, 8) and loaded.teacher[3][0].shape == (4, 12)
     check_bridge(loaded, [(2, 3)], 8, 12, "bridge")
     with pytest.raises(ValueError, match="no P_S for student layer 1"):
         check_bridge(loaded, [(1, 3)], 8, 12, "bridge")
-    with pytest.raises(ValueError, match=r"P_S is \[4, 8\], expected \[r, 9\]"):
+    with pytest.raises(ValueError, match=r"P_S maps \[8\] -> \[4\], expected \[9\] -> \[r\]"):
         check_bridge(loaded, [(2, 3)], 9, 12, "bridge")
     with pytest.raises(FileNotFoundError, match="projection.bridge_path"):
         load_bridge(tmp_path / "missing.safetensors")
 
 
-def test_bridge_needs_metadata_and_a_linear_map(tmp_path: Path) -> None:
+def test_bridge_needs_metadata(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     bare = tmp_path / "bare.safetensors"
     save_file({"student.2.P_S": torch.zeros(4, 8)}, str(bare), metadata={"format": "oprd-bridge"})
     with pytest.raises(ValueError, match="projection.bridge_path: .*not an OPRD bridge"):
         load_bridge(bare)
-    mlp = _write_bridge(tmp_path / "mlp.safetensors", "mlp")
-    with pytest.raises(ValueError, match="MLP bridge maps are not supported by the distillation"):
-        load_bridge(mlp)
+
+
+def test_mlp_bridge_projection_is_the_formula_with_gradients_to_the_rows(tmp_path: Path) -> None:
+    bridge = load_bridge(_write_bridge(tmp_path / "mlp.safetensors", "mlp"))
+    projection = BridgeProjection(bridge.student, dtype=torch.float64)
+    assert projection.weight_for(2) is None
+    tensors = {k: v.double() for k, v in bridge.student[2].tensors().items()}
+    rows = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
+    out, weight = projection.project(2, rows)
+    assert weight is None and out.shape == (7, 4)
+    # the formula by hand: W_out gelu(W_in h + b), erf GELU
+    pre = rows @ tensors["mlp_in"].T + tensors["mlp_in_bias"]
+    want = (0.5 * pre * (1 + torch.erf(pre / 2**0.5))) @ tensors["mlp_out"].T
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(out.square().sum(), rows)
+    (want_grad,) = torch.autograd.grad(
+        F.mse_loss(want, torch.zeros_like(want), reduction="sum"), rows
+    )
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+    assert not [b for b in projection.buffers() if b.requires_grad]
 
 
 def test_bridge_is_checked_against_the_models(tmp_path: Path) -> None:

@@ -113,8 +113,14 @@ def oracle(case: dict, work: Path) -> dict:
         count = supervised.sum()
         for layer in case["layers"]:
             if case["projection"] == "bridge":
-                p_s, p_t, mu_t = (t.double() for t in case["_bridge"][layer])
-                hs = s_hidden[layer][supervised] @ p_s.T
+                p_s, p_t, mu_t = case["_bridge"][layer]
+                p_t, mu_t = p_t.double(), mu_t.double()
+                if isinstance(p_s, tuple):  # MLP: W_out gelu(W_in h + b), erf GELU
+                    w_in, b_in, w_out = (t.double() for t in p_s)
+                    pre = s_hidden[layer][supervised] @ w_in.T + b_in
+                    hs = (0.5 * pre * (1 + torch.erf(pre / 2**0.5))) @ w_out.T
+                else:
+                    hs = s_hidden[layer][supervised] @ p_s.double().T
                 ht = (t_hidden[phi(layer, n_s, n_t)][supervised] - mu_t) @ p_t.T
             elif case["projection"] == "identity":
                 hs = s_hidden[layer][supervised]
@@ -199,8 +205,18 @@ def make_bridge(work: Path, case: dict) -> None:
         t_layer = phi(layer, n_s, n_t)
         q, _ = torch.linalg.qr(torch.randn(d_t, r, generator=generator, dtype=torch.float64))
         p_t, mu_t = q.T.float().contiguous(), 0.1 * torch.randn(d_t, generator=generator)
-        p_s = torch.randn(r, d_s, generator=generator) / d_s**0.5
-        student[layer] = StudentMap.from_tensors({"P_S": p_s}, f"student.{layer}")
+        if case.get("student_map") == "mlp":
+            hidden = 6
+            p_s = (
+                torch.randn(hidden, d_s, generator=generator) / d_s**0.5,
+                0.5 * torch.randn(hidden, generator=generator),
+                torch.randn(r, hidden, generator=generator) / hidden**0.5,
+            )
+            named = dict(zip(("mlp_in", "mlp_in_bias", "mlp_out"), p_s, strict=True))
+        else:
+            p_s = torch.randn(r, d_s, generator=generator) / d_s**0.5
+            named = {"P_S": p_s}
+        student[layer] = StudentMap.from_tensors(named, f"student.{layer}")
         teacher[t_layer] = (p_t, mu_t)
         tensors[layer] = (p_s, p_t, mu_t)
     case["_bridge"] = tensors
@@ -211,6 +227,7 @@ def make_bridge(work: Path, case: dict) -> None:
             [(layer, phi(layer, n_s, n_t)) for layer in case["layers"]],
             ModelIdentity("student", d_s, n_s, vocab),
             ModelIdentity("teacher", d_t, n_t, vocab),
+            student_map=case.get("student_map", "linear"),
         )
         save_bridge_file(BridgeFile(metadata, student, teacher), work / "bridge.safetensors")
     dist.barrier()
