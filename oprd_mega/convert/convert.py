@@ -16,14 +16,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from oprd_mega.convert.hf_io import HFCheckpointReader, copy_aux_files, write_safetensors_shards
-from oprd_mega.convert.mcore_io import (
-    HF_SUBDIR,
-    export_hf_from_checkpoint,
-    load_hf_weights,
-    read_mcore_args,
-    save_mcore_checkpoint,
-)
-from oprd_mega.models.builder import build_gpt_model
+from oprd_mega.convert.mcore_io import HF_SUBDIR, export_hf_from_checkpoint, read_mcore_args
+from oprd_mega.convert.mcore_stream import save_hf_as_mcore_checkpoint
 from oprd_mega.models.hf_config import load_hf_config
 from oprd_mega.parallel import ParallelLayout, init_distributed
 
@@ -36,20 +30,23 @@ def _require_new_target(target: Path) -> None:
 def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, *, progress: bool = True) -> Path:
     """Convert a Hugging Face checkpoint into a Megatron torch_dist checkpoint.
 
-    The result loads at any TP/PP layout. Under torchrun all ranks take part (TP1/PP1).
+    The result loads at any TP/PP layout. No model is built: the HF tensors are read, fused and
+    saved one layer at a time, so memory stays around one layer (or the embedding, if larger).
+    Under torchrun every rank takes part and rank 0 reads and writes.
     """
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
     _require_new_target(mcore_dir)
     args = load_hf_config(hf_dir)
     reader = HFCheckpointReader(hf_dir)
-    dtype = reader.validate(args)
+    reader.validate(args)
     init_distributed(ParallelLayout())
-    model = build_gpt_model(args, params_dtype=dtype)
     with tqdm(
-        total=args.num_layers + 1, desc="hf-to-mcore", unit="layer", disable=not progress
+        total=args.num_layers + 1,
+        desc="hf-to-mcore",
+        unit="layer",
+        disable=not progress or dist.get_rank() != 0,
     ) as bar:
-        load_hf_weights(model, args, reader, progress=bar)
-    return save_mcore_checkpoint(model, args, mcore_dir, hf_source=hf_dir)
+        return save_hf_as_mcore_checkpoint(args, reader, mcore_dir, hf_source=hf_dir, progress=bar)
 
 
 def mcore_to_hf(

@@ -80,6 +80,11 @@ class HFCheckpointReader:
             self._handles[file] = safe_open(str(file), framework="pt")
         return self._handles[file]
 
+    def close(self) -> None:
+        """Unmap the open files (reopened on the next read): the pages read so far stop counting
+        towards this process's resident memory."""
+        self._handles.clear()
+
     def names(self) -> list[str]:
         """All tensor names in the checkpoint."""
         return sorted(self.files)

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -45,6 +46,11 @@ _TE_TO_LOCAL = {
 }
 # Megatron stores the local spec's layer norms under the TE names (sharded_state_dict_keys_map).
 _LOCAL_TO_CHECKPOINT = {local: te for te, local in _TE_TO_LOCAL.items()}
+
+
+def content_metadata() -> dict:
+    """The ``content_metadata`` stored in every checkpoint's ``common.pt``."""
+    return {"oprd_format": FORMAT_VERSION, **SHARDED_METADATA}
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -159,13 +165,15 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_mcore_checkpoint(
-    model: torch.nn.Module, args: HFModelArgs, directory: str | Path, hf_source: Path | None
-) -> Path:
-    """Save ``model`` as a torch_dist checkpoint into a new ``directory``, atomically.
+@contextmanager
+def checkpoint_in_temp_dir(
+    directory: str | Path, args: HFModelArgs, hf_source: Path | None
+) -> Iterator[Path]:
+    """Collective: a fresh temporary sibling of ``directory`` for the torch_dist files.
 
-    Everything is written into a temporary sibling folder, renamed at the end; a failure leaves
-    nothing at ``directory``. ``hf_source``'s config and tokenizer files are kept in ``hf/``.
+    After the block rank 0 adds ``hf/`` (``hf_source``'s config and tokenizer files) and
+    :data:`FORMAT_FILE` and renames the folder to ``directory``; a failure removes it, leaving
+    nothing at ``directory``.
     """
     directory = Path(directory)
     if directory.exists():
@@ -178,29 +186,43 @@ def save_mcore_checkpoint(
         dist.broadcast_object_list(tmp_holder, src=0)
     tmp = Path(tmp_holder[0])
     try:
-        sharded = _unwrap(model).sharded_state_dict(metadata=_sharded_metadata())
-        dist_checkpointing.save(
-            sharded, str(tmp), content_metadata={"oprd_format": FORMAT_VERSION, **SHARDED_METADATA}
-        )
+        yield tmp
         _barrier()
         if _rank() == 0:
-            hf_dir = tmp / HF_SUBDIR
-            hf_dir.mkdir()
-            if hf_source is not None:
-                for name in AUX_FILES:
-                    if (hf_source / name).is_file():
-                        shutil.copy2(hf_source / name, hf_dir / name)
-            if not (hf_dir / "config.json").is_file():
-                (hf_dir / "config.json").write_text(json.dumps(args.to_dict()), encoding="utf-8")
-            fmt = {"format_version": FORMAT_VERSION, "model": args.to_dict(), **SHARDED_METADATA}
-            (tmp / FORMAT_FILE).write_text(json.dumps(fmt, indent=2) + "\n", encoding="utf-8")
+            _write_oprd_files(tmp, args, hf_source)
             os.replace(tmp, directory)
     except BaseException:
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     _barrier()
-    return directory
+
+
+def _write_oprd_files(directory: Path, args: HFModelArgs, hf_source: Path | None) -> None:
+    hf_dir = directory / HF_SUBDIR
+    hf_dir.mkdir()
+    if hf_source is not None:
+        for name in AUX_FILES:
+            if (hf_source / name).is_file():
+                shutil.copy2(hf_source / name, hf_dir / name)
+    if not (hf_dir / "config.json").is_file():
+        (hf_dir / "config.json").write_text(json.dumps(args.to_dict()), encoding="utf-8")
+    fmt = {"format_version": FORMAT_VERSION, "model": args.to_dict(), **SHARDED_METADATA}
+    (directory / FORMAT_FILE).write_text(json.dumps(fmt, indent=2) + "\n", encoding="utf-8")
+
+
+def save_mcore_checkpoint(
+    model: torch.nn.Module, args: HFModelArgs, directory: str | Path, hf_source: Path | None
+) -> Path:
+    """Save ``model`` as a torch_dist checkpoint into a new ``directory``, atomically.
+
+    Everything is written into a temporary sibling folder, renamed at the end; a failure leaves
+    nothing at ``directory``. ``hf_source``'s config and tokenizer files are kept in ``hf/``.
+    """
+    with checkpoint_in_temp_dir(directory, args, hf_source) as tmp:
+        sharded = _unwrap(model).sharded_state_dict(metadata=_sharded_metadata())
+        dist_checkpointing.save(sharded, str(tmp), content_metadata=content_metadata())
+    return Path(directory)
 
 
 def read_mcore_args(directory: str | Path) -> HFModelArgs:
