@@ -11,6 +11,11 @@
 #   bench.txt/.json     projected-MSE benchmark, bf16, N in {4096, 8192, 16384, 32768},
 #                       d_s=2048, d_t=4096: naive, triton, triton-recompute, three cuBLAS GEMMs
 #   bench_compile.*     the same at N=32768 with torch.compile of the naive loss
+#   megatron_tests.log  pytest tests/models on CUDA (specs, SDPA attention vs Megatron's own)
+#   bench_step.txt      tools/bench_step.py on CUDA: one OPRD / OPD top-1 / OPD top-16 step at
+#                       the scaled-down paper shape, time and dPeak side by side
+# The last two need megatron-core: run tools/fetch_gpu_wheels.sh first (here, where pip can
+# download) and carry .whl.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -55,6 +60,19 @@ python3 -m oprd_kernels.benchmark \
   --impls naive compile triton 3gemm \
   --json "$out/bench_compile.json" 2>&1 | tee "$out/bench_compile.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== megatron-core checks (single process, CUDA)"
+if python3 -c "import megatron.core" 2>/dev/null; then
+  python3 -c "import megatron.core as m; print('megatron-core', m.__version__)" | tee -a "$out/env.txt"
+  python3 -m pytest tests/models -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$out/megatron_tests.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  python3 tools/bench_step.py --steps 5 2>&1 | grep -v -i "warn" | tee "$out/bench_step.txt"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+  echo "megatron-core is not importable: run tools/fetch_gpu_wheels.sh and carry .whl" \
+    | tee "$out/megatron_tests.log"
+  status=1
+fi
 
 echo "gpu_check: exit $status, results in $out"
 exit $status

@@ -37,10 +37,14 @@ def modules(**extra) -> tuple[DotProductAttention, SDPAttention]:
     return DotProductAttention(*args), SDPAttention(*args)
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def qkv(seq: int, batch: int, generator: torch.Generator) -> list[torch.Tensor]:
     shapes = [(seq, batch, HEADS, HEAD_DIM), *[(seq, batch, GROUPS, HEAD_DIM)] * 2]
     return [
-        torch.randn(s, generator=generator, dtype=torch.float64).requires_grad_() for s in shapes
+        torch.randn(s, generator=generator, dtype=torch.float64).to(DEVICE).requires_grad_()
+        for s in shapes
     ]
 
 
@@ -64,13 +68,14 @@ def main() -> None:
 
     tensors = qkv(37, 2, generator)
     weight = torch.randn(37, 2, HEADS * HEAD_DIM, generator=generator, dtype=torch.float64)
+    weight = weight.to(DEVICE)
     out["causal"] = max_diff(
         run(reference, tensors, weight, attention_mask=None),
         run(ours, tensors, weight, attention_mask=None),
     )
 
     mask = torch.rand(2, 1, 37, 37, generator=generator) < 0.4  # True: barred
-    mask &= ~torch.eye(37, dtype=torch.bool)  # every query keeps one key
+    mask = (mask & ~torch.eye(37, dtype=torch.bool)).to(DEVICE)  # every query keeps one key
     out["explicit_mask"] = max_diff(
         run(reference, tensors, weight, attention_mask=mask),
         run(ours, tensors, weight, attention_mask=mask),
@@ -80,7 +85,9 @@ def main() -> None:
     total = sum(lengths)
     packed = [t[:, 0].detach() for t in qkv(total, 1, generator)]  # [t, n, h]
     weight = torch.randn(total, 1, HEADS * HEAD_DIM, generator=generator, dtype=torch.float64)
+    weight = weight.to(DEVICE)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    cu = cu.to(DEVICE)
     params = PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu,
@@ -99,6 +106,7 @@ def main() -> None:
     separate = (torch.cat(pieces), [torch.cat(g) for g in grads])
     out["packed_vs_separate"] = max_diff(mine, separate)
     out["packed_shape"] = list(mine[0].shape)
+    out["device"] = str(DEVICE)
 
     for name, extra in {
         "layer_scaling": {"apply_query_key_layer_scaling": True, "fp16": True},
