@@ -33,10 +33,11 @@ import torch
 from oprd_mega.distill.layers import LAYER_MODES, layer_pairs
 from oprd_mega.distill.positions import POSITION_ANCHORS, POSITION_MODES, PositionSpec
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
+from oprd_mega.rollout.sampling import SamplingConfig
 
 from .file import BridgeFile, BridgeMetadata, ModelIdentity, save_bridge_file
 from .plan import PairedSequence
-from .rollouts import Rollout, RolloutOptions, ServerOptions
+from .rollouts import Rollout, ServerOptions
 from .sampling import DEFAULT_MAX_ROWS
 from .student_map import FitConfig
 from .subspace import Subspace, sweep_ranks
@@ -322,10 +323,14 @@ def obtain_rollouts(ns: argparse.Namespace, out: Path, tokenizer: Any) -> list[R
         log_dir=str(out / "logs"),
         health_timeout_s=ns.health_timeout,
     )
-    options = RolloutOptions(
-        ns.samples_per_prompt, ns.temperature, ns.top_p, ns.max_new_tokens, ns.seed
+    sampling = SamplingConfig(
+        n=ns.samples_per_prompt,
+        temperature=ns.temperature,
+        top_p=ns.top_p,
+        max_new_tokens=ns.max_new_tokens,
+        sampling_seed=ns.seed,
     )
-    rollouts = sample_rollouts(prompts, server, options, progress=not ns.no_progress)
+    rollouts = sample_rollouts(prompts, server, sampling, progress=not ns.no_progress)
     write_samples(out / "samples.jsonl", rollouts)
     return rollouts
 

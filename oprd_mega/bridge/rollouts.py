@@ -1,8 +1,8 @@
 """Stage 1's data: student rollouts from a rollout server (launched or attached), their file
 ``samples.jsonl``, and the paired token sequences both models read.
 
-Each prompt ``i`` is sampled with the seed :func:`oprd_mega.train.rollouts.prompt_seed`
-(``seed``, step 0, ``i``), as the trainer and ``oprd-mega evaluate`` do.
+Prompts are sampled by :func:`oprd_mega.rollout.sampling.sample_groups` (prompt ``i`` seeded
+from ``--seed``, step 0, ``i``), as the trainer and ``oprd-mega evaluate`` do.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from oprd_mega.data.prompts import Prompt
 from oprd_mega.distill.positions import PositionSpec
+from oprd_mega.rollout.sampling import SamplingConfig
 
 from .plan import PairedSequence, same_tokenizer_sequence
 
@@ -52,17 +53,6 @@ class ServerOptions:
     port: int = 30600
     log_dir: str | None = None
     health_timeout_s: float = 900.0
-
-
-@dataclass(frozen=True)
-class RolloutOptions:
-    """How many responses, how they are sampled, and the base seed."""
-
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    seed: int = 0
 
 
 def write_samples(path: Path, rollouts: Sequence[Rollout]) -> Path:
@@ -115,35 +105,23 @@ def read_samples(path: str | Path) -> list[Rollout]:
 
 
 def sample_rollouts(
-    prompts: Sequence[Prompt], server: ServerOptions, options: RolloutOptions, progress: bool
+    prompts: Sequence[Prompt], server: ServerOptions, sampling: SamplingConfig, progress: bool
 ) -> list[Rollout]:
-    """Start (or attach to) the servers, sample ``options.n`` responses per prompt on one event
-    loop, stop the launched servers, and return the rollouts in prompt order."""
+    """Start (or attach to) the servers, sample ``sampling.n`` responses per prompt on one event
+    loop (seeded from ``sampling.sampling_seed``), stop the launched servers, and return the
+    rollouts in prompt order."""
     from tqdm import tqdm
 
     from oprd_mega.rollout.client import RolloutClient
-    from oprd_mega.rollout.sampling import SamplingConfig, request_params
+    from oprd_mega.rollout.sampling import sample_groups
     from oprd_mega.rollout.servers import LaunchConfig, ServerGroup
-    from oprd_mega.train.rollouts import prompt_seed
 
-    sampling = SamplingConfig(
-        n=options.n,
-        temperature=options.temperature,
-        top_p=options.top_p,
-        max_new_tokens=options.max_new_tokens,
-    )
     bar = tqdm(total=len(prompts), desc="rollouts", unit="prompt", disable=not progress)
 
     async def every(urls: list[str]) -> list[list[Any]]:
         async with RolloutClient(urls) as client:
-
-            async def one(index: int, prompt: Prompt) -> list[Any]:
-                params = request_params(sampling, prompt_seed(options.seed, 0, index))
-                group = await client.generate(prompt.prompt_ids, params, group_id=index)
-                bar.update(1)
-                return group
-
-            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+            prompt_ids = [p.prompt_ids for p in prompts]
+            return await sample_groups(client, prompt_ids, sampling, on_prompt_done=bar.update)
 
     if server.urls:
         servers = ServerGroup.attach(server.urls, health_timeout_s=server.health_timeout_s)

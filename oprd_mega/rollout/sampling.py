@@ -1,11 +1,18 @@
-"""SGLang sampling parameters (validated) and batched next-token selection."""
+"""SGLang sampling parameters (validated), seeded sampling of prompts through a client, and
+batched next-token selection."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from oprd_mega.rollout.client import RolloutClient
+    from oprd_mega.rollout.samples import Sample
 
 # Every key SGLang 0.5.23's SamplingParams accepts; anything else is an HTTP 400 there too.
 SGLANG_SAMPLING_KEYS = frozenset(
@@ -173,6 +180,42 @@ def request_params(config: SamplingConfig, sampling_seed: int | None = None) -> 
     if seed is not None:
         params["sampling_seed"] = seed
     return params
+
+
+_SEED_MODULUS = 2**62
+
+
+def prompt_seed(base: int, step: int, group: int) -> int:
+    """The sampling seed of prompt ``group`` at ``step`` (the server adds the sample index)."""
+    return (base * 1_000_003 + step * 65_537 + group * 1_009) % _SEED_MODULUS
+
+
+async def sample_groups(
+    client: RolloutClient,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig,
+    step: int = 0,
+    first_group: int = 0,
+    on_prompt_done: Callable[[], object] | None = None,
+) -> list[list[Sample]]:
+    """``sampling.n`` responses to every prompt, sampled concurrently, in prompt order.
+
+    Prompt ``i`` is group ``first_group + i``. ``sampling.sampling_seed`` is the base seed:
+    the group is sampled with :func:`prompt_seed` (base, ``step``, group), so a re-run (or a
+    resumed run) samples the same responses; None leaves the requests unseeded.
+    ``on_prompt_done`` is called as each prompt's group arrives (a progress bar).
+    """
+    base = sampling.sampling_seed
+
+    async def one(index: int, prompt_ids: Sequence[int]) -> list[Sample]:
+        group = first_group + index
+        seed = None if base is None else prompt_seed(base, step, group)
+        samples = await client.generate(prompt_ids, request_params(sampling, seed), group)
+        if on_prompt_done is not None:
+            on_prompt_done()
+        return samples
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
 
 
 def select_tokens(

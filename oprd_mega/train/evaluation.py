@@ -74,9 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     from oprd_mega.data.prompts import load_prompts
     from oprd_mega.rollout.client import RolloutClient
-    from oprd_mega.rollout.sampling import SamplingConfig, request_params
+    from oprd_mega.rollout.sampling import SamplingConfig, sample_groups
     from oprd_mega.rollout.servers import LaunchConfig, ServerGroup
-    from oprd_mega.train.rollouts import prompt_seed
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompts = load_prompts(
@@ -88,20 +87,16 @@ def run(args: argparse.Namespace) -> int:
             f"error: {args.prompts} row {missing[0]} has no column {args.answer_key!r}"
         )
     sampling = SamplingConfig(
-        n=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens
+        n=args.k,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens,
+        sampling_seed=args.seed,
     )
     launch = LaunchConfig(model_path=args.model, backend=args.backend, base_port=args.port)
 
-    async def sample(client: RolloutClient) -> list[list[Sample]]:
-        jobs = [
-            client.generate(p.prompt_ids, request_params(sampling, prompt_seed(args.seed, 0, i)), i)
-            for i, p in enumerate(prompts)
-        ]
-        return list(await asyncio.gather(*jobs))
-
     async def main(urls: list[str]) -> list[list[Sample]]:
         async with RolloutClient(urls) as client:
-            return await sample(client)
+            return await sample_groups(client, [p.prompt_ids for p in prompts], sampling)
 
     with ServerGroup.launch(launch) as servers:
         groups = asyncio.run(main(servers.urls))

@@ -16,16 +16,9 @@ from oprd_mega.config.schema import TrainConfig
 from oprd_mega.parallel.distributed import free_port
 from oprd_mega.rollout.client import RolloutClient
 from oprd_mega.rollout.samples import Sample, require_weight_version
-from oprd_mega.rollout.sampling import SamplingConfig, request_params
+from oprd_mega.rollout.sampling import SamplingConfig, sample_groups
 from oprd_mega.rollout.servers import ServerGroup
 from oprd_mega.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, WeightSync
-
-_SEED_MODULUS = 2**62
-
-
-def prompt_seed(base: int, step: int, group: int) -> int:
-    """The sampling seed of prompt ``group`` at ``step`` (the server adds the sample index)."""
-    return (base * 1_000_003 + step * 65_537 + group * 1_009) % _SEED_MODULUS
 
 
 class RolloutService:
@@ -99,17 +92,7 @@ class RolloutService:
     ) -> list[list[Sample]]:
         """``sampling.n`` responses per prompt, seeded by (``sampling.sampling_seed``, step,
         prompt) when the config gives a seed; checked to come from weight ``version``."""
-        base = sampling.sampling_seed
-
-        async def one(index: int, ids: Sequence[int]) -> list[Sample]:
-            seed = None if base is None else prompt_seed(base, step, first_group + index)
-            params = request_params(sampling, sampling_seed=seed)
-            return await self.client.generate(ids, params, group_id=first_group + index)
-
-        async def every() -> list[list[Sample]]:
-            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
-
-        groups = self.run(every())
+        groups = self.run(sample_groups(self.client, prompts, sampling, step, first_group))
         if version is not None:
             require_weight_version([s for group in groups for s in group], version)
         return groups

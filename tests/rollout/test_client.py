@@ -18,6 +18,7 @@ from oprd_mega.rollout.client import (
     ServerRequestError,
     ServerState,
 )
+from oprd_mega.rollout.sampling import SamplingConfig, prompt_seed, sample_groups
 from tests.torchrun_utils import free_port
 
 from .fake_sglang import FakeServer, expected_output
@@ -55,6 +56,35 @@ def test_balances_and_bounds_concurrency():
     assert a.max_in_flight <= 3 and b.max_in_flight <= 3
     assert a.max_in_flight == 3 and b.max_in_flight == 3
     assert abs(len(a.requests) - len(b.requests)) <= 4
+
+
+def test_prompt_seeds_differ_per_step_and_prompt():
+    seeds = {prompt_seed(0, step, group) for step in range(50) for group in range(64)}
+    assert len(seeds) == 50 * 64
+
+
+@pytest.mark.parametrize("base", [7, None])
+def test_sample_groups_seeds_every_prompt_from_the_base_seed(base):
+    prompts = PROMPTS[:6]
+    sampling = SamplingConfig(n=2, max_new_tokens=4, sampling_seed=base)
+    done = []
+    with FakeServer() as server:
+
+        async def main():
+            async with RolloutClient([server.url], FAST) as client:
+                return await sample_groups(
+                    client, prompts, sampling, 3, 10, on_prompt_done=lambda: done.append(1)
+                )
+
+        groups = run(main())
+    assert [[s.group_id for s in g] for g in groups] == [[10 + i] * 2 for i in range(6)]
+    assert [list(g[0].prompt_ids) for g in groups] == prompts  # in prompt order
+    seeds = {
+        tuple(r["input_ids"]): r["sampling_params"].get("sampling_seed") for r in server.requests
+    }
+    expected = [None if base is None else prompt_seed(base, 3, 10 + i) for i in range(6)]
+    assert [seeds[tuple(p)] for p in prompts] == expected
+    assert len(done) == len(prompts)
 
 
 def test_least_outstanding_choice():

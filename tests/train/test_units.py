@@ -13,7 +13,6 @@ from oprd_mega.distill.positions import PositionSpec
 from oprd_mega.train.batching import StepSample, plan_step, rank_microbatches
 from oprd_mega.train.lr_schedule import learning_rate
 from oprd_mega.train.prompt_stream import PromptStream
-from oprd_mega.train.rollouts import prompt_seed
 from tools.quickstart_summary import gap_closed, summary_line
 
 
@@ -94,11 +93,6 @@ def test_packed_microbatches_hold_the_padded_rows_back_to_back(positions: Positi
 def test_packed_microbatch_refuses_overflow() -> None:
     with pytest.raises(ValueError, match="more than seq_length 5"):
         make_packed_microbatch(0, [[1, 2, 3], [4, 5, 6]], [1, 1], 5, PositionSpec("all"))
-
-
-def test_prompt_seeds_differ_per_step_and_prompt() -> None:
-    seeds = {prompt_seed(0, step, group) for step in range(50) for group in range(64)}
-    assert len(seeds) == 50 * 64
 
 
 def test_summary_line_format() -> None:
