@@ -7,13 +7,15 @@ Field names match the parameters of ``oprd_mega.data.prompts.load_prompts`` and
 from __future__ import annotations
 
 from pathlib import PurePath
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from oprd_mega.config.base import Section, invalid
 
 SUFFIXES = {"jsonl": (".jsonl", ".json"), "parquet": (".parquet",)}
+_RENDERING_KEYS = frozenset({"prompt_key", "chat_template", "system_prompt"})
+_LENGTH_KEYS = frozenset({"max_prompt_length", "on_too_long"})
 
 
 class PromptsSection(Section):
@@ -47,6 +49,15 @@ class PromptsSection(Section):
                 f"format {self.format!r} reads files ending in {' or '.join(allowed)}",
             )
         return self
+
+    def rendering_options(self) -> dict[str, Any]:
+        """The ``load_prompts`` keywords that turn a row into prompt tokens (shared by the
+        held-out prompts)."""
+        return self.model_dump(include=_RENDERING_KEYS)
+
+    def load_options(self) -> dict[str, Any]:
+        """Every ``load_prompts`` keyword this section sets (all but the path)."""
+        return self.model_dump(include=_RENDERING_KEYS | _LENGTH_KEYS)
 
 
 class BatchSection(Section):

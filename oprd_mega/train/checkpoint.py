@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from oprd_mega.config import ConfigError, TrainConfig, validate_config
 from oprd_mega.convert.mcore_io import (
     _sharded_metadata,
     load_mcore_checkpoint,
@@ -215,6 +216,23 @@ def read_state(path: Path) -> TrainerState:
         return TrainerState(**data)
     except (OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{file}: not a readable trainer state ({exc})") from exc
+
+
+def saved_config(path: Path, state: TrainerState) -> TrainConfig:
+    """The resolved config checkpoint ``path`` (trainer state ``state``) was saved with; raises
+    :class:`CheckpointError` naming the state file when that config is not a valid one."""
+    file = path / STATE_FILE
+    if not isinstance(state.config, dict):
+        raise CheckpointError(f"{file}: 'config' must be a mapping, got {state.config!r:.80}")
+    try:
+        return validate_config(state.config)
+    except ConfigError as exc:
+        problems = "\n".join(f"  - {p}" for p in exc.problems)
+        raise CheckpointError(
+            f"{file}: the checkpoint's saved config ('config') is not a valid configuration, "
+            f"so this run cannot be checked against it:\n{problems}\nfix that file, or start "
+            "without this checkpoint (checkpoint.resume=never or another checkpoint.dir)"
+        ) from exc
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any) -> TrainerState:

@@ -185,25 +185,11 @@ class Trainer:
             raise TrainingError(
                 f"student.path = {self.config.student.path!r}: no loadable tokenizer ({exc})"
             ) from exc
-        prompts = load_prompts(
-            data.path,
-            self.tokenizer,
-            prompt_key=data.prompt_key,
-            chat_template=data.chat_template,
-            max_prompt_length=data.max_prompt_length,
-            on_too_long=data.on_too_long,
-            system_prompt=data.system_prompt,
-        )
+        prompts = load_prompts(data.path, self.tokenizer, **data.load_options())
         self.prompts = PromptStream(prompts, self.config.seed, data.shuffle)
         evaluation = self.config.evaluation
         if evaluation.interval > 0 and evaluation.prompts is not None:
-            held_out = load_prompts(
-                evaluation.prompts,
-                self.tokenizer,
-                prompt_key=data.prompt_key,
-                chat_template=data.chat_template,
-                system_prompt=data.system_prompt,
-            )
+            held_out = load_prompts(evaluation.prompts, self.tokenizer, **data.rendering_options())
             missing = [p.index for p in held_out if evaluation.answer_key not in p.extra]
             if missing:
                 raise TrainingError(
@@ -289,17 +275,21 @@ class Trainer:
         )
 
     def _resume(self, path: Path) -> None:
-        from oprd_mega.config.loader import validate_config
-        from oprd_mega.train.checkpoint import CheckpointError, load_checkpoint, read_state
+        from oprd_mega.train.checkpoint import (
+            CheckpointError,
+            load_checkpoint,
+            read_state,
+            saved_config,
+        )
 
         state = read_state(path)
         layout = {"tp": self.config.parallel.tp, "pp": self.config.parallel.pp}
         saved_layout = {k: state.layout[k] for k in layout}
-        try:
-            saved = validate_config(state.config)
-            changes = [c for c in config_diff(saved, self.config) if c[0] not in _RESUMABLE]
-        except Exception:
-            changes = []
+        changes = [
+            change
+            for change in config_diff(saved_config(path, state), self.config)
+            if change[0] not in _RESUMABLE
+        ]
         if changes:
             say(
                 "warning: the config differs from the checkpoint's in "

@@ -116,6 +116,18 @@ def test_sections_match_the_functions_they_feed(
             assert field.default == default or name in ("max_prompt_length",), name
 
 
+def test_prompts_section_passes_every_load_prompts_keyword() -> None:
+    data = minimal("data.max_prompt_length=64", "data.system_prompt=hi").data
+    keywords = set(_parameters(load_prompts)) - {"path", "tokenizer"}
+    assert set(data.load_options()) == keywords
+    assert data.load_options()["max_prompt_length"] == 64
+    assert data.rendering_options() == {
+        "prompt_key": "prompt",
+        "chat_template": True,
+        "system_prompt": "hi",
+    }
+
+
 def test_optimizer_keys_are_build_optimizer_keywords() -> None:
     path = Path(inspect.getfile(PromptsSection)).parents[1] / "distill" / "step.py"
     tree = ast.parse(path.read_text())
