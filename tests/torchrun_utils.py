@@ -29,18 +29,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def run_torchrun(
-    script: str | Path,
-    *args: str,
-    nproc: int,
-    timeout: float = 300.0,
-    env: dict[str, str] | None = None,
-    cwd: str | Path | None = None,
-) -> subprocess.CompletedProcess[str]:
-    """Launch ``torchrun --nproc-per-node nproc script args`` on loopback and return its result.
-
-    Raises ``AssertionError`` with both output streams when the launch fails or times out.
-    """
+def torchrun_env(timeout: float = 300.0, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a launch: this process's, with stack dumps after ``timeout - 15``
+    seconds and one thread per process and no GPU unless set here, then ``env`` on top."""
     child_env = dict(os.environ)
     child_env.update(
         {
@@ -50,33 +41,62 @@ def run_torchrun(
             "CUDA_VISIBLE_DEVICES": child_env.get("CUDA_VISIBLE_DEVICES", ""),
         }
     )
-    if env:
-        child_env.update(env)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc-per-node",
-        str(nproc),
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        str(script),
-        *args,
-    ]
+    child_env.update(env or {})
+    return child_env
+
+
+def torchrun_command(
+    script: str | Path,
+    *args: str,
+    nproc: int,
+    module: bool = False,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    port: int | None = None,
+) -> list[str]:
+    """``torchrun`` (as ``python -m torch.distributed.run``) of ``script args`` on loopback;
+    ``module``: ``script`` is a module name (``-m``). Every node of a multi-node launch needs
+    the same ``port``."""
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+        "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()),
+        *(["-m"] if module else []), str(script), *args,
+    ]  # fmt: skip
+
+
+def run_torchrun(
+    script: str | Path,
+    *args: str,
+    nproc: int,
+    module: bool = False,
+    timeout: float = 300.0,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Launch ``torchrun --nproc-per-node nproc script args`` on loopback and return its result.
+
+    Raises ``AssertionError`` with both output streams when the launch times out, or when it
+    fails and ``check`` is true (false: the caller checks the exit code).
+    """
+    cmd = torchrun_command(script, *args, nproc=nproc, module=module)
     try:
         result = subprocess.run(
-            cmd, env=child_env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+            cmd,
+            env=torchrun_env(timeout, env),
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(
             f"torchrun {script} timed out after {timeout}s\n"
             f"--- stdout ---\n{exc.stdout}\n--- stderr ---\n{exc.stderr}"
         ) from exc
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise AssertionError(
             f"torchrun {script} exited {result.returncode}\n"
             f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"

@@ -4,19 +4,20 @@ file) and ``torchrun ... -m oprd_mega.train`` as a subprocess with a hard timeou
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests.tiny_hf import make_tiny_model_dir
-from tests.torchrun_utils import free_port
+from tests.torchrun_utils import free_port, run_torchrun, torchrun_command, torchrun_env
 
 # Keys that differ between two runs of the same config (wall clock, memory, throughput).
 TIMING_KEYS = ("time", "tokens_per_s", "memory/peak_mib")
+# Trainer launches run on CPU with one thread per process even where this process sets
+# otherwise, and keep library warnings out of the output the tests read.
+TRAINER_ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}
 
 
 def make_task(root: Path) -> Path:
@@ -74,50 +75,42 @@ def task_config(task: Path, run: Path, **sections: Any) -> Path:
     return path
 
 
+def _trainer(config: Path, args: tuple[str, ...]) -> tuple[str, ...]:
+    """The trainer module and its arguments, for torchrun's ``-m``."""
+    return ("oprd_mega.train", "--config", str(config), *args)
+
+
 def launch_command(
     config: Path, *args: str, nproc: int, nnodes: int = 1, node_rank: int = 0, port: int = 0
 ) -> list[str]:
-    """``torchrun`` (as ``python -m torch.distributed.run``) of the trainer on loopback."""
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", str(nnodes), "--node-rank", str(node_rank),
-        "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()),
-        "-m", "oprd_mega.train", "--config", str(config), *args,
-    ]  # fmt: skip
+    """``torchrun`` of the trainer on loopback (for tests that watch or kill the launch)."""
+    return torchrun_command(
+        *_trainer(config, args),
+        nproc=nproc,
+        module=True,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        port=port,
+    )
 
 
 def child_env() -> dict[str, str]:
     """Environment of a trainer launch: CPU, one thread per process, stack dumps on hangs."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "PYTHONFAULTHANDLER": "1",
-            "OMP_NUM_THREADS": "1",
-            "CUDA_VISIBLE_DEVICES": "",
-            "PYTHONWARNINGS": "ignore",
-        }
-    )
-    return env
+    return torchrun_env(env=TRAINER_ENV)
 
 
 def train(
     config: Path, *args: str, nproc: int = 2, timeout: float = 300.0
 ) -> subprocess.CompletedProcess[str]:
     """Run the trainer to completion (or failure); never raises on a non-zero exit."""
-    try:
-        return subprocess.run(
-            launch_command(config, *args, nproc=nproc),
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(
-            f"trainer timed out after {timeout}s\n--- stdout ---\n{exc.stdout}\n"
-            f"--- stderr ---\n{exc.stderr}"
-        ) from exc
+    return run_torchrun(
+        *_trainer(config, args),
+        nproc=nproc,
+        module=True,
+        timeout=timeout,
+        env=TRAINER_ENV,
+        check=False,
+    )
 
 
 def require_success(result: subprocess.CompletedProcess[str]) -> str:
