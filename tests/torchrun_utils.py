@@ -29,6 +29,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# free_port() releases the port before torchrun binds it; another process on the machine may take
+# it in between. Only the agent's rendezvous store failing to listen is retried (no worker has
+# run yet then), never a worker's own failure.
+PORT_ATTEMPTS = 3
+_PORT_RACE = "The server socket has failed to listen on any local network address"
+
+
+def lost_port_race(stderr: str) -> bool:
+    """Whether a launch failed because its master port was taken before the store bound it."""
+    return _PORT_RACE in stderr and "EADDRINUSE" in stderr
+
+
 def torchrun_env(timeout: float = 300.0, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a launch: this process's, with stack dumps after ``timeout - 15``
     seconds and one thread per process and no GPU unless set here, then ``env`` on top."""
@@ -81,21 +93,26 @@ def run_torchrun(
     Raises ``AssertionError`` with both output streams when the launch times out, or when it
     fails and ``check`` is true (false: the caller checks the exit code).
     """
-    cmd = torchrun_command(script, *args, nproc=nproc, module=module)
-    try:
-        result = subprocess.run(
-            cmd,
-            env=torchrun_env(timeout, env),
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise AssertionError(
-            f"torchrun {script} timed out after {timeout}s\n"
-            f"--- stdout ---\n{exc.stdout}\n--- stderr ---\n{exc.stderr}"
-        ) from exc
+    for attempt in range(PORT_ATTEMPTS):
+        cmd = torchrun_command(script, *args, nproc=nproc, module=module)
+        try:
+            result = subprocess.run(
+                cmd,
+                env=torchrun_env(timeout, env),
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(
+                f"torchrun {script} timed out after {timeout}s\n"
+                f"--- stdout ---\n{exc.stdout}\n--- stderr ---\n{exc.stderr}"
+            ) from exc
+        if not (result.returncode and lost_port_race(result.stderr)):
+            break
+        if attempt + 1 < PORT_ATTEMPTS:
+            sys.stderr.write(f"torchrun {script}: master port taken meanwhile, relaunching\n")
     if check and result.returncode != 0:
         raise AssertionError(
             f"torchrun {script} exited {result.returncode}\n"
