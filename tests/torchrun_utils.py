@@ -37,8 +37,15 @@ _PORT_RACE = "The server socket has failed to listen on any local network addres
 
 
 def lost_port_race(stderr: str) -> bool:
-    """Whether a launch failed because its master port was taken before the store bound it."""
-    return _PORT_RACE in stderr and "EADDRINUSE" in stderr
+    """Whether a launch failed because its master port was taken before the store bound it:
+    the agent's own rendezvous failed, no worker did (a worker's store failing to listen
+    shows as the agent's ``ChildFailedError``)."""
+    return (
+        _PORT_RACE in stderr
+        and "EADDRINUSE" in stderr
+        and "in _rendezvous" in stderr
+        and "ChildFailedError" not in stderr
+    )
 
 
 def torchrun_env(timeout: float = 300.0, env: dict[str, str] | None = None) -> dict[str, str]:

@@ -162,6 +162,8 @@ class BridgeProjection(torch.nn.Module):
         weight = self.weight_for(layer)
         if weight is not None:
             return rows, weight
+        if not hasattr(self, f"{_key(layer)}_mlp_in"):
+            raise KeyError(f"bridge projection: no P_S for student layer {layer} on this stage")
         w_in, b_in, w_out = (getattr(self, f"{_key(layer)}_{name}") for name in _MLP_TENSORS)
         hidden = F.gelu(F.linear(rows.to(w_in.dtype), w_in, b_in))
         return F.linear(hidden, w_out), None

@@ -209,6 +209,8 @@ def test_mlp_bridge_projection_is_the_formula_with_gradients_to_the_rows(tmp_pat
     )
     torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
     assert not [b for b in projection.buffers() if b.requires_grad]
+    with pytest.raises(KeyError, match="no P_S for student layer 3"):
+        projection.project(3, rows)
 
 
 def test_bridge_is_checked_against_the_models(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from oprd_mega.models.attention import SDPAttention, packed_causal_mask
+from oprd_mega.models.attention import SDPAttention
 from oprd_mega.models.hf_config import parse_hf_config
 from oprd_mega.models.specs import layer_spec
 from tests.models.test_hf_config import config
@@ -48,20 +48,3 @@ def test_unsupported_options_are_refused_by_name(results: dict, name: str) -> No
 def test_local_spec_uses_sdpa() -> None:
     spec = layer_spec(parse_hf_config(config("qwen3")), use_te=False)
     assert spec.submodules.self_attention.submodules.core_attention is SDPAttention
-
-
-def test_packed_causal_mask_is_block_diagonal_causal() -> None:
-    import torch
-
-    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
-    expected = torch.tensor(
-        [
-            [1, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0],
-            [0, 0, 1, 0, 0],
-            [0, 0, 1, 1, 0],
-            [0, 0, 1, 1, 1],
-        ],
-        dtype=torch.bool,
-    )
-    assert torch.equal(packed_causal_mask(cu, cu, torch.device("cpu")), expected)

@@ -23,11 +23,26 @@ def test_a_taken_master_port_is_recognised_and_a_worker_error_is_not(tmp_path) -
             timeout=60,
         )
     assert raced.returncode != 0 and lost_port_race(raced.stderr), raced.stderr[-2000:]
-    failed = subprocess.run(
-        torchrun_command(script, nproc=1),
-        env=torchrun_env(60),
-        capture_output=True,
-        text=True,
-        timeout=60,
+    # a worker failing on its own, also when its own store cannot listen, is not a port race
+    store = tmp_path / "store.py"
+    store.write_text(
+        "import socket\n"
+        "from datetime import timedelta\n"
+        "import torch.distributed as dist\n"
+        "with socket.socket() as s:\n"
+        "    s.bind(('127.0.0.1', 0))\n"
+        "    s.listen()\n"
+        "    port = s.getsockname()[1]\n"
+        "    dist.TCPStore('127.0.0.1', port, 1, True, timeout=timedelta(seconds=5))\n",
+        encoding="utf-8",
     )
-    assert failed.returncode != 0 and not lost_port_race(failed.stderr)
+    for worker in (script, store):
+        failed = subprocess.run(
+            torchrun_command(worker, nproc=1),
+            env=torchrun_env(60),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert failed.returncode != 0 and not lost_port_race(failed.stderr), worker.name
+    assert "EADDRINUSE" in failed.stderr  # the worker's store really failed to listen
