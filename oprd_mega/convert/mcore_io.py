@@ -27,6 +27,7 @@ from oprd_mega.convert.mapping import (
     mcore_to_hf_state,
 )
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
+from oprd_mega.parallel.distributed import barrier, global_rank
 
 # How the model's sharded state dict is built, on save and on load alike (Megatron adds keys
 # to the dict it is given, so every call gets a fresh copy).
@@ -141,7 +142,7 @@ def read_checkpoint_layers(
             meta = metadata[key]
             empty = torch.empty(meta.global_shape, dtype=meta.dtype)
             # every rank reads the full tensor; rank 0 holds the main replica
-            request[name] = ShardedTensor.from_rank_offsets(key, empty, replica_id=_rank())
+            request[name] = ShardedTensor.from_rank_offsets(key, empty, replica_id=global_rank())
         loaded = dist_checkpointing.load(request, str(directory))
         yield layer, {name: loaded[name] for name in request}
 
@@ -154,15 +155,6 @@ def export_hf_from_checkpoint(
         yield from mcore_to_hf_state(args, tensors, layer).items()
         if progress is not None:
             progress.update(1)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 @contextmanager
@@ -179,7 +171,7 @@ def checkpoint_in_temp_dir(
     if directory.exists():
         raise FileExistsError(f"target {directory} already exists; choose a new directory")
     tmp_holder = [""]
-    if _rank() == 0:
+    if global_rank() == 0:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp_holder[0] = tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent)
     if dist.is_initialized():
@@ -187,15 +179,15 @@ def checkpoint_in_temp_dir(
     tmp = Path(tmp_holder[0])
     try:
         yield tmp
-        _barrier()
-        if _rank() == 0:
+        barrier()
+        if global_rank() == 0:
             _write_oprd_files(tmp, args, hf_source)
             os.replace(tmp, directory)
     except BaseException:
-        if _rank() == 0:
+        if global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
+    barrier()
 
 
 def _write_oprd_files(directory: Path, args: HFModelArgs, hf_source: Path | None) -> None:

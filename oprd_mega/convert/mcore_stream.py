@@ -30,6 +30,7 @@ from oprd_mega.convert.hf_io import CheckpointError, HFCheckpointReader
 from oprd_mega.convert.mapping import hf_to_mcore_state
 from oprd_mega.convert.mcore_io import checkpoint_in_temp_dir, checkpoint_key, content_metadata
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.parallel.distributed import global_rank
 
 # Megatron's linear layers store an (empty) ``_extra_state`` object each, which a model asks for
 # on load; the model-level linear (output_layer) drops its own.
@@ -78,10 +79,6 @@ def save_hf_as_mcore_checkpoint(
                 progress.update(1)
         _on_rank0(rank0.finish, "to merge the saved parts")
     return Path(directory)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _on_rank0(work: Callable[[], T], what: str) -> T:
@@ -152,7 +149,7 @@ def _sharded_part(
     tensors: dict[str, torch.Tensor], layer: int | None
 ) -> dict[str, ShardedTensor | ShardedObject]:
     """What the built model's sharded state dict holds for this part, at TP1/PP1."""
-    replica = _rank()  # rank 0 holds the main replica, the one that is written
+    replica = global_rank()  # rank 0 holds the main replica, the one that is written
     sharded: dict[str, ShardedTensor | ShardedObject] = {}
     for name, tensor in tensors.items():
         key = checkpoint_key(name)

@@ -3,7 +3,9 @@
 from oprd_mega.parallel.cpu_patches import applied_patches, apply_cpu_patches, patch_names
 from oprd_mega.parallel.distributed import (
     DistributedInfo,
+    barrier,
     destroy_distributed,
+    global_rank,
     init_distributed,
     reset_model_parallel,
 )
@@ -14,7 +16,9 @@ __all__ = [
     "ParallelLayout",
     "applied_patches",
     "apply_cpu_patches",
+    "barrier",
     "destroy_distributed",
+    "global_rank",
     "init_distributed",
     "patch_names",
     "reset_model_parallel",

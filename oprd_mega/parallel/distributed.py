@@ -37,6 +37,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def global_rank() -> int:
+    """This process's rank in the default group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank of the default group (nothing without one)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None:

@@ -41,6 +41,7 @@ from oprd_mega.convert.mcore_io import (
 )
 from oprd_mega.distill.teacher import unwrap
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.parallel.distributed import barrier, global_rank
 
 LATEST = "latest"
 STATE_FILE = "trainer.json"
@@ -65,15 +66,6 @@ class TrainerState:
 def step_dir_name(step: int) -> str:
     """``step-00000100``."""
     return f"step-{step:08d}"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _broadcast(value: Any) -> Any:
@@ -130,7 +122,7 @@ def save_checkpoint(
     root = Path(directory)
     final = root / step_dir_name(state.step)
     tmp_name = ""
-    if _rank() == 0:
+    if global_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         tmp_name = tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root)
     tmp = Path(_broadcast(tmp_name))
@@ -139,9 +131,9 @@ def save_checkpoint(
         save_mcore_checkpoint(unwrap(model), args, tmp / "model", hf_source=Path(hf_source))
         dist_checkpointing.save(_optimizer_sharded(model, optimizer, False), str(_mkdir(tmp)))
         (tmp / "rng").mkdir(exist_ok=True)
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{_rank():05d}.pt")
-        _barrier()
-        if _rank() == 0:
+        torch.save(_rng_state(), tmp / "rng" / f"rank-{global_rank():05d}.pt")
+        barrier()
+        if global_rank() == 0:
             body = json.dumps(state.__dict__, indent=1, default=str) + "\n"
             (tmp / STATE_FILE).write_text(body, encoding="utf-8")
             if final.exists():  # a stale copy of this step (a run restarted before it)
@@ -158,7 +150,7 @@ def save_checkpoint(
         errors = [error]
     failed = [e for e in errors if e is not None]
     if failed:
-        if _rank() == 0:
+        if global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             failed[0] + f"; the previous checkpoint in {root} (see {LATEST}) is intact"
@@ -168,9 +160,9 @@ def save_checkpoint(
 
 def _mkdir(tmp: Path) -> Path:
     path = tmp / "optimizer"
-    if _rank() == 0:
+    if global_rank() == 0:
         path.mkdir(exist_ok=True)
-    _barrier()
+    barrier()
     return path
 
 
@@ -241,7 +233,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any) -> Train
     load_mcore_checkpoint(unwrap(model), path / "model")
     sharded = _optimizer_sharded(model, optimizer, True)
     optimizer.load_state_dict(dist_checkpointing.load(sharded, str(path / "optimizer")))
-    rng_file = path / "rng" / f"rank-{_rank():05d}.pt"
+    rng_file = path / "rng" / f"rank-{global_rank():05d}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     return state
