@@ -76,20 +76,15 @@ def make_microbatch(
     pad_id: int = 0,
 ) -> DistillMicrobatch:
     """Right-pad ``sequences`` (prompt + response ids) to ``seq_length`` and build the masks."""
-    if not sequences:
-        raise ValueError("microbatch: no sequences")
+    responses = _response_lengths(sequences, prompt_lengths)
     tokens = torch.full((len(sequences), seq_length), pad_id, dtype=torch.long)
-    responses = []
-    for row, (ids, prompt) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+    for row, ids in enumerate(sequences):
         if len(ids) > seq_length:
             raise ValueError(
                 f"microbatch: sequence {row} has {len(ids)} tokens, more than seq_length "
                 f"{seq_length}"
             )
-        if not 0 <= prompt <= len(ids):
-            raise ValueError(f"microbatch: sequence {row} prompt length {prompt} out of range")
         tokens[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        responses.append(len(ids) - prompt)
     supervised = padded_position_mask(prompt_lengths, responses, seq_length, positions)
     response = padded_position_mask(prompt_lengths, responses, seq_length, PositionSpec("all"))
     return _with_opd_masks(index, tokens, supervised, response)
@@ -104,19 +99,15 @@ def make_packed_microbatch(
     pad_id: int = 0,
 ) -> DistillMicrobatch:
     """Pack ``sequences`` back to back into one row of ``seq_length`` tokens (THD layout)."""
-    if not sequences:
-        raise ValueError("microbatch: no sequences")
+    _response_lengths(sequences, prompt_lengths)
     lengths = [len(ids) for ids in sequences]
     if sum(lengths) > seq_length:
         raise ValueError(
             f"microbatch: {len(sequences)} sequences hold {sum(lengths)} tokens, more than "
             f"seq_length {seq_length}"
         )
-    for row, (length, prompt) in enumerate(zip(lengths, prompt_lengths, strict=True)):
-        if length <= 0 or not 0 <= prompt <= length:
-            raise ValueError(
-                f"microbatch: sequence {row} has {length} tokens and prompt length {prompt}"
-            )
+    if 0 in lengths:
+        raise ValueError(f"microbatch: sequence {lengths.index(0)} is empty")
     flat = [token for ids in sequences for token in ids]
     tail = seq_length - len(flat)
     tokens = torch.tensor(flat + [pad_id] * tail, dtype=torch.long).unsqueeze(0)
@@ -128,6 +119,20 @@ def make_packed_microbatch(
     response = packed_position_mask(prompts, responses, PositionSpec("all")).unsqueeze(0)
     cu_seqlens = torch.tensor([0, *itertools.accumulate(slots)], dtype=torch.int32)
     return _with_opd_masks(index, tokens, supervised, response, cu_seqlens)
+
+
+def _response_lengths(
+    sequences: Sequence[Sequence[int]], prompt_lengths: Sequence[int]
+) -> list[int]:
+    """Each sequence's response length; raises on no sequences or a prompt length out of range."""
+    if not sequences:
+        raise ValueError("microbatch: no sequences")
+    responses = []
+    for row, (ids, prompt) in enumerate(zip(sequences, prompt_lengths, strict=True)):
+        if not 0 <= prompt <= len(ids):
+            raise ValueError(f"microbatch: sequence {row} prompt length {prompt} out of range")
+        responses.append(len(ids) - prompt)
+    return responses
 
 
 def _with_opd_masks(
