@@ -1,10 +1,10 @@
 """The chunked projected-MSE engine shared by the PyTorch and Triton backends.
 
 Rows (tokens) are processed in chunks whose workspace fits a memory budget. Per chunk a backend
-projects the student rows and reduces them to four float32 statistics per token (see
-:mod:`.statistics`); when gradients are wanted it also turns the chunk's projection into
-``dl/dp`` in place, and the engine finishes with ``dx = G W``, ``dW += G^T x`` and ``db += sum G``
-(float32 accumulators). Nothing of size [tokens, d_t] survives a chunk.
+projects the student rows, reduces them to the per-token loss (float32) and, when gradients are
+wanted, turns the chunk's projection into ``dl/dp`` in place; the engine finishes with
+``dx = G W``, ``dW += G^T x`` and ``db += sum G`` (float32 accumulators). Nothing of size
+[tokens, d_t] survives a chunk.
 
 Two gradient modes:
 
@@ -18,6 +18,7 @@ Two gradient modes:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,7 +26,7 @@ from typing import Protocol
 import torch
 
 from .reference import reduce_weighted
-from .statistics import NUM_STATS, gradient_coefficients, per_token_loss
+from .statistics import gradient_coefficients, per_token_loss
 
 DEFAULT_WORKSPACE_BYTES = 64 * 2**20
 
@@ -38,6 +39,36 @@ class ChunkBackend(Protocol):
 
     def workspace_bytes_per_row(self, d_s: int, d_t: int, element_size: int) -> int: ...
 
+    def loss_and_gradient(
+        self,
+        student: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        token_weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        normalize: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(loss [rows] float32, gradient [rows, d_t] or None)`` of one chunk.
+
+        ``loss`` is the unweighted per-token loss (any value where ``token_weight`` is 0: the
+        reduction weighs it by 0); with ``scale`` [rows] the gradient is
+        ``scale_i * dl_i/dp_i`` (0 on masked rows), in the workspace, in the compute dtype.
+        """
+        ...
+
+
+class StatisticsChunks(ABC):
+    """``loss_and_gradient`` from two primitives: projection + statistics, then gradient.
+
+    Subclasses provide ``project_with_statistics`` (projection in the workspace and the four
+    row statistics of :mod:`.statistics`) and ``projection_to_gradient`` (``alpha p + beta t``
+    in place); the per-token coefficients come from the statistics in PyTorch.
+    """
+
+    compacts_masked_rows: bool
+
+    @abstractmethod
     def project_with_statistics(
         self,
         student: torch.Tensor,
@@ -49,6 +80,7 @@ class ChunkBackend(Protocol):
         normalize: bool,
     ) -> tuple[torch.Tensor | None, torch.Tensor]: ...
 
+    @abstractmethod
     def projection_to_gradient(
         self,
         projection: torch.Tensor,
@@ -56,6 +88,32 @@ class ChunkBackend(Protocol):
         alpha: torch.Tensor,
         beta: torch.Tensor,
     ) -> torch.Tensor: ...
+
+    def loss_and_gradient(
+        self,
+        student: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        target: torch.Tensor,
+        token_weight: torch.Tensor,
+        scale: torch.Tensor | None,
+        normalize: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        d_t = target.shape[1]
+        projection, stats = self.project_with_statistics(
+            student,
+            weight,
+            bias,
+            target,
+            None if self.compacts_masked_rows else token_weight != 0,
+            keep_projection=scale is not None,
+            normalize=normalize,
+        )
+        loss = per_token_loss(stats, normalize=normalize, d_t=d_t)
+        if scale is None or projection is None:
+            return loss, None
+        alpha, beta = gradient_coefficients(stats, normalize=normalize, d_t=d_t)
+        return loss, self.projection_to_gradient(projection, target, alpha * scale, beta * scale)
 
 
 @dataclass(frozen=True)
@@ -144,21 +202,20 @@ def sweep(
     coefficient: torch.Tensor | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, _Gradients]:
-    """One pass over all rows: statistics ``[4, tokens]`` and, with ``coefficient``, gradients.
+    """One pass over all rows: per-token loss ``[tokens]`` and, with ``coefficient``, gradients.
 
     ``coefficient`` ``[tokens]`` (float32) scales each token's ``dl/dp`` (token weight, mean
     normaliser and upstream gradient folded in); ``needs`` says which of student, weight and
-    bias gradients to compute. Masked rows (weight 0) get zero statistics and zero gradient.
+    bias gradients to compute. Masked rows (weight 0) get zero loss and zero gradient.
     """
     backend = plan.backend
-    num_rows, d_t = student.shape[0], target.shape[1]
+    num_rows = student.shape[0]
     active_rows = None
-    active = token_weight != 0
     if backend.compacts_masked_rows:
-        active_rows = active.nonzero().view(-1)
+        active_rows = (token_weight != 0).nonzero().view(-1)
         if active_rows.numel() == num_rows:
             active_rows = None
-    stats = student.new_zeros((NUM_STATS, num_rows), dtype=torch.float32)
+    losses = student.new_zeros(num_rows, dtype=torch.float32)
     want_student, want_weight, want_bias = needs if coefficient is not None else (False,) * 3
     # Without compaction every row is written; with it, masked rows must read zero.
     new_student_grad = torch.empty_like if active_rows is None else torch.zeros_like
@@ -169,31 +226,25 @@ def sweep(
     )
     for rows in _row_chunks(num_rows, active_rows, plan.chunk_rows):
         student_rows = _take(student, rows)
-        target_rows = _take(target, rows)
-        projection, chunk_stats = backend.project_with_statistics(
+        chunk_loss, gradient = backend.loss_and_gradient(
             student_rows,
             weight,
             bias,
-            target_rows,
-            None if backend.compacts_masked_rows else active[rows],
-            keep_projection=coefficient is not None,
-            normalize=plan.normalize,
+            _take(target, rows),
+            _take(token_weight, rows),
+            None if coefficient is None else _take(coefficient, rows),
+            plan.normalize,
         )
-        stats[:, rows] = chunk_stats
-        if coefficient is None or projection is None:
+        losses[rows] = chunk_loss
+        if gradient is None:
             continue
-        alpha, beta = gradient_coefficients(chunk_stats, normalize=plan.normalize, d_t=d_t)
-        scale = _take(coefficient, rows)
-        gradient = backend.projection_to_gradient(
-            projection, target_rows, alpha * scale, beta * scale
-        )
         if grads.student is not None:
             _write_student_gradient(grads.student, rows, gradient, weight)
         if grads.weight is not None:
             _accumulate_float32(grads.weight, gradient.t(), student_rows)
         if grads.bias is not None:
             grads.bias += gradient.sum(dim=0, dtype=torch.float32)
-    return stats, grads
+    return losses, grads
 
 
 def token_coefficients(token_weight: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -204,11 +255,9 @@ def token_coefficients(token_weight: torch.Tensor, reduction: str) -> torch.Tens
     return token_weight / torch.where(total == 0, torch.ones_like(total), total)
 
 
-def reduce_from_statistics(
-    stats: torch.Tensor, token_weight: torch.Tensor, *, normalize: bool, reduction: str, d_t: int
-) -> torch.Tensor:
-    loss = per_token_loss(stats, normalize=normalize, d_t=d_t)
-    return reduce_weighted(token_weight * loss, token_weight, reduction)
+def reduce_losses(losses: torch.Tensor, token_weight: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The reduced loss from the per-token losses ``[tokens]`` of :func:`sweep`."""
+    return reduce_weighted(token_weight * losses, token_weight, reduction)
 
 
 class FusedProjectedMSE(torch.autograd.Function):
@@ -228,7 +277,7 @@ class FusedProjectedMSE(torch.autograd.Function):
         needs = (needs_input_grad[0], needs_input_grad[2], needs_input_grad[3])
         gradient_in_forward = any(needs) and not plan.recompute and plan.reduction != "none"
         coefficient = token_coefficients(token_weight, plan.reduction)
-        stats, grads = sweep(
+        losses, grads = sweep(
             plan,
             student,
             target,
@@ -249,13 +298,7 @@ class FusedProjectedMSE(torch.autograd.Function):
         else:
             # Only the per-token weights beyond the inputs themselves.
             ctx.save_for_backward(student, target, weight, bias, token_weight)
-        return reduce_from_statistics(
-            stats,
-            token_weight,
-            normalize=plan.normalize,
-            reduction=plan.reduction,
-            d_t=target.shape[1],
-        )
+        return reduce_losses(losses, token_weight, plan.reduction)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .engine import StatisticsChunks
 from .statistics import NUM_STATS, STAT_DD, STAT_PP, STAT_PT, STAT_TT
 
 
@@ -12,7 +13,7 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
-class TorchChunkBackend:
+class TorchChunkBackend(StatisticsChunks):
     """Projection in the inputs' dtype, statistics and gradient in float32, per chunk of rows."""
 
     name = "torch"

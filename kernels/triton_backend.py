@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the projected (normalized) MSE, and the chunk backend built on them.
+"""Fused Triton kernels for the projected (normalized) MSE, the chunk backend built on them
+(``impl="triton-fused"``), and the bridge projection kernel.
 
 * ``_projection_statistics_kernel``: one tile of ``P = x W^T + b`` (fp32 accumulation) fused
   with its per-token statistics (``||p||^2``, ``p.t``, ``||t||^2``, ``||p - t||^2``, partial
@@ -26,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .engine import StatisticsChunks
 from .statistics import NUM_STATS
 
 
@@ -65,7 +67,9 @@ def _autotuned_projection_statistics() -> Any:
         triton.Config({"BLOCK_N": rows, "BLOCK_K": inner}, num_warps=warps, num_stages=stages)
         for rows, inner, warps, stages in _GPU_TUNING
     ]
-    key = ["n_rows", "d_s", "d_t", "HAS_WEIGHT", "WRITE_P"]
+    # No ``n_rows``: a new token count (nearly every microbatch in training) must not re-tune.
+    # The tile choice depends on the widths and dtypes (Triton adds the tensors' dtypes).
+    key = ["d_s", "d_t", "HAS_WEIGHT", "WRITE_P"]
     return triton.autotune(configs=configs, key=key)(_projection_statistics_kernel)
 
 
@@ -74,7 +78,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _projection_statistics_kernel(
     x_ptr,
     w_ptr,
@@ -249,10 +253,10 @@ def _bridge_projection_kernel(
     )
 
 
-class TritonChunkBackend:
+class FusedTritonChunkBackend(StatisticsChunks):
     """Fused projection + statistics kernel, in-place gradient kernel, cuBLAS for dX and dW."""
 
-    name = "triton"
+    name = "triton-fused"
     # No host sync: masked token blocks exit early inside the kernel instead.
     compacts_masked_rows = False
 

@@ -51,7 +51,9 @@ def oracle(
         p, t = _unit(p), _unit(t)
     per_token = ((p - t) ** 2).sum(dim=1) / t.shape[1]
     weights = (
-        torch.ones(x.shape[0], dtype=dtype) if token_weight is None else token_weight.to(dtype)
+        torch.ones(x.shape[0], dtype=dtype, device=x.device)
+        if token_weight is None
+        else token_weight.to(dtype)
     )
     weighted = weights * per_token
     if reduction == "none":
