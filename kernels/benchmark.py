@@ -8,7 +8,12 @@ an implementation really executes) and peak memory above the inputs and above in
 gradients it returns. On CUDA timings use ``triton.testing.do_bench`` and memory
 ``torch.cuda.max_memory_allocated``; on CPU the median of repeated wall-clock runs and the
 process's peak resident set (``VmHWM``, reset after warm-up). On CUDA a ``3gemm`` row times the
-three cuBLAS GEMMs that a gradient-in-forward path cannot avoid, the speed-of-light reference.
+three cuBLAS GEMMs that a gradient-in-forward path cannot avoid, the speed-of-light reference
+(in the ``forward`` and ``nograd`` modes it times the one projection GEMM). Each run also times
+its first call (compilation, autotuning) and one call at a new token count after warm-up (a
+retuning or recompilation stall shows there; not for ``compile``, whose first call already
+shows what a recompilation costs). After the table, every implementation's time is
+given relative to ``3gemm``, ``compile`` and ``naive`` measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,7 +30,21 @@ from pathlib import Path
 
 import torch
 
-IMPLS = ("naive", "compile", "torch", "triton", "triton-recompute", "3gemm")
+IMPLS = (
+    "naive",
+    "compile",
+    "torch",
+    "triton",
+    "triton-recompute",
+    "triton-fused",
+    "triton-fused-recompute",
+    "3gemm",
+)
+CUDA_ONLY_IMPLS = ("triton", "triton-recompute", "triton-fused", "triton-fused-recompute", "3gemm")
+# The baselines every other implementation is compared with, in the order they are printed.
+BASELINES = ("3gemm", "compile", "naive")
+NEW_COUNT_OFFSET = 37
+"""The token count of the "new count" call: ``tokens - 37``, a multiple of no block size."""
 MODES = ("forward", "forward+backward", "nograd")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,6 +71,8 @@ class Result:
     tflops: float
     peak_above_inputs_mib: float
     peak_above_inputs_and_grads_mib: float
+    first_call_ms: float = float("nan")
+    new_count_ms: float = float("nan")
     error: str = ""
 
 
@@ -119,6 +140,8 @@ def _loss_fn(case: Case) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
         "torch": ("torch", False),
         "triton": ("triton", False),
         "triton-recompute": ("triton", True),
+        "triton-fused": ("triton-fused", False),
+        "triton-fused-recompute": ("triton-fused", True),
     }[case.impl]
 
     def fused(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -135,11 +158,15 @@ def _loss_fn(case: Case) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     return fused
 
 
-def _step_fn(case: Case, inputs: dict[str, torch.Tensor]) -> Callable[[], object]:
+def _step_fn(
+    case: Case, inputs: dict[str, torch.Tensor], tokens: int | None = None
+) -> Callable[[], object]:
+    """One timed call; ``tokens`` uses only the first rows (the new-count call)."""
+    rows = slice(0, case.tokens if tokens is None else tokens)
     if case.impl == "3gemm":
         dtype = DTYPES[case.dtype]
-        student, weight = inputs["student"].detach(), inputs["weight"].detach()
-        gradient = torch.randn(case.tokens, case.d_t, device=case.device, dtype=dtype)
+        student, weight = inputs["student"].detach()[rows], inputs["weight"].detach()
+        gradient = torch.randn(student.shape[0], case.d_t, device=case.device, dtype=dtype)
 
         def three_gemms() -> object:
             projection = student @ weight.t()
@@ -149,19 +176,34 @@ def _step_fn(case: Case, inputs: dict[str, torch.Tensor]) -> Callable[[], object
 
         return three_gemms
     loss_fn = _loss_fn(case)
+    leaves = (inputs["student"], inputs["weight"])
+    arguments = {
+        name: tensor if name == "weight" else tensor[rows] for name, tensor in inputs.items()
+    }
 
     def step() -> object:
-        for name in ("student", "weight"):
-            inputs[name].grad = None
+        for leaf in leaves:
+            leaf.grad = None
         if case.mode == "nograd":
             with torch.no_grad():
-                return loss_fn(inputs)
-        loss = loss_fn(inputs)
+                return loss_fn(arguments)
+        loss = loss_fn(arguments)
         if case.mode == "forward+backward":
             loss.backward()
         return loss
 
     return step
+
+
+def _timed_once(step: Callable[[], object], cuda: bool) -> float:
+    """Wall-clock milliseconds of one call, device work included."""
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
 
 
 def _gradient_bytes(case: Case) -> int:
@@ -176,8 +218,13 @@ def run_case(case: Case) -> Result:
     inputs = _make_inputs(case)
     step = _step_fn(case, inputs)
     cuda = case.device.startswith("cuda")
-    for _ in range(case.warmup):
+    first_call_ms = _timed_once(step, cuda)
+    for _ in range(case.warmup - 1):
         step()
+    new_count_ms = float("nan")
+    # Not for compile: it would recompile for the new shape (its first call shows that cost).
+    if case.tokens > NEW_COUNT_OFFSET and case.impl != "compile":
+        new_count_ms = _timed_once(_step_fn(case, inputs, case.tokens - NEW_COUNT_OFFSET), cuda)
     if cuda:
         torch.cuda.synchronize()
         for name in ("student", "weight"):
@@ -211,6 +258,8 @@ def run_case(case: Case) -> Result:
         tflops=flops / (median_ms * 1e-3) / 1e12,
         peak_above_inputs_mib=peak / mib,
         peak_above_inputs_and_grads_mib=(peak - _gradient_bytes(case)) / mib,
+        first_call_ms=first_call_ms,
+        new_count_ms=new_count_ms,
     )
 
 
@@ -230,43 +279,87 @@ def run_in_subprocess(case: Case, timeout: float) -> Result:
 
 
 def _available(impl: str, device: str) -> bool:
-    if impl in ("triton", "triton-recompute", "3gemm"):
+    if impl in CUDA_ONLY_IMPLS:
         return device.startswith("cuda")
     return True
 
 
+def _group_key(case: Case) -> tuple[object, ...]:
+    return (case.tokens, case.d_s, case.d_t, case.dtype, case.mode, case.normalize)
+
+
+def time_ratios(results: list[Result]) -> dict[int, dict[str, float]]:
+    """Per result (by position): its median time over each baseline's in the same group."""
+    baselines: dict[tuple[object, ...], dict[str, float]] = {}
+    for result in results:
+        if result.case.impl in BASELINES and not result.error:
+            baselines.setdefault(_group_key(result.case), {})[result.case.impl] = result.median_ms
+    ratios: dict[int, dict[str, float]] = {}
+    for index, result in enumerate(results):
+        found = baselines.get(_group_key(result.case), {})
+        ratios[index] = {name: result.median_ms / ms for name, ms in found.items() if ms > 0}
+    return ratios
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{value:.2f}x"
+
+
 def format_table(results: list[Result]) -> str:
+    """All results, with time relative to ``3gemm``, ``compile`` and ``naive`` of the same run.
+
+    In the ``forward`` and ``nograd`` modes ``3gemm`` is one GEMM, so ``time/3gemm`` there is the
+    ratio to one GEMM of the same shape.
+    """
     header = (
-        f"{'shape':>20} {'dtype':>9} {'mode':>16} {'impl':>16} {'ms':>10} {'TFLOP/s':>8} "
-        f"{'peak>in MiB':>12} {'peak>in+grad':>13} {'time/naive':>10} {'mem/naive':>9}"
+        f"{'shape':>20} {'dtype':>9} {'mode':>16} {'impl':>22} {'ms':>10} {'TFLOP/s':>8} "
+        f"{'peak>in MiB':>12} {'peak>in+grad':>13} {'1st call s':>10} {'new N ms':>9} "
+        f"{'time/3gemm':>10} {'time/compile':>12} {'time/naive':>10} {'mem/naive':>9}"
     )
     lines = [header, "-" * len(header)]
-    naive: dict[tuple[object, ...], Result] = {}
-    for result in results:
-        c = result.case
-        if c.impl == "naive":
-            naive[(c.tokens, c.d_s, c.d_t, c.dtype, c.mode)] = result
-    for result in results:
+    ratios = time_ratios(results)
+    naive_peaks = {
+        _group_key(r.case): r.peak_above_inputs_and_grads_mib
+        for r in results
+        if r.case.impl == "naive" and not r.error
+    }
+    for index, result in enumerate(results):
         c = result.case
         shape = f"{c.tokens}x{c.d_s}x{c.d_t}"
         if result.error:
             lines.append(
-                f"{shape:>20} {c.dtype:>9} {c.mode:>16} {c.impl:>16}  error: {result.error}"
+                f"{shape:>20} {c.dtype:>9} {c.mode:>16} {c.impl:>22}  error: {result.error}"
             )
             continue
-        base = naive.get((c.tokens, c.d_s, c.d_t, c.dtype, c.mode))
-        time_ratio = mem_ratio = "-"
-        if base is not None and not base.error:
-            time_ratio = f"{result.median_ms / base.median_ms:.2f}x"
-            base_peak = base.peak_above_inputs_and_grads_mib
-            if base_peak > 0:
-                mem_ratio = f"{result.peak_above_inputs_and_grads_mib / base_peak:.1%}"
+        mem_ratio = "-"
+        base_peak = naive_peaks.get(_group_key(c), 0.0)
+        if base_peak > 0:
+            mem_ratio = f"{result.peak_above_inputs_and_grads_mib / base_peak:.1%}"
+        ratio = ratios[index]
         lines.append(
-            f"{shape:>20} {c.dtype:>9} {c.mode:>16} {c.impl:>16} {result.median_ms:>10.3f} "
+            f"{shape:>20} {c.dtype:>9} {c.mode:>16} {c.impl:>22} {result.median_ms:>10.3f} "
             f"{result.tflops:>8.2f} {result.peak_above_inputs_mib:>12.1f} "
-            f"{result.peak_above_inputs_and_grads_mib:>13.1f} {time_ratio:>10} {mem_ratio:>9}"
+            f"{result.peak_above_inputs_and_grads_mib:>13.1f} "
+            f"{result.first_call_ms / 1e3:>10.2f} {result.new_count_ms:>9.2f} "
+            f"{_ratio(ratio.get('3gemm')):>10} {_ratio(ratio.get('compile')):>12} "
+            f"{_ratio(ratio.get('naive')):>10} {mem_ratio:>9}"
         )
     return "\n".join(lines)
+
+
+def _write_json(path: Path, results: list[Result]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+def load_results(paths: list[Path]) -> list[Result]:
+    """Results written by ``--json`` (several files are concatenated)."""
+    results = []
+    for path in paths:
+        for payload in json.loads(path.read_text()):
+            case = Case(**payload.pop("case"))
+            results.append(Result(case=case, **payload))
+    return results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,10 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--plain", action="store_true", help="plain MSE instead of normalized")
     parser.add_argument("--masked-fraction", type=float, default=0.0)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="warm-up calls, the timed first call included"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
     parser.add_argument("--json", type=Path, help="write all results to this JSON file")
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="print the table of results already written by --json (one run per file) and exit",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
 
@@ -306,6 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         result = run_case(Case(**json.loads(args.child)))
         print(json.dumps(asdict(result)))
+        return 0
+    if args.summary:
+        # Ratios are taken within each file: only what one run measured side by side.
+        print("\n\n".join(format_table(load_results([path])) for path in args.summary))
         return 0
     if not 0.0 <= args.masked_fraction < 1.0:
         raise SystemExit("--masked-fraction must be in [0, 1)")
@@ -331,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     result = run_in_subprocess(case, args.timeout)
                     results.append(result)
+                    if args.json:  # after every case: a run cut short keeps what it measured
+                        _write_json(args.json, results)
                     print(
                         f"[bench] {tokens}x{d_s}x{d_t} {dtype} {mode} {impl}: "
                         + (result.error or f"{result.median_ms:.3f} ms"),
@@ -339,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
     print(format_table(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        _write_json(args.json, results)
     return 1 if any(r.error for r in results) else 0
 
 

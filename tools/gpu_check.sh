@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# Run every GPU test and kernel benchmark in one call and write the results under a folder.
+# Run the GPU benchmarks and tests in one call (<= 8 minutes: every stage has its own time
+# limit) and write everything under a folder, ending with one summary table.
 #
 #   tools/gpu_check.sh [OUT_DIR]          (default: $OUT, else ./gpu_results)
 #
 # Works on a bare GPU machine that has torch + triton but not this project installed:
-# oprd_kernels is made importable through a link to kernels/. Wheels under .whl/ (pytest,
-# hypothesis, ...) are installed into /tmp/site first when present. Results:
-#   env.txt             card, driver, torch/triton versions, commit
-#   kernel_tests.log    pytest tests/kernels on CUDA (triton impl on the GPU)
-#   bench.txt/.json     projected-MSE benchmark, bf16, N in {4096, 8192, 16384, 32768},
-#                       d_s=2048, d_t=4096: naive, triton, triton-recompute, three cuBLAS GEMMs
-#   bench_compile.*     the same at N=32768 with torch.compile of the naive loss
-#   megatron_tests.log  pytest tests/models on CUDA (specs, SDPA attention vs Megatron's own)
-#   bench_step.txt      tools/bench_step.py on CUDA: one OPRD / OPD top-1 / OPD top-16 step at
-#                       the scaled-down paper shape, time and dPeak side by side
-# The last two need megatron-core: run tools/fetch_gpu_wheels.sh first (here, where pip can
-# download) and carry .whl.
+# oprd_kernels is made importable through a link to kernels/. The wheels under .whl/
+# (tools/fetch_gpu_wheels.sh: megatron-core, pydantic and its dependencies, msgspec) are
+# installed into /tmp/site first. Stages (limit in seconds), each with its log:
+#   bench (200)         kernel benchmark, bf16, d_s=2048, d_t=4096, N in {32768, 8192},
+#                       forward+backward: compile (torch.compile of the naive loss), triton,
+#                       triton-recompute, triton-fused, 3gemm (three cuBLAS GEMMs), side by
+#                       side -> bench.log/.json; fresh Triton cache, so "1st call" is cold
+#   bench_nograd (45)   no-grad forward at N=32768: triton, triton-fused vs one GEMM
+#   kernel_tests (120)  pytest tests/kernels on CUDA
+#   megatron_tests (50) pytest tests/models on CUDA (needs megatron-core and pydantic)
+#   bench_step (50)     tools/bench_step.py --steps 5: OPRD / OPD top-1 / OPD top-16 step time
+#                       and dPeak on the GPU
+# The benchmark writes its JSON after every case, so a stage cut short keeps what it measured.
+# env.txt holds card, driver, versions and commit; summary.txt the final table.
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,8 +27,9 @@ mkdir -p "$out"
 cd "$root"
 
 if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  timeout 60 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl >"$out/wheels.log" 2>&1 \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 shim="$(mktemp -d)"
 ln -s "$root/kernels" "$shim/oprd_kernels"
@@ -37,42 +41,90 @@ unset TRITON_INTERPRET
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
   echo "commit: ${OPRD_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  timeout 60 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  timeout 60 python3 -c "import pydantic, megatron.core as m; print('pydantic', pydantic.VERSION, 'megatron-core', m.__version__)"
 } >"$out/env.txt" 2>&1
 cat "$out/env.txt"
 
+printf 'stage\trc\tseconds\n' >"$out/stages.tsv"
+# stage NAME LIMIT COMMAND...: run with a time limit, log to $out/NAME.log, record rc and time.
+stage() {
+  local name="$1" limit="$2"
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout -k 5 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  local rc="${PIPESTATUS[0]}"
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >>"$out/stages.tsv"
+}
+
+bench_shape=2048x4096
+cold_cache="$(mktemp -d)"
+TRITON_CACHE_DIR="$cold_cache" stage bench 200 python3 -m oprd_kernels.benchmark \
+  --shapes "32768x$bench_shape" "8192x$bench_shape" --dtypes bfloat16 --modes forward+backward \
+  --impls 3gemm triton compile triton-fused triton-recompute --timeout 120 --json "$out/bench.json"
+stage bench_nograd 45 python3 -m oprd_kernels.benchmark \
+  --shapes "32768x$bench_shape" --dtypes bfloat16 --modes nograd \
+  --impls 3gemm triton triton-fused --timeout 40 --json "$out/bench_nograd.json"
+stage kernel_tests 120 python3 -m pytest tests/kernels -q -p no:cacheprovider -o addopts=""
+stage megatron_tests 50 python3 -m pytest tests/models -q -p no:cacheprovider -o addopts=""
+stage bench_step 50 python3 tools/bench_step.py --steps 5
+
+timeout 30 python3 - "$out" <<'EOF' | tee "$out/summary.txt"
+"""One table: stage status, kernel times and ratios of the same run, test counts, step ratio."""
+import re
+import sys
+from pathlib import Path
+
+from oprd_kernels.benchmark import load_results, time_ratios
+
+out = Path(sys.argv[1])
+rows = [("what", "stage / case", "time", "result")]
+for line in (out / "stages.tsv").read_text().splitlines()[1:]:
+    name, rc, seconds = line.split("\t")
+    log = out / f"{name}.log"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    result = "timed out" if rc in ("124", "137") else ""
+    if name.endswith("tests"):
+        counts = re.findall(r"^=* ?(\d+ (?:passed|failed|errors?|skipped)[^=\n]*?) ?=*$", text, re.M)
+        result = result or (counts[-1] if counts else "no pytest summary")
+    if name == "bench_step":
+        ratio = re.findall(r"ratio oprd/opd-top16 .*", text)
+        result = result or (ratio[-1] if ratio else "no ratio line")
+    rows.append((name, f"rc={rc}", f"{seconds} s", result))
+for json_name in ("bench.json", "bench_nograd.json"):
+    path = out / json_name
+    if not path.exists():
+        continue
+    results = load_results([path])
+    ratios = time_ratios(results)
+    for index, r in enumerate(results):
+        c = r.case
+        label = f"{c.mode} N={c.tokens} {c.impl}"
+        if r.error:
+            rows.append(("kernel", label, "", f"error: {r.error}"))
+            continue
+        versus = ", ".join(
+            f"{value:.2f}x {'1gemm' if name == '3gemm' and c.mode != 'forward+backward' else name}"
+            for name, value in ratios[index].items()
+            if name != c.impl
+        )
+        details = [versus] if versus else []
+        details += [
+            f"peak>in+grad {r.peak_above_inputs_and_grads_mib:.1f} MiB",
+            f"1st call {r.first_call_ms / 1e3:.2f} s",
+            f"new N {r.new_count_ms:.2f} ms",
+        ]
+        rows.append(("kernel", label, f"{r.median_ms:.3f} ms", "; ".join(details)))
+widths = [max(len(row[i]) for row in rows) for i in range(3)]
+print("== summary")
+for row in rows:
+    print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
+EOF
+
 status=0
-echo "== kernel tests on CUDA"
-python3 -m pytest tests/kernels -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$out/kernel_tests.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== benchmark"
-python3 -m oprd_kernels.benchmark \
-  --shapes 4096x2048x4096 8192x2048x4096 16384x2048x4096 32768x2048x4096 \
-  --dtypes bfloat16 --modes forward+backward nograd \
-  --impls naive triton triton-recompute 3gemm \
-  --json "$out/bench.json" 2>&1 | tee "$out/bench.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== benchmark with torch.compile"
-python3 -m oprd_kernels.benchmark \
-  --shapes 32768x2048x4096 --dtypes bfloat16 --modes forward+backward \
-  --impls naive compile triton 3gemm \
-  --json "$out/bench_compile.json" 2>&1 | tee "$out/bench_compile.txt"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-echo "== megatron-core checks (single process, CUDA)"
-if python3 -c "import megatron.core" 2>/dev/null; then
-  python3 -c "import megatron.core as m; print('megatron-core', m.__version__)" | tee -a "$out/env.txt"
-  python3 -m pytest tests/models -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$out/megatron_tests.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  python3 tools/bench_step.py --steps 5 2>&1 | grep -v -i "warn" | tee "$out/bench_step.txt"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-else
-  echo "megatron-core is not importable: run tools/fetch_gpu_wheels.sh and carry .whl" \
-    | tee "$out/megatron_tests.log"
-  status=1
-fi
-
+while IFS=$'\t' read -r name rc _; do
+  [ "$name" = stage ] || [ "$rc" = 0 ] || status=1
+done <"$out/stages.tsv"
 echo "gpu_check: exit $status, results in $out"
 exit $status
