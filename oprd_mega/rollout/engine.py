@@ -120,6 +120,7 @@ class GenerationEngine:
         self._jobs_lock = threading.Lock()
         self._idle = threading.Condition(self._jobs_lock)
         self._jobs: list[SequenceJob] = []
+        self._held = False  # the decoding loop waits in an in_place pause
         self._retracted: deque[SequenceJob] = deque()
         self.stats = {"batches": 0, "sequences": 0, "max_batch": 0, "tokens": 0}
         # Without a seed, draw one: two servers must not sample the same streams.
@@ -181,7 +182,11 @@ class GenerationEngine:
     # ----- abort and pause (SGLang's /abort_request, /pause_generation, /continue_generation) --
 
     def abort(
-        self, rid: str = "", abort_all: bool = False, jobs: Iterable[SequenceJob] = ()
+        self,
+        rid: str = "",
+        abort_all: bool = False,
+        jobs: Iterable[SequenceJob] = (),
+        message: str = "Aborted",
     ) -> int:
         """End matching sequences with ``finish_reason.type == "abort"``; they keep their tokens.
 
@@ -196,32 +201,36 @@ class GenerationEngine:
             for job in self._jobs:
                 if not (abort_all or id(job) in chosen or (rid and job.rid.startswith(rid))):
                     continue
-                job.abort_message = job.abort_message or "Aborted"
+                job.abort_message = job.abort_message or message
                 if not job.running:
                     answered.append(job)
             for job in answered:
                 self._jobs.remove(job)
             count = len(answered) + sum(1 for j in self._jobs if j.abort_message)
         for job in answered:
-            self._answer(job, self._response(job, abort_finish(job.abort_message or "Aborted")))
+            self._answer(job, self._response(job, abort_finish(job.abort_message or message)))
         return count
 
     def pause(self, mode: str = "abort") -> None:
         """Stop decoding until :meth:`resume`; ``mode`` is one of SGLang's :data:`PAUSE_MODES`.
 
-        ``abort`` and ``retract`` return once no sequence is decoding any more (so a weight
-        update that follows never meets one); ``in_place`` returns at once, and a weight update
-        waits at most for the current decoding step.
+        Returns once no sequence is decoding any more: with ``abort`` and ``retract`` none
+        runs, with ``in_place`` the running ones wait between two steps. A weight update that
+        follows never meets a decoding step.
         """
         if mode not in PAUSE_MODES:
             raise ValueError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
         self.paused = mode
         if mode == "abort":
             self.abort(abort_all=True)
-        if mode != "in_place":
-            with self._idle:
-                while any(j.running for j in self._jobs) and not self._stop.is_set():
-                    self._idle.wait(timeout=0.05)
+        with self._idle:
+            while (
+                any(j.running for j in self._jobs)
+                and not (mode == "in_place" and self._held)
+                and self.paused == mode
+                and not self._stop.is_set()
+            ):
+                self._idle.wait(timeout=0.05)
 
     def resume(self) -> None:
         """Continue decoding after :meth:`pause` (retracted sequences go first)."""
@@ -251,6 +260,11 @@ class GenerationEngine:
         else:
             job.future.set_result(result)
 
+    def _set_held(self, held: bool) -> None:
+        with self._idle:
+            self._held = held
+            self._idle.notify_all()
+
     def _claim(self, batch: list[SequenceJob]) -> list[SequenceJob]:
         """The jobs of ``batch`` still to decode (not answered by an abort), marked running."""
         with self._jobs_lock:
@@ -260,7 +274,8 @@ class GenerationEngine:
         return claimed
 
     def close(self) -> None:
-        """Stop the worker; queued sequences fail."""
+        """Stop the worker; every sequence not answered yet ends as aborted."""
+        self.abort(abort_all=True, message="server shutting down")
         self._stop.set()
         self._worker.join(timeout=10)
         while self._retracted:
@@ -371,8 +386,11 @@ class GenerationEngine:
         rows = list(range(size))  # the original index of each row still being decoded
         retracted: list[SequenceJob] = []
         while True:
-            while self.paused == "in_place" and not self._stop.is_set():
-                self._cond.wait(timeout=0.05)  # hold the KV cache; weight updates may run
+            if self.paused == "in_place":
+                self._set_held(True)
+                while self.paused == "in_place" and not self._stop.is_set():
+                    self._cond.wait(timeout=0.05)  # hold the KV cache; weight updates may run
+                self._set_held(False)
             for r in rows:
                 message = batch[r].abort_message
                 if finish[r] is None and message is not None:
