@@ -499,6 +499,10 @@ BODY_FIELDS: dict[str, dict[str, str]] = {
 }
 
 
+# Calls whose ``abort_all_requests: true`` ends every request first (SGLang's tokenizer manager).
+_ABORTING_CALLS = frozenset({"/update_weights_from_disk", "/update_weight_version"})
+
+
 def check_body(path: str, body: Any) -> None:
     """Reject a POST body whose fields have the wrong JSON kind, naming the field (HTTP 400)."""
     fields = BODY_FIELDS.get(path)
@@ -577,6 +581,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body() if method == "POST" else {}
             if method == "POST":
                 check_body(path, body)
+                if path in _ABORTING_CALLS and body.get("abort_all_requests"):
+                    state.engine.abort(abort_all=True)  # as SGLang does before the update
             if path == "/health":
                 self._send(HTTPStatus.OK, "", text=True)
             elif path == "/health_generate":

@@ -305,6 +305,22 @@ def test_update_without_pause_waits_for_in_flight_decoding(
     assert got == pytest.approx(want, abs=2e-4)
 
 
+def test_update_with_abort_all_requests_ends_in_flight_decoding(fresh_server, other_model_dir):
+    url = fresh_server.url
+    running = start(url, long_body("a"))
+    wait_generated(fresh_server, 3, 1)
+    update = {
+        "model_path": str(other_model_dir),
+        "weight_version": "v2",
+        "abort_all_requests": True,
+    }
+    assert post(url, "/update_weights_from_disk", update).json()["success"] is True
+    answer = running.result(timeout=60)
+    assert answer["meta_info"]["finish_reason"]["type"] == "abort"
+    assert answer["meta_info"]["weight_version"] == "default"  # ended before the update
+    assert len(answer["output_ids"]) < LONG
+
+
 # ----- /server_info, /get_server_info, /v1/loads -----
 
 
