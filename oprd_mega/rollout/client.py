@@ -4,7 +4,9 @@ Requests go to the live server with the fewest outstanding requests, at most
 ``max_concurrency_per_server`` at a time each. Transient failures (connection errors, timeouts,
 HTTP 408/429/5xx, malformed answers) are retried with exponential backoff, preferably on another
 server; each logical request yields the samples of exactly one successful attempt, so a retry
-never loses or duplicates a rollout. Errors name the server.
+never loses or duplicates a rollout. Errors name the server. Every attempt carries its own
+``rid``: an attempt that times out or is cancelled, and every attempt still running when the
+client closes, is aborted on its server (/abort_request), so nothing keeps decoding for nobody.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +45,10 @@ class WeightUpdateError(RolloutError):
 
 class _Transient(Exception):
     """An attempt failed in a way another attempt may not."""
+
+
+class _TimedOut(_Transient):
+    """An attempt got no answer in time; the server may still be working on it."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class ServerState:
     down_until: float = 0.0
     last_error: str | None = None
     latencies: list[float] = field(default_factory=list)
+    # rids of this client's /generate attempts the server may still be decoding.
+    running: set[str] = field(default_factory=set)
 
 
 class RolloutClient:
@@ -110,8 +119,17 @@ class RolloutClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the HTTP connections."""
+        """Abort this client's requests still running on the servers, then close the HTTP
+        connections."""
+        await asyncio.gather(
+            *(self._abort(s.url, rid) for s in self.servers for rid in sorted(s.running))
+        )
         await self._http.aclose()
+
+    async def _abort(self, url: str, rid: str) -> None:
+        """Best effort /abort_request for one attempt (the server may be gone already)."""
+        with contextlib.suppress(httpx.HTTPError, RuntimeError):  # RuntimeError: closed client
+            await self._http.post(url + "/abort_request", json={"rid": rid}, timeout=5.0)
 
     @property
     def urls(self) -> list[str]:
@@ -169,7 +187,7 @@ class RolloutClient:
                 timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
             )
         except httpx.TimeoutException as exc:
-            raise _Transient(f"{url}{path}: timed out ({type(exc).__name__})") from exc
+            raise _TimedOut(f"{url}{path}: timed out ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
             raise _Transient(f"{url}{path}: {type(exc).__name__}: {exc}") from exc
         if response.status_code in TRANSIENT_STATUS:
@@ -217,8 +235,10 @@ class RolloutClient:
             state = await self._acquire(tried)
             start = time.monotonic()
             error: str | None = None
+            rid = uuid.uuid4().hex
+            state.running.add(rid)
             try:
-                data = await self._request(state.url, "POST", "/generate", body)
+                data = await self._aborting(state, rid, dict(body, rid=rid))
                 outputs = data if isinstance(data, list) else [data]
                 if len(outputs) != n:
                     raise MalformedResponseError(
@@ -247,6 +267,21 @@ class RolloutClient:
         raise ServerGoneError(
             f"/generate for group {group_id} failed {len(errors)} time(s): " + " | ".join(errors)
         )
+
+    async def _aborting(self, state: ServerState, rid: str, body: dict[str, Any]) -> Any:
+        """POST /generate; abort ``rid`` on the server when the attempt times out or is
+        cancelled (with ``n`` > 1 SGLang names the samples ``rid_k``, and its abort's prefix
+        match ends them all)."""
+        try:
+            return await self._request(state.url, "POST", "/generate", body)
+        except _TimedOut:
+            await self._abort(state.url, rid)
+            raise
+        except asyncio.CancelledError:
+            await asyncio.shield(self._abort(state.url, rid))
+            raise
+        finally:
+            state.running.discard(rid)
 
     async def generate_groups(
         self,
@@ -310,6 +345,21 @@ class RolloutClient:
     async def flush_cache(self) -> None:
         """POST /flush_cache on every server."""
         await self.call_all("POST", "/flush_cache")
+
+    async def pause_generation(self, mode: str = "retract", urls: Sequence[str] = ()) -> None:
+        """POST /pause_generation on every server (or those in ``urls``) in SGLang's ``mode``:
+        ``retract`` (requests in flight resume after /continue_generation, re-prefilled with
+        the new weights, nothing lost), ``abort`` (they end with finish_reason abort) or
+        ``in_place`` (they keep their KV cache)."""
+        targets = list(urls) or self.urls
+        await asyncio.gather(
+            *(self.call(u, "POST", "/pause_generation", {"mode": mode}) for u in targets)
+        )
+
+    async def continue_generation(self, urls: Sequence[str] = ()) -> None:
+        """POST /continue_generation on every server (or those in ``urls``)."""
+        targets = list(urls) or self.urls
+        await asyncio.gather(*(self.call(u, "POST", "/continue_generation", {}) for u in targets))
 
     async def update_weights_from_disk(
         self,

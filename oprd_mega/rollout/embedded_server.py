@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
+import select
 import signal
+import socket
 import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
-from oprd_mega.rollout.engine import GenerationEngine, SequenceJob
+from oprd_mega.rollout.engine import PAUSE_MODES, GenerationEngine, SequenceJob
 from oprd_mega.rollout.sampling import SamplingParamsError, parse_sampling_params
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,8 @@ _UNSUPPORTED_REQUEST_FIELDS = (
     "bootstrap_host",
 )
 SERVER_VERSION = "oprd-embedded-0.1"
+# The sections SGLang's /v1/loads accepts in ``include`` (this server fills only ``core``).
+_LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -47,6 +56,10 @@ class _HTTPServer(ThreadingHTTPServer):
 
 class RequestError(ValueError):
     """A request the server rejects with HTTP 400; the message names the field."""
+
+
+class ClientGoneError(ConnectionError):
+    """The client of a /generate request disconnected; its sequences were aborted."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,19 @@ class ServerConfig:
     weight_version: str = "default"
     batch_wait_s: float = 0.005
     request_timeout_s: float = 3600.0
+    # Bounds of one /generate request: samples per prompt, sequences in all, top log-probs.
+    max_n: int = 1024
+    max_request_sequences: int = 4096
+    max_top_logprobs_num: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_n", "max_request_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_top_logprobs_num < 0:
+            raise ValueError(
+                f"ServerConfig.max_top_logprobs_num must be >= 0, got {self.max_top_logprobs_num}"
+            )
 
 
 def _as_list(value: Any, count: int, field: str) -> list[Any]:
@@ -72,8 +98,35 @@ def _as_list(value: Any, count: int, field: str) -> list[Any]:
     return [value] * count
 
 
-def build_jobs(body: Any, engine: GenerationEngine) -> tuple[list[SequenceJob], bool]:
-    """Turn a /generate body into sequence jobs; the flag says whether to answer one object."""
+def _int_field(value: Any, field: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(f"{field} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise RequestError(f"{field} must be {bound}, got {value}")
+    return value
+
+
+def _request_ids(rid: Any, count: int) -> list[str | None]:
+    """One rid per prompt (SGLang: a string for one prompt, a list of strings for a batch)."""
+    if rid is None:
+        return [None] * count
+    rids = [rid] if isinstance(rid, str) else rid
+    if not isinstance(rids, list) or not all(isinstance(r, str) and r for r in rids):
+        raise RequestError("rid must be a non-empty string or a list of them")
+    if len(rids) != count:
+        raise RequestError(f"rid has {len(rids)} entries for {count} prompts")
+    return rids
+
+
+def build_jobs(
+    body: Any, engine: GenerationEngine, config: ServerConfig | None = None
+) -> tuple[list[SequenceJob], bool]:
+    """Turn a /generate body into sequence jobs; the flag says whether to answer one object.
+
+    ``config`` bounds ``n``, the sequences of one request and ``top_logprobs_num``.
+    """
+    config = config or ServerConfig(model_path=engine.model_path)
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     for name in _UNSUPPORTED_REQUEST_FIELDS:
@@ -111,28 +164,45 @@ def build_jobs(body: Any, engine: GenerationEngine) -> tuple[list[SequenceJob], 
     return_logprob = _as_list(body.get("return_logprob") or False, count, "return_logprob")
     start_len = _as_list(body.get("logprob_start_len", -1), count, "logprob_start_len")
     top_num = _as_list(body.get("top_logprobs_num") or 0, count, "top_logprobs_num")
+    rids = _request_ids(body.get("rid"), count)
     text_in = bool(body.get("return_text_in_logprobs") or False)
+    vocab = int(engine.model.get_input_embeddings().num_embeddings)
+    top_limit = min(vocab, config.max_top_logprobs_num)
     jobs: list[SequenceJob] = []
     for i, prompt in enumerate(prompts):
         try:
-            config = parse_sampling_params(params_list[i])
+            sampling = parse_sampling_params(params_list[i])
         except SamplingParamsError as exc:
             raise RequestError(str(exc)) from exc
-        for k in range(config.n):
+        _int_field(sampling.n, "sampling_params.n", 1, config.max_n)
+        if not isinstance(return_logprob[i], bool):
+            raise RequestError(f"return_logprob must be true or false, got {return_logprob[i]!r}")
+        start = -1 if start_len[i] is None else _int_field(start_len[i], "logprob_start_len", -1)
+        top = _int_field(top_num[i] or 0, "top_logprobs_num", 0, top_limit)
+        if len(jobs) + sampling.n > config.max_request_sequences:
+            raise RequestError(
+                f"the request asks for more than {config.max_request_sequences} sequences "
+                "(prompts in input_ids/text times sampling_params.n)"
+            )
+        for k in range(sampling.n):
             seed = (
-                config.sampling_seed + k if config.sampling_seed is not None else engine.next_seed()
+                sampling.sampling_seed + k
+                if sampling.sampling_seed is not None
+                else engine.next_seed()
             )
-            jobs.append(
-                SequenceJob(
-                    input_ids=[int(t) for t in prompt],
-                    config=config,
-                    return_logprob=bool(return_logprob[i]),
-                    logprob_start_len=int(start_len[i] if start_len[i] is not None else -1),
-                    top_logprobs_num=int(top_num[i] or 0),
-                    return_text_in_logprobs=text_in,
-                    seed=seed,
-                )
+            job = SequenceJob(
+                input_ids=[int(t) for t in prompt],
+                config=sampling,
+                return_logprob=return_logprob[i],
+                logprob_start_len=start,
+                top_logprobs_num=top,
+                return_text_in_logprobs=text_in,
+                seed=seed,
             )
+            rid = rids[i]
+            if rid is not None:  # as SGLang names them: R alone, R_k for n > 1 samples
+                job.rid = rid if sampling.n == 1 else f"{rid}_{k}"
+            jobs.append(job)
     return jobs, single and len(jobs) == 1
 
 
@@ -181,10 +251,30 @@ class EmbeddedServer:
 
     # ----- endpoint logic, called from handler threads -----
 
-    def generate(self, body: Any) -> Any:
-        jobs, single = build_jobs(body, self.engine)
+    def generate(self, body: Any, client_gone: Callable[[], bool] | None = None) -> Any:
+        """Answer a /generate body; its sequences are aborted when ``client_gone()`` turns
+        true or ``request_timeout_s`` passes, so nothing keeps decoding for nobody."""
+        jobs, single = build_jobs(body, self.engine, self.config)
         futures = self.engine.submit(jobs)
-        results = [f.result(timeout=self.config.request_timeout_s) for f in futures]
+        deadline = time.monotonic() + self.config.request_timeout_s
+        while True:
+            done, pending = wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION)
+            if not pending or any(f.exception() is not None for f in done):
+                break
+            if client_gone is not None and client_gone():
+                self.engine.abort(jobs=jobs)
+                raise ClientGoneError("the client closed the connection")
+            if time.monotonic() > deadline:
+                self.engine.abort(jobs=jobs)
+                raise TimeoutError(
+                    f"/generate did not finish within request_timeout_s="
+                    f"{self.config.request_timeout_s}s; its sequences were aborted"
+                )
+        failed = [f.exception() for f in futures if f.done() and f.exception() is not None]
+        if failed:
+            self.engine.abort(jobs=jobs)
+            raise failed[0]
+        results = [f.result() for f in futures]
         if single:
             return results[0]
         for i, result in enumerate(results):
@@ -213,7 +303,91 @@ class EmbeddedServer:
             "port": port,
             "internal_states": [dict(self.engine.stats, max_batch_size=self.engine.max_batch_size)],
             "weight_version": self.engine.weight_version,
+            **self.server_args(),
         }
+
+    def server_args(self) -> dict[str, Any]:
+        """The ServerArgs fields SGLang's /server_info reports that RL frameworks read (slime
+        sizes its engines from tp/dp/pp/ep_size): one CPU process, no parallelism."""
+        return {
+            "tp_size": 1,
+            "dp_size": 1,
+            "pp_size": 1,
+            "ep_size": 1,
+            "moe_dp_size": 1,
+            "nnodes": 1,
+            "node_rank": 0,
+            "enable_dp_attention": False,
+            "enable_memory_saver": False,
+            "device": "cpu",
+            "base_gpu_id": 0,
+            "dtype": self.config.dtype,
+            "random_seed": self.config.seed,
+            "max_running_requests": self.engine.max_batch_size,
+            "context_length": self.engine.max_context,
+            "disaggregation_mode": "null",
+            "skip_tokenizer_init": self.engine.tokenizer is None,
+        }
+
+    # ----- abort, pause and load: the control surface RL frameworks call around updates -----
+
+    def abort_request(self, body: dict[str, Any]) -> None:
+        """SGLang's /abort_request: by ``rid`` (prefix match, as its scheduler) or ``abort_all``;
+        an empty rid without abort_all is ignored, as SGLang does."""
+        rid = body.get("rid") or ""
+        abort_all = bool(body.get("abort_all") or False)
+        if rid or abort_all:
+            count = self.engine.abort(rid=rid, abort_all=abort_all)
+            log.info("aborted %d sequence(s) (rid=%r, abort_all=%s)", count, rid, abort_all)
+
+    def pause_generation(self, body: dict[str, Any]) -> dict[str, Any]:
+        mode = body.get("mode") or "abort"
+        if mode not in PAUSE_MODES:
+            raise RequestError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+        self.engine.pause(mode)
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    def continue_generation(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.engine.resume()
+        return {"message": "Generation continued successfully.", "status": "ok"}
+
+    def loads(self, query: str) -> tuple[Any, bool]:
+        """SGLang's /v1/loads (one DP rank, the core section); the flag says text (prometheus)."""
+        params = parse_qs(query)
+        include = {s.strip() for v in params.get("include", []) for s in v.split(",")}
+        bad = include - _LOAD_SECTIONS
+        if bad:
+            raise RequestError(
+                f"include has invalid section(s) {sorted(bad)}; valid: {sorted(_LOAD_SECTIONS)}"
+            )
+        dp_rank = params.get("dp_rank", ["0"])[-1]
+        if dp_rank != "0":
+            raise RequestError(f"dp_rank {dp_rank!r} does not exist (dp_size is 1)")
+        counts = self.engine.load()
+        load = {
+            "timestamp": time.time(),
+            "dp_rank": 0,
+            **counts,
+            "max_running_requests": self.engine.max_batch_size,
+            "utilization": counts["num_running_reqs"] / self.engine.max_batch_size,
+        }
+        fmt = params.get("format", ["json"])[-1]
+        if fmt == "prometheus":
+            lines = []
+            for key, value in load.items():
+                if key != "dp_rank":
+                    lines += [f"# TYPE sglang_{key} gauge", f'sglang_{key}{{dp_rank="0"}} {value}']
+            return "\n".join(lines) + "\n", True
+        if fmt != "json":
+            raise RequestError(f"format must be json or prometheus, got {fmt!r}")
+        answer = {
+            "timestamp": datetime.now(UTC).isoformat(),
+            "version": SERVER_VERSION,
+            "accelerator": None,
+            "num_accelerators": 0,
+            "loads": [load],
+        }
+        return answer, False
 
     def update_from_disk(self, body: dict[str, Any]) -> dict[str, Any]:
         path = body.get("model_path")
@@ -258,6 +432,97 @@ class EmbeddedServer:
         return {"success": True, "message": "Succeeded to update parameter online."}
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
+
+
+# JSON kinds of body fields: name -> (what the error says, check).
+_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "int": ("an integer", _is_int),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "object": ("a JSON object", lambda v: isinstance(v, dict)),
+    "str_list": ("a list of strings", _list_of(lambda v: isinstance(v, str))),
+    "int_list": ("a list of integers", _list_of(_is_int)),
+    "int_lists": ("a list of integer lists", _list_of(_list_of(_is_int))),
+    "bool_list": ("a list of true/false", _list_of(lambda v: isinstance(v, bool))),
+    "object_list": ("a list of JSON objects", _list_of(lambda v: isinstance(v, dict))),
+}
+
+# The body fields each POST endpoint reads (named as in SGLang's io_struct request classes),
+# as "kind|kind", with "!" for a required field. null is the default of an optional field.
+BODY_FIELDS: dict[str, dict[str, str]] = {
+    "/generate": {
+        "rid": "str|str_list",
+        "text": "str|str_list",
+        "input_ids": "int_list|int_lists",
+        "sampling_params": "object|object_list",
+        "return_logprob": "bool|bool_list",
+        "logprob_start_len": "int|int_list",
+        "top_logprobs_num": "int|int_list",
+        "return_text_in_logprobs": "bool",
+        "stream": "bool",
+    },
+    "/abort_request": {"rid": "str", "abort_all": "bool"},
+    "/pause_generation": {"mode": "str"},
+    "/continue_generation": {"torch_empty_cache": "bool"},
+    "/update_weights_from_disk": {
+        "model_path": "str!",
+        "load_format": "str",
+        "weight_version": "str",
+        "flush_cache": "bool",
+        "abort_all_requests": "bool",
+    },
+    "/init_weights_update_group": {
+        "master_address": "str!",
+        "master_port": "int!",
+        "rank_offset": "int!",
+        "world_size": "int!",
+        "group_name": "str",
+        "backend": "str",
+    },
+    "/update_weights_from_distributed": {
+        "names": "str_list!",
+        "dtypes": "str_list!",
+        "shapes": "int_lists!",
+        "group_name": "str",
+        "flush_cache": "bool",
+        "weight_version": "str",
+        "load_format": "str",
+    },
+    "/destroy_weights_update_group": {"group_name": "str"},
+    "/update_weight_version": {"new_version": "str!", "abort_all_requests": "bool"},
+}
+
+
+# Calls whose ``abort_all_requests: true`` ends every request first (SGLang's tokenizer manager).
+_ABORTING_CALLS = frozenset({"/update_weights_from_disk", "/update_weight_version"})
+
+
+def check_body(path: str, body: Any) -> None:
+    """Reject a POST body whose fields have the wrong JSON kind, naming the field (HTTP 400)."""
+    fields = BODY_FIELDS.get(path)
+    if fields is None:
+        return
+    if not isinstance(body, dict):
+        raise RequestError(f"{path}: the request body must be a JSON object")
+    for name, spec in fields.items():
+        required = spec.endswith("!")
+        kinds = spec.rstrip("!").split("|")
+        value = body.get(name)
+        if value is None:
+            if required:
+                raise RequestError(f"{path}: field {name} is required")
+            continue
+        if not any(_KINDS[k][1](value) for k in kinds):
+            wanted = " or ".join(_KINDS[k][0] for k in kinds)
+            raise RequestError(f"{path}: field {name} must be {wanted}, got {value!r:.80}")
+
+
 def _version(body: dict[str, Any]) -> str | None:
     version = body.get("weight_version")
     if version is not None and not isinstance(version, str):
@@ -295,6 +560,14 @@ class _Handler(BaseHTTPRequestHandler):
         except json.JSONDecodeError as exc:
             raise RequestError(f"the request body is not valid JSON ({exc.msg})") from exc
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end (EOF on the socket; a pipelined request is data)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def do_GET(self) -> None:
         self._route("GET")
 
@@ -303,9 +576,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self, method: str) -> None:
         state = self.server_state
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
         try:
             body = self._body() if method == "POST" else {}
+            if method == "POST":
+                check_body(path, body)
+                if path in _ABORTING_CALLS and body.get("abort_all_requests"):
+                    state.engine.abort(abort_all=True)  # as SGLang does before the update
             if path == "/health":
                 self._send(HTTPStatus.OK, "", text=True)
             elif path == "/health_generate":
@@ -313,8 +590,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, "", text=True)
             elif path == "/get_model_info":
                 self._send(HTTPStatus.OK, state.model_info())
-            elif path == "/get_server_info":
+            elif path in ("/get_server_info", "/server_info"):
                 self._send(HTTPStatus.OK, state.server_info())
+            elif path == "/v1/loads":
+                answer, text = state.loads(query)
+                self._send(HTTPStatus.OK, answer, text=text)
             elif path == "/get_weight_version":
                 self._send(HTTPStatus.OK, {"weight_version": state.engine.weight_version})
             elif path == "/flush_cache":
@@ -322,7 +602,14 @@ class _Handler(BaseHTTPRequestHandler):
             elif method != "POST":
                 self._error(HTTPStatus.NOT_FOUND, f"no GET endpoint {path}")
             elif path == "/generate":
-                self._send(HTTPStatus.OK, state.generate(body))
+                self._send(HTTPStatus.OK, state.generate(body, self._client_gone))
+            elif path == "/abort_request":
+                state.abort_request(body)
+                self._send(HTTPStatus.OK, "", text=True)
+            elif path == "/pause_generation":
+                self._send(HTTPStatus.OK, state.pause_generation(body))
+            elif path == "/continue_generation":
+                self._send(HTTPStatus.OK, state.continue_generation(body))
             elif path == "/update_weights_from_disk":
                 self._send(HTTPStatus.OK, state.update_from_disk(body))
             elif path == "/init_weights_update_group":
@@ -342,6 +629,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(HTTPStatus.NOT_FOUND, f"no endpoint {path}")
         except RequestError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
+        except ClientGoneError:
+            log.info("client of %s disconnected; its sequences were aborted", path)
+            self.close_connection = True
         except (ValueError, FileNotFoundError) as exc:
             if path.startswith(("/update_weights", "/init_weights", "/destroy_weights")):
                 self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": str(exc)})

@@ -2,7 +2,10 @@
 
 Requests queue up; a worker thread takes whatever is waiting (up to ``max_batch_size``
 sequences), decodes them together with a shared KV cache, and answers each. Weight updates hold
-the same lock as decoding, so they happen between batches, never inside one.
+the same lock as decoding, so they happen between batches, never inside one, unless generation
+is paused (SGLang's /pause_generation): ``abort`` ends every sequence, ``retract`` puts running
+sequences back in the queue with their tokens so far (re-prefilled after /continue_generation),
+``in_place`` holds them, KV cache and all, between two decoding steps.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -24,7 +28,7 @@ import torch
 from oprd_mega.rollout.sampling import SamplingConfig, select_tokens
 
 
-@dataclass
+@dataclass(eq=False)
 class SequenceJob:
     """One sequence to generate (a request with ``n`` samples makes ``n`` jobs)."""
 
@@ -35,8 +39,25 @@ class SequenceJob:
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
     seed: int = 0
+    rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
+    # Set by GenerationEngine.abort; the decoding loop ends the sequence at its next step.
+    abort_message: str | None = None
+    running: bool = False
+    # Progress so far, kept on the job so that a retracted sequence resumes where it stopped.
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    output_tops: list[list[list[Any]]] = field(default_factory=list)
+    input_logprobs: list[list[Any]] | None = None
+
+
+PAUSE_MODES = ("abort", "retract", "in_place")
+
+
+def abort_finish(message: str) -> dict[str, Any]:
+    """SGLang's ``FINISH_ABORT.to_json()``."""
+    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
 
 
 def load_state_dict_from_dir(path: str | Path) -> dict[str, torch.Tensor]:
@@ -91,6 +112,16 @@ class GenerationEngine:
         self.batch_wait_s = batch_wait_s
         self.weight_version = weight_version
         self.lock = threading.Lock()
+        # Pause state (set without ``lock``, which a decoding batch holds; the decoding loop
+        # polls it, and its waits on ``_cond`` release ``lock`` for weight updates).
+        self._cond = threading.Condition(self.lock)
+        self.paused: str | None = None
+        # The jobs not yet answered; ``_idle`` is notified whenever one stops running.
+        self._jobs_lock = threading.Lock()
+        self._idle = threading.Condition(self._jobs_lock)
+        self._jobs: list[SequenceJob] = []
+        self._held = False  # the decoding loop waits in an in_place pause
+        self._retracted: deque[SequenceJob] = deque()
         self.stats = {"batches": 0, "sequences": 0, "max_batch": 0, "tokens": 0}
         # Without a seed, draw one: two servers must not sample the same streams.
         self._rng = torch.Generator()
@@ -141,50 +172,163 @@ class GenerationEngine:
         for job in jobs:
             self.validate(job)
         futures = []
+        with self._jobs_lock:
+            self._jobs.extend(jobs)
         for job in jobs:
             self._queue.put(job)
             futures.append(job.future)
         return futures
 
+    # ----- abort and pause (SGLang's /abort_request, /pause_generation, /continue_generation) --
+
+    def abort(
+        self,
+        rid: str = "",
+        abort_all: bool = False,
+        jobs: Iterable[SequenceJob] = (),
+        message: str = "Aborted",
+    ) -> int:
+        """End matching sequences with ``finish_reason.type == "abort"``; they keep their tokens.
+
+        A sequence matches when ``abort_all``, when it is in ``jobs``, or when its rid starts
+        with a non-empty ``rid`` (as SGLang's scheduler matches, so ``R`` also ends ``R_0``...).
+        Waiting sequences are answered now; running ones at their next decoding step.
+        Returns how many sequences were aborted.
+        """
+        chosen = {id(j) for j in jobs}
+        answered = []
+        with self._jobs_lock:
+            for job in self._jobs:
+                if not (abort_all or id(job) in chosen or (rid and job.rid.startswith(rid))):
+                    continue
+                job.abort_message = job.abort_message or message
+                if not job.running:
+                    answered.append(job)
+            for job in answered:
+                self._jobs.remove(job)
+            count = len(answered) + sum(1 for j in self._jobs if j.abort_message)
+        for job in answered:
+            self._answer(job, self._response(job, abort_finish(job.abort_message or message)))
+        return count
+
+    def pause(self, mode: str = "abort") -> None:
+        """Stop decoding until :meth:`resume`; ``mode`` is one of SGLang's :data:`PAUSE_MODES`.
+
+        Returns once no sequence is decoding any more: with ``abort`` and ``retract`` none
+        runs, with ``in_place`` the running ones wait between two steps. A weight update that
+        follows never meets a decoding step.
+        """
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
+        self.paused = mode
+        if mode == "abort":
+            self.abort(abort_all=True)
+        with self._idle:
+            while (
+                any(j.running for j in self._jobs)
+                and not (mode == "in_place" and self._held)
+                and self.paused == mode
+                and not self._stop.is_set()
+            ):
+                self._idle.wait(timeout=0.05)
+
+    def resume(self) -> None:
+        """Continue decoding after :meth:`pause` (retracted sequences go first)."""
+        self.paused = None
+
+    def load(self) -> dict[str, int]:
+        """Running and waiting sequences and the tokens the running ones hold (prompt and
+        output so far), as SGLang's /v1/loads counts them."""
+        with self._jobs_lock:
+            running = [j for j in self._jobs if j.running]
+            return {
+                "num_running_reqs": len(running),
+                "num_waiting_reqs": len(self._jobs) - len(running),
+                "num_used_tokens": sum(len(j.input_ids) + len(j.output_ids) for j in running),
+            }
+
+    def _answer(self, job: SequenceJob, result: dict[str, Any] | BaseException) -> None:
+        with self._idle:
+            if job in self._jobs:
+                self._jobs.remove(job)
+            job.running = False
+            self._idle.notify_all()
+        if job.future.done():
+            return
+        if isinstance(result, BaseException):
+            job.future.set_exception(result)
+        else:
+            job.future.set_result(result)
+
+    def _set_held(self, held: bool) -> None:
+        with self._idle:
+            self._held = held
+            self._idle.notify_all()
+
+    def _claim(self, batch: list[SequenceJob]) -> list[SequenceJob]:
+        """The jobs of ``batch`` still to decode (not answered by an abort), marked running."""
+        with self._jobs_lock:
+            claimed = [j for j in batch if j in self._jobs]  # an abort removed the others
+            for job in claimed:
+                job.running = True
+        return claimed
+
     def close(self) -> None:
-        """Stop the worker; queued sequences fail."""
+        """Stop the worker; every sequence not answered yet ends as aborted."""
+        self.abort(abort_all=True, message="server shutting down")
         self._stop.set()
         self._worker.join(timeout=10)
+        while self._retracted:
+            self._answer(self._retracted.popleft(), RuntimeError("server shutting down"))
         while True:
             try:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 break
-            job.future.set_exception(RuntimeError("server shutting down"))
+            self._answer(job, RuntimeError("server shutting down"))
+
+    def _next_batch(self) -> list[SequenceJob]:
+        """Retracted sequences first, then whatever waits (up to ``max_batch_size``)."""
+        batch: list[SequenceJob] = []
+        while self._retracted and len(batch) < self.max_batch_size:
+            batch.append(self._retracted.popleft())
+        if batch:
+            return batch
+        try:
+            batch.append(self._queue.get(timeout=0.05))
+        except queue.Empty:
+            return batch
+        deadline = time.perf_counter() + self.batch_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                batch.append(
+                    self._queue.get(timeout=remaining)
+                    if remaining > 0
+                    else self._queue.get_nowait()
+                )
+            except queue.Empty:
+                break
+        return batch
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.05)
-            except queue.Empty:
+            with self._cond:
+                if self.paused is not None:
+                    self._cond.wait(timeout=0.05)
+                    continue
+            batch = self._claim(self._next_batch())
+            if not batch:
                 continue
-            batch = [first]
-            deadline = time.perf_counter() + self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                remaining = deadline - time.perf_counter()
-                try:
-                    batch.append(
-                        self._queue.get(timeout=remaining)
-                        if remaining > 0
-                        else self._queue.get_nowait()
-                    )
-                except queue.Empty:
-                    break
             try:
                 with self.lock:
                     results = self._generate(batch)
             except Exception as exc:  # a failed batch fails its requests, not the server
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                    self._answer(job, exc)
                 continue
-            for job, result in zip(batch, results, strict=True):
-                job.future.set_result(result)
+            for job, result in results:
+                self._answer(job, result)
 
     # ----- decoding -----
 
@@ -199,21 +343,28 @@ class GenerationEngine:
         return self.tokenizer.decode([token])
 
     @torch.inference_mode()
-    def _generate(self, batch: list[SequenceJob]) -> list[dict[str, Any]]:
+    def _generate(self, batch: list[SequenceJob]) -> list[tuple[SequenceJob, dict[str, Any]]]:
+        """Decode ``batch`` (called with ``lock`` held); return the finished jobs' answers.
+
+        A job resumes from its own ``output_ids`` (after a retract the prompt and those tokens
+        are prefilled again). Jobs retracted by a pause go back to ``_retracted`` unanswered.
+        """
         size = len(batch)
         self.stats["batches"] += 1
         self.stats["sequences"] += size
         self.stats["max_batch"] = max(self.stats["max_batch"], size)
-        lengths = [len(j.input_ids) for j in batch]
+        contexts = [j.input_ids + j.output_ids for j in batch]
+        lengths = [len(c) for c in contexts]
         width = max(lengths)
         pad = 0
         input_ids = torch.full((size, width), pad, dtype=torch.long)
         mask = torch.zeros((size, width), dtype=torch.long)
-        for r, job in enumerate(batch):
-            input_ids[r, width - lengths[r] :] = torch.tensor(job.input_ids)
+        for r, context in enumerate(contexts):
+            input_ids[r, width - lengths[r] :] = torch.tensor(context)
             mask[r, width - lengths[r] :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        generators = [torch.Generator().manual_seed(j.seed) for j in batch]
+        # A resumed job draws from its generator past the tokens it already has.
+        generators = [torch.Generator().manual_seed(j.seed + len(j.output_ids)) for j in batch]
         limits = [
             min(
                 j.config.max_new_tokens if j.config.max_new_tokens is not None else 1 << 30,
@@ -221,21 +372,32 @@ class GenerationEngine:
             )
             for j in batch
         ]
-        outputs: list[list[int]] = [[] for _ in batch]
-        logprobs: list[list[float]] = [[] for _ in batch]
-        tops: list[list[list[Any]]] = [[] for _ in batch]
         finish: list[dict[str, Any] | None] = [
-            {"type": "length", "length": 0} if limit == 0 else None for limit in limits
+            {"type": "length", "length": len(j.output_ids)} if len(j.output_ids) >= limit else None
+            for j, limit in zip(batch, limits, strict=True)
         ]
         out = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
         )
         all_logits = out.logits.float()
-        input_logprobs = self._input_logprobs(batch, all_logits, lengths, width)
+        self._input_logprobs(batch, all_logits, lengths, width)
         logits = all_logits[:, -1, :]
         past = _output_cache(out)
         rows = list(range(size))  # the original index of each row still being decoded
+        retracted: list[SequenceJob] = []
         while True:
+            if self.paused == "in_place":
+                self._set_held(True)
+                while self.paused == "in_place" and not self._stop.is_set():
+                    self._cond.wait(timeout=0.05)  # hold the KV cache; weight updates may run
+                self._set_held(False)
+            for r in rows:
+                message = batch[r].abort_message
+                if finish[r] is None and message is not None:
+                    finish[r] = abort_finish(message)
+            if self.paused == "retract":
+                retracted = [batch[r] for r in rows if finish[r] is None]
+                break
             keep = [k for k, r in enumerate(rows) if finish[r] is None]
             if not keep:
                 break
@@ -246,8 +408,8 @@ class GenerationEngine:
                 rows = [rows[k] for k in keep]
             jobs = [batch[r] for r in rows]
             logits = logits.clone()
-            for k, (r, job) in enumerate(zip(rows, jobs, strict=True)):
-                if len(outputs[r]) < job.config.min_new_tokens:
+            for k, job in enumerate(jobs):
+                if len(job.output_ids) < job.config.min_new_tokens:
                     blocked = set(job.config.stop_token_ids)
                     if not job.config.ignore_eos:
                         blocked |= self.eos_ids
@@ -261,11 +423,11 @@ class GenerationEngine:
                 full = torch.log_softmax(logits / torch.tensor(temps)[:, None], dim=-1)
             for k, (r, job) in enumerate(zip(rows, jobs, strict=True)):
                 token = int(tokens[k])
-                outputs[r].append(token)
-                logprobs[r].append(float(chosen[k]))
+                job.output_ids.append(token)
+                job.output_logprobs.append(float(chosen[k]))
                 if job.top_logprobs_num > 0:
                     values, ids = full[k].topk(job.top_logprobs_num)
-                    tops[r].append(
+                    job.output_tops.append(
                         [
                             [
                                 float(v),
@@ -275,7 +437,7 @@ class GenerationEngine:
                             for v, i in zip(values, ids, strict=True)
                         ]
                     )
-                finish[r] = self._finish(job, outputs[r], token, limits[r])
+                finish[r] = self._finish(job, job.output_ids, token, limits[r])
             if all(finish[r] is not None for r in rows):
                 break
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
@@ -289,34 +451,38 @@ class GenerationEngine:
             )
             past = _output_cache(out)
             logits = out.logits[:, -1, :].float()
+        if retracted:
+            self._retracted.extend(retracted)
+            with self._idle:
+                for job in retracted:
+                    job.running = False
+                self._idle.notify_all()
         now = time.perf_counter()
         results = []
         for r, job in enumerate(batch):
-            self.stats["tokens"] += len(outputs[r])
-            results.append(
-                self._response(
-                    job, outputs[r], logprobs[r], tops[r], finish[r], input_logprobs[r], now
-                )
-            )
+            reason = finish[r]
+            if reason is None:
+                continue
+            self.stats["tokens"] += len(job.output_ids)
+            results.append((job, self._response(job, reason, now)))
         return results
 
     def _input_logprobs(
         self, batch: list[SequenceJob], logits: torch.Tensor, lengths: list[int], width: int
-    ) -> list[list[list[Any]] | None]:
-        result: list[list[list[Any]] | None] = []
+    ) -> None:
+        """Fill ``input_logprobs`` of the jobs that ask for them, at their first prefill."""
         for r, job in enumerate(batch):
-            if not job.return_logprob or job.logprob_start_len < 0:
-                result.append(None)
+            if not job.return_logprob or job.logprob_start_len < 0 or job.input_logprobs:
                 continue
             offset = width - lengths[r]
+            prompt_len = len(job.input_ids)
             row = torch.log_softmax(logits[r, offset:], dim=-1)
             entries: list[list[Any]] = []
-            for pos in range(min(job.logprob_start_len, lengths[r]), lengths[r]):
+            for pos in range(min(job.logprob_start_len, prompt_len), prompt_len):
                 token = job.input_ids[pos]
                 value = None if pos == 0 else float(row[pos - 1, token])
                 entries.append([value, token, self._token_text(token, job.return_text_in_logprobs)])
-            result.append(entries)
-        return result
+            job.input_logprobs = entries
 
     def _finish(
         self, job: SequenceJob, output: list[int], token: int, limit: int
@@ -335,37 +501,31 @@ class GenerationEngine:
         return None
 
     def _response(
-        self,
-        job: SequenceJob,
-        output: list[int],
-        logprobs: list[float],
-        tops: list[list[list[Any]]],
-        finish: dict[str, Any] | None,
-        input_logprobs: list[list[Any]] | None,
-        now: float,
+        self, job: SequenceJob, finish: dict[str, Any], now: float | None = None
     ) -> dict[str, Any]:
-        assert finish is not None
+        """SGLang's answer for one sequence, from the progress kept on ``job``."""
+        output = job.output_ids
         text = self._decode(output, job.config.skip_special_tokens)
         matched = finish.get("matched")
         if isinstance(matched, str) and not job.config.no_stop_trim:
             text = text[: text.find(matched)] if matched in text else text
         meta: dict[str, Any] = {
-            "id": uuid.uuid4().hex,
+            "id": job.rid,
             "finish_reason": finish,
             "prompt_tokens": len(job.input_ids),
             "completion_tokens": len(output),
             "cached_tokens": 0,
             "weight_version": self.weight_version,
-            "e2e_latency": now - job.submitted,
+            "e2e_latency": (now if now is not None else time.perf_counter()) - job.submitted,
         }
         if job.return_logprob:
             meta["output_token_logprobs"] = [
                 [lp, tok, self._token_text(tok, job.return_text_in_logprobs)]
-                for lp, tok in zip(logprobs, output, strict=True)
+                for lp, tok in zip(job.output_logprobs, output, strict=True)
             ]
-            meta["input_token_logprobs"] = input_logprobs if input_logprobs is not None else []
+            meta["input_token_logprobs"] = job.input_logprobs or []
             if job.top_logprobs_num > 0:
-                meta["output_top_logprobs"] = tops
+                meta["output_top_logprobs"] = job.output_tops
         return {"text": text, "output_ids": output, "meta_info": meta}
 
     # ----- weights -----

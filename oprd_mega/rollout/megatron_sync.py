@@ -163,7 +163,13 @@ async def sync_model_weights(
     error: str | None = None
     if dist.get_rank() == dst_rank and sync is not None:
         try:
-            report = await sync.sync(weights, version)
+            # Generation pauses around the update (as slime does); in-flight requests resume
+            # after it, re-prefilled with the new weights.
+            await sync.client.pause_generation(urls=sync.control_urls)
+            try:
+                report = await sync.sync(weights, version)
+            finally:
+                await sync.client.continue_generation(urls=sync.control_urls)
         except Exception as exc:
             error = f"weight sync of {version!r} failed: {exc}"
     # Exhaust the gather (all of it on other ranks; what a failed sync left on dst_rank) so

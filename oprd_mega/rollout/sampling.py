@@ -4,6 +4,7 @@ batched next-token selection."""
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,6 @@ _NEUTRAL = {
     "structural_tag": None,
     "stop_regex": None,
     "logit_bias": {},
-    "custom_params": None,
     "beam_width": None,
     "watermark": None,
     "choice": [],
@@ -79,6 +79,8 @@ def _number(params: dict[str, Any], key: str, default: float) -> float:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SamplingParamsError(f"sampling_params.{key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise SamplingParamsError(f"sampling_params.{key} must be finite, got {value!r}")
     return float(value)
 
 
@@ -105,6 +107,13 @@ def parse_sampling_params(params: Any) -> SamplingConfig:
             raise SamplingParamsError(
                 f"sampling_params.{key}={params[key]!r} is not supported by the embedded server"
             )
+    # Read only by a custom logit processor (which the embedded server refuses): SGLang
+    # ignores the keys it has no use for, e.g. slime's {"return_top_p_token_ids": true}.
+    custom = params.get("custom_params")
+    if custom is not None and not isinstance(custom, dict):
+        raise SamplingParamsError(
+            f"sampling_params.custom_params must be a JSON object, got {custom!r}"
+        )
     max_new = _integer(params, "max_new_tokens", 128)
     if "max_new_tokens" in params and params["max_new_tokens"] is None:
         max_new = None

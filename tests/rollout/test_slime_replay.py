@@ -1,0 +1,144 @@
+"""slime's rollout, replayed against the embedded server: the request payloads slime sends and
+the response fields it reads, written out as test data from slime's source (THUDM/slime at
+624b824a898ab0ec1fcb4d373004c7f3852bf515), checked against transformers' own model.
+
+- slime/rollout/sglang_rollout.py: ``GenerateState.sampling_params`` (with ``custom_params``
+  when top_p < 1), ``generate``'s payload (``input_ids``, ``sampling_params``,
+  ``return_logprob``), per-sample ``sampling_seed`` under deterministic inference, and partial
+  rollouts (an aborted sample is sent again with its tokens so far as ``input_ids`` and
+  ``max_new_tokens`` reduced by its response length);
+- slime/utils/types.py ``Sample._apply_meta_info``: ``meta_info.output_token_logprobs``
+  ([logprob, token_id, ...]), ``finish_reason.type`` (length/abort/stop), ``weight_version``,
+  ``cached_tokens``, ``prompt_tokens``, ``completion_tokens``, and ``text``;
+- slime/backends/sglang_utils/server_control.py: /abort_request {"abort_all": true}, then
+  /v1/loads?include=core until no request runs or waits;
+- slime/backends/sglang_utils/sglang_engine.py and external.py: /server_info (tp_size, dp_size,
+  pp_size, ep_size), /pause_generation and /continue_generation with ``json={}`` and
+  raise_for_status around every weight update.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from oprd_mega.rollout.embedded_server import EmbeddedServer, ServerConfig
+
+from .test_control_surface import model_logprobs, paced, schema, start, wait_until  # noqa: F401
+
+PROMPT = [5, 6, 7, 8]
+ROLLOUT_SEED = 42  # slime's --rollout-seed default
+N_SAMPLES = 2
+
+
+def slime_sampling_params(max_new_tokens: int, top_p: float = 0.9) -> dict:
+    """GenerateState.sampling_params with slime's argument defaults and --rollout-top-p 0.9."""
+    params = {
+        "temperature": 1.0,
+        "top_p": top_p,
+        "top_k": -1,
+        "max_new_tokens": max_new_tokens,
+        "stop": None,
+        "stop_token_ids": None,
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
+        "spaces_between_special_tokens": False,
+    }
+    if top_p != 1.0:
+        params["custom_params"] = {"return_top_p_token_ids": True}
+    return params
+
+
+def slime_post(url: str, path: str, payload: dict) -> dict:
+    response = httpx.post(url + path, json=payload, timeout=120)
+    response.raise_for_status()
+    return response.json() if response.content else {}
+
+
+def read_like_slime(output: dict) -> tuple[list[int], list[float], str]:
+    """The fields Sample.append_response_tokens/_apply_meta_info take from an answer."""
+    meta = output["meta_info"]
+    tokens = [item[1] for item in meta["output_token_logprobs"]]
+    logprobs = [item[0] for item in meta["output_token_logprobs"]]
+    for key in ("cached_tokens", "prompt_tokens", "completion_tokens"):
+        assert isinstance(meta[key], int), key
+    assert isinstance(meta["weight_version"], str) and isinstance(output["text"], str)
+    return tokens, logprobs, meta["finish_reason"]["type"]
+
+
+def requests_on(url: str) -> int:
+    """What server_control counts from /v1/loads?include=core: running plus waiting."""
+    answer = httpx.get(url + "/v1/loads?include=core", timeout=30)
+    answer.raise_for_status()
+    return sum(
+        load.get("num_running_reqs", 0) + load.get("num_waiting_reqs", 0)
+        for load in answer.json()["loads"]
+    )
+
+
+@pytest.fixture
+def slime_server(tiny_model_dir):
+    with EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0, seed=9)) as srv:
+        yield paced(srv)
+
+
+def test_slime_rollout_runs_against_the_embedded_server(
+    slime_server,
+    other_model_dir,
+    reference_model,
+    schema,  # noqa: F811  (the fixture imported above)
+):
+    url = slime_server.url
+    # Engine discovery (external.py): /server_info first, parallel sizes from it.
+    info = httpx.get(url + "/server_info", timeout=30)
+    info.raise_for_status()
+    for key in ("tp_size", "dp_size", "pp_size", "ep_size"):
+        assert int(info.json()[key]) == 1
+
+    # One group under deterministic inference: sample i is seeded rollout_seed + i.
+    samples = []
+    for i in range(N_SAMPLES):
+        params = dict(slime_sampling_params(8), sampling_seed=ROLLOUT_SEED + i)
+        payload = {"sampling_params": params, "return_logprob": True, "input_ids": PROMPT}
+        schema.GenerateRequest.from_json_value(payload)
+        output = slime_post(url, "/generate", payload)
+        schema.GenerateResponse.from_json_value(output)
+        tokens, logprobs, finish = read_like_slime(output)
+        assert finish == "length" and tokens == output["output_ids"] and len(tokens) == 8
+        want, _ = model_logprobs(reference_model, PROMPT, tokens)
+        assert logprobs == pytest.approx(want, abs=2e-4)
+        again = slime_post(url, "/generate", payload)
+        assert again["output_ids"] == tokens  # the seed reproduces the sample
+        samples.append(tokens)
+    assert samples[0] != samples[1]
+
+    # Partial rollout: abort mid-flight (abort_servers_until_idle), then send the sample again.
+    total = 40
+    payload = {"sampling_params": slime_sampling_params(total), "return_logprob": True}
+    first = start(url, dict(payload, input_ids=PROMPT))
+    wait_until(lambda: slime_server.engine.load()["num_used_tokens"] >= len(PROMPT) + 2)
+    slime_post(url, "/abort_request", {"abort_all": True})
+    wait_until(lambda: requests_on(url) == 0, 15)
+    partial, partial_logprobs, finish = read_like_slime(first.result(timeout=60))
+    assert finish == "abort" and 2 <= len(partial) < total
+    resumed_params = dict(payload["sampling_params"], max_new_tokens=total - len(partial))
+    resumed = {"sampling_params": resumed_params, "return_logprob": True}
+    output = slime_post(url, "/generate", dict(resumed, input_ids=PROMPT + partial))
+    rest, rest_logprobs, finish = read_like_slime(output)
+    # Unseeded with slime's defaults (no ignore_eos): the end of sequence may come first.
+    assert len(partial) + len(rest) <= total
+    if finish == "length":
+        assert len(partial) + len(rest) == total
+    else:
+        assert finish == "stop" and rest[-1] in slime_server.engine.eos_ids
+    want, _ = model_logprobs(reference_model, PROMPT, partial + rest)
+    assert partial_logprobs + rest_logprobs == pytest.approx(want, abs=2e-4)
+
+    # A weight update as slime's update_weight_from_disk does it: pause, update, continue.
+    slime_post(url, "/pause_generation", {})
+    update = {"model_path": str(other_model_dir), "weight_version": "2"}
+    assert slime_post(url, "/update_weights_from_disk", update)["success"] is True
+    slime_post(url, "/continue_generation", {})
+    payload = {"sampling_params": slime_sampling_params(4), "return_logprob": True}
+    output = slime_post(url, "/generate", dict(payload, input_ids=PROMPT))
+    assert output["meta_info"]["weight_version"] == "2"
