@@ -1,7 +1,8 @@
 """SGLang's own HTTP schema module, loaded from the pinned wheel without importing sglang.
 
-``pip download --no-deps sglang==VERSION`` once into a cache folder, extract only
-``sglang/api/v1/api_types.py`` (it needs msgspec and nothing else) and load it with importlib.
+``pip download --no-deps sglang==VERSION`` once into a cache folder (the wheel is kept there),
+extract only the members a test reads: ``sglang/api/v1/api_types.py`` (it needs msgspec and
+nothing else) is loaded with importlib; ``sglang_source.py`` takes single functions out of others.
 The cache folder is ``$OPRD_SGLANG_SCHEMA_CACHE`` or ``~/.cache/oprd-mega/sglang-schema``.
 """
 
@@ -25,13 +26,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("OPRD_SGLANG_SCHEMA_CACHE", default)) / SGLANG_VERSION
 
 
-def fetch_schema_file() -> Path:
-    """The cached ``api_types.py``, downloading the wheel once if needed."""
-    target = cache_dir() / "api_types.py"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+def fetch_wheel() -> Path:
+    """The cached SGLang wheel, downloaded once (``pip download --no-deps``)."""
+    folder = cache_dir()
+    wheels = sorted(folder.glob(f"sglang-{SGLANG_VERSION}-*.whl"))
+    if wheels:
+        return wheels[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
              "--disable-pip-version-check", f"sglang=={SGLANG_VERSION}", "-d", tmp],
@@ -40,15 +42,31 @@ def fetch_schema_file() -> Path:
             text=True,
             timeout=600,
         )  # fmt: skip
-        wheels = list(Path(tmp).glob("sglang-*.whl"))
-        if not wheels:
+        downloaded = list(Path(tmp).glob("sglang-*.whl"))
+        if not downloaded:
             raise FileNotFoundError(f"pip download left no sglang wheel in {tmp}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            data = wheel.read(SCHEMA_MEMBER)
-        partial = target.with_suffix(".tmp")
-        partial.write_bytes(data)
-        partial.replace(target)
+        target = folder / downloaded[0].name
+        downloaded[0].replace(target)
     return target
+
+
+def fetch_member(member: str) -> Path:
+    """One file of the wheel (e.g. ``sglang/srt/utils/common.py``), extracted once."""
+    target = cache_dir() / "members" / member
+    if target.is_file():
+        return target
+    with zipfile.ZipFile(fetch_wheel()) as wheel:
+        data = wheel.read(member)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".tmp")
+    partial.write_bytes(data)
+    partial.replace(target)
+    return target
+
+
+def fetch_schema_file() -> Path:
+    """The cached ``api_types.py``."""
+    return fetch_member(SCHEMA_MEMBER)
 
 
 def load_schema() -> ModuleType:
