@@ -17,8 +17,14 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from oprd_mega.rollout.engine import GenerationEngine, SequenceJob
+from oprd_mega.rollout.engine import (
+    MEMORY_TAGS,
+    GenerationEngine,
+    MemoryReleasedError,
+    SequenceJob,
+)
 from oprd_mega.rollout.sampling import SamplingParamsError, parse_sampling_params
+from oprd_mega.rollout.tensor_payload import decode_named_tensors
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +263,39 @@ class EmbeddedServer:
         )
         return {"success": True, "message": "Succeeded to update parameter online."}
 
+    # ----- tensor updates and memory release (SGLang's colocated RL calls) -----
+
+    def update_from_tensor(self, body: dict[str, Any]) -> dict[str, Any]:
+        """SGLang's UpdateWeightsFromTensorReqInput; this server is tensor-parallel rank 0."""
+        load_format = body.get("load_format")
+        if load_format not in (None, "direct"):
+            raise ValueError(
+                f"update_weights_from_tensor: load_format {load_format!r} is not supported by "
+                "the embedded server (null or 'direct': a list of (name, tensor) pairs)"
+            )
+        named = decode_named_tensors(body.get("serialized_named_tensors"))
+        self.engine.update_from_tensor(named, _version(body))
+        return {"success": True, "message": "Success"}
+
+    def release_memory(self, body: dict[str, Any]) -> None:
+        self.engine.release_memory(_memory_tags(body))
+
+    def resume_memory(self, body: dict[str, Any]) -> None:
+        self.engine.resume_memory(_memory_tags(body))
+
+
+def _memory_tags(body: dict[str, Any]) -> list[str]:
+    """``tags`` of /release_memory_occupation and /resume_memory_occupation; none: all."""
+    tags = body.get("tags")
+    if tags is None or tags == []:
+        return list(MEMORY_TAGS)
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise RequestError("tags must be a list of strings")
+    unknown = [t for t in tags if t not in MEMORY_TAGS]
+    if unknown:
+        raise RequestError(f"tags: unknown memory tag {unknown[0]!r} (known: {MEMORY_TAGS})")
+    return tags
+
 
 def _version(body: dict[str, Any]) -> str | None:
     version = body.get("weight_version")
@@ -319,8 +358,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, {"weight_version": state.engine.weight_version})
             elif path == "/flush_cache":
                 self._send(HTTPStatus.OK, "Cache flushed.\n", text=True)
+            elif path == "/release_memory_occupation":
+                self._send(HTTPStatus.OK, state.release_memory(body))
+            elif path == "/resume_memory_occupation":
+                self._send(HTTPStatus.OK, state.resume_memory(body))
             elif method != "POST":
                 self._error(HTTPStatus.NOT_FOUND, f"no GET endpoint {path}")
+            elif path == "/update_weights_from_tensor":
+                self._send(HTTPStatus.OK, state.update_from_tensor(body))
             elif path == "/generate":
                 self._send(HTTPStatus.OK, state.generate(body))
             elif path == "/update_weights_from_disk":
@@ -342,6 +387,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(HTTPStatus.NOT_FOUND, f"no endpoint {path}")
         except RequestError as exc:
             self._error(HTTPStatus.BAD_REQUEST, str(exc))
+        except MemoryReleasedError as exc:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
         except (ValueError, FileNotFoundError) as exc:
             if path.startswith(("/update_weights", "/init_weights", "/destroy_weights")):
                 self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": str(exc)})

@@ -1,15 +1,18 @@
-"""Single functions of SGLang's own source, taken from the pinned wheel without importing sglang.
+"""Single functions and classes of SGLang's own source, from the pinned wheel, without sglang.
 
 ``sglang_function(member, name, namespace)`` parses ``member`` (a file of the wheel) with
-``ast``, takes the top-level function ``name`` and executes only that definition in a fresh
-namespace holding ``namespace`` (the module globals the function needs), so a test runs
-SGLang's code, not a copy of it.
+``ast``, takes the top-level function or class ``name`` and executes only that definition in a
+fresh namespace holding ``namespace`` (the module globals it needs), so a test runs SGLang's
+code, not a copy of it.
 """
 
 from __future__ import annotations
 
 import ast
+import base64
+import io
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
@@ -21,13 +24,13 @@ COMMON_MEMBER = "sglang/srt/utils/common.py"
 
 
 def function_source(member: str, name: str) -> str:
-    """The source text of the top-level function ``name`` in ``member``."""
+    """The source text of the top-level function or class ``name`` in ``member``."""
     path = fetch_member(member)
     text = path.read_text()
     for node in ast.parse(text).body:
-        if isinstance(node, ast.FunctionDef) and node.name == name:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name == name:
             return ast.get_source_segment(text, node) or ""
-    raise LookupError(f"sglang {SGLANG_VERSION}: no function {name} in {member}")
+    raise LookupError(f"sglang {SGLANG_VERSION}: no function or class {name} in {member}")
 
 
 def sglang_function(member: str, name: str, namespace: dict[str, Any]) -> Callable[..., Any]:
@@ -44,3 +47,11 @@ def sglang_init_custom_process_group() -> Callable[..., Any]:
     return sglang_function(
         COMMON_MEMBER, "init_custom_process_group", {"torch_release": torch_release}
     )
+
+
+def sglang_multiprocessing_serializer() -> Any:
+    """``sglang.srt.utils.common.MultiprocessingSerializer``, what SGLang's clients use to build
+    /update_weights_from_tensor payloads. Its ``serialize`` needs ``io``, ``ForkingPickler`` and
+    ``pybase64`` (given as the standard ``base64``: same ``b64encode``)."""
+    namespace = {"io": io, "ForkingPickler": ForkingPickler, "pybase64": base64}
+    return sglang_function(COMMON_MEMBER, "MultiprocessingSerializer", namespace)

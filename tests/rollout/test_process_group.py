@@ -20,11 +20,12 @@ import httpx
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM
 
 from oprd_mega.rollout.process_group import tcp_init_method
 from tests.torchrun_utils import free_port
 
+from .greedy_reference import transformers_greedy
 from .sglang_source import sglang_init_custom_process_group
 
 WORKER = Path(__file__).parent / "workers" / "group_worker.py"
@@ -86,22 +87,12 @@ def _greedy(url: str, prompt: list[int], tokens: int) -> dict:
     return answer.json()
 
 
-def _transformers_greedy(model_dir: Path, prompt: list[int], tokens: int) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    config = GenerationConfig(
-        do_sample=False, max_new_tokens=tokens, eos_token_id=None, pad_token_id=0
-    )
-    with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), generation_config=config)
-    return out[0, len(prompt) :].tolist()
-
-
 def test_sglang_style_trainer_updates_oprd_serve(tiny_model_dir, other_model_dir):
     """A trainer that builds the group with SGLang's function (as slime does) updates
     ``oprd-mega serve`` over /init_weights_update_group + /update_weights_from_distributed."""
     prompt, tokens = [3, 9, 27, 81, 200], 8
-    new_ids = _transformers_greedy(other_model_dir, prompt, tokens)
-    old_ids = _transformers_greedy(tiny_model_dir, prompt, tokens)
+    new_ids = transformers_greedy(other_model_dir, prompt, tokens)
+    old_ids = transformers_greedy(tiny_model_dir, prompt, tokens)
     assert new_ids != old_ids  # the test can tell the two models apart
     new_state = AutoModelForCausalLM.from_pretrained(str(other_model_dir)).state_dict()
     port = free_port()
@@ -139,6 +130,16 @@ def test_sglang_style_trainer_updates_oprd_serve(tiny_model_dir, other_model_dir
         join.join(timeout=120)
         assert replies["/init_weights_update_group"].json()["success"] is True
         names = list(new_state)
+        # A bucket holding a NaN is received (the group stays in step) but not loaded.
+        poisoned = {n: new_state[n].clone() for n in names[:3]}
+        poisoned[names[1]].view(-1)[0] = float("nan")
+        _broadcast_bucket(url, group, group_name, poisoned, "v-bad", replies)
+        reply = replies["/update_weights_from_distributed"]
+        assert reply.status_code == 400 and reply.json()["success"] is False
+        assert f"tensor {names[1]} has 1 non-finite value" in reply.json()["message"]
+        answer = _greedy(url, prompt, tokens)
+        assert answer["output_ids"] == old_ids
+        assert answer["meta_info"]["weight_version"] == "default"
         for start in range(0, len(names), 5):  # buckets of five tensors, as slime sends them
             bucket = names[start : start + 5]
             last = start + 5 >= len(names)
@@ -167,6 +168,25 @@ def test_sglang_style_trainer_updates_oprd_serve(tiny_model_dir, other_model_dir
             dist.destroy_process_group(group)
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def _broadcast_bucket(
+    url: str, group, group_name: str, bucket: dict, version: str | None, replies: dict
+) -> None:
+    body = {
+        "names": list(bucket),
+        "dtypes": [str(t.dtype).removeprefix("torch.") for t in bucket.values()],
+        "shapes": [list(t.shape) for t in bucket.values()],
+        "group_name": group_name,
+        "weight_version": version,
+    }
+    update = threading.Thread(
+        target=_post, args=(url, "/update_weights_from_distributed", body, replies)
+    )
+    update.start()
+    for tensor in bucket.values():
+        dist.broadcast(tensor.contiguous(), src=0, group=group)
+    update.join(timeout=120)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 180.0) -> None:
