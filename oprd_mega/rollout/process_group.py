@@ -5,7 +5,12 @@ weight-update group is made the way SGLang's ``init_custom_process_group``
 (``sglang/srt/utils/common.py``) makes it, which slime, verl and OpenRLHF trainers use too:
 ``rendezvous("tcp://host:port")``, the store wrapped in ``PrefixStore(group_name)``, then
 ``_new_process_group_helper``. Every rank must build it exactly so: a group made any other way
-(a bare ``TCPStore``) waits under other store keys and never forms with SGLang.
+(a store without the prefix) waits under other store keys and never forms with SGLang.
+
+The store is the one ``rendezvous("tcp://...")`` makes outside torchelastic (rank 0 hosts a
+multi-tenant ``TCPStore``, the others connect), built directly: under torchrun, ``rendezvous``
+reads ``TORCHELASTIC_USE_AGENT_STORE`` and makes every rank a client of the agent's store,
+which is not at this address, so the trainer's rank 0 would never host the group.
 """
 
 from __future__ import annotations
@@ -19,16 +24,32 @@ from torch.distributed.distributed_c10d import (
     PrefixStore,
     _new_process_group_helper,
     _world,
-    rendezvous,
 )
 
 
 def tcp_init_method(master_address: str, master_port: int) -> str:
-    """``tcp://host:port``, an IPv6 address in brackets (as SGLang's ``NetworkAddress``)."""
+    """``tcp://host:port`` as SGLang's ``NetworkAddress`` writes it (IPv6 in brackets)."""
     host = master_address.strip("[]")
     if ":" in host:
         host = f"[{host}]"
     return f"tcp://{host}:{int(master_port)}"
+
+
+def _rendezvous_store(
+    master_address: str, master_port: int, rank: int, world_size: int, timeout: timedelta
+) -> dist.TCPStore:
+    """The store of ``rendezvous("tcp://...")`` without torchelastic's agent store."""
+    if not 0 < int(master_port) < 2**16:
+        raise ValueError(f"master_port must be in 1..65535, got {master_port}")
+    return dist.TCPStore(
+        master_address.strip("[]"),
+        int(master_port),
+        world_size,
+        is_master=rank == 0,
+        timeout=timeout,
+        multi_tenant=True,
+        use_libuv=True,
+    )
 
 
 def init_custom_process_group(
@@ -46,8 +67,7 @@ def init_custom_process_group(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the group's world_size {world_size}")
     timeout = timedelta(seconds=timeout_s)
-    init_method = tcp_init_method(master_address, master_port)
-    store, rank, world_size = next(rendezvous(init_method, rank, world_size, timeout=timeout))
+    store = _rendezvous_store(master_address, master_port, rank, world_size, timeout)
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     group, _ = _new_process_group_helper(

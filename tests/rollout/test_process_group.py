@@ -33,16 +33,25 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_group(impls: list[str], group_name: str) -> list[dict]:
+    """One process per rank; ``oprd@torchrun`` is the project's rank under torchrun, whose
+    agent-store variable makes ``rendezvous("tcp://...")`` a client everywhere."""
     port = str(free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), impl, str(rank), str(len(impls)), port, group_name],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    procs = []
+    for rank, impl in enumerate(impls):
+        env = dict(os.environ)
+        env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        if impl == "oprd@torchrun":
+            env["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+        argv = [impl.split("@")[0], str(rank), str(len(impls)), port, group_name]
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), *argv],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
         )
-        for rank, impl in enumerate(impls)
-    ]
     outputs = []
     for proc in procs:
         out, err = proc.communicate(timeout=180)
@@ -53,8 +62,18 @@ def run_group(impls: list[str], group_name: str) -> list[dict]:
 
 @pytest.mark.parametrize(
     "impls",
-    [["oprd", "sglang"], ["sglang", "oprd"], ["oprd", "sglang", "oprd"]],
-    ids=["trainer-oprd-server-sglang", "trainer-sglang-server-oprd", "three-ranks-mixed"],
+    [
+        ["oprd", "sglang"],
+        ["sglang", "oprd"],
+        ["oprd", "sglang", "oprd"],
+        ["oprd@torchrun", "sglang"],
+    ],
+    ids=[
+        "trainer-oprd-server-sglang",
+        "trainer-sglang-server-oprd",
+        "three-ranks-mixed",
+        "trainer-oprd-under-torchrun",
+    ],
 )
 def test_group_forms_with_sglangs_own_function(impls):
     results = run_group(impls, "weights_sync_group")
