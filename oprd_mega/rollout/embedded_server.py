@@ -278,10 +278,14 @@ class EmbeddedServer:
         return {"success": True, "message": "Success"}
 
     def release_memory(self, body: dict[str, Any]) -> None:
-        self.engine.release_memory(_memory_tags(body))
+        tags = _memory_tags(body)
+        self.engine.release_memory(tags)
+        log.info("released memory: %s", ", ".join(tags))
 
     def resume_memory(self, body: dict[str, Any]) -> None:
-        self.engine.resume_memory(_memory_tags(body))
+        tags = _memory_tags(body)
+        self.engine.resume_memory(tags)
+        log.info("resumed memory: %s", ", ".join(tags))
 
 
 def _memory_tags(body: dict[str, Any]) -> list[str]:

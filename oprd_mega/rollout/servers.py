@@ -415,6 +415,9 @@ def launch_ports(config: LaunchConfig) -> list[int]:
     ports = [config.base_port + i for i in range(config.num_servers)]
     for port in ports:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # As the servers bind: connections of a server that just exited (TIME_WAIT) do
+            # not keep its port, only a listening process does.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((config.host, port))
             except OSError as exc:
