@@ -117,11 +117,12 @@ class RolloutService:
         if action not in ("release", "resume"):
             raise ValueError(f"set_memory: action must be 'release' or 'resume', got {action!r}")
         path = f"/{action}_memory_occupation"
-        self.run(
-            asyncio.gather(
-                *(self.client.call(u, "POST", path, {}) for u in self.servers.control_urls)
-            )
-        )
+
+        async def everywhere() -> None:
+            calls = (self.client.call(u, "POST", path, {}) for u in self.servers.control_urls)
+            await asyncio.gather(*calls)
+
+        self.run(everywhere())
 
     def restart(self) -> None:
         """Stop the launched servers (whatever is left of them) and start them again; the
