@@ -15,7 +15,13 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
             "(/generate, /health, /get_model_info, weight updates) with transformers."
         ),
     )
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
+    parser.add_argument(
+        "--model",
+        "--model-path",
+        dest="model",
+        required=True,
+        help="Hugging Face model directory (--model-path as in sglang.launch_server)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=30000, help="TCP port (default 30000)")
     parser.add_argument(

@@ -52,7 +52,8 @@ Launch = adopt(
         "'auto' (SGLang when installed).",
         "tp_size": "Tensor-parallel size of each SGLang server.",
         "host": "Address the servers bind to.",
-        "base_port": "Port of the first server.",
+        "base_port": "Port of the first server (the others follow); null: free ports. A taken "
+        "port is an error naming its owner.",
         "mem_fraction_static": "SGLang --mem-fraction-static; null: SGLang's default.",
         "extra_args": "Extra server command-line arguments, passed unchanged.",
         "command": "Command prefix replacing the launcher's (tests use a fake server).",
@@ -60,6 +61,15 @@ Launch = adopt(
         "health_timeout_s": "Seconds to wait for every server's /health.",
         "shutdown_grace_s": "Seconds between SIGTERM and SIGKILL at shutdown.",
         "env": "Extra environment variables of the server processes.",
+        "gpus_per_server": "GPUs each SGLang server uses (--base-gpu-id apart); null: tp_size.",
+        "base_gpu_id": "First GPU of the servers on this node; null: the GPU after the "
+        "trainer's (0 with colocate). Servers never get the trainer's GPUs unless colocate.",
+        "trainer_gpus": "GPUs 0..N-1 of this node used by the trainer; filled in by the trainer "
+        "(its local world size on CUDA, 0 on CPU).",
+        "colocate": "Servers share the trainer's GPUs: their weights and KV cache are released "
+        "during each training step and resumed before the weight sync (slime's colocated mode).",
+        "deterministic_inference": "Pass SGLang's --enable-deterministic-inference; the trainer "
+        "turns it on when rollout.sampling.sampling_seed is set.",
     },
 )
 

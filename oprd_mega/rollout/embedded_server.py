@@ -24,8 +24,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
-from oprd_mega.rollout.engine import PAUSE_MODES, GenerationEngine, SequenceJob
+from oprd_mega.rollout.engine import (
+    MEMORY_TAGS,
+    PAUSE_MODES,
+    GenerationEngine,
+    MemoryReleasedError,
+    SequenceJob,
+)
 from oprd_mega.rollout.sampling import SamplingParamsError, parse_sampling_params
+from oprd_mega.rollout.tensor_payload import decode_named_tensors
 
 log = logging.getLogger(__name__)
 
@@ -318,7 +325,7 @@ class EmbeddedServer:
             "nnodes": 1,
             "node_rank": 0,
             "enable_dp_attention": False,
-            "enable_memory_saver": False,
+            "enable_memory_saver": True,  # release/resume_memory_occupation are served
             "device": "cpu",
             "base_gpu_id": 0,
             "dtype": self.config.dtype,
@@ -430,6 +437,43 @@ class EmbeddedServer:
             _version(body),
         )
         return {"success": True, "message": "Succeeded to update parameter online."}
+
+    # ----- tensor updates and memory release (SGLang's colocated RL calls) -----
+
+    def update_from_tensor(self, body: dict[str, Any]) -> dict[str, Any]:
+        """SGLang's UpdateWeightsFromTensorReqInput; this server is tensor-parallel rank 0."""
+        load_format = body.get("load_format")
+        if load_format not in (None, "direct"):
+            raise ValueError(
+                f"update_weights_from_tensor: load_format {load_format!r} is not supported by "
+                "the embedded server (null or 'direct': a list of (name, tensor) pairs)"
+            )
+        named = decode_named_tensors(body.get("serialized_named_tensors"))
+        self.engine.update_from_tensor(named, _version(body))
+        return {"success": True, "message": "Success"}
+
+    def release_memory(self, body: dict[str, Any]) -> None:
+        tags = _memory_tags(body)
+        self.engine.release_memory(tags)
+        log.info("released memory: %s", ", ".join(tags))
+
+    def resume_memory(self, body: dict[str, Any]) -> None:
+        tags = _memory_tags(body)
+        self.engine.resume_memory(tags)
+        log.info("resumed memory: %s", ", ".join(tags))
+
+
+def _memory_tags(body: dict[str, Any]) -> list[str]:
+    """``tags`` of /release_memory_occupation and /resume_memory_occupation; none: all."""
+    tags = body.get("tags")
+    if tags is None or tags == []:
+        return list(MEMORY_TAGS)
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise RequestError("tags must be a list of strings")
+    unknown = [t for t in tags if t not in MEMORY_TAGS]
+    if unknown:
+        raise RequestError(f"tags: unknown memory tag {unknown[0]!r} (known: {MEMORY_TAGS})")
+    return tags
 
 
 def _is_int(value: Any) -> bool:
@@ -599,8 +643,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, {"weight_version": state.engine.weight_version})
             elif path == "/flush_cache":
                 self._send(HTTPStatus.OK, "Cache flushed.\n", text=True)
+            elif path == "/release_memory_occupation":
+                self._send(HTTPStatus.OK, state.release_memory(body))
+            elif path == "/resume_memory_occupation":
+                self._send(HTTPStatus.OK, state.resume_memory(body))
             elif method != "POST":
                 self._error(HTTPStatus.NOT_FOUND, f"no GET endpoint {path}")
+            elif path == "/update_weights_from_tensor":
+                self._send(HTTPStatus.OK, state.update_from_tensor(body))
             elif path == "/generate":
                 self._send(HTTPStatus.OK, state.generate(body, self._client_gone))
             elif path == "/abort_request":
@@ -632,6 +682,8 @@ class _Handler(BaseHTTPRequestHandler):
         except ClientGoneError:
             log.info("client of %s disconnected; its sequences were aborted", path)
             self.close_connection = True
+        except MemoryReleasedError as exc:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
         except (ValueError, FileNotFoundError) as exc:
             if path.startswith(("/update_weights", "/init_weights", "/destroy_weights")):
                 self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": str(exc)})

@@ -13,6 +13,8 @@ from __future__ import annotations
 import inspect
 import os
 import queue
+import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from oprd_mega.rollout.sampling import SamplingConfig, select_tokens
 
@@ -79,6 +82,18 @@ def _output_cache(output: Any) -> Any:
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+class WeightCheckError(ValueError):
+    """A weight update that would break the model; the message names the tensor."""
+
+
+class MemoryReleasedError(RuntimeError):
+    """Generation or a weight update asked for while memory is released."""
+
+
+# Memory tags of SGLang's /release_memory_occupation (sglang/srt/constants.py).
+MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
+
+
 class GenerationEngine:
     """Holds the model and tokenizer; generates batches; applies weight updates."""
 
@@ -129,6 +144,8 @@ class GenerationEngine:
         self._queue: queue.Queue[SequenceJob] = queue.Queue()
         self._stop = threading.Event()
         self._groups: dict[str, Any] = {}
+        self.released: set[str] = set()  # memory tags given up by /release_memory_occupation
+        self._spilled_weights: Path | None = None
         self._worker = threading.Thread(target=self._loop, name="oprd-engine", daemon=True)
         self._worker.start()
 
@@ -169,6 +186,7 @@ class GenerationEngine:
     def submit(self, jobs: Iterable[SequenceJob]) -> list[Future]:
         """Validate and queue sequences; each future resolves to that sequence's answer."""
         jobs = list(jobs)
+        self.raise_if_released()
         for job in jobs:
             self.validate(job)
         futures = []
@@ -280,6 +298,8 @@ class GenerationEngine:
         self._worker.join(timeout=10)
         while self._retracted:
             self._answer(self._retracted.popleft(), RuntimeError("server shutting down"))
+        if self._spilled_weights is not None:
+            shutil.rmtree(self._spilled_weights.parent, ignore_errors=True)
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -349,6 +369,7 @@ class GenerationEngine:
         A job resumes from its own ``output_ids`` (after a retract the prompt and those tokens
         are prefilled again). Jobs retracted by a pause go back to ``_retracted`` unanswered.
         """
+        self.raise_if_released()  # queued before a release
         size = len(batch)
         self.stats["batches"] += 1
         self.stats["sequences"] += size
@@ -530,19 +551,13 @@ class GenerationEngine:
 
     # ----- weights -----
 
-    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        """Copy HF-named tensors into the model; unknown names or shapes raise, naming them."""
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise ValueError(f"{source}: tensor(s) not in the model: {', '.join(unknown[:5])}")
-        for name, tensor in tensors.items():
-            if tuple(tensor.shape) != tuple(params[name].shape):
-                raise ValueError(
-                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model's is "
-                    f"{tuple(params[name].shape)}"
-                )
+    def load_weights(
+        self, tensors: dict[str, torch.Tensor], source: str, complete: bool = False
+    ) -> None:
+        """Copy HF-named tensors into the model once all pass :meth:`check_weights`: a bad
+        update copies nothing, so the old weights keep serving."""
+        self.check_weights(tensors, source, complete)
+        params = self._weight_tensors()
         with torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].copy_(tensor.to(params[name].dtype))
@@ -551,7 +566,7 @@ class GenerationEngine:
         """Reload every safetensors tensor from ``model_path``, then set the version."""
         tensors = load_state_dict_from_dir(model_path)
         with self.lock:
-            self.load_weights(tensors, source=model_path)
+            self.load_weights(tensors, source=model_path, complete=True)
             if weight_version is not None:
                 self.weight_version = weight_version
 
@@ -610,3 +625,112 @@ class GenerationEngine:
             self.load_weights(received, source=f"group {group_name}")
             if weight_version is not None:
                 self.weight_version = weight_version
+
+    # ----- weight checks -----
+
+    def _weight_tensors(self) -> dict[str, torch.Tensor]:
+        """Every loadable tensor by HF name, tied weights under each of their names."""
+        tensors: dict[str, torch.Tensor] = dict(self.model.named_parameters(remove_duplicate=False))
+        tensors.update(dict(self.model.named_buffers()))
+        return tensors
+
+    def _parameter_names(self) -> list[list[str]]:
+        """The model's parameters, each as the list of names it goes by (tied: several)."""
+        groups: dict[int, list[str]] = {}
+        for name, param in self.model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(param), []).append(name)
+        return list(groups.values())
+
+    def check_weights(
+        self, tensors: dict[str, torch.Tensor], source: str, complete: bool = False
+    ) -> None:
+        """Reject an update before any of it is used: unknown names, other shapes, a dtype of
+        another kind (integer for float), non-finite values, and, with ``complete``, any
+        parameter of the model left out. Raises :class:`WeightCheckError` naming the tensor."""
+        if "weights" in self.released:
+            raise WeightCheckError(
+                f"{source}: the weights are released; call /resume_memory_occupation first"
+            )
+        params = self._weight_tensors()
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise WeightCheckError(
+                f"{source}: tensor(s) not in the model: {', '.join(unknown[:5])}"
+            )
+        for name, tensor in tensors.items():
+            target = params[name]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise WeightCheckError(
+                    f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the model's is "
+                    f"{tuple(target.shape)}"
+                )
+            if tensor.is_floating_point() != target.is_floating_point():
+                raise WeightCheckError(
+                    f"{source}: tensor {name} has dtype {tensor.dtype}, the model's is "
+                    f"{target.dtype}"
+                )
+            if tensor.is_floating_point():
+                bad = int((~torch.isfinite(tensor)).sum())
+                if bad:
+                    raise WeightCheckError(
+                        f"{source}: tensor {name} has {bad} non-finite value(s) (NaN or inf)"
+                    )
+        if complete:
+            missing = [
+                names[0] for names in self._parameter_names() if not set(names) & set(tensors)
+            ]
+            if missing:
+                raise WeightCheckError(
+                    f"{source}: {len(missing)} of the model's tensors are missing, e.g. "
+                    f"{', '.join(missing[:5])}"
+                )
+
+    def update_from_tensor(
+        self, named_tensors: list[tuple[str, torch.Tensor]], weight_version: str | None
+    ) -> None:
+        """Load tensors sent by /update_weights_from_tensor (any subset), then set the version."""
+        tensors: dict[str, torch.Tensor] = {}
+        for name, tensor in named_tensors:
+            if name in tensors:
+                raise WeightCheckError(f"update_weights_from_tensor: tensor {name} sent twice")
+            tensors[name] = tensor
+        with self.lock:
+            self.load_weights(tensors, source="update_weights_from_tensor")
+            if weight_version is not None:
+                self.weight_version = weight_version
+
+    # ----- memory release (colocated training) -----
+
+    def raise_if_released(self) -> None:
+        """Refuse generation while weights or KV cache are released."""
+        if self.released & {"weights", "kv_cache"}:
+            raise MemoryReleasedError(
+                f"memory is released ({', '.join(sorted(self.released))}): generation needs "
+                "/resume_memory_occupation first"
+            )
+
+    def release_memory(self, tags: list[str]) -> None:
+        """Give up the memory of ``tags`` once the running batch ends. The weights go to a
+        temporary safetensors file and their tensors are freed; the KV cache, allocated per
+        batch here, is simply not allocated again until resumed."""
+        with self.lock:
+            if "weights" in tags and "weights" not in self.released:
+                folder = Path(tempfile.mkdtemp(prefix="oprd-released-weights-"))
+                path = folder / "weights.safetensors"
+                params = dict(self.model.named_parameters())  # tied weights once
+                save_file({n: p.detach().contiguous() for n, p in params.items()}, str(path))
+                for param in params.values():
+                    param.data = torch.empty(0, dtype=param.dtype)
+                self._spilled_weights = path
+            self.released |= set(tags)
+
+    def resume_memory(self, tags: list[str]) -> None:
+        """Take back the memory of ``tags``; the weights come back exactly as released."""
+        with self.lock:
+            if "weights" in tags and self._spilled_weights is not None:
+                stored = load_file(str(self._spilled_weights))
+                for name, param in self.model.named_parameters():
+                    param.data = stored[name]
+                shutil.rmtree(self._spilled_weights.parent, ignore_errors=True)
+                self._spilled_weights = None
+            self.released -= set(tags)

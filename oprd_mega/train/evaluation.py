@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=1024)
     parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--backend", default="embedded", choices=("embedded", "sglang", "auto"))
-    parser.add_argument("--port", type=int, default=30500)
+    parser.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 

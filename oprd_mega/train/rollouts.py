@@ -9,8 +9,11 @@ run samples what the uninterrupted one did), and owns the weight-sync transport 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from oprd_mega.config.schema import TrainConfig
 from oprd_mega.parallel.distributed import free_port
@@ -19,6 +22,13 @@ from oprd_mega.rollout.samples import Sample, require_weight_version
 from oprd_mega.rollout.sampling import SamplingConfig, sample_groups
 from oprd_mega.rollout.servers import ServerGroup
 from oprd_mega.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, WeightSync
+
+
+def local_trainer_gpus() -> int:
+    """GPUs 0..N-1 of this node that the trainer's ranks use (none without CUDA)."""
+    if not torch.cuda.is_available():
+        return 0
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 class RolloutService:
@@ -33,7 +43,10 @@ class RolloutService:
         rollout = self.config.rollout
         if rollout.mode == "launch":
             assert rollout.launch is not None
-            self.servers = ServerGroup.launch(rollout.launch)
+            launch = rollout.launch.for_trainer(
+                local_trainer_gpus(), rollout.sampling.sampling_seed
+            )
+            self.servers = ServerGroup.launch(launch)
         else:
             attach = rollout.attach
             self.servers = ServerGroup.attach(
@@ -96,6 +109,20 @@ class RolloutService:
         if version is not None:
             require_weight_version([s for group in groups for s in group], version)
         return groups
+
+    def set_memory(self, action: str) -> None:
+        """``"release"`` or ``"resume"`` the servers' weights and KV cache (SGLang's
+        /release_memory_occupation, /resume_memory_occupation), as slime's colocated mode does
+        around each training step; the weight sync after the step restores the weights."""
+        if action not in ("release", "resume"):
+            raise ValueError(f"set_memory: action must be 'release' or 'resume', got {action!r}")
+        path = f"/{action}_memory_occupation"
+
+        async def everywhere() -> None:
+            calls = (self.client.call(u, "POST", path, {}) for u in self.servers.control_urls)
+            await asyncio.gather(*calls)
+
+        self.run(everywhere())
 
     def restart(self) -> None:
         """Stop the launched servers (whatever is left of them) and start them again; the

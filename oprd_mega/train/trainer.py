@@ -395,7 +395,9 @@ class Trainer:
             baseline = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         with timer("train"):
+            self._colocated_memory("release")
             result = self.step.run(microbatches)
+            self._colocated_memory("resume")
         dpeak = (torch.cuda.max_memory_allocated() - baseline) / 2**20 if cuda else None
         version = self._version(step + 1)
         with timer("sync"):
@@ -433,6 +435,12 @@ class Trainer:
         if not result.skipped:
             self.weight_version = version
         return record
+
+    def _colocated_memory(self, action: str) -> None:
+        """Colocated servers give their GPU memory to training and take it back after."""
+        launch = self.config.rollout.launch
+        if self.config.rollout.mode == "launch" and launch is not None and launch.colocate:
+            shared(lambda: self.rollouts.set_memory(action), f"{action} of the servers' memory")
 
     def _rollout_or_restart(self, step: int) -> tuple[list[StepSample], dict[str, float]]:
         """The step's samples; launched servers that died are restarted and re-synced

@@ -18,3 +18,8 @@ def test_serve_needs_a_model(capsys):
     with pytest.raises(SystemExit):
         main(["serve"])
     assert "--model" in capsys.readouterr().err
+
+
+def test_serve_accepts_sglangs_model_path():
+    args = build_parser().parse_args(["serve", "--model-path", "/m"])
+    assert args.model == "/m"

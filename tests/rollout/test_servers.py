@@ -137,10 +137,12 @@ def test_default_sglang_command_line():
         "127.0.0.1",
         "--port",
         "31001",
+        "--base-gpu-id",
+        "4",
     ]
     embedded = LaunchConfig(model_path="m", backend="embedded", base_port=31000).argv(0)
     assert embedded[1:4] == ["-m", "oprd_mega.cli", "serve"]
-    auto = LaunchConfig(model_path="m").argv(0)
+    auto = LaunchConfig(model_path="m").argv(0, port=31000)
     has_sglang = importlib.util.find_spec("sglang") is not None
     assert ("sglang.launch_server" in auto) == has_sglang
     with pytest.raises(ValueError, match="num_servers"):

@@ -268,3 +268,23 @@ def test_dead_server_without_restarts_stops_with_the_step(task: Path, tmp_path: 
     latest = find_latest(tmp_path / "run" / "ckpt")
     assert latest is not None and read_state(latest).step == 2
     assert "step-00000002" in stderr
+
+
+def test_colocated_servers_release_memory_around_each_step(task: Path, tmp_path: Path) -> None:
+    """``colocate: true``: the servers' weights and KV cache are released for the training
+    part of each step and resumed before the sync, whose probe then checks the weights."""
+    config = task_config(task, tmp_path / "run")
+    result = train(
+        config,
+        "parallel.tp=1",
+        "schedule.steps=2",
+        "evaluation.interval=0",
+        "rollout.launch.colocate=true",
+        nproc=1,
+    )
+    require_success(result)
+    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "logs", kind="train")]
+    assert steps == [1, 2]
+    log = (tmp_path / "run" / "logs" / "rollout" / "rollout-server-0.log").read_text()
+    assert log.count("released memory: kv_cache, weights, cuda_graph") == 2
+    assert log.count("resumed memory: kv_cache, weights, cuda_graph") == 2
