@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     h2m = sub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron torch_dist")
     h2m.add_argument("--hf", required=True, help="Hugging Face model directory")
     h2m.add_argument("--mcore", required=True, help="new Megatron checkpoint directory")
+    h2m.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert tensors holding NaN or infinity (refused by default, naming the tensor)",
+    )
     m2h = sub.add_parser("mcore-to-hf", help="Megatron torch_dist -> HF safetensors")
     m2h.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
     m2h.add_argument("--hf", required=True, help="new Hugging Face model directory")
@@ -84,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             HFCheckpointReader(ns.hf).validate(load_hf_config(ns.hf))
             from oprd_mega.convert.convert import hf_to_mcore
 
-            out = hf_to_mcore(ns.hf, ns.mcore, progress=not ns.no_progress)
+            out = hf_to_mcore(
+                ns.hf,
+                ns.mcore,
+                progress=not ns.no_progress,
+                allow_nonfinite=ns.allow_nonfinite,
+            )
             print(f"wrote Megatron checkpoint {out}")
             return 0
         if ns.command == "mcore-to-hf":

@@ -27,8 +27,17 @@ def _require_new_target(target: Path) -> None:
         raise FileExistsError(f"target {target} already exists; choose a new directory")
 
 
-def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, *, progress: bool = True) -> Path:
+def hf_to_mcore(
+    hf_dir: str | Path,
+    mcore_dir: str | Path,
+    *,
+    progress: bool = True,
+    allow_nonfinite: bool = False,
+) -> Path:
     """Convert a Hugging Face checkpoint into a Megatron torch_dist checkpoint.
+
+    A tensor holding NaN or infinity stops the conversion (naming file and tensor, nothing
+    written) unless ``allow_nonfinite``.
 
     The result loads at any TP/PP layout. No model is built: the HF tensors are read, fused and
     saved one layer at a time, so memory stays around one layer (or the embedding, if larger).
@@ -37,7 +46,7 @@ def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, *, progress: bool = T
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
     _require_new_target(mcore_dir)
     args = load_hf_config(hf_dir)
-    reader = HFCheckpointReader(hf_dir)
+    reader = HFCheckpointReader(hf_dir, require_finite=not allow_nonfinite)
     reader.validate(args)
     init_distributed(ParallelLayout())
     with tqdm(
