@@ -11,6 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from oprd_mega.lifetime import exit_on_sigterm
+
 # Errors caused by the user's input: reported in one line, exit status 2.
 _INPUT_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
 
@@ -80,6 +82,7 @@ def _verify(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the process exit status."""
     ns = _parser().parse_args(argv)
+    exit_on_sigterm()  # a terminated conversion removes its temporary folder
     try:
         if ns.command == "hf-to-mcore":
             from oprd_mega.convert.hf_io import HFCheckpointReader

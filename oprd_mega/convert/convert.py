@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from oprd_mega.convert.hf_io import HFCheckpointReader, copy_aux_files, write_safetensors_shards
 from oprd_mega.convert.mcore_io import HF_SUBDIR, export_hf_from_checkpoint, read_mcore_args
 from oprd_mega.convert.mcore_stream import save_hf_as_mcore_checkpoint
+from oprd_mega.lifetime import make_owned_temp_dir
 from oprd_mega.models.hf_config import load_hf_config
 from oprd_mega.parallel import ParallelLayout, init_distributed
 
@@ -80,7 +80,7 @@ def mcore_to_hf(
             pass
     else:
         hf_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{hf_dir.name}.tmp-", dir=hf_dir.parent))
+        tmp = make_owned_temp_dir(hf_dir.parent, hf_dir.name)
         try:
             with tqdm(
                 total=args.num_layers + 1, desc="mcore-to-hf", unit="layer", disable=not progress

@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import httpx
 
+from oprd_mega.lifetime import child_dies_with_launcher
+
 
 class ServerLaunchError(RuntimeError):
     """A server process exited early or never became healthy; the message names it."""
@@ -149,6 +151,7 @@ class ServerGroup:
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
                         start_new_session=True,
+                        preexec_fn=child_dies_with_launcher(),  # no orphan when we crash
                         env={**os.environ, **config.env},
                     )
                 )
