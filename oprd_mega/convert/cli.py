@@ -11,6 +11,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from torch.distributed.checkpoint import CheckpointException
+
+from oprd_mega.convert.dcp_files import damaged_files
 from oprd_mega.lifetime import exit_on_sigterm
 
 # Errors caused by the user's input: reported in one line, exit status 2.
@@ -112,6 +115,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _verify(ns)
     except _INPUT_ERRORS as exc:
         print(f"oprd-convert-checkpoint {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointException as exc:  # torch DCP's (a BaseException): name the file
+        damaged = "; ".join(damaged_files(ns.mcore)) or f"{type(exc).__name__}"
+        print(
+            f"oprd-convert-checkpoint {ns.command}: error: cannot read {ns.mcore}: {damaged}",
+            file=sys.stderr,
+        )
         return 2
     finally:
         from oprd_mega.parallel.distributed import destroy_distributed

@@ -41,6 +41,7 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from torch.distributed.checkpoint import CheckpointException
 
 from oprd_mega.config import ConfigError, TrainConfig, config_diff, validate_config
+from oprd_mega.convert.dcp_files import damaged_files
 from oprd_mega.convert.mcore_io import (
     _sharded_metadata,
     load_mcore_checkpoint,
@@ -363,7 +364,8 @@ def load_newest_intact(
             try:
                 load_checkpoint(path, model, optimizer)
             except CHECKPOINT_FAILURES as exc:
-                error = _one_line(exc)
+                damaged = damaged_files(path / "model") + damaged_files(path / "optimizer")
+                error = "; ".join(damaged) if damaged else _one_line(exc)
         failed = _gather_errors(error)
         if not failed:
             return path, state

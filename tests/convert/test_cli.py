@@ -1,5 +1,6 @@
 """The converter's command line end to end: console script, tools script under torchrun."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +125,17 @@ def test_nonfinite_weights_exit_2_naming_the_tensor_unless_allowed(tmp_path: Pat
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "metadata.json").is_file()
+
+
+def test_a_truncated_distcp_file_is_named(converted, tmp_path: Path) -> None:
+    _, mcore = converted
+    damaged = tmp_path / "mcore"
+    shutil.copytree(mcore, damaged)
+    shard = sorted(damaged.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:64])
+    result = console("mcore-to-hf", "--mcore", str(damaged), "--hf", str(tmp_path / "hf"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert str(shard) in lines[0] and "truncated (64 of" in lines[0]
+    assert not (tmp_path / "hf").exists()

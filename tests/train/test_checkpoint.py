@@ -62,6 +62,7 @@ def test_failed_and_crashed_saves_leave_the_previous_checkpoint(tmp_path: Path) 
     # A truncated shard in the newest checkpoint: the resume falls back to step 1 and says so.
     assert out["fallback"] == "step-00000001" and out["fallback_equal"]
     assert len(out["reports"]) == 1 and "step-00000004 is damaged" in out["reports"][0]
+    assert out["truncated"] in out["reports"][0] and "is truncated (100 of" in out["reports"][0]
     assert "trying the previous one" in out["reports"][0]
 
 

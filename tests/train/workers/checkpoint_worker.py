@@ -128,6 +128,7 @@ def main() -> None:
                 "limit_message": limit_message,
                 "limited_entries": sorted(p.name for p in limited.iterdir()),
                 "fallback": fallback.name,
+                "truncated": str(shard),
                 "reports": reports,
                 "fallback_equal": all(
                     torch.equal(p.detach(), saved[n]) for n, p in again.named_parameters()
