@@ -53,15 +53,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _same_architecture(hf_args, mcore_args, hf: str, mcore: str) -> None:
+    """Raise ValueError naming every architecture field where the two models differ."""
+    ours, theirs = mcore_args.to_dict(), hf_args.to_dict()
+    differ = [
+        f"{name} {theirs[name]!r} vs {ours.get(name)!r}"
+        for name in theirs
+        if name not in ("initializer_range", "dtype") and theirs[name] != ours.get(name)
+    ]
+    if differ:
+        raise ValueError(
+            f"--hf {hf} and --mcore {mcore} are different models: " + ", ".join(differ)
+        )
+
+
 def _verify(ns: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from oprd_mega.convert.convert import checkpoint_dtype
     from oprd_mega.convert.mcore_io import read_mcore_args
     from oprd_mega.convert.verify import TOLERANCE, verify
+    from oprd_mega.models.hf_config import load_hf_config
     from oprd_mega.parallel import ParallelLayout, init_distributed
 
-    read_mcore_args(ns.mcore)  # clear errors before any process group exists
+    # clear errors before any process group exists
+    _same_architecture(load_hf_config(ns.hf), read_mcore_args(ns.mcore), ns.hf, ns.mcore)
     layout = ParallelLayout(tp=ns.tp, pp=ns.pp, sp=ns.sp)
     tolerance = ns.tolerance if ns.tolerance is not None else TOLERANCE[checkpoint_dtype(ns.mcore)]
     info = init_distributed(layout)

@@ -139,3 +139,13 @@ def test_a_truncated_distcp_file_is_named(converted, tmp_path: Path) -> None:
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert str(shard) in lines[0] and "truncated (64 of" in lines[0]
     assert not (tmp_path / "hf").exists()
+
+
+def test_verify_against_a_deeper_hf_model_is_one_line(converted, tmp_path: Path) -> None:
+    _, mcore = converted
+    deeper = make_tiny_model("qwen2", tmp_path / "deeper", tied=False, num_hidden_layers=5)
+    result = console("verify", "--hf", str(deeper), "--mcore", str(mcore))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "num_layers 5 vs 3" in lines[0] and str(deeper) in lines[0]
