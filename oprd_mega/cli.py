@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
+
+from oprd_mega.cli_args import DTYPES, existing_dir, port, port_in_use_error, positive_int
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -20,14 +23,17 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "--model-path",
         dest="model",
         required=True,
+        type=existing_dir,
         help="Hugging Face model directory (--model-path as in sglang.launch_server)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=30000, help="TCP port (default 30000)")
+    parser.add_argument("--port", type=port, default=30000, help="TCP port (default 30000)")
     parser.add_argument(
-        "--max-batch-size", type=int, default=32, help="most sequences decoded together"
+        "--max-batch-size", type=positive_int, default=32, help="most sequences decoded together"
     )
-    parser.add_argument("--dtype", default="float32", help="torch dtype of the weights")
+    parser.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="torch dtype of the weights"
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -43,6 +49,10 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     from oprd_mega.rollout.embedded_server import ServerConfig, serve_forever
 
+    taken = port_in_use_error(args.host, args.port)  # before the model loads (seconds)
+    if taken is not None:
+        print(f"oprd-mega serve: error: {taken}", file=sys.stderr)
+        return 2
     serve_forever(
         ServerConfig(
             model_path=args.model,

@@ -9,6 +9,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from oprd_mega.cli_args import positive_int
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.loader import dump_config, load_config, to_yaml
 
@@ -18,7 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m oprd_mega.config", description=__doc__)
     parser.add_argument("config", help="YAML configuration file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value (a YAML value)")
-    parser.add_argument("--world-size", type=int, help="also check the layout for this many ranks")
+    parser.add_argument(
+        "--world-size", type=positive_int, help="also check the layout for this many ranks"
+    )
     parser.add_argument("--dump", help="write the resolved configuration here")
     args = parser.parse_args(argv)
     try:

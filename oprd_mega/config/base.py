@@ -11,7 +11,10 @@ from pydantic_core import PydanticCustomError
 class Section(BaseModel):
     """A frozen configuration section: unknown keys are errors, field docstrings document it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    # allow_inf_nan=False: a NaN or infinite number (lr=.inf) is refused where it is given.
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 def invalid(key: str, value: Any, message: str) -> PydanticCustomError:

@@ -11,6 +11,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from torch.distributed.checkpoint import CheckpointException
+
+from oprd_mega.convert.dcp_files import damaged_files
+from oprd_mega.lifetime import exit_on_sigterm
+
 # Errors caused by the user's input: reported in one line, exit status 2.
 _INPUT_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
 
@@ -24,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     h2m = sub.add_parser("hf-to-mcore", help="HF safetensors -> Megatron torch_dist")
     h2m.add_argument("--hf", required=True, help="Hugging Face model directory")
     h2m.add_argument("--mcore", required=True, help="new Megatron checkpoint directory")
+    h2m.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert tensors holding NaN or infinity (refused by default, naming the tensor)",
+    )
     m2h = sub.add_parser("mcore-to-hf", help="Megatron torch_dist -> HF safetensors")
     m2h.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
     m2h.add_argument("--hf", required=True, help="new Hugging Face model directory")
@@ -43,15 +53,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _same_architecture(hf_args, mcore_args, hf: str, mcore: str) -> None:
+    """Raise ValueError naming every architecture field where the two models differ."""
+    ours, theirs = mcore_args.to_dict(), hf_args.to_dict()
+    differ = [
+        f"{name} {theirs[name]!r} vs {ours.get(name)!r}"
+        for name in theirs
+        if name not in ("initializer_range", "dtype") and theirs[name] != ours.get(name)
+    ]
+    if differ:
+        raise ValueError(
+            f"--hf {hf} and --mcore {mcore} are different models: " + ", ".join(differ)
+        )
+
+
 def _verify(ns: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from oprd_mega.convert.convert import checkpoint_dtype
     from oprd_mega.convert.mcore_io import read_mcore_args
     from oprd_mega.convert.verify import TOLERANCE, verify
+    from oprd_mega.models.hf_config import load_hf_config
     from oprd_mega.parallel import ParallelLayout, init_distributed
 
-    read_mcore_args(ns.mcore)  # clear errors before any process group exists
+    # clear errors before any process group exists
+    _same_architecture(load_hf_config(ns.hf), read_mcore_args(ns.mcore), ns.hf, ns.mcore)
     layout = ParallelLayout(tp=ns.tp, pp=ns.pp, sp=ns.sp)
     tolerance = ns.tolerance if ns.tolerance is not None else TOLERANCE[checkpoint_dtype(ns.mcore)]
     info = init_distributed(layout)
@@ -75,6 +101,7 @@ def _verify(ns: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; returns the process exit status."""
     ns = _parser().parse_args(argv)
+    exit_on_sigterm()  # a terminated conversion removes its temporary folder
     try:
         if ns.command == "hf-to-mcore":
             from oprd_mega.convert.hf_io import HFCheckpointReader
@@ -84,7 +111,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             HFCheckpointReader(ns.hf).validate(load_hf_config(ns.hf))
             from oprd_mega.convert.convert import hf_to_mcore
 
-            out = hf_to_mcore(ns.hf, ns.mcore, progress=not ns.no_progress)
+            out = hf_to_mcore(
+                ns.hf,
+                ns.mcore,
+                progress=not ns.no_progress,
+                allow_nonfinite=ns.allow_nonfinite,
+            )
             print(f"wrote Megatron checkpoint {out}")
             return 0
         if ns.command == "mcore-to-hf":
@@ -99,6 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _verify(ns)
     except _INPUT_ERRORS as exc:
         print(f"oprd-convert-checkpoint {ns.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except CheckpointException as exc:  # torch DCP's (a BaseException): name the file
+        damaged = "; ".join(damaged_files(ns.mcore)) or f"{type(exc).__name__}"
+        print(
+            f"oprd-convert-checkpoint {ns.command}: error: cannot read {ns.mcore}: {damaged}",
+            file=sys.stderr,
+        )
         return 2
     finally:
         from oprd_mega.parallel.distributed import destroy_distributed

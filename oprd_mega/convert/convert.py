@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from oprd_mega.convert.hf_io import HFCheckpointReader, copy_aux_files, write_safetensors_shards
 from oprd_mega.convert.mcore_io import HF_SUBDIR, export_hf_from_checkpoint, read_mcore_args
 from oprd_mega.convert.mcore_stream import save_hf_as_mcore_checkpoint
+from oprd_mega.lifetime import make_owned_temp_dir
 from oprd_mega.models.hf_config import load_hf_config
 from oprd_mega.parallel import ParallelLayout, init_distributed
 
@@ -27,8 +27,17 @@ def _require_new_target(target: Path) -> None:
         raise FileExistsError(f"target {target} already exists; choose a new directory")
 
 
-def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, *, progress: bool = True) -> Path:
+def hf_to_mcore(
+    hf_dir: str | Path,
+    mcore_dir: str | Path,
+    *,
+    progress: bool = True,
+    allow_nonfinite: bool = False,
+) -> Path:
     """Convert a Hugging Face checkpoint into a Megatron torch_dist checkpoint.
+
+    A tensor holding NaN or infinity stops the conversion (naming file and tensor, nothing
+    written) unless ``allow_nonfinite``.
 
     The result loads at any TP/PP layout. No model is built: the HF tensors are read, fused and
     saved one layer at a time, so memory stays around one layer (or the embedding, if larger).
@@ -37,7 +46,7 @@ def hf_to_mcore(hf_dir: str | Path, mcore_dir: str | Path, *, progress: bool = T
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
     _require_new_target(mcore_dir)
     args = load_hf_config(hf_dir)
-    reader = HFCheckpointReader(hf_dir)
+    reader = HFCheckpointReader(hf_dir, require_finite=not allow_nonfinite)
     reader.validate(args)
     init_distributed(ParallelLayout())
     with tqdm(
@@ -71,7 +80,7 @@ def mcore_to_hf(
             pass
     else:
         hf_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{hf_dir.name}.tmp-", dir=hf_dir.parent))
+        tmp = make_owned_temp_dir(hf_dir.parent, hf_dir.name)
         try:
             with tqdm(
                 total=args.num_layers + 1, desc="mcore-to-hf", unit="layer", disable=not progress

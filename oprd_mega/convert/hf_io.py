@@ -42,14 +42,19 @@ class CheckpointError(ValueError):
 
 
 class HFCheckpointReader:
-    """Lazy access to the tensors of a Hugging Face safetensors checkpoint directory."""
+    """Lazy access to the tensors of a Hugging Face safetensors checkpoint directory.
 
-    def __init__(self, directory: str | Path) -> None:
+    ``require_finite``: :meth:`get` refuses a floating-point tensor holding NaN or infinity
+    (conversion; the trainer loads such weights and skips the non-finite steps instead).
+    """
+
+    def __init__(self, directory: str | Path, *, require_finite: bool = False) -> None:
         self.directory = Path(directory)
+        self.require_finite = require_finite
         if not self.directory.is_dir():
             raise FileNotFoundError(f"Hugging Face checkpoint directory not found: {directory}")
-        self.files = self._index()
         self._handles: dict[Path, object] = {}
+        self.files = self._index()
 
     def _index(self) -> dict[str, Path]:
         index = self.directory / INDEX_FILE
@@ -70,14 +75,17 @@ class HFCheckpointReader:
             )
         files: dict[str, Path] = {}
         for shard in shards:
-            with safe_open(str(shard), framework="pt") as handle:
-                for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    files[name] = shard
+            for name in self._handle(shard).keys():  # noqa: SIM118 (safe_open has no __iter__)
+                files[name] = shard
+        self._handles.clear()
         return files
 
     def _handle(self, file: Path):
         if file not in self._handles:
-            self._handles[file] = safe_open(str(file), framework="pt")
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as exc:  # safetensors' own error type is not importable
+                raise CheckpointError(f"{file}: not a readable safetensors file ({exc})") from exc
         return self._handles[file]
 
     def close(self) -> None:
@@ -103,8 +111,22 @@ class HFCheckpointReader:
         return self.files[name]
 
     def get(self, name: str) -> torch.Tensor:
-        """Load one tensor."""
-        return self._handle(self._file(name)).get_tensor(name)
+        """Load one tensor (a truncated or corrupted file is named)."""
+        file = self._file(name)
+        try:
+            tensor = self._handle(file).get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot read tensor {name} ({exc})") from exc
+        if self.require_finite and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{file}: tensor {name} holds {bad} non-finite value(s) (NaN or infinity); "
+                    "pass --allow-nonfinite to convert it anyway"
+                )
+        return tensor
 
     def validate(self, args: HFModelArgs) -> torch.dtype:
         """Check every expected tensor is present with the config's shape, and nothing else is.

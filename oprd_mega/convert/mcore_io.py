@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +25,7 @@ from oprd_mega.convert.mapping import (
     mcore_names,
     mcore_to_hf_state,
 )
+from oprd_mega.lifetime import make_owned_temp_dir
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
 from oprd_mega.parallel.distributed import barrier, global_rank
 
@@ -173,7 +173,7 @@ def checkpoint_in_temp_dir(
     tmp_holder = [""]
     if global_rank() == 0:
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp_holder[0] = tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent)
+        tmp_holder[0] = str(make_owned_temp_dir(directory.parent, directory.name))
     if dist.is_initialized():
         dist.broadcast_object_list(tmp_holder, src=0)
     tmp = Path(tmp_holder[0])

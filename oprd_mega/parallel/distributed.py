@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from oprd_mega.lifetime import die_with_parent
 from oprd_mega.parallel.cpu_patches import apply_cpu_patches
 from oprd_mega.parallel.layout import ParallelLayout
 
@@ -67,12 +68,17 @@ def init_distributed(
     """
     from megatron.core import parallel_state, tensor_parallel
 
+    from oprd_mega.parallel.writer_process import install as install_writer_process
+
     layout = layout or ParallelLayout()
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
     if not use_cuda:
         apply_cpu_patches()
 
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: stop when it dies
+        die_with_parent()
+    install_writer_process()  # Megatron's checkpoint writer's helper dies with this process
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain process: a world of one on loopback
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

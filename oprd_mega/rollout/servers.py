@@ -33,6 +33,7 @@ import httpx
 import psutil
 import torch
 
+from oprd_mega.lifetime import child_dies_with_launcher
 from oprd_mega.parallel.distributed import free_port
 
 
@@ -228,6 +229,7 @@ class ServerGroup:
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
                         start_new_session=True,
+                        preexec_fn=child_dies_with_launcher(),  # no orphan when we crash
                         env={**os.environ, **config.env},
                     )
                 )

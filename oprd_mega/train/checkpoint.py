@@ -13,7 +13,12 @@ Layout of ``checkpoint.dir``::
 A save writes everything into a hidden temporary directory, renames it into place, then
 replaces ``latest`` (both renames are atomic), so a crash or a full disk at any point leaves the
 previous checkpoint and pointer intact. Older checkpoints beyond ``keep_last`` are deleted only
-after the new one is in place.
+after the new one is in place, and never the one ``latest`` names or a newer one.
+
+A directory belongs to one run: a run that starts fresh refuses a directory that already holds
+checkpoints (:func:`check_fresh_start`). A resume falls back from a damaged checkpoint to the
+newest intact one (:func:`load_newest_intact`), and a checkpoint whose model or projection does
+not fit the config is one line naming the config key (:func:`check_fits`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +38,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
+from torch.distributed.checkpoint import CheckpointException
 
-from oprd_mega.config import ConfigError, TrainConfig, validate_config
+from oprd_mega.config import ConfigError, TrainConfig, config_diff, validate_config
+from oprd_mega.convert.dcp_files import damaged_files
 from oprd_mega.convert.mcore_io import (
     _sharded_metadata,
     load_mcore_checkpoint,
+    read_mcore_args,
     save_mcore_checkpoint,
 )
 from oprd_mega.distill.teacher import unwrap
@@ -47,9 +56,28 @@ LATEST = "latest"
 STATE_FILE = "trainer.json"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
+# What a failed save or load can raise: torch DCP's CheckpointException derives from
+# BaseException (not Exception); KeyboardInterrupt and SystemExit still get through.
+CHECKPOINT_FAILURES: tuple[type[BaseException], ...] = (Exception, CheckpointException)
+
+# Config keys that decide which tensors (and shapes) a checkpoint holds besides the student's
+# own architecture (compared through its saved model arguments): a change cannot be resumed.
+STRUCTURAL_KEYS: tuple[str, ...] = (
+    "teacher.path",
+    "distillation.method",
+    "distillation.layers",
+    "distillation.projection.mode",
+    "distillation.projection.per_layer",
+    "optimizer.use_distributed_optimizer",
+)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or does not fit this run; the message names it."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """An intact checkpoint that does not fit this run's config (not damage: no fallback)."""
 
 
 @dataclass(frozen=True)
@@ -140,15 +168,10 @@ def save_checkpoint(
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _write_latest(root, final.name)
-            _prune(root, keep_last)
-    except Exception as exc:
-        error = f"saving checkpoint {final} failed: {exc!r}"
-    errors = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
-    if dist.is_initialized():
-        dist.all_gather_object(errors, error)
-    else:
-        errors = [error]
-    failed = [e for e in errors if e is not None]
+            _prune(root, keep_last, final)
+    except CHECKPOINT_FAILURES as exc:
+        error = f"saving checkpoint {final} failed: {_one_line(exc)}"
+    failed = _gather_errors(error)
     if failed:
         if global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -156,6 +179,21 @@ def save_checkpoint(
             failed[0] + f"; the previous checkpoint in {root} (see {LATEST}) is intact"
         )
     return final
+
+
+def _gather_errors(error: str | None) -> list[str]:
+    """Every rank's error (None: it succeeded), so that all ranks fail or go on together."""
+    errors: list[str | None] = [error]
+    if dist.is_initialized():
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    return [e for e in errors if e is not None]
+
+
+def _one_line(exc: BaseException) -> str:
+    """``exc`` as one line: its type and first line (DCP puts a traceback per rank in it)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def _mkdir(tmp: Path) -> Path:
@@ -177,11 +215,52 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return sorted(found, key=step_of)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    for old in complete_checkpoints(root)[:-keep_last]:
+def check_fresh_start(directory: str | Path) -> None:
+    """A fresh run (``checkpoint.resume = never``) owns its directory: refuse one that holds
+    another run's checkpoints, which pruning and ``latest`` would otherwise mix with this
+    run's."""
+    root = Path(directory)
+    if not root.is_dir():
+        return
+    steps = sorted((p for p in root.iterdir() if _STEP_DIR.match(p.name)), key=step_of)
+    if not steps and not (root / LATEST).exists():
+        return
+    held = f"{steps[0].name} .. {steps[-1].name}" if steps else f"a '{LATEST}' pointer"
+    error = CheckpointError(
+        f"checkpoint.dir = {str(root)!r} holds another run's checkpoints ({held}) and "
+        "checkpoint.resume is 'never': resume that run (--resume auto), choose a new "
+        "checkpoint.dir, or move those checkpoints away first"
+    )
+    error.shared = True  # every rank checks the same directory and raises this line
+    raise error
+
+
+def resume_candidates(directory: str | Path) -> list[Path]:
+    """Checkpoints a resume may use, preferred first: the one ``latest`` names (or the newest
+    complete one), then the older complete ones, newest first."""
+    first = find_latest(directory)
+    if first is None:
+        return []
+    older = [p for p in complete_checkpoints(Path(directory)) if step_of(p) < step_of(first)]
+    return [first, *reversed(older)]
+
+
+def step_of(path: Path) -> int:
+    """The step of a ``step-00000100`` directory."""
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a step directory")
+    return int(match.group(1))
+
+
+def _prune(root: Path, keep_last: int, latest: Path) -> None:
+    """Keep ``latest`` (just saved, named by the pointer), everything newer, and the
+    ``keep_last - 1`` newest before it; delete the older ones."""
+    older = [p for p in complete_checkpoints(root) if step_of(p) < step_of(latest)]
+    for old in older[: max(0, len(older) - (keep_last - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob(".step-*.tmp-*"):  # temp dirs of saves that crashed
         shutil.rmtree(leftover, ignore_errors=True)
@@ -225,6 +304,80 @@ def saved_config(path: Path, state: TrainerState) -> TrainConfig:
             f"so this run cannot be checked against it:\n{problems}\nfix that file, or start "
             "without this checkpoint (checkpoint.resume=never or another checkpoint.dir)"
         ) from exc
+
+
+def check_fits(
+    path: Path, state: TrainerState, config: TrainConfig, student_args: HFModelArgs
+) -> None:
+    """Raise a one-line :class:`CheckpointError` when checkpoint ``path`` cannot be loaded
+    into the models of ``config``: the student's architecture or a :data:`STRUCTURAL_KEYS`
+    value differs (named with the checkpoint's value and this run's)."""
+    saved = saved_config(path, state)
+    changes = [
+        f"{key} ({old!r} in the checkpoint, {new!r} now)"
+        for key, old, new in config_diff(saved, config)
+        if any(key == k or key.startswith(k + ".") for k in STRUCTURAL_KEYS)
+    ]
+    try:
+        saved_args = read_mcore_args(path / "model").to_dict()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'model'}: no readable model arguments ({exc})") from exc
+    current = student_args.to_dict()
+    changes += [
+        f"student.path's model {name} ({saved_args.get(name)!r} in the checkpoint, "
+        f"{current.get(name)!r} now)"
+        for name in current
+        if name not in ("initializer_range", "dtype") and saved_args.get(name) != current.get(name)
+    ]
+    if changes:
+        raise CheckpointMismatchError(
+            f"cannot resume from {path}: " + "; ".join(changes) + ". Use the checkpoint's "
+            "values, or start a new run in another checkpoint.dir"
+        )
+
+
+def load_newest_intact(
+    candidates: list[Path],
+    model: torch.nn.Module,
+    optimizer: Any,
+    check: Callable[[Path, TrainerState], None],
+    report: Callable[[str], None],
+) -> tuple[Path, TrainerState]:
+    """Load the first of ``candidates`` (newest first) that loads on every rank (collective).
+
+    ``check`` raises :class:`CheckpointError` for a checkpoint that does not fit the run (not
+    damage: that error stops the resume). A damaged one (unreadable state, torch DCP or file
+    errors) is reported by name through ``report`` and the next one is tried.
+    """
+    damaged: list[str] = []
+    for path in candidates:
+        error: str | None = None
+        try:
+            state = read_state(path)
+            check(path, state)
+        except CheckpointMismatchError as exc:
+            exc.shared = True  # every rank reads the same files and raises the same line
+            raise
+        except CheckpointError as exc:
+            error = str(exc)
+        if error is None:
+            try:
+                load_checkpoint(path, model, optimizer)
+            except CHECKPOINT_FAILURES as exc:
+                damaged = damaged_files(path / "model") + damaged_files(path / "optimizer")
+                error = "; ".join(damaged) if damaged else _one_line(exc)
+        failed = _gather_errors(error)
+        if not failed:
+            return path, state
+        damaged.append(f"{path} ({failed[0]})")
+        later = "; trying the previous one" if path != candidates[-1] else ""
+        report(f"checkpoint {path} is damaged: {failed[0]}{later}")
+    error = CheckpointError(
+        "no intact checkpoint to resume from: " + "; ".join(damaged) + ". Start fresh in a "
+        "new checkpoint.dir (or checkpoint.resume=never after moving these away)"
+    )
+    error.shared = True  # gathered: every rank raises the same line
+    raise error
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any) -> TrainerState:

@@ -7,6 +7,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from oprd_mega.cli_args import positive_int
+
 DESCRIPTION = (
     "Train a student with OPRD (or an OPD baseline) under torchrun: "
     "torchrun --nproc-per-node N -m oprd_mega.train --config FILE.yaml [key.sub=value ...]"
@@ -24,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--stop-at-step",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="K",
         help="save a checkpoint after step K and exit (resume later with the same command)",
@@ -36,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config and train; a config or run error is one clear message and exit code."""
-    from oprd_mega.config import ConfigError, load_config
+    from oprd_mega.config import ConfigError, data_parallel_size, load_config
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -44,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         config = load_config(args.config, overrides)
+        # The layout against torchrun's world size, before any process group exists.
+        data_parallel_size(config, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -12,6 +12,13 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
+from oprd_mega.cli_args import (
+    existing_dir,
+    existing_file,
+    non_negative_float,
+    port,
+    positive_int,
+)
 from oprd_mega.data.prompts import Prompt
 from oprd_mega.rollout.samples import Sample
 from oprd_mega.train.verifiers import make_verifier, summarize
@@ -48,20 +55,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluate subcommand's arguments."""
-    parser.add_argument("--model", required=True, help="Hugging Face model directory")
-    parser.add_argument("--prompts", required=True, help="JSONL/Parquet with prompt and answer")
+    parser.add_argument(
+        "--model", required=True, type=existing_dir, help="Hugging Face model directory"
+    )
+    parser.add_argument(
+        "--prompts", required=True, type=existing_file, help="JSONL/Parquet with prompt and answer"
+    )
     parser.add_argument("--prompt-key", default="prompt")
     parser.add_argument("--answer-key", default="answer")
     parser.add_argument("--chat-template", action="store_true", help="render chat prompts")
     parser.add_argument(
         "--verifier", default="auto", choices=("auto", "exact", "boxed", "math-verify")
     )
-    parser.add_argument("--k", type=int, default=1, help="samples per prompt (Avg@k)")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--k", type=positive_int, default=1, help="samples per prompt (Avg@k)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=1024)
+    parser.add_argument("--max-prompts", type=positive_int, default=None)
     parser.add_argument("--backend", default="embedded", choices=("embedded", "sglang", "auto"))
-    parser.add_argument("--port", type=int, default=None, help="server port (default: a free one)")
+    parser.add_argument("--port", type=port, default=None, help="server port (default: a free one)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
 

@@ -92,14 +92,27 @@ def _atomic_write(path: Path, lines: Sequence[str]) -> None:
         raise
 
 
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` to an unused ``<name>.replaced-<UTC time>[-n]`` beside it."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = path.with_name(f"{path.name}.replaced-{stamp}")
+    number = 1
+    while target.exists():
+        number += 1
+        target = path.with_name(f"{path.name}.replaced-{stamp}-{number}")
+    os.rename(path, target)
+    return target
+
+
 def truncate_metrics(path: Path, resume_step: int | None) -> int:
     """Make ``path`` what an uninterrupted run would hold before step ``resume_step + 1``.
 
     Lines with step > ``resume_step`` (logged after the checkpoint the run resumes from) and
     a torn last line (with a warning) are dropped; ``resume_step`` None (a fresh run) drops
-    every line. The rewrite is atomic (temporary file, then ``os.replace``); kept lines are
-    copied byte for byte; a fresh run that empties a file warns. Returns the number of
-    records dropped.
+    every line, after moving the earlier run's file aside (``metrics.jsonl.replaced-<time>``,
+    said on stderr: never replaced silently). The rewrite is atomic (temporary file, then
+    ``os.replace``); kept lines are copied byte for byte. Returns the number of records
+    dropped from ``path``.
     """
     if not path.exists():
         return 0
@@ -110,12 +123,16 @@ def truncate_metrics(path: Path, resume_step: int | None) -> int:
             f"{torn[:80]!r}",
             stacklevel=2,
         )
-    kept = [line for line, r in records if resume_step is not None and r["step"] <= resume_step]
     if resume_step is None and records:
-        warnings.warn(
-            f"{path}: a fresh run replaces the {len(records)} records of an earlier run",
-            stacklevel=2,
+        kept_at = _move_aside(path)
+        print(
+            f"[oprd-mega] {path}: a fresh run starts a new metrics file; the {len(records)} "
+            f"records of an earlier run were moved to {kept_at}",
+            file=sys.stderr,
+            flush=True,
         )
+        return len(records)
+    kept = [line for line, r in records if resume_step is not None and r["step"] <= resume_step]
     if len(kept) < len(records) or torn is not None:
         if kept and not kept[-1].endswith("\n"):
             kept[-1] += "\n"
@@ -254,8 +271,9 @@ class MetricsWriter:
 
     ``resume_step`` is the step of the checkpoint a resumed run starts from: whatever the
     interrupted run logged after it is dropped (JSONL) or purged (TensorBoard), so the logs
-    equal an uninterrupted run's. None means a fresh run: an existing metrics.jsonl is
-    emptied and older TensorBoard events in the directory are hidden.
+    equal an uninterrupted run's. None means a fresh run: an existing metrics.jsonl is moved
+    aside (see :func:`truncate_metrics`) and older TensorBoard events in the directory are
+    hidden.
     """
 
     def __init__(

@@ -155,10 +155,11 @@ class Trainer:
             dump_config(config, Path(config.metrics.dir) / "config.yaml")
 
     def _find_resume(self) -> Path | None:
-        from oprd_mega.train.checkpoint import find_latest
+        from oprd_mega.train.checkpoint import check_fresh_start, find_latest
 
         option = self.config.checkpoint.resume
         if option == "never":
+            check_fresh_start(self.config.checkpoint.dir)
             return None
         found = find_latest(self.config.checkpoint.dir)
         if found is None and option == "always":
@@ -276,13 +277,19 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         from oprd_mega.train.checkpoint import (
-            CheckpointError,
-            load_checkpoint,
-            read_state,
+            check_fits,
+            load_newest_intact,
+            resume_candidates,
             saved_config,
         )
 
-        state = read_state(path)
+        path, state = load_newest_intact(
+            resume_candidates(self.config.checkpoint.dir),
+            self.model,
+            self.optimizer,
+            lambda p, s: check_fits(p, s, self.config, self.student_args),
+            say,
+        )
         layout = {"tp": self.config.parallel.tp, "pp": self.config.parallel.pp}
         saved_layout = {k: state.layout[k] for k in layout}
         changes = [
@@ -297,10 +304,6 @@ class Trainer:
             )
         if saved_layout != layout:
             say(f"resharding the checkpoint from {saved_layout} to {layout}")
-        try:
-            load_checkpoint(path, self.model, self.optimizer)
-        except Exception as exc:
-            raise CheckpointError(f"loading checkpoint {path} failed: {exc!r}") from exc
         if self.rank == 0:
             self.prompts.load_state_dict(state.data)
         self.start_step = state.step

@@ -121,3 +121,13 @@ def test_mcore_to_hf_needs_an_oprd_checkpoint(source: Path, tmp_path: Path) -> N
     with pytest.raises(FileNotFoundError, match="oprd_checkpoint.json"):
         mcore_to_hf(source, out)  # an HF directory is not a Megatron checkpoint
     assert_nothing_written(tmp_path, out)
+
+
+def test_a_truncated_safetensors_file_is_named(source: Path, tmp_path: Path) -> None:
+    broken = broken_copy(source, tmp_path)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    out = tmp_path / "mcore"
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
+        hf_to_mcore(broken, out, progress=False)
+    assert_nothing_written(tmp_path, out)

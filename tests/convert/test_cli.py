@@ -1,11 +1,13 @@
 """The converter's command line end to end: console script, tools script under torchrun."""
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+import torch
+from safetensors.torch import load_file, save_file
 
 from tests.tiny_hf import make_tokenizer
 from tests.tiny_hf_models import make_tiny_model
@@ -102,3 +104,48 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(tmp_path: Path) -> N
     assert "error:" in result.stderr and str(tmp_path / "absent") in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_nonfinite_weights_exit_2_naming_the_tensor_unless_allowed(tmp_path: Path) -> None:
+    hf = make_tiny_model("llama", tmp_path / "hf")
+    weights = load_file(str(hf / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    weights[name][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file(weights, str(hf / "model.safetensors"))
+    out = tmp_path / "out" / "mcore"
+    result = console("hf-to-mcore", "--hf", str(hf), "--mcore", str(out), "--no-progress")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr  # (Megatron's import warns)
+    assert name in lines[0] and "model.safetensors" in lines[0]
+    assert "3 non-finite" in lines[0] and "--allow-nonfinite" in lines[0]
+    assert not out.exists() and not [p for p in out.parent.iterdir() if ".tmp-" in p.name]
+    result = console(
+        "hf-to-mcore", "--hf", str(hf), "--mcore", str(out), "--no-progress", "--allow-nonfinite"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "metadata.json").is_file()
+
+
+def test_a_truncated_distcp_file_is_named(converted, tmp_path: Path) -> None:
+    _, mcore = converted
+    damaged = tmp_path / "mcore"
+    shutil.copytree(mcore, damaged)
+    shard = sorted(damaged.glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:64])
+    result = console("mcore-to-hf", "--mcore", str(damaged), "--hf", str(tmp_path / "hf"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert str(shard) in lines[0] and "truncated (64 of" in lines[0]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_verify_against_a_deeper_hf_model_is_one_line(converted, tmp_path: Path) -> None:
+    _, mcore = converted
+    deeper = make_tiny_model("qwen2", tmp_path / "deeper", tied=False, num_hidden_layers=5)
+    result = console("verify", "--hf", str(deeper), "--mcore", str(mcore))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "num_layers 5 vs 3" in lines[0] and str(deeper) in lines[0]

@@ -12,11 +12,19 @@ from typing import Any
 
 import pytest
 
+from oprd_mega.convert.mcore_io import FORMAT_FILE, HF_SUBDIR
+from oprd_mega.models import load_hf_config
 from oprd_mega.train.checkpoint import (
+    LATEST,
     STATE_FILE,
     CheckpointError,
+    CheckpointMismatchError,
     TrainerState,
+    _prune,
+    check_fits,
+    check_fresh_start,
     read_state,
+    resume_candidates,
     saved_config,
 )
 from tests.config.helpers import minimal
@@ -40,10 +48,22 @@ def test_failed_and_crashed_saves_leave_the_previous_checkpoint(tmp_path: Path) 
     out = json.loads(line[len("RESULT ") :])
     assert "No space left on device" in out["message"]
     assert "previous checkpoint" in out["message"] and "intact" in out["message"]
-    # No step-2 directory and no temporary directory survived the failed save.
-    assert out["entries"] == ["latest", "step-00000001", "step-00000003"]
+    # No step-2 directory and no temporary directory survived the failed save (step 4 is
+    # saved later, for the fallback below).
+    assert out["entries"] == ["latest", "step-00000001", "step-00000003", "step-00000004"]
     assert out["latest"] == "step-00000001" and out["loaded_step"] == 1
     assert out["changed_since"] and out["params_equal"] and out["optimizer_equal"]
+    # A file-size limit inside torch DCP (its CheckpointException is a BaseException): the
+    # temporary directory is gone, one line names the checkpoint, the previous one is intact.
+    limit = out["limit_message"]
+    assert limit is not None and "step-00000002" in limit and "intact" in limit
+    assert "\n" not in limit and "CheckpointException" in limit
+    assert out["limited_entries"] == ["latest", "step-00000001"]
+    # A truncated shard in the newest checkpoint: the resume falls back to step 1 and says so.
+    assert out["fallback"] == "step-00000001" and out["fallback_equal"]
+    assert len(out["reports"]) == 1 and "step-00000004 is damaged" in out["reports"][0]
+    assert out["truncated"] in out["reports"][0] and "is truncated (100 of" in out["reports"][0]
+    assert "trying the previous one" in out["reports"][0]
 
 
 def _state_with_config(directory: Path, config: Any) -> TrainerState:
@@ -66,3 +86,87 @@ def test_saved_config_reads_back_and_an_invalid_one_names_the_file(tmp_path: Pat
 
     with pytest.raises(CheckpointError, match="'config' must be a mapping"):
         saved_config(tmp_path / "b", _state_with_config(tmp_path / "b", "lost"))
+
+
+def _fake_step(root: Path, step: int, config: Any = None) -> Path:
+    """A complete-looking step directory (trainer state only) of ``step``."""
+    path = root / f"step-{step:08d}"
+    path.mkdir(parents=True)
+    state = TrainerState(step, {}, f"v{step}", {"tp": 1, "pp": 1, "dp": 1}, config or {})
+    (path / STATE_FILE).write_text(json.dumps(state.__dict__), encoding="utf-8")
+    return path
+
+
+def test_pruning_keeps_latest_and_everything_newer(tmp_path: Path) -> None:
+    # An earlier run's steps 5 and 6 beside this run's steps 1..3 (the probe: the new step-1
+    # was pruned right after it was saved because names sorted the old run's after it).
+    for step in (1, 2, 3, 5, 6):
+        _fake_step(tmp_path, step)
+    _prune(tmp_path, keep_last=2, latest=tmp_path / "step-00000003")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-00000002",
+        "step-00000003",
+        "step-00000005",
+        "step-00000006",
+    ]
+    _prune(tmp_path, keep_last=1, latest=tmp_path / "step-00000002")
+    assert (tmp_path / "step-00000002").is_dir() and (tmp_path / "step-00000003").is_dir()
+
+
+def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
+    check_fresh_start(tmp_path / "missing")  # nothing there: fine
+    check_fresh_start(tmp_path)  # empty: fine
+    _fake_step(tmp_path, 4)
+    _fake_step(tmp_path, 6)
+    with pytest.raises(CheckpointError) as info:
+        check_fresh_start(tmp_path)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "step-00000004 .. step-00000006" in message
+    assert "--resume auto" in message and "new checkpoint.dir" in message
+    for step in (4, 6):
+        (tmp_path / f"step-{step:08d}" / STATE_FILE).unlink()
+        (tmp_path / f"step-{step:08d}").rmdir()
+    (tmp_path / LATEST).write_text("step-00000009\n")
+    with pytest.raises(CheckpointError, match="a 'latest' pointer"):
+        check_fresh_start(tmp_path)
+
+
+def test_resume_candidates_start_at_latest_then_go_back(tmp_path: Path) -> None:
+    for step in (2, 4, 6, 8):
+        _fake_step(tmp_path, step)
+    (tmp_path / LATEST).write_text("step-00000006\n")
+    assert [p.name for p in resume_candidates(tmp_path)] == [
+        "step-00000006",
+        "step-00000004",
+        "step-00000002",
+    ]
+
+
+def _checkpoint_of(root: Path, config: Any, model_dir: Path) -> tuple[Path, TrainerState]:
+    """A step directory with the saved config and the model arguments of ``model_dir``."""
+    path = _fake_step(root, 3, config.model_dump(mode="json"))
+    model = path / "model"
+    (model / HF_SUBDIR).mkdir(parents=True)
+    (model / HF_SUBDIR / "config.json").write_bytes((model_dir / "config.json").read_bytes())
+    (model / FORMAT_FILE).write_text("{}")
+    (model / "metadata.json").write_text("{}")
+    return path, read_state(path)
+
+
+def test_a_changed_model_or_projection_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    shallow = make_tiny_model_dir(tmp_path / "shallow", layers=2, hidden=32)
+    deep = make_tiny_model_dir(tmp_path / "deep", layers=4, hidden=32)
+    saved = minimal(f"student.path={shallow}", "distillation.projection.mode=full")
+    path, state = _checkpoint_of(tmp_path / "ckpt", saved, shallow)
+
+    same = minimal(f"student.path={shallow}", "distillation.projection.mode=full", "seed=3")
+    check_fits(path, state, same, load_hf_config(shallow))  # a non-structural change: fine
+
+    other = minimal(f"student.path={deep}", "distillation.projection.mode=identity")
+    with pytest.raises(CheckpointMismatchError) as info:
+        check_fits(path, state, other, load_hf_config(deep))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    assert "distillation.projection.mode ('full' in the checkpoint, 'identity' now)" in message
+    assert "num_layers (2 in the checkpoint, 4 now)" in message

@@ -133,15 +133,22 @@ def test_invalid_line_inside_the_file_is_an_error(tmp_path: Path) -> None:
         read_metrics(path)
 
 
-def test_fresh_run_replaces_an_earlier_file(tmp_path: Path) -> None:
+def test_fresh_run_moves_an_earlier_file_aside_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with MetricsWriter(tmp_path, sinks=("jsonl",)) as writer:
         writer.log(1, {"loss": 1.0})
-    with (
-        pytest.warns(UserWarning, match="replaces the 1 records"),
-        MetricsWriter(tmp_path, sinks=("jsonl",)) as writer,
-    ):
-        writer.log(1, {"loss": 9.0})
-    assert [r["loss"] for r in read_metrics(tmp_path)] == [9.0]
+    earlier = (tmp_path / "metrics.jsonl").read_bytes()
+    for loss in (9.0, 7.0):  # twice: the second move-aside needs a name of its own
+        with MetricsWriter(tmp_path, sinks=("jsonl",)) as writer:
+            writer.log(1, {"loss": loss})
+    assert [r["loss"] for r in read_metrics(tmp_path)] == [7.0]
+    aside = sorted(tmp_path.glob("metrics.jsonl.replaced-*"))
+    assert len(aside) == 2 and aside[0].read_bytes() == earlier
+    assert [r["loss"] for r in read_metrics(aside[1])] == [9.0]
+    err = capsys.readouterr().err
+    assert err.count("records of an earlier run were moved to") == 2
+    assert str(aside[0]) in err
 
 
 def test_tensorboard_scalars(tmp_path: Path) -> None:

@@ -177,6 +177,18 @@ def test_missing_inputs_are_named(task: Path, tmp_path: Path) -> None:
     assert "'question'" in result.stderr and "train.jsonl" in result.stderr
 
 
+def test_a_fresh_run_refuses_another_runs_checkpoints(task: Path, tmp_path: Path) -> None:
+    config = task_config(task, tmp_path / "run")
+    earlier = tmp_path / "run" / "ckpt" / "step-00000006"
+    earlier.mkdir(parents=True)
+    (earlier / "trainer.json").write_text("{}")
+    result = train(config, "--resume", "never", "parallel.tp=1", nproc=1, timeout=120)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "step-00000006" in errors[0] and "--resume auto" in errors[0]
+    assert sorted(p.name for p in earlier.parent.iterdir()) == ["step-00000006"]
+
+
 def test_nonfinite_loss_is_skipped_then_stops(task: Path, tmp_path: Path) -> None:
     broken = tmp_path / "nan_teacher"
     shutil.copytree(task / "teacher", broken)

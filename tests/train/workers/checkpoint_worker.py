@@ -5,6 +5,8 @@ Usage: checkpoint_worker.py WORKDIR HF_DIR; prints one JSON line of results.
 
 import errno
 import json
+import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -82,6 +84,32 @@ def main() -> None:
 
     fresh, fresh_opt, _ = build(hf_dir)
     loaded = ckpt.load_checkpoint(latest, fresh, fresh_opt)
+
+    # A real write failure inside torch DCP (a file-size limit: EFBIG), which DCP raises as
+    # its BaseException-derived CheckpointException.
+    limited = work / "limited"
+    ckpt.save_checkpoint(limited, state(1), model, optimizer, args, hf_dir, keep_last=3)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2048, hard))
+    limit_message = None
+    try:
+        ckpt.save_checkpoint(limited, state(2), model, optimizer, args, hf_dir, keep_last=3)
+    except ckpt.CheckpointError as exc:
+        limit_message = str(exc)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    # Resume falls back from a damaged newest checkpoint (a truncated .distcp file) to the
+    # newest intact one and names the damaged one.
+    ckpt.save_checkpoint(root, state(4), model, optimizer, args, hf_dir, keep_last=3)
+    shard = sorted((root / "step-00000004" / "model").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    reports: list[str] = []
+    again, again_opt, _ = build(hf_dir)
+    fallback, _ = ckpt.load_newest_intact(
+        ckpt.resume_candidates(root), again, again_opt, lambda p, s: None, reports.append
+    )
     got = snapshot(fresh)
     got_opt = fresh_opt.state_dict()["state"][0]
     print(
@@ -97,6 +125,14 @@ def main() -> None:
                     not torch.equal(p.detach(), saved[n]) for n, p in model.named_parameters()
                 ),
                 "optimizer_equal": all(torch.equal(got_opt[k], v) for k, v in saved_opt.items()),
+                "limit_message": limit_message,
+                "limited_entries": sorted(p.name for p in limited.iterdir()),
+                "fallback": fallback.name,
+                "truncated": str(shard),
+                "reports": reports,
+                "fallback_equal": all(
+                    torch.equal(p.detach(), saved[n]) for n, p in again.named_parameters()
+                ),
             }
         ),
         flush=True,

@@ -1,0 +1,130 @@
+"""Process lifetime: every process the project starts dies with its parent, and temporary
+folders of a process that died are recognised and removed by a later run.
+
+- :func:`die_with_parent`: the calling process gets a signal when its parent dies (Linux:
+  ``prctl(PR_SET_PDEATHSIG)``; elsewhere a watchdog thread polling the parent pid). Ranks call it
+  under torchrun, so a killed torchrun does not leave ranks training.
+- :func:`child_dies_with_launcher`: a ``preexec_fn`` for ``subprocess.Popen`` (rollout servers).
+- Megatron's checkpoint writer's ``Manager`` process runs :func:`die_with_parent` as its
+  initializer (``oprd_mega.parallel.writer_process``).
+- :func:`exit_on_sigterm`: SIGTERM raises ``SystemExit``, so ``finally`` blocks (temporary
+  folders) run, as they do on Ctrl-C.
+- :func:`make_owned_temp_dir` / :func:`remove_stale_temp_dirs`: temporary folders whose names
+  carry host and pid, so a later run can prove their owner dead and remove them.
+
+Standard library only: imported by every process of the project, before torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+_WATCHDOG_INTERVAL_S = 1.0
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    """``prctl(PR_SET_PDEATHSIG, sig)``; False where it is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int, sig: int) -> None:
+    stop = threading.Event()
+    while not stop.wait(_WATCHDOG_INTERVAL_S):
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+            return
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+    """Have this process receive ``sig`` when its parent (pid ``parent``, default the current
+    one) dies. If the parent is already gone, the signal is sent at once."""
+    parent = os.getppid() if parent is None else parent
+    if not _set_parent_death_signal(sig):
+        threading.Thread(
+            target=_watch_parent, args=(parent, sig), name="parent-watchdog", daemon=True
+        ).start()
+    if os.getppid() != parent:  # it died before the signal was armed
+        os.kill(os.getpid(), sig)
+
+
+def child_dies_with_launcher(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``sig`` when the launching
+    process dies (call this in the launching thread: Linux ties the signal to it)."""
+    launcher = os.getpid()
+
+    def arm() -> None:
+        _set_parent_death_signal(sig)
+        if os.getppid() != launcher:
+            os.kill(os.getpid(), sig)
+
+    return arm
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM raise ``SystemExit(143)`` in the main thread, so cleanup code runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def _owner_tag() -> str:
+    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())
+    return f"{host}-{os.getpid()}"
+
+
+def make_owned_temp_dir(parent: Path, name: str) -> Path:
+    """``parent/.<name>.tmp-<host>-<pid>-<random>``, after removing the leftovers of earlier
+    processes of this host that are provably dead (see :func:`remove_stale_temp_dirs`)."""
+    remove_stale_temp_dirs(parent, name)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_owner_tag()}-", dir=parent))
+
+
+def remove_stale_temp_dirs(parent: Path, name: str) -> list[Path]:
+    """Remove ``parent/.<name>.tmp-<host>-<pid>-*`` folders whose host is this one and whose
+    pid is not alive; returns them. Others (another host, a live pid, older unnamed ones) are
+    left alone: their owner cannot be proven dead."""
+    host = _owner_tag().rsplit("-", 1)[0]
+    pattern = re.compile(rf"^\.{re.escape(name)}\.tmp-{re.escape(host)}-(\d+)-")
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for path in parent.iterdir():
+        match = pattern.match(path.name)
+        if match and path.is_dir() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed

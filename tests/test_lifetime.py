@@ -1,0 +1,160 @@
+"""No orphans: ranks, launched servers and Megatron's writer processes die with their parent;
+a terminated conversion removes its temporary folder and a later one removes a killed one's.
+
+The kill tests look at the process table afterwards (psutil).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from oprd_mega.lifetime import make_owned_temp_dir, pid_alive, remove_stale_temp_dirs
+from tests.tiny_hf import make_tiny_model_dir
+from tests.torchrun_utils import free_port, torchrun_command, torchrun_env
+
+WORKER = Path(__file__).with_name("lifetime_worker.py")
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux process table")
+
+
+def _gone(pids: list[int], within_s: float) -> list[int]:
+    """The pids still alive (zombies count as dead) after waiting up to ``within_s``."""
+    deadline = time.monotonic() + within_s
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in alive if pid_alive(pid)]
+    return alive
+
+
+def _read_pids(proc: subprocess.Popen, count: int, timeout_s: float) -> list[dict]:
+    found: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    assert proc.stdout is not None
+    while len(found) < count and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("PIDS "):
+            found.append(json.loads(line[5:]))
+    assert len(found) == count, f"worker did not start: {proc.poll()}"
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        child.kill()
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_ranks_stop_when_torchrun_is_killed() -> None:
+    command = torchrun_command(WORKER, "rank", nproc=2)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=torchrun_env(env=ENV))
+    try:
+        ranks = [r["rank"] for r in _read_pids(proc, 2, timeout_s=240)]
+    except BaseException:
+        _kill_tree(proc)
+        raise
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _gone(ranks, within_s=20) == []
+
+
+def test_a_launched_server_dies_with_its_launcher(tmp_path: Path) -> None:
+    model = make_tiny_model_dir(tmp_path / "model", layers=1, hidden=32)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), "server", str(model), str(port), str(tmp_path / "logs")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        servers = _read_pids(proc, 1, timeout_s=300)[0]["servers"]
+    except BaseException:
+        _kill_tree(proc)
+        raise
+    assert all(pid_alive(pid) for pid in servers)
+    proc.send_signal(signal.SIGKILL)  # no atexit, no signal handler: only the kernel's signal
+    proc.wait(timeout=30)
+    assert _gone(servers, within_s=30) == []
+
+
+def _convert(hf: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "oprd_mega.convert.cli", "hf-to-mcore", "--no-progress",
+         "--hf", str(hf), "--mcore", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV,
+    )  # fmt: skip
+
+
+def _interrupt_mid_conversion(hf: Path, out: Path, sig: int) -> tuple[subprocess.Popen, list]:
+    """Start a conversion, send ``sig`` once its temporary folder exists; returns the process
+    and the children it had then."""
+    proc = _convert(hf, out)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(out.parent.glob(f".{out.name}.tmp-*/.part-00002")):
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, f"conversion ended before it was interrupted: {proc.stderr}"
+    children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    return proc, children
+
+
+@pytest.fixture(scope="module")
+def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Enough layers that the conversion is still running when the signal comes.
+    return make_tiny_model_dir(tmp_path_factory.mktemp("hf") / "hf", layers=6, hidden=64)
+
+
+def test_sigterm_of_a_conversion_removes_its_temporary_folder(
+    big_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "mcore"
+    proc, children = _interrupt_mid_conversion(big_model, out, signal.SIGTERM)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert _gone(children, within_s=20) == []
+
+
+def test_sigkill_of_a_conversion_leaves_nothing_a_later_run_keeps(
+    big_model: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "mcore"
+    proc, children = _interrupt_mid_conversion(big_model, out, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert children and _gone(children, within_s=20) == []  # the writer's Manager process
+    [stale] = list(tmp_path.glob(".mcore.tmp-*"))
+    small = make_tiny_model_dir(tmp_path / "small", layers=1, hidden=32)
+    again = _convert(small, out)  # a later run to the same target
+    _, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr[-3000:]
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["mcore", "small"]
+
+
+def test_only_temporary_folders_of_dead_owners_are_removed(tmp_path: Path) -> None:
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    mine = make_owned_temp_dir(tmp_path, "out")
+    host_and_pid = mine.name.split(".tmp-")[1].rsplit("-", 1)[0]
+    host = host_and_pid.rsplit("-", 1)[0]
+    stale = tmp_path / f".out.tmp-{host}-{finished.pid}-abc"
+    other_host = tmp_path / f".out.tmp-elsewhere-{finished.pid}-abc"
+    other_name = tmp_path / f".other.tmp-{host}-{finished.pid}-abc"
+    for path in (stale, other_host, other_name):
+        path.mkdir()
+    assert remove_stale_temp_dirs(tmp_path, "out") == [stale]
+    assert mine.is_dir() and other_host.is_dir() and other_name.is_dir()
