@@ -39,6 +39,7 @@ from megatron.core.tensor_parallel.mappings import (
 
 from oprd_mega.distill.batch import DistillMicrobatch, local_rows, sequence_major
 from oprd_mega.distill.opd import OPDOptions, opd_loss
+from oprd_mega.distill.options import OptimizerOptions
 from oprd_mega.distill.projection import PROJECTION_ATTR, SHARED_KEY, is_projection_param
 from oprd_mega.distill.taps import KernelOptions, StudentTaps, TapInputs
 from oprd_mega.distill.teacher import (
@@ -76,6 +77,11 @@ class StepOptions:
             raise ValueError(f"distillation.top_k: {self.top_k} must be >= 1")
         if self.method == "combined" and self.mu <= 0:
             raise ValueError(f"distillation.mu: {self.mu} must be > 0 with method 'combined'")
+
+    @property
+    def uses_oprd(self) -> bool:
+        """Whether the representation loss is part of the objective."""
+        return self.method in ("oprd", "combined")
 
     @property
     def oprd_weight(self) -> float:
@@ -139,28 +145,21 @@ def _finalize_grads(model_chunks: list, num_tokens=None, **kwargs) -> None:
 
 
 def wrap_student(
-    model: torch.nn.Module, ddp_config: DistributedDataParallelConfig | None = None
+    model: torch.nn.Module, use_distributed_optimizer: bool = False
 ) -> DistributedDataParallel:
     """Megatron DDP around the student chunk (projection attached first), set up for the step."""
     config = model.config
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = _finalize_grads
-    ddp_config = ddp_config or DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(
-    model: DistributedDataParallel,
-    *,
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    clip_grad: float = 0.0,
-    use_distributed_optimizer: bool = False,
-):
+def build_optimizer(model: DistributedDataParallel, options: OptimizerOptions):
     """Megatron's AdamW over the student chunk (projection included).
 
     Megatron marks 1-D parameters and biases with ``wd_mult = 0`` but only its learning-rate
@@ -171,21 +170,21 @@ def build_optimizer(
     dtype = model.config.params_dtype
     config = OptimizerConfig(
         optimizer="adam",
-        lr=lr,
-        weight_decay=weight_decay,
-        adam_beta1=betas[0],
-        adam_beta2=betas[1],
-        adam_eps=eps,
-        clip_grad=clip_grad,
+        lr=options.lr,
+        weight_decay=options.weight_decay,
+        adam_beta1=options.betas[0],
+        adam_beta2=options.betas[1],
+        adam_eps=options.eps,
+        clip_grad=options.clip_grad,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         params_dtype=dtype,
-        use_distributed_optimizer=use_distributed_optimizer,
+        use_distributed_optimizer=options.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [model])
     for group in optimizer.param_groups:
-        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
-        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = options.weight_decay * group.get("wd_mult", 1.0)
+        group["lr"] = options.lr * group.get("lr_mult", 1.0)
     return optimizer
 
 
