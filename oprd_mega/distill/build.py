@@ -12,7 +12,7 @@ from megatron.core import parallel_state
 
 from oprd_mega.distill.layers import teacher_depth
 from oprd_mega.distill.options import OptimizerOptions
-from oprd_mega.distill.projection import Bridge, ProjectionSpec, attach_projection
+from oprd_mega.distill.projection import BridgeTensors, ProjectionSpec, attach_projection
 from oprd_mega.distill.step import DistillStep, StepOptions, build_optimizer, wrap_student
 from oprd_mega.distill.teacher import layer_stages, unwrap
 from oprd_mega.models import HFModelArgs, build_gpt_model, build_truncated_model
@@ -57,14 +57,14 @@ def build_step(
     optimizer: OptimizerOptions,
     *,
     projection: ProjectionSpec | None = None,
-    bridge: Bridge | None = None,
+    bridge: BridgeTensors | None = None,
 ) -> DistillStep:
     """The step over an unwrapped student chunk and a teacher chunk (weights loaded).
 
     With a representation loss, this stage's projection (``projection``, identity when None;
-    ``bridge``: the loaded bridge of mode ``bridge``) is attached to the student before Megatron's
-    DDP wraps it; the optimizer covers both. The step holds the wrapped ``student`` and the
-    ``optimizer``.
+    ``bridge``: the maps of mode ``bridge``, read by :mod:`oprd_mega.bridge.loaded`) is
+    attached to the student before Megatron's DDP wraps it; the optimizer covers both. The step
+    holds the wrapped ``student`` and the ``optimizer``.
     """
     if options.uses_oprd:
         if projection is not None and projection.mode == "bridge" and bridge is None:

@@ -124,7 +124,7 @@ class Trainer:
         self.bridge = None
         projection = config.distillation.projection
         if config.distillation.uses_oprd and projection.mode == "bridge":
-            from oprd_mega.distill.projection import check_bridge_against
+            from oprd_mega.bridge.loaded import check_bridge_against
 
             try:  # a bridge built for other models fails here, before any server starts
                 self.bridge = check_bridge_against(
@@ -231,7 +231,7 @@ class Trainer:
             options,
             config.optimizer.options(),
             projection=distill.projection_spec(),
-            bridge=self.bridge,
+            bridge=None if self.bridge is None else self.bridge.tensors(),
         )
         self.model, self.optimizer = self.step.student, self.step.optimizer
 

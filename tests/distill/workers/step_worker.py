@@ -273,6 +273,7 @@ def all_max(value: float) -> float:
 def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | None) -> dict:
     from megatron.core import parallel_state
 
+    from oprd_mega.bridge.loaded import load_bridge
     from oprd_mega.convert.hf_io import HFCheckpointReader
     from oprd_mega.convert.mcore_io import global_parameters, load_hf_weights
     from oprd_mega.distill.batch import make_microbatch, make_packed_microbatch
@@ -280,12 +281,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.distill.layers import layer_pairs
     from oprd_mega.distill.options import OptimizerOptions
     from oprd_mega.distill.positions import PositionSpec
-    from oprd_mega.distill.projection import (
-        PROJECTION_ATTR,
-        ProjectionSpec,
-        is_projection_param,
-        load_bridge,
-    )
+    from oprd_mega.distill.projection import PROJECTION_ATTR, ProjectionSpec, is_projection_param
     from oprd_mega.distill.step import StepOptions
     from oprd_mega.distill.taps import KernelOptions
     from oprd_mega.distill.teacher import unwrap
@@ -313,7 +309,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
     bridge_path = str(work / "bridge.safetensors") if case["projection"] == "bridge" else None
     spec = ProjectionSpec(case["projection"], case["per_layer"], case["normalize"], bridge_path)
-    bridge = load_bridge(bridge_path) if bridge_path else None
+    bridge = load_bridge(bridge_path).tensors() if bridge_path else None
     step = build_step(
         student,
         teacher,
