@@ -12,23 +12,17 @@ others waiting or training on.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from oprd_mega.convert.gather import Include, gather_hf_weights
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.parallel.distributed import broadcast_object
 from oprd_mega.rollout.weight_sync import SyncReport, WeightSync, WeightSyncError
 
 _FORWARD = "forward"
 _DONE = "done"
-
-
-def _broadcast(message: Any, src: int) -> Any:
-    box = [message]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def _replica() -> tuple[int, int]:
@@ -116,7 +110,7 @@ async def check_model_weights(
         replica = _replica()
 
         def forward(tokens: Sequence[int]) -> torch.Tensor:
-            _broadcast((_FORWARD, list(tokens), replica), dst_rank)
+            broadcast_object((_FORWARD, list(tokens), replica), dst_rank)
             return _probe_forward(model, list(tokens), dst_rank)
 
         if error is None and sync is None:
@@ -128,10 +122,10 @@ async def check_model_weights(
                 error = str(exc)
             except Exception as exc:  # a dead server, a bad answer: stop training all the same
                 error = f"check of weight version {version!r} failed: {exc!r}"
-        _broadcast((_DONE, error, None), dst_rank)
+        broadcast_object((_DONE, error, None), dst_rank)
     else:
         while True:
-            kind, payload, replica = _broadcast(None, dst_rank)
+            kind, payload, replica = broadcast_object(None, dst_rank)
             if kind == _DONE:
                 error = payload
                 break
