@@ -14,8 +14,9 @@ from oprd_mega.distill.layers import teacher_depth
 from oprd_mega.distill.options import OptimizerOptions
 from oprd_mega.distill.projection import BridgeTensors, ProjectionSpec, attach_projection
 from oprd_mega.distill.step import DistillStep, StepOptions, build_optimizer, wrap_student
-from oprd_mega.distill.teacher import layer_stages, unwrap
+from oprd_mega.distill.teacher import layer_stages
 from oprd_mega.models import HFModelArgs, build_gpt_model, build_truncated_model
+from oprd_mega.models.running import unwrap
 
 
 def build_teacher(

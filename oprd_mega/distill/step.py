@@ -47,9 +47,9 @@ from oprd_mega.distill.teacher import (
     current_device,
     layer_stages,
     teacher_pass,
-    unwrap,
     without_output_layer,
 )
+from oprd_mega.models.running import unwrap
 
 METHODS = ("oprd", "opd-top1", "opd-topk", "combined")
 OPD_METRICS = ("pg_loss", "reward", "student_entropy", "teacher_entropy", "top16_overlap")

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from oprd_mega.convert.gather import Include, gather_hf_weights
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.models.running import forward_only, unwrap
 from oprd_mega.parallel.distributed import broadcast_object
 from oprd_mega.rollout.weight_sync import SyncReport, WeightSync, WeightSyncError
 
@@ -31,40 +32,27 @@ def _replica() -> tuple[int, int]:
     return ps.get_data_parallel_rank(), ps.get_context_parallel_rank()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @torch.no_grad()
 def _megatron_logits(model: torch.nn.Module, tokens: Sequence[int]) -> torch.Tensor | None:
     """Forward one sequence through this rank's stage; full logits ``[tokens, vocab]`` on the
     last pipeline stage (vocabulary shards gathered), None elsewhere. Collective over the
     model-parallel group."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     device = next(inner.parameters()).device
     length = len(tokens)
     multiple = ps.get_tensor_model_parallel_world_size() if inner.config.sequence_parallel else 1
     padded = list(tokens) + [0] * (-length % multiple)  # causal: padding after changes nothing
     ids = torch.tensor([padded], dtype=torch.long, device=device)
 
-    def forward_step(data_iterator, step_model):
-        output = step_model(next(data_iterator), None, None)
-        return output, lambda out: (torch.zeros((), device=device), {"logits": out.detach()})
-
-    results = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([ids]),
-        model=[model],
-        num_microbatches=1,
+    results = forward_only(
+        model,
+        [ids],
         seq_length=ids.shape[1],
         micro_batch_size=1,
-        forward_only=True,
+        outputs=lambda _ids, out: {"logits": out.detach()},
     )
     if not ps.is_pipeline_last_stage():
         return None
@@ -82,7 +70,7 @@ def _probe_forward(model: torch.nn.Module, tokens: list[int], dst_rank: int) -> 
     last = ps.get_pipeline_model_parallel_last_rank()
     if me == dst_rank:
         if last != me:
-            vocab = _unwrap(model).vocab_size
+            vocab = unwrap(model).vocab_size
             logits = torch.empty(len(tokens), vocab, device=next(model.parameters()).device)
             dist.recv(logits, src=last)
         return logits  # type: ignore[return-value]

@@ -39,8 +39,8 @@ from oprd_mega.convert.mcore_io import (
     load_mcore_checkpoint,
     save_mcore_checkpoint,
 )
-from oprd_mega.distill.teacher import unwrap
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.models.running import unwrap
 from oprd_mega.parallel.distributed import barrier, broadcast_object, global_rank
 
 LATEST = "latest"

@@ -284,8 +284,8 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.distill.projection import PROJECTION_ATTR, ProjectionSpec, is_projection_param
     from oprd_mega.distill.step import StepOptions
     from oprd_mega.distill.taps import KernelOptions
-    from oprd_mega.distill.teacher import unwrap
     from oprd_mega.models import build_gpt_model, load_hf_config
+    from oprd_mega.models.running import unwrap
 
     tp, pp, sp = layout
     use_layout(tp, pp, sp)
@@ -427,7 +427,8 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
     from megatron.core import parallel_state
 
     from oprd_mega.distill.batch import local_rows
-    from oprd_mega.distill.teacher import teacher_pass, unwrap
+    from oprd_mega.distill.teacher import teacher_pass
+    from oprd_mega.models.running import unwrap
 
     inner = unwrap(teacher)
     out = {
