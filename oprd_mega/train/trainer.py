@@ -573,11 +573,8 @@ class Trainer:
 
     def _export(self, directory: str) -> None:
         """The final student as a Hugging Face directory (written aside, then renamed)."""
-        import shutil
-        import tempfile
-
         from oprd_mega.convert.gather import gather_hf_weights
-        from oprd_mega.convert.hf_io import copy_aux_files, write_safetensors_shards
+        from oprd_mega.convert.hf_io import write_hf_directory
 
         target = Path(directory)
         error = None
@@ -591,15 +588,7 @@ class Trainer:
             for _ in weights:
                 pass
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-            try:
-                write_safetensors_shards(weights, tmp)
-                copy_aux_files(Path(self.config.student.path), tmp)
-                tmp.rename(target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            write_hf_directory(weights, target, Path(self.config.student.path))
             say(f"exported the student to {target} (Hugging Face format)")
         dist.barrier()
 
