@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
-PROJECTION_MODES = ("identity", "full", "bridge")
+from oprd_mega.distill.options import ProjectionSpec
+
 PROJECTION_ATTR = "oprd_projection"
 PROJECTION_PREFIX = f"{PROJECTION_ATTR}."
 SHARED_KEY = "shared"
@@ -39,26 +40,6 @@ def is_projection_param(name: str) -> bool:
     exported to Hugging Face.
     """
     return name.startswith(PROJECTION_PREFIX) or f".{PROJECTION_PREFIX}" in name
-
-
-@dataclass(frozen=True)
-class ProjectionSpec:
-    """Projection mode, per-layer or shared ``full`` maps, normalisation, bridge file."""
-
-    mode: str = "identity"
-    per_layer: bool = True
-    normalize: bool = False
-    bridge_path: str | None = None
-    init_std: float | None = None  # full: default 1/sqrt(d_S)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in PROJECTION_MODES:
-            raise ValueError(f"projection.mode: {self.mode!r} is not one of {PROJECTION_MODES}")
-        if self.mode == "bridge" and self.bridge_path is None:
-            raise ValueError("projection.bridge_path: mode 'bridge' needs the bridge file")
-        if self.mode == "bridge" and not self.normalize:
-            raise ValueError("projection.normalize: mode 'bridge' uses normalized MSE (true)")
 
 
 def _key(layer: int) -> str:

@@ -39,9 +39,9 @@ from megatron.core.tensor_parallel.mappings import (
 
 from oprd_mega.distill.batch import DistillMicrobatch, local_rows, sequence_major
 from oprd_mega.distill.opd import OPDOptions, opd_loss
-from oprd_mega.distill.options import OptimizerOptions
+from oprd_mega.distill.options import OptimizerOptions, StepOptions
 from oprd_mega.distill.projection import PROJECTION_ATTR, SHARED_KEY, is_projection_param
-from oprd_mega.distill.taps import KernelOptions, StudentTaps, TapInputs
+from oprd_mega.distill.taps import StudentTaps, TapInputs
 from oprd_mega.distill.teacher import (
     TeacherPlan,
     current_device,
@@ -51,50 +51,7 @@ from oprd_mega.distill.teacher import (
 )
 from oprd_mega.models.running import unwrap
 
-METHODS = ("oprd", "opd-top1", "opd-topk", "combined")
 OPD_METRICS = ("pg_loss", "reward", "student_entropy", "teacher_entropy", "top16_overlap")
-
-
-@dataclass(frozen=True)
-class StepOptions:
-    """The objective and how it is computed."""
-
-    method: str = "oprd"
-    opd: str = "opd-top1"  # the OPD term of ``combined``
-    top_k: int = 16
-    mu: float = 10.0
-    loss_coef: float = 1.0
-    kernel: KernelOptions = field(default_factory=KernelOptions)
-    target_dtype: torch.dtype = torch.bfloat16
-    opd_chunk_tokens: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"distillation.method: {self.method!r} is not one of {METHODS}")
-        if self.opd not in ("opd-top1", "opd-topk"):
-            raise ValueError(f"distillation.opd: {self.opd!r} is not 'opd-top1' or 'opd-topk'")
-        if self.top_k < 1:
-            raise ValueError(f"distillation.top_k: {self.top_k} must be >= 1")
-        if self.method == "combined" and self.mu <= 0:
-            raise ValueError(f"distillation.mu: {self.mu} must be > 0 with method 'combined'")
-
-    @property
-    def uses_oprd(self) -> bool:
-        """Whether the representation loss is part of the objective."""
-        return self.method in ("oprd", "combined")
-
-    @property
-    def oprd_weight(self) -> float:
-        """Coefficient of L_OPRD in the objective (0: not used)."""
-        if self.method == "oprd":
-            return self.loss_coef
-        return self.mu * self.loss_coef if self.method == "combined" else 0.0
-
-    @property
-    def opd_kind(self) -> str | None:
-        """``top1`` / ``topk`` when an OPD term is used."""
-        term = self.opd if self.method == "combined" else self.method
-        return {"opd-top1": "top1", "opd-topk": "topk"}.get(term)
 
 
 @dataclass

@@ -227,7 +227,7 @@ def test_option_errors_name_the_field() -> None:
         ProjectionSpec("lowrank")
     with pytest.raises(ValueError, match="projection.bridge_path"):
         ProjectionSpec("bridge", normalize=True)
-    with pytest.raises(ValueError, match="projection.normalize"):
+    with pytest.raises(ValueError, match="distillation.normalize"):
         ProjectionSpec("bridge", bridge_path="b.safetensors")
     with pytest.raises(ValueError, match="distillation.method: 'kd'"):
         StepOptions(method="kd")
