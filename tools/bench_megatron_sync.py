@@ -5,6 +5,9 @@ Rank 0 prints one line per sync: transport, MiB, seconds, ms per MiB, gather-onl
 """
 
 import asyncio
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,18 +16,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.distributed as dist
 
-from tests.rollout.workers import megatron_sync_worker as w
+from oprd_mega.convert.gather import gather_hf_weights
+from oprd_mega.convert.hf_io import HFCheckpointReader
+from oprd_mega.convert.mcore_io import load_hf_weights
+from oprd_mega.models import build_gpt_model, load_hf_config
+from oprd_mega.parallel import ParallelLayout, init_distributed
+from oprd_mega.parallel.distributed import free_port
+from oprd_mega.rollout.client import RolloutClient
+from oprd_mega.rollout.megatron_sync import sync_model_weights
+from oprd_mega.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+from tools.tiny_hf_models import make_tiny_model
+
+
+def start_server(model_dir: Path, port: int) -> subprocess.Popen:
+    """The embedded rollout server on ``port``, in its own session (killed as a group)."""
+    command = [sys.executable, "-m", "oprd_mega.cli", "serve", "--model", str(model_dir)]
+    return subprocess.Popen(
+        [*command, "--port", str(port), "--seed", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 async def bench(work: Path, port: int, model_dir: Path) -> None:
-    from oprd_mega.convert.gather import gather_hf_weights
-    from oprd_mega.rollout.client import RolloutClient
-    from oprd_mega.rollout.megatron_sync import sync_model_weights
-    from oprd_mega.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
-    from tests.torchrun_utils import free_port
-
     rank = dist.get_rank()
-    model, args = w.build_loaded(model_dir)
+    args = load_hf_config(model_dir)
+    model = build_gpt_model(args)
+    load_hf_weights(model, args, HFCheckpointReader(model_dir))
     client = disk = dsync = None
     if rank == 0:
         client = RolloutClient([f"http://127.0.0.1:{port}"])
@@ -51,15 +70,9 @@ async def bench(work: Path, port: int, model_dir: Path) -> None:
 
 
 def main() -> None:
-    import os
-    import signal
-
-    from tests.tiny_hf_models import make_tiny_model
-    from tests.torchrun_utils import free_port
-
     work = Path(sys.argv[1])
     tp, pp, hidden, layers = (int(x) for x in (sys.argv[2:] or ["2", "2", "512", "8"]))
-    w.use_layout(tp, pp)
+    init_distributed(ParallelLayout(tp=tp, pp=pp))
     model_dir = work / f"llama-h{hidden}-l{layers}"
     port, server = free_port(), None
     if dist.get_rank() == 0:
@@ -74,7 +87,7 @@ def main() -> None:
             head_dim=hidden // 8,
             vocab_size=4096,
         )
-        server = w.start_server(model_dir, port)
+        server = start_server(model_dir, port)
     dist.barrier()
     try:
         asyncio.run(bench(work, port, model_dir))

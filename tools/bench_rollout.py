@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from oprd_mega.rollout.client import ClientConfig, RolloutClient  # noqa: E402
 from oprd_mega.rollout.weight_sync import DiskWeightSync, DistributedWeightSync  # noqa: E402
-from tests.tiny_hf import make_tiny_model_dir  # noqa: E402
+from tools.tiny_hf import make_tiny_model_dir  # noqa: E402
 
 
 def free_port() -> int:

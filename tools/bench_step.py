@@ -87,10 +87,12 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     import torch
 
     from oprd_mega.distill.batch import make_microbatch
+    from oprd_mega.distill.build import build_step, build_teacher
     from oprd_mega.distill.layers import layer_pairs
+    from oprd_mega.distill.options import OptimizerOptions
     from oprd_mega.distill.positions import PositionSpec
-    from oprd_mega.distill.step import DistillStep, StepOptions, build_optimizer, wrap_student
-    from oprd_mega.models import build_gpt_model, build_truncated_model, parse_hf_config
+    from oprd_mega.distill.step import StepOptions
+    from oprd_mega.models import build_gpt_model, parse_hf_config
     from oprd_mega.parallel import init_distributed
 
     init_distributed()
@@ -110,14 +112,10 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     model_args = parse_hf_config(config, where="bench_step")
     method, k = METHODS[name]
     pairs = layer_pairs("all", args.layers, args.layers)
-    student = wrap_student(build_gpt_model(model_args))
-    if method == "oprd":
-        teacher = build_truncated_model(model_args, max(t for _, t in pairs))
-    else:
-        teacher = build_gpt_model(model_args)
-    optimizer = build_optimizer(student, lr=1e-5)
     options = StepOptions(method=method, top_k=k, opd_chunk_tokens=1024)
-    step = DistillStep(student, teacher, optimizer, pairs, options)
+    student = build_gpt_model(model_args)
+    teacher = build_teacher(model_args, pairs, options)
+    step = build_step(student, teacher, pairs, options, OptimizerOptions(lr=1e-5))
     generator = torch.Generator().manual_seed(1)
     sequences = [
         torch.randint(0, args.vocab, (args.seq_len,), generator=generator).tolist()

@@ -3,7 +3,8 @@ and cross-tokenizer position alignment (METHOD.md, "bridge").
 
 The end-to-end tool over Megatron models is :mod:`oprd_mega.bridge.build`
 (``tools/build_bridge.py``); it is not imported here, so the building blocks load without
-Megatron.
+Megatron. Neither is :mod:`oprd_mega.bridge.loaded` (a bridge file read and checked for
+training, handed to the distillation step as plain tensors).
 """
 
 from .alignment import AlignmentError, align_last_character

@@ -23,16 +23,17 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from oprd_mega.distill.layers import LAYER_MODES, layer_pairs
 from oprd_mega.distill.positions import POSITION_ANCHORS, POSITION_MODES, PositionSpec
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
+from oprd_mega.parallel.distributed import RemoteError, on_rank0
 from oprd_mega.rollout.sampling import SamplingConfig
 
 from .file import BridgeFile, BridgeMetadata, ModelIdentity, save_bridge_file
@@ -50,15 +51,10 @@ if TYPE_CHECKING:
 
 PROG = "build_bridge"
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 0)
-T = TypeVar("T")
 
 
 class BuildError(ValueError):
     """Bad input to the tool; the message names the flag or file to fix."""
-
-
-class RemoteError(RuntimeError):
-    """Rank 0 failed and reports the error itself; the other ranks stop quietly."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,27 +267,6 @@ def check_inputs(ns: argparse.Namespace, world_size: int) -> Inputs:
 
 
 # ----------------------------------------------------------------------------- rank 0 work
-
-
-def on_rank0(work: Callable[[], T]) -> T:
-    """Run ``work`` on global rank 0 and hand its result to every rank (a collective); an error
-    there is raised on rank 0 and as :class:`RemoteError` elsewhere, so no rank hangs."""
-    import torch.distributed as dist
-
-    if dist.get_rank() == 0:
-        try:
-            result = work()
-        except BaseException as exc:
-            dist.broadcast_object_list([("error", str(exc))], src=0)
-            raise
-        dist.broadcast_object_list([("ok", result)], src=0)
-        return result
-    box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise RemoteError(value)
-    return value
 
 
 def obtain_rollouts(ns: argparse.Namespace, out: Path, tokenizer: Any) -> list[Rollout]:
@@ -513,7 +488,7 @@ def collect(
     from .states import collect_states, gather_states, merge_streams, owned_layers
 
     start = time.perf_counter()
-    prepared = on_rank0(lambda: prepare(ns, inputs, Path(ns.out)))
+    prepared = on_rank0(lambda: prepare(ns, inputs, Path(ns.out)), "to prepare the run")
     timings["rollouts_s"] = time.perf_counter() - start
     sequences, count = prepared.sequences, prepared.rollouts
     counts = [s.rows for s in sequences]

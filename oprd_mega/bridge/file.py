@@ -2,7 +2,7 @@
 
 Tensors: ``student.{l}.P_S`` [r, d_S] (or ``student.{l}.mlp_in``/``mlp_in_bias``/``mlp_out`` for
 an MLP map), ``teacher.{l}.P_T`` [r, d_T], ``teacher.{l}.mu_T`` [d_T], float32, layers 1-based.
-The linear layout is the one :func:`oprd_mega.distill.projection.load_bridge` reads. The
+The linear layout is the one :func:`oprd_mega.bridge.loaded.load_bridge` reads. The
 safetensors header holds ``format = oprd-bridge``, ``version = 1`` and ``bridge`` = the JSON of
 :class:`BridgeMetadata`.
 """

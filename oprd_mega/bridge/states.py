@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from oprd_mega.models.running import forward_only, layer_hooks
 
 from .covariance import StreamingCovariance, all_reduce_covariance
 from .plan import WorkItem, batch_tensors
@@ -43,31 +44,13 @@ def forward_rows(
         rows = hidden[positions.to(hidden.device), columns.to(hidden.device)]
         captured[module.layer_number] = rows.detach().to("cpu", torch.float32)
 
-    handles = [
-        layer.register_forward_hook(keep)
-        for layer in model.decoder.layers
-        if layer.layer_number in wanted
-    ]
-
-    def forward_step(data_iterator, step_model):  # type: ignore[no-untyped-def]
-        output = step_model(next(data_iterator), None, None)
-        return output, lambda tensor: (torch.zeros((), device=tensor.device), {})
-
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=iter([tokens.to(device)]),
-                model=[model],
-                num_microbatches=1,
-                seq_length=tokens.shape[1],
-                micro_batch_size=tokens.shape[0],
-                forward_only=True,
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+    with layer_hooks(model, keep, wanted):
+        forward_only(
+            model,
+            [tokens.to(next(model.parameters()).device)],
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+        )
     return captured
 
 

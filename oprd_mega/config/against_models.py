@@ -6,7 +6,7 @@ from typing import Protocol
 
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.schema import TrainConfig
-from oprd_mega.distill.layers import layer_pairs
+from oprd_mega.distill.layers import layer_pairs, teacher_depth
 
 
 class ModelShape(Protocol):
@@ -50,9 +50,7 @@ def check_models(
             f"student has {student.vocab_size} tokens and the teacher {teacher.vocab_size}"
         )
     tp, pp = config.parallel.tp, config.parallel.pp
-    deepest = max((t for _, t in pairs), default=teacher.num_layers)
-    if distill.opd_term is not None:
-        deepest = teacher.num_layers  # OPD needs the teacher's logits
+    deepest = teacher_depth(pairs, teacher.num_layers, needs_logits=distill.opd_term is not None)
     for name, model, depth in (
         ("student", student, student.num_layers),
         ("teacher", teacher, deepest),

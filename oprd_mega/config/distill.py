@@ -1,16 +1,17 @@
 """The distillation objective: method, supervised layers and positions, projection, kernel.
 
-The keys are those of the distillation step's own options: ``distillation`` builds
-``oprd_mega.distill.step.StepOptions``, ``distillation.projection`` a
-``oprd_mega.distill.projection.ProjectionSpec`` (both imported only when built: their modules
-load Megatron; a test keeps names and defaults in step), and ``distillation.kernel`` *is* a
+The keys are those of the distillation step's own options (``oprd_mega.distill.options``, no
+Megatron): ``distillation`` builds a ``StepOptions``, ``distillation.projection`` a
+``ProjectionSpec``, whose own checks (methods, modes, mu with 'combined', the bridge's file and
+normalisation) are the config's, and ``distillation.kernel`` *is* a
 ``oprd_mega.distill.taps.KernelOptions``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import Field, PlainSerializer, PlainValidator, model_validator
 
 from oprd_kernels.api import IMPLS
@@ -18,11 +19,17 @@ from oprd_mega.config.adopt import adopt
 from oprd_mega.config.base import Section, invalid
 from oprd_mega.config.models import DType
 from oprd_mega.distill.layers import LAYER_MODES, select_layers
+from oprd_mega.distill.options import (
+    METHODS,
+    PROJECTION_MODES,
+    OptionError,
+    ProjectionSpec,
+    StepOptions,
+)
 from oprd_mega.distill.positions import PositionSpec
 from oprd_mega.distill.taps import KernelOptions
 
-Method = Literal["oprd", "opd-top1", "opd-topk", "combined"]
-METHODS: tuple[str, ...] = get_args(Method)
+Method = Literal[METHODS]  # type: ignore[valid-type]
 
 
 def _layer_spec(value: Any) -> str | tuple[int, ...]:
@@ -64,7 +71,7 @@ Positions = adopt(
 class ProjectionSection(Section):
     """How student states meet teacher states when widths (or architectures) differ."""
 
-    mode: Literal["identity", "full", "bridge"] = "identity"
+    mode: Literal[PROJECTION_MODES] = "identity"  # type: ignore[valid-type]
     """'identity' (equal widths), 'full' (trainable d_T x d_S map) or 'bridge' (frozen
     low-rank OPRD-Bridge projections from bridge_path)."""
     per_layer: bool = True
@@ -78,8 +85,6 @@ class ProjectionSection(Section):
 
     @model_validator(mode="after")
     def _options_fit_mode(self) -> ProjectionSection:
-        if self.mode == "bridge" and self.bridge_path is None:
-            raise invalid("bridge_path", None, "mode 'bridge' needs the bridge file's path")
         if self.mode != "bridge" and self.bridge_path is not None:
             raise invalid("bridge_path", self.bridge_path, "only mode 'bridge' reads a bridge")
         return self
@@ -150,12 +155,8 @@ class DistillationSection(Section):
             return self.opd
         return self.method if self.method.startswith("opd-") else None
 
-    def step_options(self) -> Any:
-        """The step's ``StepOptions`` (imports the Megatron step module)."""
-        import torch
-
-        from oprd_mega.distill.step import StepOptions
-
+    def step_options(self) -> StepOptions:
+        """The step's options."""
         return StepOptions(
             method=self.method,
             opd=self.opd,
@@ -167,10 +168,8 @@ class DistillationSection(Section):
             opd_chunk_tokens=self.opd_chunk_tokens,
         )
 
-    def projection_spec(self) -> Any:
-        """The ``ProjectionSpec`` of ``attach_projection`` (imports the projection module)."""
-        from oprd_mega.distill.projection import ProjectionSpec
-
+    def projection_spec(self) -> ProjectionSpec:
+        """The ``ProjectionSpec`` of ``attach_projection``."""
         return ProjectionSpec(normalize=self.normalize, **self.projection.model_dump())
 
     @model_validator(mode="before")
@@ -198,13 +197,9 @@ class DistillationSection(Section):
             raise invalid(
                 "kernel", self.kernel, "kernel.normalize must equal distillation.normalize"
             )
-        if self.method == "combined" and self.mu <= 0:
-            raise invalid("mu", self.mu, "method 'combined' needs mu > 0 (L_OPD + mu * L_OPRD)")
-        if self.projection.mode == "bridge" and not self.normalize:
-            raise invalid(
-                "normalize",
-                False,
-                "projection 'bridge' is trained for normalized MSE; set distillation.normalize"
-                "=true",
-            )
+        try:  # the rules of the step's own option types
+            self.step_options()
+            self.projection_spec()
+        except OptionError as exc:
+            raise invalid(exc.key.removeprefix("distillation."), exc.value, exc.reason) from exc
         return self

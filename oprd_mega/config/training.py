@@ -9,11 +9,12 @@ from pydantic import Field, model_validator
 
 from oprd_mega.config.base import Section, invalid
 from oprd_mega.config.rollout import Sampling
+from oprd_mega.distill.options import OptimizerOptions
 
 
 class OptimizerSection(Section):
     """AdamW over the student (and any trainable projection); the keys other than name and
-    min_lr are the keywords of ``oprd_mega.distill.step.build_optimizer``."""
+    min_lr are the fields of ``oprd_mega.distill.options.OptimizerOptions``."""
 
     name: Literal["adamw"] = "adamw"
     """The optimizer (paper: AdamW)."""
@@ -32,6 +33,17 @@ class OptimizerSection(Section):
     use_distributed_optimizer: bool = False
     """Megatron's distributed optimizer (optimizer state sharded over data-parallel ranks);
     needs Transformer Engine or Apex (GPU set-up) to restore its checkpoints."""
+
+    def options(self) -> OptimizerOptions:
+        """The step's optimizer options (name and min_lr belong to the schedule)."""
+        return OptimizerOptions(
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            eps=self.eps,
+            clip_grad=self.clip_grad,
+            use_distributed_optimizer=self.use_distributed_optimizer,
+        )
 
     @model_validator(mode="after")
     def _ranges(self) -> OptimizerSection:

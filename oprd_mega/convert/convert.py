@@ -6,18 +6,15 @@ and rename it at the end: a failure leaves nothing at the target.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from oprd_mega.convert.hf_io import HFCheckpointReader, copy_aux_files, write_safetensors_shards
+from oprd_mega.convert.hf_io import HFCheckpointReader, write_hf_directory
 from oprd_mega.convert.mcore_io import HF_SUBDIR, export_hf_from_checkpoint, read_mcore_args
 from oprd_mega.convert.mcore_stream import save_hf_as_mcore_checkpoint
-from oprd_mega.lifetime import make_owned_temp_dir
 from oprd_mega.models.hf_config import load_hf_config
 from oprd_mega.parallel import ParallelLayout, init_distributed
 
@@ -79,22 +76,15 @@ def mcore_to_hf(
         for _ in export_hf_from_checkpoint(args, mcore_dir):
             pass
     else:
-        hf_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = make_owned_temp_dir(hf_dir.parent, hf_dir.name)
-        try:
-            with tqdm(
-                total=args.num_layers + 1, desc="mcore-to-hf", unit="layer", disable=not progress
-            ) as bar:
-                write_safetensors_shards(
-                    export_hf_from_checkpoint(args, mcore_dir, progress=bar),
-                    tmp,
-                    max_shard_bytes=max_shard_bytes,
-                )
-            copy_aux_files(mcore_dir / HF_SUBDIR, tmp)
-            os.replace(tmp, hf_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with tqdm(
+            total=args.num_layers + 1, desc="mcore-to-hf", unit="layer", disable=not progress
+        ) as bar:
+            write_hf_directory(
+                export_hf_from_checkpoint(args, mcore_dir, progress=bar),
+                hf_dir,
+                mcore_dir / HF_SUBDIR,
+                max_shard_bytes=max_shard_bytes,
+            )
     dist.barrier()
     return hf_dir
 

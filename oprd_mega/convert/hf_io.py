@@ -7,6 +7,7 @@ shards, so memory stays around one layer. Everything is checked before anything 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from oprd_mega.convert.mapping import all_hf_names
+from oprd_mega.lifetime import make_owned_temp_dir
 from oprd_mega.models.hf_config import HFModelArgs
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -172,6 +174,28 @@ def copy_aux_files(source: Path, target: Path) -> list[str]:
             shutil.copy2(source / name, target / name)
             copied.append(name)
     return copied
+
+
+def write_hf_directory(
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    target: Path,
+    aux_source: Path,
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+) -> Path:
+    """A Hugging Face directory at ``target`` (which must not exist): safetensors shards of
+    ``tensors`` and the config and tokenizer files of ``aux_source``, written into a temporary
+    sibling and renamed at the end, so a failure leaves nothing at ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_owned_temp_dir(target.parent, target.name)  # a dead owner's leftovers go
+    try:
+        write_safetensors_shards(tensors, tmp, max_shard_bytes=max_shard_bytes)
+        copy_aux_files(aux_source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def write_safetensors_shards(

@@ -27,6 +27,7 @@ from oprd_mega.convert.mapping import (
 )
 from oprd_mega.lifetime import make_owned_temp_dir
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
+from oprd_mega.models.running import unwrap
 from oprd_mega.parallel.distributed import barrier, global_rank
 
 # How the model's sharded state dict is built, on save and on load alike (Megatron adds keys
@@ -54,15 +55,9 @@ def content_metadata() -> dict:
     return {"oprd_format": FORMAT_VERSION, **SHARDED_METADATA}
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 def global_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """This stage's parameters by canonical Megatron name with the *global* layer index."""
-    model = _unwrap(model)
+    model = unwrap(model)
     layers = model.decoder.layers
     out: dict[str, torch.nn.Parameter] = {}
     for name, param in model.named_parameters():
@@ -75,7 +70,7 @@ def global_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def _stage_layers(model: torch.nn.Module) -> list[int]:
-    return [layer.layer_number - 1 for layer in _unwrap(model).decoder.layers]
+    return [layer.layer_number - 1 for layer in unwrap(model).decoder.layers]
 
 
 @torch.no_grad()
@@ -212,7 +207,7 @@ def save_mcore_checkpoint(
     nothing at ``directory``. ``hf_source``'s config and tokenizer files are kept in ``hf/``.
     """
     with checkpoint_in_temp_dir(directory, args, hf_source) as tmp:
-        sharded = _unwrap(model).sharded_state_dict(metadata=_sharded_metadata())
+        sharded = unwrap(model).sharded_state_dict(metadata=_sharded_metadata())
         dist_checkpointing.save(sharded, str(tmp), content_metadata=content_metadata())
     return Path(directory)
 
@@ -232,7 +227,7 @@ def read_mcore_args(directory: str | Path) -> HFModelArgs:
 
 def load_mcore_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
     """Load a checkpoint into ``model`` at this process's TP/PP layout (Megatron reshards)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     sharded = model.sharded_state_dict(metadata=_sharded_metadata())
     state = dist_checkpointing.load(sharded, str(directory))
     state.pop("content_metadata", None)

@@ -12,13 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
 from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
@@ -30,7 +27,7 @@ from oprd_mega.convert.hf_io import CheckpointError, HFCheckpointReader
 from oprd_mega.convert.mapping import hf_to_mcore_state
 from oprd_mega.convert.mcore_io import checkpoint_in_temp_dir, checkpoint_key, content_metadata
 from oprd_mega.models.hf_config import HFModelArgs
-from oprd_mega.parallel.distributed import global_rank
+from oprd_mega.parallel.distributed import global_rank, on_rank0
 
 # Megatron's linear layers store an (empty) ``_extra_state`` object each, which a model asks for
 # on load; the model-level linear (output_layer) drops its own.
@@ -43,12 +40,7 @@ _EXTRA_STATE_MODULES = (
 # Identical in every part: the checkpoint keeps the first part's copy.
 _PART_COMMON_FILES = ("common.pt", "metadata.json")
 
-T = TypeVar("T")
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype]]  # name -> (shape, dtype)
-
-
-class RemoteError(RuntimeError):
-    """Rank 0 failed while the other ranks waited for it."""
 
 
 def save_hf_as_mcore_checkpoint(
@@ -68,7 +60,7 @@ def save_hf_as_mcore_checkpoint(
         rank0 = _Rank0Work(args, reader, tmp)
         for number, layer in enumerate([None, *range(args.num_layers)]):
             part = tmp / f".part-{number:05d}"
-            shapes = _on_rank0(partial(rank0.read, layer, part), f"to read {_part_name(layer)}")
+            shapes = on_rank0(partial(rank0.read, layer, part), f"to read {_part_name(layer)}")
             tensors = rank0.take_tensors() or _stand_ins(shapes)
             dist_checkpointing.save(
                 _sharded_part(tensors, layer), str(part), content_metadata=content_metadata()
@@ -77,29 +69,8 @@ def save_hf_as_mcore_checkpoint(
             rank0.saved = part
             if progress is not None:
                 progress.update(1)
-        _on_rank0(rank0.finish, "to merge the saved parts")
+        on_rank0(rank0.finish, "to merge the saved parts")
     return Path(directory)
-
-
-def _on_rank0(work: Callable[[], T], what: str) -> T:
-    """Collective: ``work()`` runs on rank 0 and every rank gets its result; an error there is
-    raised on rank 0 and as :class:`RemoteError` elsewhere, so no rank waits forever."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return work()
-    if dist.get_rank() == 0:
-        try:
-            result = work()
-        except BaseException as exc:
-            dist.broadcast_object_list([("error", f"{type(exc).__name__}: {exc}")], src=0)
-            raise
-        dist.broadcast_object_list([("ok", result)], src=0)
-        return result
-    box: list = [None]
-    dist.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise RemoteError(f"rank 0 failed {what}: {value}")
-    return value
 
 
 def _part_name(layer: int | None) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
@@ -23,6 +23,7 @@ from megatron.core.tensor_parallel.mappings import (
 from oprd_mega.convert.mcore_io import load_mcore_checkpoint, read_mcore_args
 from oprd_mega.models.builder import build_gpt_model
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.models.running import forward_only, layer_hooks
 
 # Documented tolerance on the relative difference max|mcore - hf| / max|hf| per tensor.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -58,41 +59,28 @@ def megatron_outputs(
             x = gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         return x.detach().transpose(0, 1).float().clone()
 
-    def hook_for(key: str):
-        def hook(_module, _inputs, output):
-            captured[key] = full(output[0] if isinstance(output, tuple) else output)
+    def keep_layer(layer: torch.nn.Module, _inputs: tuple, output: Any) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        captured[f"layer {layer.layer_number}"] = full(hidden)
 
-        return hook
+    def keep_norm(_module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        captured["final_norm"] = full(output)
 
-    handles = [
-        layer.register_forward_hook(hook_for(f"layer {layer.layer_number}"))
-        for layer in model.decoder.layers
-    ]
     final_norm = getattr(model.decoder, "final_layernorm", None)
-    if final_norm is not None:
-        handles.append(final_norm.register_forward_hook(hook_for("final_norm")))
-
-    def forward_step(data_iterator, step_model):
-        output = step_model(next(data_iterator), None, None)
-
-        def loss_func(output_tensor):
-            return torch.zeros(()), {"logits": output_tensor.detach()}
-
-        return output, loss_func
-
+    norm_hook = None if final_norm is None else final_norm.register_forward_hook(keep_norm)
     config = model.config
-    with torch.no_grad():
-        results = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter([tokens]),
-            model=[model],
-            num_microbatches=1,
-            seq_length=tokens.shape[1],
-            micro_batch_size=tokens.shape[0],
-            forward_only=True,
-        )
-    for handle in handles:
-        handle.remove()
+    try:
+        with layer_hooks(model, keep_layer):
+            results = forward_only(
+                model,
+                [tokens],
+                seq_length=tokens.shape[1],
+                micro_batch_size=tokens.shape[0],
+                outputs=lambda _tokens, output: {"logits": output.detach()},
+            )
+    finally:
+        if norm_hook is not None:
+            norm_hook.remove()
     if model.post_process and results and config is not None:
         captured["logits"] = gather_from_tensor_model_parallel_region(results[0]["logits"]).float()
     return captured

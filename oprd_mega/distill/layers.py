@@ -81,3 +81,13 @@ def layer_pairs(
         (layer, teacher_layer_for(layer, num_student_layers, num_teacher_layers))
         for layer in select_layers(spec, num_student_layers)
     ]
+
+
+def teacher_depth(
+    pairs: Sequence[tuple[int, int]], num_teacher_layers: int, *, needs_logits: bool
+) -> int:
+    """How many teacher layers the step runs: all of them when an OPD term needs the
+    teacher's logits, otherwise up to the deepest tapped teacher layer (the truncated teacher)."""
+    if needs_logits or not pairs:
+        return num_teacher_layers
+    return max(teacher_layer for _, teacher_layer in pairs)

@@ -21,17 +21,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 
-from oprd_mega.bridge.file import BridgeMetadata
-from oprd_mega.bridge.student_map import StudentMap
+from oprd_mega.distill.options import ProjectionSpec
 
-PROJECTION_MODES = ("identity", "full", "bridge")
 PROJECTION_ATTR = "oprd_projection"
 PROJECTION_PREFIX = f"{PROJECTION_ATTR}."
 SHARED_KEY = "shared"
@@ -44,26 +40,6 @@ def is_projection_param(name: str) -> bool:
     exported to Hugging Face.
     """
     return name.startswith(PROJECTION_PREFIX) or f".{PROJECTION_PREFIX}" in name
-
-
-@dataclass(frozen=True)
-class ProjectionSpec:
-    """Projection mode, per-layer or shared ``full`` maps, normalisation, bridge file."""
-
-    mode: str = "identity"
-    per_layer: bool = True
-    normalize: bool = False
-    bridge_path: str | None = None
-    init_std: float | None = None  # full: default 1/sqrt(d_S)
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.mode not in PROJECTION_MODES:
-            raise ValueError(f"projection.mode: {self.mode!r} is not one of {PROJECTION_MODES}")
-        if self.mode == "bridge" and self.bridge_path is None:
-            raise ValueError("projection.bridge_path: mode 'bridge' needs the bridge file")
-        if self.mode == "bridge" and not self.normalize:
-            raise ValueError("projection.normalize: mode 'bridge' uses normalized MSE (true)")
 
 
 def _key(layer: int) -> str:
@@ -142,13 +118,12 @@ class BridgeProjection(torch.nn.Module):
 
     def __init__(
         self,
-        student_maps: dict[int, StudentMap],
+        student_maps: dict[int, dict[str, torch.Tensor]],
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for layer, student_map in student_maps.items():
-            tensors = student_map.tensors()
+        for layer, tensors in student_maps.items():
             for name, value in tensors.items():
                 buffer = _key(layer) if name == "P_S" else f"{_key(layer)}_{name}"
                 self.register_buffer(buffer, value.detach().to(device, dtype).clone())
@@ -170,87 +145,13 @@ class BridgeProjection(torch.nn.Module):
 
 
 @dataclass
-class Bridge:
-    """An OPRD-Bridge as the step uses it: P_S per student layer, P_T and mu_T per teacher
-    layer (rank r), and the file's metadata when read from one."""
+class BridgeTensors:
+    """A bridge's frozen maps as the step takes them: per student layer the tensors of P_S
+    (``P_S`` [r, d_S], or ``mlp_in`` / ``mlp_in_bias`` / ``mlp_out``), per teacher layer
+    ``(P_T [r, d_T], mu_T [d_T])``. The bridge package reads and checks the file."""
 
-    student: dict[int, StudentMap] = field(default_factory=dict)  # layer -> frozen P_S
+    student: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    metadata: BridgeMetadata | None = None
-
-    @property
-    def rank(self) -> int:
-        """The bridge rank r."""
-        return next(iter(self.student.values())).rank
-
-
-def load_bridge(path: str | Path) -> Bridge:
-    """Read a bridge file written by :func:`oprd_mega.bridge.save_bridge_file` (stage 1,
-    ``tools/build_bridge.py``); errors name ``projection.bridge_path`` and the file."""
-    from oprd_mega.bridge.file import BridgeMismatchError, load_bridge_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"projection.bridge_path: bridge file not found: {path}")
-    try:
-        loaded = load_bridge_file(path)
-    except BridgeMismatchError as exc:
-        raise ValueError(f"projection.bridge_path: {exc}") from exc
-    return Bridge(
-        student={layer: m.requires_grad_(False) for layer, m in loaded.student.items()},
-        teacher=dict(loaded.teacher),
-        metadata=loaded.metadata,
-    )
-
-
-def check_bridge(
-    bridge: Bridge, pairs: list[tuple[int, int]], d_student: int, d_teacher: int, where: str
-) -> None:
-    """Every supervised pair has maps of matching rank and widths."""
-    for student_layer, teacher_layer in pairs:
-        if student_layer not in bridge.student:
-            raise ValueError(f"{where}: no P_S for student layer {student_layer}")
-        if teacher_layer not in bridge.teacher:
-            raise ValueError(f"{where}: no P_T/mu_T for teacher layer {teacher_layer}")
-        p_s = bridge.student[student_layer]
-        p_t, mu_t = bridge.teacher[teacher_layer]
-        if p_s.d_student != d_student:
-            raise ValueError(
-                f"{where}: student.{student_layer}.P_S maps [{p_s.d_student}] -> [{p_s.rank}], "
-                f"expected [{d_student}] -> [r]"
-            )
-        if p_t.shape != (p_s.rank, d_teacher) or mu_t.shape != (d_teacher,):
-            raise ValueError(
-                f"{where}: teacher.{teacher_layer}.P_T {list(p_t.shape)} / mu_T "
-                f"{list(mu_t.shape)} do not match r={p_s.rank}, d_T={d_teacher}"
-            )
-
-
-def check_bridge_against(
-    bridge: Bridge | str | Path,
-    student_args: Any,
-    teacher_args: Any,
-    pairs: list[tuple[int, int]],
-    where: str = "projection.bridge_path",
-) -> Bridge:
-    """The bridge (loaded when given a path), checked against the models it will be used with
-    (``HFModelArgs`` of both): widths, depths, vocabularies, config hashes and the layer pairs
-    recorded in its metadata, then every pair's tensor shapes. Raises ``ValueError`` naming
-    ``where`` and every mismatch; returns the bridge."""
-    from oprd_mega.bridge.file import ModelIdentity, check_bridge_models
-
-    if not isinstance(bridge, Bridge):
-        bridge = load_bridge(bridge)
-    if bridge.metadata is not None:
-        check_bridge_models(
-            bridge.metadata,
-            ModelIdentity.from_args(student_args, "student"),
-            ModelIdentity.from_args(teacher_args, "teacher"),
-            pairs=pairs,
-            where=where,
-        )
-    check_bridge(bridge, pairs, student_args.hidden_size, teacher_args.hidden_size, where)
-    return bridge
 
 
 def attach_projection(
@@ -261,12 +162,13 @@ def attach_projection(
     d_teacher: int,
     *,
     sequence_parallel: bool,
-    bridge: Bridge | None = None,
+    bridge: BridgeTensors | None = None,
 ) -> torch.nn.Module | None:
     """Add this stage's projection to the (unwrapped) student chunk; call before DDP wrapping.
 
     ``stage_layers``: the tapped student layers this pipeline stage owns. A shared ``full`` map
     lives on every stage (its gradients are summed over the pipeline group by the step).
+    ``bridge``: the maps of mode ``bridge`` (read by :func:`oprd_mega.bridge.loaded.load_bridge`).
     Returns the module, or None for ``identity``.
     """
     if spec.mode == "identity":
@@ -292,7 +194,7 @@ def attach_projection(
         )
     else:
         if bridge is None:
-            bridge = load_bridge(spec.bridge_path)  # type: ignore[arg-type]
+            raise ValueError(f"projection.bridge_path: the bridge {spec.bridge_path} is not loaded")
         device = next(model.parameters()).device
         module = BridgeProjection(
             {layer: bridge.student[layer] for layer in stage_layers}, device, dtype

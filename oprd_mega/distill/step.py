@@ -39,56 +39,19 @@ from megatron.core.tensor_parallel.mappings import (
 
 from oprd_mega.distill.batch import DistillMicrobatch, local_rows, sequence_major
 from oprd_mega.distill.opd import OPDOptions, opd_loss
+from oprd_mega.distill.options import OptimizerOptions, StepOptions
 from oprd_mega.distill.projection import PROJECTION_ATTR, SHARED_KEY, is_projection_param
-from oprd_mega.distill.taps import KernelOptions, StudentTaps, TapInputs
+from oprd_mega.distill.taps import StudentTaps, TapInputs
 from oprd_mega.distill.teacher import (
     TeacherPlan,
     current_device,
     layer_stages,
     teacher_pass,
-    unwrap,
     without_output_layer,
 )
+from oprd_mega.models.running import unwrap
 
-METHODS = ("oprd", "opd-top1", "opd-topk", "combined")
 OPD_METRICS = ("pg_loss", "reward", "student_entropy", "teacher_entropy", "top16_overlap")
-
-
-@dataclass(frozen=True)
-class StepOptions:
-    """The objective and how it is computed."""
-
-    method: str = "oprd"
-    opd: str = "opd-top1"  # the OPD term of ``combined``
-    top_k: int = 16
-    mu: float = 10.0
-    loss_coef: float = 1.0
-    kernel: KernelOptions = field(default_factory=KernelOptions)
-    target_dtype: torch.dtype = torch.bfloat16
-    opd_chunk_tokens: int = 1024
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"distillation.method: {self.method!r} is not one of {METHODS}")
-        if self.opd not in ("opd-top1", "opd-topk"):
-            raise ValueError(f"distillation.opd: {self.opd!r} is not 'opd-top1' or 'opd-topk'")
-        if self.top_k < 1:
-            raise ValueError(f"distillation.top_k: {self.top_k} must be >= 1")
-        if self.method == "combined" and self.mu <= 0:
-            raise ValueError(f"distillation.mu: {self.mu} must be > 0 with method 'combined'")
-
-    @property
-    def oprd_weight(self) -> float:
-        """Coefficient of L_OPRD in the objective (0: not used)."""
-        if self.method == "oprd":
-            return self.loss_coef
-        return self.mu * self.loss_coef if self.method == "combined" else 0.0
-
-    @property
-    def opd_kind(self) -> str | None:
-        """``top1`` / ``topk`` when an OPD term is used."""
-        term = self.opd if self.method == "combined" else self.method
-        return {"opd-top1": "top1", "opd-topk": "topk"}.get(term)
 
 
 @dataclass
@@ -139,28 +102,21 @@ def _finalize_grads(model_chunks: list, num_tokens=None, **kwargs) -> None:
 
 
 def wrap_student(
-    model: torch.nn.Module, ddp_config: DistributedDataParallelConfig | None = None
+    model: torch.nn.Module, use_distributed_optimizer: bool = False
 ) -> DistributedDataParallel:
     """Megatron DDP around the student chunk (projection attached first), set up for the step."""
     config = model.config
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = _finalize_grads
-    ddp_config = ddp_config or DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
 
 
-def build_optimizer(
-    model: DistributedDataParallel,
-    *,
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    clip_grad: float = 0.0,
-    use_distributed_optimizer: bool = False,
-):
+def build_optimizer(model: DistributedDataParallel, options: OptimizerOptions):
     """Megatron's AdamW over the student chunk (projection included).
 
     Megatron marks 1-D parameters and biases with ``wd_mult = 0`` but only its learning-rate
@@ -171,21 +127,21 @@ def build_optimizer(
     dtype = model.config.params_dtype
     config = OptimizerConfig(
         optimizer="adam",
-        lr=lr,
-        weight_decay=weight_decay,
-        adam_beta1=betas[0],
-        adam_beta2=betas[1],
-        adam_eps=eps,
-        clip_grad=clip_grad,
+        lr=options.lr,
+        weight_decay=options.weight_decay,
+        adam_beta1=options.betas[0],
+        adam_beta2=options.betas[1],
+        adam_eps=options.eps,
+        clip_grad=options.clip_grad,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         params_dtype=dtype,
-        use_distributed_optimizer=use_distributed_optimizer,
+        use_distributed_optimizer=options.use_distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(config, [model])
     for group in optimizer.param_groups:
-        group["weight_decay"] = weight_decay * group.get("wd_mult", 1.0)
-        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["weight_decay"] = options.weight_decay * group.get("wd_mult", 1.0)
+        group["lr"] = options.lr * group.get("lr_mult", 1.0)
     return optimizer
 
 

@@ -23,18 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 from oprd_kernels import bridge_project
 from oprd_mega.distill.batch import DistillMicrobatch, local_rows, sequence_major
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+from oprd_mega.models.running import forward_only, layer_hooks, unwrap
 
 
 @contextlib.contextmanager
@@ -121,54 +114,38 @@ def teacher_pass(
             selected = selected.to(plan.target_dtype)
         kept[(batch.index, layer)] = selected
 
-    handles = [
-        layer.register_forward_hook(keep)
-        for layer in inner.decoder.layers
-        if layer.layer_number in tapped
-    ]
-
-    def forward_step(data_iterator, model):
-        batch = next(data_iterator)
+    def forward(model: torch.nn.Module, batch: DistillMicrobatch) -> torch.Tensor:
         current.append(batch)
         with without_output_layer(model):
             device = _device(model)
-            output = model(
+            return model(
                 batch.tokens.to(device),
                 None,
                 None,
                 packed_seq_params=batch.packed_seq_params(device),
             )
 
-        def loss_func(output_tensor: torch.Tensor):
-            if plan.opd:
-                full = output_tensor
-                if plan.sequence_parallel:
-                    full = gather_from_sequence_parallel_region(
-                        full, tensor_parallel_output_grad=False
-                    )
-                rows = sequence_major(batch.predicts).nonzero().squeeze(1).to(full.device)
-                opd_hidden[batch.index] = (
-                    full.reshape(-1, full.shape[-1]).index_select(0, rows).to(plan.target_dtype)
-                )
-            return torch.zeros((), device=output_tensor.device), {}
-
-        return output, loss_func
+    def outputs(batch: DistillMicrobatch, output_tensor: torch.Tensor) -> dict:
+        if plan.opd:
+            full = output_tensor
+            if plan.sequence_parallel:
+                full = gather_from_sequence_parallel_region(full, tensor_parallel_output_grad=False)
+            rows = sequence_major(batch.predicts).nonzero().squeeze(1).to(full.device)
+            opd_hidden[batch.index] = (
+                full.reshape(-1, full.shape[-1]).index_select(0, rows).to(plan.target_dtype)
+            )
+        return {}
 
     batch, seq = microbatches[0].shape
-    try:
-        with torch.no_grad():
-            get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=iter(microbatches),
-                model=[teacher],
-                num_microbatches=len(microbatches),
-                seq_length=seq,
-                micro_batch_size=batch,
-                forward_only=True,
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
+    with layer_hooks(teacher, keep, tapped):
+        forward_only(
+            teacher,
+            microbatches,
+            seq_length=seq,
+            micro_batch_size=batch,
+            forward=forward,
+            outputs=outputs,
+        )
     targets = _deliver(kept, microbatches, plan, inner.config.hidden_size)
     return TeacherOutputs(targets=targets, opd_hidden=opd_hidden)
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -17,6 +19,8 @@ import torch.distributed as dist
 from oprd_mega.lifetime import die_with_parent
 from oprd_mega.parallel.cpu_patches import apply_cpu_patches
 from oprd_mega.parallel.layout import ParallelLayout
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,40 @@ def barrier() -> None:
     """Wait for every rank of the default group (nothing without one)."""
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``value`` on every rank (a collective; ``value`` as is without a group)."""
+    box = [value]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class RemoteError(RuntimeError):
+    """Rank 0 failed while this rank waited for its result (rank 0 raises the error itself)."""
+
+
+def on_rank0(work: Callable[[], T], what: str) -> T:
+    """Collective: ``work()`` runs on global rank 0 and every rank gets its result; an error
+    there is raised on rank 0 and as :class:`RemoteError` elsewhere (``what`` says what rank 0
+    was doing), so no rank waits forever. Without a group of several ranks it just runs."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work()
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except BaseException as exc:
+            dist.broadcast_object_list([("error", f"{type(exc).__name__}: {exc}")], src=0)
+            raise
+        dist.broadcast_object_list([("ok", result)], src=0)
+        return result
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise RemoteError(f"rank 0 failed {what}: {value}")
+    return value
 
 
 def _env_int(name: str, default: int) -> int:

@@ -12,23 +12,18 @@ others waiting or training on.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from oprd_mega.convert.gather import Include, gather_hf_weights
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.models.running import forward_only, unwrap
+from oprd_mega.parallel.distributed import broadcast_object
 from oprd_mega.rollout.weight_sync import SyncReport, WeightSync, WeightSyncError
 
 _FORWARD = "forward"
 _DONE = "done"
-
-
-def _broadcast(message: Any, src: int) -> Any:
-    box = [message]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def _replica() -> tuple[int, int]:
@@ -37,40 +32,27 @@ def _replica() -> tuple[int, int]:
     return ps.get_data_parallel_rank(), ps.get_context_parallel_rank()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @torch.no_grad()
 def _megatron_logits(model: torch.nn.Module, tokens: Sequence[int]) -> torch.Tensor | None:
     """Forward one sequence through this rank's stage; full logits ``[tokens, vocab]`` on the
     last pipeline stage (vocabulary shards gathered), None elsewhere. Collective over the
     model-parallel group."""
     from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-    inner = _unwrap(model)
+    inner = unwrap(model)
     device = next(inner.parameters()).device
     length = len(tokens)
     multiple = ps.get_tensor_model_parallel_world_size() if inner.config.sequence_parallel else 1
     padded = list(tokens) + [0] * (-length % multiple)  # causal: padding after changes nothing
     ids = torch.tensor([padded], dtype=torch.long, device=device)
 
-    def forward_step(data_iterator, step_model):
-        output = step_model(next(data_iterator), None, None)
-        return output, lambda out: (torch.zeros((), device=device), {"logits": out.detach()})
-
-    results = get_forward_backward_func()(
-        forward_step_func=forward_step,
-        data_iterator=iter([ids]),
-        model=[model],
-        num_microbatches=1,
+    results = forward_only(
+        model,
+        [ids],
         seq_length=ids.shape[1],
         micro_batch_size=1,
-        forward_only=True,
+        outputs=lambda _ids, out: {"logits": out.detach()},
     )
     if not ps.is_pipeline_last_stage():
         return None
@@ -88,7 +70,7 @@ def _probe_forward(model: torch.nn.Module, tokens: list[int], dst_rank: int) -> 
     last = ps.get_pipeline_model_parallel_last_rank()
     if me == dst_rank:
         if last != me:
-            vocab = _unwrap(model).vocab_size
+            vocab = unwrap(model).vocab_size
             logits = torch.empty(len(tokens), vocab, device=next(model.parameters()).device)
             dist.recv(logits, src=last)
         return logits  # type: ignore[return-value]
@@ -116,7 +98,7 @@ async def check_model_weights(
         replica = _replica()
 
         def forward(tokens: Sequence[int]) -> torch.Tensor:
-            _broadcast((_FORWARD, list(tokens), replica), dst_rank)
+            broadcast_object((_FORWARD, list(tokens), replica), dst_rank)
             return _probe_forward(model, list(tokens), dst_rank)
 
         if error is None and sync is None:
@@ -128,10 +110,10 @@ async def check_model_weights(
                 error = str(exc)
             except Exception as exc:  # a dead server, a bad answer: stop training all the same
                 error = f"check of weight version {version!r} failed: {exc!r}"
-        _broadcast((_DONE, error, None), dst_rank)
+        broadcast_object((_DONE, error, None), dst_rank)
     else:
         while True:
-            kind, payload, replica = _broadcast(None, dst_rank)
+            kind, payload, replica = broadcast_object(None, dst_rank)
             if kind == _DONE:
                 error = payload
                 break

@@ -48,9 +48,9 @@ from oprd_mega.convert.mcore_io import (
     read_mcore_args,
     save_mcore_checkpoint,
 )
-from oprd_mega.distill.teacher import unwrap
 from oprd_mega.models.hf_config import HFModelArgs
-from oprd_mega.parallel.distributed import barrier, global_rank
+from oprd_mega.models.running import unwrap
+from oprd_mega.parallel.distributed import barrier, broadcast_object, global_rank
 
 LATEST = "latest"
 STATE_FILE = "trainer.json"
@@ -94,13 +94,6 @@ class TrainerState:
 def step_dir_name(step: int) -> str:
     """``step-00000100``."""
     return f"step-{step:08d}"
-
-
-def _broadcast(value: Any) -> Any:
-    box = [value]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -153,7 +146,7 @@ def save_checkpoint(
     if global_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         tmp_name = tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root)
-    tmp = Path(_broadcast(tmp_name))
+    tmp = Path(broadcast_object(tmp_name))
     error: str | None = None
     try:
         save_mcore_checkpoint(unwrap(model), args, tmp / "model", hf_source=Path(hf_source))

@@ -124,7 +124,7 @@ class Trainer:
         self.bridge = None
         projection = config.distillation.projection
         if config.distillation.uses_oprd and projection.mode == "bridge":
-            from oprd_mega.distill.projection import check_bridge_against
+            from oprd_mega.bridge.loaded import check_bridge_against
 
             try:  # a bridge built for other models fails here, before any server starts
                 self.bridge = check_bridge_against(
@@ -200,15 +200,10 @@ class Trainer:
             self.eval_prompts = held_out[: evaluation.max_prompts]
 
     def _build_models(self) -> None:
-        from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallelConfig
-
         from oprd_mega.convert.hf_io import HFCheckpointReader
         from oprd_mega.convert.mcore_io import load_hf_weights
-        from oprd_mega.distill.projection import attach_projection
-        from oprd_mega.distill.step import DistillStep, build_optimizer, wrap_student
-        from oprd_mega.distill.teacher import layer_stages
-        from oprd_mega.models import build_gpt_model, build_truncated_model
+        from oprd_mega.distill.build import build_step, build_teacher
+        from oprd_mega.models import build_gpt_model
         from oprd_mega.models.builder import resolve_dtype
 
         config = self.config
@@ -220,60 +215,26 @@ class Trainer:
         )
         if self.resume_from is None:
             load_hf_weights(student, s_args, HFCheckpointReader(config.student.path))
-        t_dtype = resolve_dtype(config.teacher.dtype)
-        if distill.opd_term is not None:
-            teacher = build_gpt_model(t_args, params_dtype=t_dtype, sequence_parallel=sp)
-        else:
-            deepest = max(t for _, t in self.pairs)
-            teacher = build_truncated_model(
-                t_args, deepest, params_dtype=t_dtype, sequence_parallel=sp
-            )
-        load_hf_weights(teacher, t_args, HFCheckpointReader(config.teacher.path))
-        for param in teacher.parameters():
-            param.requires_grad_(False)
-        bridge = None
-        if distill.uses_oprd:
-            spec = distill.projection_spec()
-            bridge = self.bridge
-            stage = parallel_state.get_pipeline_model_parallel_rank()
-            stages = layer_stages(student)
-            mine = [s for s, _ in self.pairs if stages[s] == stage]
-            attach_projection(
-                student,
-                spec,
-                mine,
-                s_args.hidden_size,
-                t_args.hidden_size,
-                sequence_parallel=sp,
-                bridge=bridge,
-            )
-        opt = config.optimizer
-        self.model = wrap_student(
-            student,
-            DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                overlap_grad_reduce=False,
-                use_distributed_optimizer=opt.use_distributed_optimizer,
-            ),
-        )
-        self.optimizer = build_optimizer(
-            self.model,
-            lr=opt.lr,
-            weight_decay=opt.weight_decay,
-            betas=opt.betas,
-            eps=opt.eps,
-            clip_grad=opt.clip_grad,
-            use_distributed_optimizer=opt.use_distributed_optimizer,
-        )
-        self.teacher = teacher
-        self.step = DistillStep(
-            self.model,
-            teacher,
-            self.optimizer,
+        options = distill.step_options()
+        teacher = build_teacher(
+            t_args,
             self.pairs,
-            distill.step_options(),
-            bridge=None if bridge is None else bridge.teacher,
+            options,
+            params_dtype=resolve_dtype(config.teacher.dtype),
+            sequence_parallel=sp,
         )
+        load_hf_weights(teacher, t_args, HFCheckpointReader(config.teacher.path))
+        self.teacher = teacher
+        self.step = build_step(
+            student,
+            teacher,
+            self.pairs,
+            options,
+            config.optimizer.options(),
+            projection=distill.projection_spec(),
+            bridge=None if self.bridge is None else self.bridge.tensors(),
+        )
+        self.model, self.optimizer = self.step.student, self.step.optimizer
 
     def _resume(self, path: Path) -> None:
         from oprd_mega.train.checkpoint import (
@@ -490,11 +451,12 @@ class Trainer:
     def _cost_model(self) -> Any:
         """The scheduler's FLOP model of one sample (student update + teacher forward)."""
         from oprd_mega.data.scheduler import CostModel
+        from oprd_mega.distill.layers import teacher_depth
         from oprd_mega.train.batching import model_dims
 
         distill = self.config.distillation
         opd = distill.opd_term is not None
-        teacher_layers = None if opd else max(t for _, t in self.pairs)
+        teacher_layers = teacher_depth(self.pairs, self.teacher_args.num_layers, needs_logits=opd)
         return CostModel(
             student=model_dims(self.student_args, lm_head=opd),
             teacher=model_dims(self.teacher_args, teacher_layers, lm_head=opd),
@@ -622,11 +584,8 @@ class Trainer:
 
     def _export(self, directory: str) -> None:
         """The final student as a Hugging Face directory (written aside, then renamed)."""
-        import shutil
-        import tempfile
-
         from oprd_mega.convert.gather import gather_hf_weights
-        from oprd_mega.convert.hf_io import copy_aux_files, write_safetensors_shards
+        from oprd_mega.convert.hf_io import write_hf_directory
 
         target = Path(directory)
         error = None
@@ -640,15 +599,7 @@ class Trainer:
             for _ in weights:
                 pass
         else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-            try:
-                write_safetensors_shards(weights, tmp)
-                copy_aux_files(Path(self.config.student.path), tmp)
-                tmp.rename(target)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+            write_hf_directory(weights, target, Path(self.config.student.path))
             say(f"exported the student to {target} (Hugging Face format)")
         dist.barrier()
 

@@ -68,7 +68,7 @@ def test_round_trip(tmp_path: Path, kind: str) -> None:
 
 
 def test_the_distillation_step_reads_a_linear_bridge(tmp_path: Path) -> None:
-    from oprd_mega.distill.projection import check_bridge, load_bridge
+    from oprd_mega.bridge.loaded import check_bridge, load_bridge
 
     bridge = _bridge()
     path = save_bridge_file(bridge, tmp_path / "bridge.safetensors")

@@ -1,16 +1,14 @@
-"""The builders of the step's own option types (their modules load Megatron: one import)."""
+"""The builders of the step's own option types."""
 
 from __future__ import annotations
 
 import torch
 
+from oprd_mega.distill.options import ProjectionSpec, StepOptions
 from tests.config.helpers import minimal
 
 
 def test_step_options_and_projection_spec() -> None:
-    from oprd_mega.distill.projection import ProjectionSpec
-    from oprd_mega.distill.step import StepOptions
-
     distill = minimal(
         "distillation.method=combined",
         "distillation.opd=opd-topk",

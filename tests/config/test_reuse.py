@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import get_args
 
 import pytest
+import torch
 
 from oprd_kernels.api import projected_mse
 from oprd_mega.config import ConfigError, check_paths, data_parallel_size, to_yaml
@@ -20,6 +21,7 @@ from oprd_mega.config.rollout import AttachSection, DiskSyncSection, Distributed
 from oprd_mega.config.training import OptimizerSection
 from oprd_mega.data.prompts import load_prompts
 from oprd_mega.data.scheduler import schedule_microbatches
+from oprd_mega.distill.options import OptimizerOptions, ProjectionSpec, StepOptions
 from oprd_mega.distill.positions import PositionSpec
 from oprd_mega.distill.taps import KernelOptions
 from oprd_mega.parallel.layout import ParallelLayout
@@ -56,34 +58,21 @@ def test_kernel_options_share_the_normalize_switch() -> None:
     assert "normalize" not in to_yaml(config).split("kernel:")[1].split("opd")[0]
 
 
-def _dataclass_fields(module: str, name: str) -> dict[str, object]:
-    """Field defaults of a dataclass read from its source (its module loads Megatron)."""
-    path = Path(inspect.getfile(PromptsSection)).parents[1] / "distill" / f"{module}.py"
-    tree = ast.parse(path.read_text())
-    node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == name)
-    fields: dict[str, object] = {}
-    for item in node.body:
-        if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
-            try:
-                fields[item.target.id] = ast.literal_eval(item.value) if item.value else None
-            except ValueError:
-                fields[item.target.id] = ast.unparse(item.value)  # type: ignore[arg-type]
-    return fields
-
-
 def test_projection_section_is_projection_spec_without_normalize() -> None:
-    spec = _dataclass_fields("projection", "ProjectionSpec")
-    assert spec.pop("normalize") is False
+    spec = {f.name: f.default for f in dataclasses.fields(ProjectionSpec)}
+    assert spec.pop("normalize") is False  # distillation.normalize
     assert {n: f.default for n, f in ProjectionSection.model_fields.items()} == spec
 
 
 def test_distillation_section_carries_every_step_option() -> None:
-    step = _dataclass_fields("step", "StepOptions")
     section = DistillationSection.model_fields
-    assert step.pop("kernel") in ("KernelOptions()", "field(default_factory=KernelOptions)")
-    assert step.pop("target_dtype") == f"torch.{section['target_dtype'].default}"
-    for name, default in step.items():
-        assert section[name].default == default, name
+    for field in dataclasses.fields(StepOptions):
+        if field.name == "kernel":
+            assert section["kernel"].default == field.default_factory()  # type: ignore[misc]
+        elif field.name == "target_dtype":
+            assert field.default == getattr(torch, section["target_dtype"].default)
+        else:
+            assert section[field.name].default == field.default, field.name
 
 
 def _parameters(function: object) -> dict[str, object]:
@@ -128,14 +117,16 @@ def test_prompts_section_passes_every_load_prompts_keyword() -> None:
     }
 
 
-def test_optimizer_keys_are_build_optimizer_keywords() -> None:
-    path = Path(inspect.getfile(PromptsSection)).parents[1] / "distill" / "step.py"
-    tree = ast.parse(path.read_text())
-    function = next(
-        n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "build_optimizer"
+def test_optimizer_section_builds_the_optimizer_options() -> None:
+    section = minimal("optimizer.lr=0.002", "optimizer.betas=[0.8,0.9]").optimizer
+    options = section.options()
+    assert isinstance(options, OptimizerOptions)
+    assert set(OptimizerSection.model_fields) - {"name", "min_lr"} == {
+        f.name for f in dataclasses.fields(OptimizerOptions)
+    }
+    assert options == OptimizerOptions(
+        lr=0.002, weight_decay=0.01, betas=(0.8, 0.9), eps=1e-8, clip_grad=1.0
     )
-    keywords = {a.arg for a in function.args.kwonlyargs}
-    assert set(OptimizerSection.model_fields) - {"name", "min_lr"} == keywords
 
 
 def test_kernel_options_are_projected_mse_keywords() -> None:

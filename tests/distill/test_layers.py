@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oprd_mega.distill.layers import layer_pairs, select_layers, teacher_layer_for
+from oprd_mega.distill.layers import layer_pairs, select_layers, teacher_depth, teacher_layer_for
 
 
 @given(st.integers(1, 80))
@@ -71,3 +71,15 @@ def test_paper_pairs() -> None:
     assert pairs[13] == (14, round(13 / 27 * 35) + 1)
     with pytest.raises(ValueError, match="student layer 29 is outside 1..28"):
         teacher_layer_for(29, 28, 36)
+
+
+@pytest.mark.parametrize(
+    "pairs, needs_logits, depth",
+    [
+        ([(1, 2), (2, 5), (3, 4)], False, 5),  # the deepest pair, not the last
+        ([(1, 2), (2, 5)], True, 9),  # an OPD term runs the whole teacher
+        ([], False, 9),  # nothing tapped: the whole teacher
+    ],
+)
+def test_teacher_depth(pairs: list[tuple[int, int]], needs_logits: bool, depth: int) -> None:
+    assert teacher_depth(pairs, 9, needs_logits=needs_logits) == depth

@@ -16,16 +16,14 @@ from oprd_mega.bridge import (
     StudentMap,
     save_bridge_file,
 )
+from oprd_mega.bridge.loaded import check_bridge, check_bridge_against, load_bridge
 from oprd_mega.distill.batch import local_rows, make_microbatch, sequence_major
 from oprd_mega.distill.positions import PositionSpec
 from oprd_mega.distill.projection import (
     BridgeProjection,
     FullProjection,
     ProjectionSpec,
-    check_bridge,
-    check_bridge_against,
     is_projection_param,
-    load_bridge,
 )
 from oprd_mega.distill.step import StepOptions
 from oprd_mega.distill.taps import InjectLoss, KernelOptions, StudentTaps, TapInputs
@@ -193,7 +191,7 @@ def test_bridge_needs_metadata(tmp_path: Path) -> None:
 
 def test_mlp_bridge_projection_is_the_formula_with_gradients_to_the_rows(tmp_path: Path) -> None:
     bridge = load_bridge(_write_bridge(tmp_path / "mlp.safetensors", "mlp"))
-    projection = BridgeProjection(bridge.student, dtype=torch.float64)
+    projection = BridgeProjection(bridge.tensors().student, dtype=torch.float64)
     assert projection.weight_for(2) is None
     tensors = {k: v.double() for k, v in bridge.student[2].tensors().items()}
     rows = torch.randn(7, 8, dtype=torch.float64, requires_grad=True)
@@ -229,7 +227,7 @@ def test_option_errors_name_the_field() -> None:
         ProjectionSpec("lowrank")
     with pytest.raises(ValueError, match="projection.bridge_path"):
         ProjectionSpec("bridge", normalize=True)
-    with pytest.raises(ValueError, match="projection.normalize"):
+    with pytest.raises(ValueError, match="distillation.normalize"):
         ProjectionSpec("bridge", bridge_path="b.safetensors")
     with pytest.raises(ValueError, match="distillation.method: 'kd'"):
         StepOptions(method="kd")

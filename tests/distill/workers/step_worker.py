@@ -273,22 +273,19 @@ def all_max(value: float) -> float:
 def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | None) -> dict:
     from megatron.core import parallel_state
 
+    from oprd_mega.bridge.loaded import load_bridge
     from oprd_mega.convert.hf_io import HFCheckpointReader
     from oprd_mega.convert.mcore_io import global_parameters, load_hf_weights
     from oprd_mega.distill.batch import make_microbatch, make_packed_microbatch
+    from oprd_mega.distill.build import build_step, build_teacher
     from oprd_mega.distill.layers import layer_pairs
+    from oprd_mega.distill.options import OptimizerOptions
     from oprd_mega.distill.positions import PositionSpec
-    from oprd_mega.distill.projection import (
-        PROJECTION_ATTR,
-        ProjectionSpec,
-        attach_projection,
-        is_projection_param,
-        load_bridge,
-    )
-    from oprd_mega.distill.step import DistillStep, StepOptions, build_optimizer, wrap_student
+    from oprd_mega.distill.projection import PROJECTION_ATTR, ProjectionSpec, is_projection_param
+    from oprd_mega.distill.step import StepOptions
     from oprd_mega.distill.taps import KernelOptions
-    from oprd_mega.distill.teacher import layer_stages, unwrap
-    from oprd_mega.models import build_gpt_model, build_truncated_model, load_hf_config
+    from oprd_mega.models import build_gpt_model, load_hf_config
+    from oprd_mega.models.running import unwrap
 
     tp, pp, sp = layout
     use_layout(tp, pp, sp)
@@ -299,29 +296,6 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     pairs = layer_pairs(case["layers"], s_args.num_layers, t_args.num_layers)
     student = build_gpt_model(s_args, sequence_parallel=sp)
     load_hf_weights(student, s_args, HFCheckpointReader(work / "student"))
-    opd = case["method"] != "oprd"
-    if opd:
-        teacher = build_gpt_model(t_args, sequence_parallel=sp)
-    else:
-        teacher = build_truncated_model(t_args, max(t for _, t in pairs), sequence_parallel=sp)
-    load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
-    stages = layer_stages(student)
-    mine = [s for s, _ in pairs if stages[s] == parallel_state.get_pipeline_model_parallel_rank()]
-    bridge_path = str(work / "bridge.safetensors") if case["projection"] == "bridge" else None
-    spec = ProjectionSpec(case["projection"], case["per_layer"], case["normalize"], bridge_path)
-    bridge = load_bridge(bridge_path) if bridge_path else None
-    if case["method"] in ("oprd", "combined"):  # OPD alone has no projection
-        attach_projection(
-            student,
-            spec,
-            mine,
-            s_args.hidden_size,
-            t_args.hidden_size,
-            sequence_parallel=sp,
-            bridge=bridge,
-        )
-    model = wrap_student(student)
-    optimizer = build_optimizer(model, lr=LR, weight_decay=WD, betas=BETAS, eps=EPS)
     options = StepOptions(
         method=case["method"],
         opd=f"opd-{case.get('opd', 'top1')}",
@@ -331,14 +305,21 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         target_dtype=torch.float32,
         opd_chunk_tokens=5,
     )
-    step = DistillStep(
-        model,
+    teacher = build_teacher(t_args, pairs, options, sequence_parallel=sp)
+    load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
+    bridge_path = str(work / "bridge.safetensors") if case["projection"] == "bridge" else None
+    spec = ProjectionSpec(case["projection"], case["per_layer"], case["normalize"], bridge_path)
+    bridge = load_bridge(bridge_path).tensors() if bridge_path else None
+    step = build_step(
+        student,
         teacher,
-        optimizer,
         pairs,
         options,
-        bridge=None if bridge is None else bridge.teacher,
+        OptimizerOptions(lr=LR, weight_decay=WD, betas=BETAS, eps=EPS),
+        projection=spec,
+        bridge=bridge,
     )
+    model, optimizer = step.student, step.optimizer
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     data = samples()
@@ -446,7 +427,8 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
     from megatron.core import parallel_state
 
     from oprd_mega.distill.batch import local_rows
-    from oprd_mega.distill.teacher import teacher_pass, unwrap
+    from oprd_mega.distill.teacher import teacher_pass
+    from oprd_mega.models.running import unwrap
 
     inner = unwrap(teacher)
     out = {

@@ -18,6 +18,7 @@ import torch
 def build(hf_dir: Path):
     from oprd_mega.convert.hf_io import HFCheckpointReader
     from oprd_mega.convert.mcore_io import load_hf_weights
+    from oprd_mega.distill.options import OptimizerOptions
     from oprd_mega.distill.step import build_optimizer, wrap_student
     from oprd_mega.models import build_gpt_model, load_hf_config
 
@@ -25,7 +26,7 @@ def build(hf_dir: Path):
     model = build_gpt_model(args)
     load_hf_weights(model, args, HFCheckpointReader(hf_dir))
     ddp = wrap_student(model)
-    return ddp, build_optimizer(ddp, lr=1e-2), args
+    return ddp, build_optimizer(ddp, OptimizerOptions(lr=1e-2)), args
 
 
 def take_a_step(model, optimizer) -> None:

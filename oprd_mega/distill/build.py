@@ -1,0 +1,90 @@
+"""Assembling the distillation step: the teacher model, this stage's projection, the student's
+DDP wrapper, the optimizer and :class:`~oprd_mega.distill.step.DistillStep`.
+
+The trainer, the step tests and ``tools/bench_step.py`` all build the step here, so the tests
+exercise the product's own set-up. Weights are loaded by the caller (it knows the files).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+from oprd_mega.distill.layers import teacher_depth
+from oprd_mega.distill.options import OptimizerOptions
+from oprd_mega.distill.projection import BridgeTensors, ProjectionSpec, attach_projection
+from oprd_mega.distill.step import DistillStep, StepOptions, build_optimizer, wrap_student
+from oprd_mega.distill.teacher import layer_stages
+from oprd_mega.models import HFModelArgs, build_gpt_model, build_truncated_model
+from oprd_mega.models.running import unwrap
+
+
+def build_teacher(
+    args: HFModelArgs,
+    pairs: list[tuple[int, int]],
+    options: StepOptions,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    sequence_parallel: bool = False,
+) -> torch.nn.Module:
+    """This rank's stage of the frozen teacher: the full model when an OPD term needs its
+    logits, otherwise truncated at the deepest tapped teacher layer (no final norm, no head)."""
+    if options.opd_kind is not None:
+        teacher = build_gpt_model(
+            args, params_dtype=params_dtype, sequence_parallel=sequence_parallel
+        )
+    else:
+        depth = teacher_depth(pairs, args.num_layers, needs_logits=False)
+        teacher = build_truncated_model(
+            args, depth, params_dtype=params_dtype, sequence_parallel=sequence_parallel
+        )
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    return teacher
+
+
+def stage_layers(model: torch.nn.Module, pairs: list[tuple[int, int]]) -> list[int]:
+    """The tapped student layers this pipeline stage owns (collective over the pipeline group)."""
+    stages = layer_stages(model)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    return [student_layer for student_layer, _ in pairs if stages[student_layer] == stage]
+
+
+def build_step(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    pairs: list[tuple[int, int]],
+    options: StepOptions,
+    optimizer: OptimizerOptions,
+    *,
+    projection: ProjectionSpec | None = None,
+    bridge: BridgeTensors | None = None,
+) -> DistillStep:
+    """The step over an unwrapped student chunk and a teacher chunk (weights loaded).
+
+    With a representation loss, this stage's projection (``projection``, identity when None;
+    ``bridge``: the maps of mode ``bridge``, read by :mod:`oprd_mega.bridge.loaded`) is
+    attached to the student before Megatron's DDP wraps it; the optimizer covers both. The step
+    holds the wrapped ``student`` and the ``optimizer``.
+    """
+    if options.uses_oprd:
+        if projection is not None and projection.mode == "bridge" and bridge is None:
+            raise ValueError("projection.mode 'bridge': the step needs the loaded bridge")
+        attach_projection(
+            student,
+            projection or ProjectionSpec(),
+            stage_layers(student, pairs),
+            student.config.hidden_size,
+            unwrap(teacher).config.hidden_size,
+            sequence_parallel=bool(student.config.sequence_parallel),
+            bridge=bridge,
+        )
+    model = wrap_student(student, optimizer.use_distributed_optimizer)
+    return DistillStep(
+        model,
+        teacher,
+        build_optimizer(model, optimizer),
+        pairs,
+        options,
+        bridge=None if bridge is None else bridge.teacher,
+    )

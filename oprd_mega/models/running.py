@@ -1,0 +1,81 @@
+"""Running a built Megatron model: the module inside its wrappers, hooks on its layers, and a
+forward-only pass through Megatron's pipeline schedule.
+
+The teacher pass, the bridge's state collection, the conversion check and the weight-sync probe
+all run their models through here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Collection, Iterator, Sequence
+from typing import Any
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+LayerHook = Callable[[torch.nn.Module, tuple, Any], None]
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def layer_hooks(
+    model: torch.nn.Module, hook: LayerHook, layers: Collection[int] | None = None
+) -> Iterator[None]:
+    """``hook(layer, inputs, output)`` on the decoder layers this pipeline stage owns (only
+    those whose global ``layer_number`` is in ``layers``, when given), removed on exit."""
+    handles = [
+        layer.register_forward_hook(hook)
+        for layer in unwrap(model).decoder.layers
+        if layers is None or layer.layer_number in layers
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_only(
+    model: torch.nn.Module,
+    batches: Sequence[Any],
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    forward: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+    outputs: Callable[[Any, torch.Tensor], dict] | None = None,
+) -> list[dict]:
+    """Megatron's forward-only schedule over ``batches`` (one microbatch each; collective over
+    the model-parallel groups), without autograd.
+
+    ``forward(model, batch)`` runs one microbatch (default: ``model(batch, None, None)``, the
+    batch being the token ids); ``outputs(batch, output)`` gives the dict the last pipeline
+    stage returns for it (default: nothing). Returns those dicts in order (last stage only).
+    """
+
+    def forward_step(data_iterator, step_model):  # type: ignore[no-untyped-def]
+        batch = next(data_iterator)
+        output = step_model(batch, None, None) if forward is None else forward(step_model, batch)
+
+        def loss_func(tensor: torch.Tensor):  # type: ignore[no-untyped-def]
+            kept = {} if outputs is None else outputs(batch, tensor)
+            return torch.zeros((), device=tensor.device), kept
+
+        return output, loss_func
+
+    with torch.no_grad():
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=True,
+        )
