@@ -12,7 +12,13 @@ step, after returning freed heap memory to the system (``malloc_trim``).
 
 Default shape (scaled down, the paper's proportions): 4 layers, hidden 512, vocabulary 151,936,
 2 sequences of 2,048 tokens (1,024 prompt + 1,024 response), last_k = 512, all layers tapped.
-Run single-process: ``python tools/bench_step.py``.
+``--preset`` takes one of the paper's teacher -> student pairs at its real shapes instead
+(:mod:`oprd_mega.models.presets`, random weights; ``--scale`` shrinks it, ``--vocab`` replaces
+the vocabulary); widths that differ go through a learned ``full`` projection. Per method it also
+reports tokens/s, the teacher pass time and the student's model FLOPs utilisation (the
+scheduler's FLOP model over the card's dense peak, :mod:`oprd_mega.train.throughput`; on a CPU
+only with ``--peak-tflops``). Run single-process: ``python tools/bench_step.py`` (dPeak is
+rank 0's).
 """
 
 from __future__ import annotations
@@ -28,23 +34,80 @@ import sys
 import threading
 import time
 
+from oprd_mega.models.presets import PRESETS, preset, scaled
+
 METHODS = {"oprd": ("oprd", 16), "opd-top1": ("opd-top1", 16), "opd-top16": ("opd-topk", 16)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=151936)
-    parser.add_argument("--sequences", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--prompt-len", type=int, default=1024)
-    parser.add_argument("--last-k", type=int, default=512)
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a paper pair at its real shapes (random weights)"
+    )
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="shrink the preset's width and depth (0, 1]"
+    )
+    parser.add_argument("--layers", type=int, default=4, help="layers (default shape only)")
+    parser.add_argument("--hidden", type=int, default=512, help="width (default shape only)")
+    parser.add_argument("--heads", type=int, default=8, help="heads (default shape only)")
+    parser.add_argument(
+        "--vocab", type=int, help="vocabulary (default: the preset's; 151,936 otherwise)"
+    )
+    parser.add_argument("--sequences", type=int, default=2, help="sequences per step")
+    parser.add_argument(
+        "--micro-batch-size", type=int, help="sequences per microbatch (default: all of them)"
+    )
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    parser.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens per sequence")
+    parser.add_argument("--last-k", type=int, default=512, help="supervised response positions")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="parameter dtype (auto: bfloat16 on CUDA, float32 on a CPU)",
+    )
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the device's dense peak (default: the card's table)"
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 < args.scale <= 1:
+        parser.error(f"--scale must be in (0, 1], got {args.scale}")
+    if args.scale != 1 and args.preset is None:
+        parser.error("--scale needs --preset")
+    if not 0 < args.prompt_len < args.seq_len:
+        parser.error(f"--prompt-len must be in 1..{args.seq_len - 1}, got {args.prompt_len}")
+    if args.micro_batch_size is not None and not 0 < args.micro_batch_size <= args.sequences:
+        parser.error(f"--micro-batch-size must be in 1..{args.sequences}")
+    return args
+
+
+def model_configs(args: argparse.Namespace) -> tuple[dict, dict, str]:
+    """Teacher and student ``config.json`` contents, and a label for the report."""
+    if args.preset is not None:
+        pair = preset(args.preset)
+        label = f"{pair.teacher_name} -> {pair.student_name}"
+        if args.scale != 1:
+            label += f" x{args.scale:g}"
+        teacher = scaled(pair.teacher, args.scale, vocab_size=args.vocab)
+        student = scaled(pair.student, args.scale, vocab_size=args.vocab)
+        return teacher, student, label
+    config = {
+        "model_type": "qwen3",
+        "vocab_size": args.vocab or 151936,
+        "hidden_size": args.hidden,
+        "intermediate_size": 3 * args.hidden,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": max(1, args.heads // 4),
+        "head_dim": args.hidden // args.heads,
+        "max_position_embeddings": args.seq_len,
+        "rope_theta": 1e6,
+    }
+    return config, config, "default (scaled-down Qwen3)"
 
 
 class _RssPeak:
@@ -91,41 +154,56 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     from oprd_mega.distill.layers import layer_pairs
     from oprd_mega.distill.options import OptimizerOptions
     from oprd_mega.distill.positions import PositionSpec
+    from oprd_mega.distill.projection import ProjectionSpec
     from oprd_mega.distill.step import StepOptions
     from oprd_mega.models import build_gpt_model, parse_hf_config
+    from oprd_mega.models.builder import resolve_dtype
     from oprd_mega.parallel import init_distributed
+    from oprd_mega.train.batching import model_dims
+    from oprd_mega.train.throughput import model_flops_utilization, peak_tflops, training_flops
 
     init_distributed()
     torch.manual_seed(0)
-    config = {
-        "model_type": "qwen3",
-        "vocab_size": args.vocab,
-        "hidden_size": args.hidden,
-        "intermediate_size": 3 * args.hidden,
-        "num_hidden_layers": args.layers,
-        "num_attention_heads": args.heads,
-        "num_key_value_heads": max(1, args.heads // 4),
-        "head_dim": args.hidden // args.heads,
-        "max_position_embeddings": args.seq_len,
-        "rope_theta": 1e6,
-    }
-    model_args = parse_hf_config(config, where="bench_step")
+    cuda = torch.cuda.is_available()
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    dtype = resolve_dtype(dtype_name)
+    teacher_config, student_config, _ = model_configs(args)
+    s_args = parse_hf_config(student_config, where="bench_step student")
+    t_args = parse_hf_config(teacher_config, where="bench_step teacher")
     method, k = METHODS[name]
-    pairs = layer_pairs("all", args.layers, args.layers)
+    pairs = layer_pairs("all", s_args.num_layers, t_args.num_layers)
     options = StepOptions(method=method, top_k=k, opd_chunk_tokens=1024)
-    student = build_gpt_model(model_args)
-    teacher = build_teacher(model_args, pairs, options)
-    step = build_step(student, teacher, pairs, options, OptimizerOptions(lr=1e-5))
+    student = build_gpt_model(s_args, params_dtype=dtype)
+    teacher = build_teacher(t_args, pairs, options, params_dtype=dtype)
+    # Widths that differ (the Qwen3 presets) go through a learned map, as the paper's runs do.
+    projection = (
+        ProjectionSpec("full", normalize=True) if s_args.hidden_size != t_args.hidden_size else None
+    )
+    step = build_step(
+        student, teacher, pairs, options, OptimizerOptions(lr=1e-5), projection=projection
+    )
+    vocab = min(s_args.vocab_size, t_args.vocab_size)
     generator = torch.Generator().manual_seed(1)
     sequences = [
-        torch.randint(0, args.vocab, (args.seq_len,), generator=generator).tolist()
+        torch.randint(0, vocab, (args.seq_len,), generator=generator).tolist()
         for _ in range(args.sequences)
     ]
     spec = PositionSpec("last_k", args.last_k)
+    per_microbatch = args.micro_batch_size or args.sequences
     microbatches = [
-        make_microbatch(0, sequences, [args.prompt_len] * args.sequences, args.seq_len, spec)
+        make_microbatch(
+            index,
+            sequences[start : start + per_microbatch],
+            [args.prompt_len] * len(sequences[start : start + per_microbatch]),
+            args.seq_len,
+            spec,
+        )
+        for index, start in enumerate(range(0, args.sequences, per_microbatch))
     ]
-    cuda = torch.cuda.is_available()
+    flops = training_flops(model_dims(s_args), [args.seq_len] * args.sequences)
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = args.peak_tflops or (peak_tflops(device, dtype_name) if cuda else None)
+    teacher_times = []
     times, peaks = [], []
     for index in range(args.steps + 1):
         _trim()
@@ -136,15 +214,29 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
         base = torch.cuda.memory_allocated() if cuda else sampler.rss()
         start = time.perf_counter()
         with sampler:
-            step.run(microbatches)
+            result = step.run(microbatches)
             if cuda:
                 torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() if cuda else sampler.peak
+        top = torch.cuda.max_memory_allocated() if cuda else sampler.peak
         if index:  # the first step is a warm-up
             times.append(seconds)
-            peaks.append(peak - base)
-    return {"time": statistics.median(times), "dpeak": max(peaks), "cuda": cuda}
+            peaks.append(top - base)
+            teacher_times.append(result.teacher_seconds)
+    median = statistics.median(times)
+    return {
+        "time": median,
+        "dpeak": max(peaks),
+        "teacher_time": statistics.median(teacher_times),
+        "tokens_per_s": args.sequences * args.seq_len / median,
+        "student_tflops": flops / 1e12,
+        "mfu": None if peak is None else model_flops_utilization(flops, median, peak),
+        "peak_tflops": peak,
+        "device": device,
+        "dtype": dtype_name,
+        "rank": 0,
+        "cuda": cuda,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,14 +265,23 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = json.loads(lines[-1][len("RESULT ") :])
         print(f"# {name}: {json.dumps(results[name])}", flush=True)  # partial results survive
     reference = results.get("opd-top16")
-    print(f"{'method':<10} {'time_s':>9} {'dpeak_MiB':>10} {'time/top16':>11} {'dpeak/top16':>12}")
+    print(f"# shape: {model_configs(args)[2]}, {args.sequences} x {args.seq_len} tokens")
+    print(
+        f"{'method':<10} {'time_s':>9} {'dpeak_MiB':>10} {'time/top16':>11} {'dpeak/top16':>12} "
+        f"{'tokens/s':>10} {'teacher_s':>10} {'mfu':>7}"
+    )
     for name, value in results.items():
         time_ratio = value["time"] / reference["time"] if reference else float("nan")
         peak_ratio = value["dpeak"] / reference["dpeak"] if reference else float("nan")
+        mfu = "-" if value["mfu"] is None else f"{100 * value['mfu']:.1f}%"
         print(
             f"{name:<10} {value['time']:>9.3f} {value['dpeak'] / 2**20:>10.1f} "
-            f"{time_ratio:>11.3f} {peak_ratio:>12.3f}"
+            f"{time_ratio:>11.3f} {peak_ratio:>12.3f} {value['tokens_per_s']:>10.0f} "
+            f"{value['teacher_time']:>10.3f} {mfu:>7}"
         )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump({"args": vars(args), "results": results}, handle, indent=2)
     if reference and "oprd" in results:
         print(
             f"ratio oprd/opd-top16 time={results['oprd']['time'] / reference['time']:.3f} "

@@ -8,15 +8,16 @@
 # oprd_kernels is made importable through a link to kernels/. The wheels under .whl/
 # (tools/fetch_gpu_wheels.sh: megatron-core, pydantic and its dependencies, msgspec) are
 # installed into /tmp/site first. Stages (limit in seconds), each with its log:
-#   bench (200)         kernel benchmark, bf16, d_s=2048, d_t=4096, N in {32768, 8192},
+#   bench (170)         kernel benchmark, bf16, d_s=2048, d_t=4096, N in {32768, 8192},
 #                       forward+backward: compile (torch.compile of the naive loss), triton,
 #                       triton-recompute, triton-fused, 3gemm (three cuBLAS GEMMs), side by
 #                       side -> bench.log/.json; fresh Triton cache, so "1st call" is cold
 #   bench_nograd (45)   no-grad forward at N=32768: triton, triton-fused vs one GEMM
 #   kernel_tests (120)  pytest tests/kernels on CUDA
 #   megatron_tests (50) pytest tests/models on CUDA (needs megatron-core and pydantic)
-#   bench_step (50)     tools/bench_step.py --steps 5: OPRD / OPD top-1 / OPD top-16 step time
-#                       and dPeak on the GPU
+#   bench_step (95)     tools/bench_step.py --preset qwen3-8b-1.7b (the 8B teacher truncated at
+#                       its deepest tap), 8 x 4,096 tokens in microbatches of 2, bf16: OPRD vs
+#                       OPD top-16 step time, dPeak, tokens/s, teacher time, student MFU
 # The benchmark writes its JSON after every case, so a stage cut short keeps what it measured.
 # env.txt holds card, driver, versions and commit; summary.txt the final table.
 set -uo pipefail
@@ -60,7 +61,7 @@ stage() {
 
 bench_shape=2048x4096
 cold_cache="$(mktemp -d)"
-TRITON_CACHE_DIR="$cold_cache" stage bench 200 python3 -m oprd_kernels.benchmark \
+TRITON_CACHE_DIR="$cold_cache" stage bench 170 python3 -m oprd_kernels.benchmark \
   --shapes "32768x$bench_shape" "8192x$bench_shape" --dtypes bfloat16 --modes forward+backward \
   --impls 3gemm triton compile triton-fused triton-recompute --timeout 120 --json "$out/bench.json"
 stage bench_nograd 45 python3 -m oprd_kernels.benchmark \
@@ -68,7 +69,9 @@ stage bench_nograd 45 python3 -m oprd_kernels.benchmark \
   --impls 3gemm triton triton-fused --timeout 40 --json "$out/bench_nograd.json"
 stage kernel_tests 120 python3 -m pytest tests/kernels -q -p no:cacheprovider -o addopts=""
 stage megatron_tests 50 python3 -m pytest tests/models -q -p no:cacheprovider -o addopts=""
-stage bench_step 50 python3 tools/bench_step.py --steps 5
+stage bench_step 95 python3 tools/bench_step.py --preset qwen3-8b-1.7b --sequences 8 \
+  --micro-batch-size 2 --seq-len 4096 --prompt-len 1024 --last-k 2000 --steps 2 \
+  --methods oprd,opd-top16 --json "$out/bench_step.json"
 
 timeout 30 python3 - "$out" <<'EOF' | tee "$out/summary.txt"
 """One table: stage status, kernel times and ratios of the same run, test counts, step ratio."""
@@ -92,6 +95,17 @@ for line in (out / "stages.tsv").read_text().splitlines()[1:]:
         ratio = re.findall(r"ratio oprd/opd-top16 .*", text)
         result = result or (ratio[-1] if ratio else "no ratio line")
     rows.append((name, f"rc={rc}", f"{seconds} s", result))
+step_json = out / "bench_step.json"
+if step_json.exists():
+    import json
+
+    for method, r in json.loads(step_json.read_text())["results"].items():
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        rows.append((
+            "step", f"{method} {r['dtype']}", f"{r['time']:.3f} s",
+            f"MFU {mfu}; {r['tokens_per_s']:.0f} tokens/s; teacher {r['teacher_time']:.3f} s; "
+            f"dPeak {r['dpeak'] / 2**30:.2f} GiB",
+        ))  # fmt: skip
 for json_name in ("bench.json", "bench_nograd.json"):
     path = out / json_name
     if not path.exists():

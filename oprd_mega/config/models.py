@@ -10,6 +10,8 @@ from oprd_mega.parallel.layout import ParallelLayout
 
 # The names oprd_mega.models.builder.resolve_dtype accepts (a test keeps them equal).
 DType = Literal["float32", "bfloat16", "float16"]
+# oprd_mega.models.specs.TRANSFORMER_IMPLS (a test keeps them equal).
+TransformerImpl = Literal["local", "transformer_engine", "auto"]
 
 
 class ModelSection(Section):
@@ -19,6 +21,11 @@ class ModelSection(Section):
     """Hugging Face model directory (config.json, tokenizer, safetensors weights)."""
     dtype: DType = "bfloat16"
     """Parameter dtype (paper: bf16; float32 on CPU)."""
+    transformer_impl: TransformerImpl = "auto"
+    """Layer implementation, as Megatron-LM's ``--transformer-impl``: ``transformer_engine``
+    (fails before any server starts when TE cannot run), ``local`` (Megatron's own modules with
+    SDPA attention) or ``auto`` (TE when it imports on CUDA, local otherwise). With TE, the fused
+    RoPE and gradient-accumulation paths are on whenever their requirements hold."""
 
 
 Parallel = adopt(

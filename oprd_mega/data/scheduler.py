@@ -24,7 +24,9 @@ class ModelDims:
 
     ``num_layers`` counts the layers actually run (for the teacher: up to the deepest tapped
     layer); ``kv_size`` is ``num_query_groups * head_dim`` (``hidden_size`` without GQA);
-    ``vocab_size`` is 0 when no LM head runs (the teacher).
+    ``q_size`` is ``num_attention_heads * head_dim`` (``hidden_size`` unless the heads are wider
+    or narrower than the model, as in Qwen3-4B); ``vocab_size`` is 0 when no LM head runs (the
+    teacher).
     """
 
     num_layers: int
@@ -33,6 +35,7 @@ class ModelDims:
     vocab_size: int = 0
     kv_size: int | None = None
     gated_mlp: bool = True
+    q_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size"):
@@ -40,8 +43,10 @@ class ModelDims:
                 raise ValueError(f"ModelDims.{name} must be positive, got {getattr(self, name)}")
         if self.vocab_size < 0:
             raise ValueError(f"ModelDims.vocab_size must be >= 0, got {self.vocab_size}")
-        if self.kv_size is not None and self.kv_size <= 0:
-            raise ValueError(f"ModelDims.kv_size must be positive, got {self.kv_size}")
+        for name in ("kv_size", "q_size"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"ModelDims.{name} must be positive, got {value}")
 
     @classmethod
     def from_hf_config(
@@ -63,16 +68,19 @@ class ModelDims:
             ffn_hidden_size=config.intermediate_size,
             vocab_size=config.vocab_size if lm_head else 0,
             kv_size=kv_heads * head_dim,
+            q_size=heads * head_dim,
         )
 
     def forward_flops(self, length: int) -> float:
         """Forward FLOPs of one sequence of ``length`` tokens (matmuls only, causal attention)."""
         h = self.hidden_size
         kv = h if self.kv_size is None else self.kv_size
+        q = h if self.q_size is None else self.q_size
         mlp_mats = 3 if self.gated_mlp else 2
-        per_token_layer = 2 * (2 * h * h + 2 * h * kv + mlp_mats * h * self.ffn_hidden_size)
+        # Q and output projections, K and V projections, the MLP; 2 FLOPs per multiply-add.
+        per_token_layer = 2 * (2 * h * q + 2 * h * kv + mlp_mats * h * self.ffn_hidden_size)
         # QK^T and AV over a causal mask: about length^2 / 2 pairs, 2 FLOPs each, both matmuls.
-        attention_layer = 2.0 * h * length * length
+        attention_layer = 2.0 * q * length * length
         linear = self.num_layers * per_token_layer * length + 2.0 * h * self.vocab_size * length
         return float(linear + self.num_layers * attention_layer)
 

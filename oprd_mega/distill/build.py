@@ -26,17 +26,27 @@ def build_teacher(
     *,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
+    use_te: bool | None = None,
 ) -> torch.nn.Module:
     """This rank's stage of the frozen teacher: the full model when an OPD term needs its
-    logits, otherwise truncated at the deepest tapped teacher layer (no final norm, no head)."""
+    logits, otherwise truncated at the deepest tapped teacher layer (no final norm, no head).
+    ``use_te``: Transformer Engine layers (default: when TE can run)."""
     if options.opd_kind is not None:
         teacher = build_gpt_model(
-            args, params_dtype=params_dtype, sequence_parallel=sequence_parallel
+            args,
+            params_dtype=params_dtype,
+            sequence_parallel=sequence_parallel,
+            use_te=use_te,
+            trainable=False,
         )
     else:
         depth = teacher_depth(pairs, args.num_layers, needs_logits=False)
         teacher = build_truncated_model(
-            args, depth, params_dtype=params_dtype, sequence_parallel=sequence_parallel
+            args,
+            depth,
+            params_dtype=params_dtype,
+            sequence_parallel=sequence_parallel,
+            use_te=use_te,
         )
     for param in teacher.parameters():
         param.requires_grad_(False)

@@ -7,6 +7,7 @@ teacher's first K layers without final norm and output layer. Both use the curre
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -47,14 +48,48 @@ def _pipeline_split(num_layers: int, pp: int) -> dict[str, int | None]:
     return {"num_layers_in_last_pipeline_stage": last}
 
 
+def fusions(*, use_te: bool, trainable: bool) -> dict[str, bool]:
+    """Megatron's fused paths, each on exactly when its requirements hold on this machine.
+
+    Softmax, bias-activation (SwiGLU) and bias-dropout fusions need CUDA only. RoPE fusion needs
+    Transformer Engine's fused rotary kernels. Gradient-accumulation fusion (weight gradients
+    accumulated straight into Megatron DDP's fp32 ``main_grad``) needs TE linear layers and, for
+    Megatron's own output layer, apex's ``fused_weight_gradient_mlp_cuda``; it only matters for
+    a model that trains.
+    """
+    cuda = torch.cuda.is_available()
+    te = cuda and use_te
+    return {
+        "masked_softmax_fusion": cuda,
+        "bias_activation_fusion": cuda,
+        "bias_dropout_fusion": cuda,
+        "apply_rope_fusion": te and _rope_fusion_available(),
+        "gradient_accumulation_fusion": te
+        and trainable
+        and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None,
+    }
+
+
+def _rope_fusion_available() -> bool:
+    from megatron.core.models.common.embeddings import rope_utils
+
+    return rope_utils.fused_apply_rotary_pos_emb is not None
+
+
 def transformer_config(
     args: HFModelArgs,
     *,
     num_layers: int | None = None,
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
+    use_te: bool = False,
+    trainable: bool = True,
 ) -> TransformerConfig:
-    """Megatron's ``TransformerConfig`` for ``args`` under the current parallel_state."""
+    """Megatron's ``TransformerConfig`` for ``args`` under the current parallel_state.
+
+    ``use_te`` and ``trainable`` (the student, not the frozen teacher) decide which fused paths
+    are switched on (:func:`fusions`).
+    """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     num_layers = args.num_layers if num_layers is None else num_layers
@@ -68,7 +103,6 @@ def transformer_config(
     ):
         if value % tp:
             raise ValueError(f"{field}={value} is not divisible by tensor parallel size {tp}")
-    fused = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=num_layers,
         hidden_size=args.hidden_size,
@@ -96,12 +130,8 @@ def transformer_config(
         pipeline_model_parallel_size=pp,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=fused,
-        bias_activation_fusion=fused,
-        bias_dropout_fusion=fused,
-        apply_rope_fusion=False,
         persist_layer_norm=False,
+        **fusions(use_te=use_te, trainable=trainable),
         **_pipeline_split(num_layers, pp),
     )
 
@@ -111,10 +141,9 @@ def _build(
     config: TransformerConfig,
     *,
     post_process: bool,
-    use_te: bool | None,
+    use_te: bool,
     tied: bool,
 ) -> GPTModel:
-    use_te = te_available() if use_te is None else use_te
     num_to_build = get_num_layers_to_build(config)
     model = GPTModel(
         config=config,
@@ -138,10 +167,20 @@ def build_gpt_model(
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     use_te: bool | None = None,
+    trainable: bool = True,
 ) -> GPTModel:
-    """This rank's pipeline stage of the full model (embedding, layers, final norm, LM head)."""
+    """This rank's pipeline stage of the full model (embedding, layers, final norm, LM head).
+
+    ``use_te``: Transformer Engine layers (default: when TE can run, see
+    :func:`~oprd_mega.models.specs.resolve_use_te`); ``trainable=False`` for a frozen model.
+    """
+    use_te = te_available() if use_te is None else use_te
     config = transformer_config(
-        args, params_dtype=params_dtype, sequence_parallel=sequence_parallel
+        args,
+        params_dtype=params_dtype,
+        sequence_parallel=sequence_parallel,
+        use_te=use_te,
+        trainable=trainable,
     )
     return _build(args, config, post_process=True, use_te=use_te, tied=args.tie_word_embeddings)
 
@@ -159,7 +198,13 @@ def build_truncated_model(
     Its forward returns the last kept layer's output ``[seq, batch, hidden]`` (a sequence shard
     under sequence parallelism).
     """
+    use_te = te_available() if use_te is None else use_te
     config = transformer_config(
-        args, num_layers=num_layers, params_dtype=params_dtype, sequence_parallel=sequence_parallel
+        args,
+        num_layers=num_layers,
+        params_dtype=params_dtype,
+        sequence_parallel=sequence_parallel,
+        use_te=use_te,
+        trainable=False,
     )
     return _build(args, config, post_process=False, use_te=use_te, tied=False)

@@ -56,15 +56,44 @@ class RMSNorm(torch.nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def te_available() -> bool:
-    """Whether Transformer Engine can be used (importable and CUDA present)."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("transformer_engine") is None:
-        return False
+# Megatron-LM's --transformer-impl choices, plus "auto" (TE when it can run).
+TRANSFORMER_IMPLS = ("local", "transformer_engine", "auto")
+
+
+def te_unavailable_reason() -> str | None:
+    """Why Transformer Engine cannot be used here, or ``None`` when it can."""
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    if importlib.util.find_spec("transformer_engine") is None:
+        return "transformer_engine is not installed (pip install -e '.[gpu]')"
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:
+    except Exception as error:  # TE raises OSError, ImportError, RuntimeError for a bad install
+        return f"transformer_engine.pytorch does not import: {type(error).__name__}: {error}"
+    return None
+
+
+def te_available() -> bool:
+    """Whether Transformer Engine can be used (importable and CUDA present)."""
+    return te_unavailable_reason() is None
+
+
+def resolve_use_te(impl: str, field: str = "transformer_impl") -> bool:
+    """Whether ``impl`` (``local``, ``transformer_engine`` or ``auto``) builds TE layers.
+
+    ``auto`` takes TE when it can run; asking for ``transformer_engine`` where it cannot is an
+    error naming ``field`` and the reason.
+    """
+    if impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"{field}={impl!r} is not one of {', '.join(TRANSFORMER_IMPLS)}")
+    if impl == "local":
         return False
-    return True
+    reason = te_unavailable_reason()
+    if impl == "transformer_engine" and reason is not None:
+        raise ValueError(
+            f"{field}='transformer_engine' cannot be used: {reason}; use {field}=local or auto"
+        )
+    return reason is None
 
 
 def layer_spec(args: HFModelArgs, use_te: bool | None = None) -> ModuleSpec:

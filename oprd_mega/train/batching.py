@@ -41,6 +41,7 @@ def model_dims(args: HFModelArgs, num_layers: int | None = None, lm_head: bool =
         ffn_hidden_size=args.intermediate_size,
         vocab_size=args.vocab_size if lm_head else 0,
         kv_size=args.num_key_value_heads * args.head_dim,
+        q_size=args.num_attention_heads * args.head_dim,
     )
 
 

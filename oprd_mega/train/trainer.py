@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from oprd_mega.config import (
+    ConfigError,
     TrainConfig,
     check_models,
     check_paths,
@@ -28,6 +29,7 @@ from oprd_mega.config import (
     data_parallel_size,
     dump_config,
 )
+from oprd_mega.models.specs import resolve_use_te
 from oprd_mega.train.batching import StepSample
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
 from oprd_mega.train.prompt_stream import PromptStream
@@ -47,6 +49,18 @@ def say(message: str) -> None:
     """A line on rank 0's standard output."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"{log_prefix} {message}", flush=True)
+
+
+def _transformer_impls(config: TrainConfig) -> dict[str, bool]:
+    """Whether student and teacher build Transformer Engine layers (checked before any server)."""
+    use_te = {}
+    for role in ("student", "teacher"):
+        field = f"{role}.transformer_impl"
+        try:
+            use_te[role] = resolve_use_te(getattr(config, role).transformer_impl, field)
+        except ValueError as error:
+            raise ConfigError([str(error)]) from error
+    return use_te
 
 
 def shared(producer: Callable[[], Any], what: str) -> Any:
@@ -119,6 +133,7 @@ class Trainer:
         self.student_args = load_hf_config(config.student.path)
         self.teacher_args = load_hf_config(config.teacher.path)
         self.pairs = check_models(config, self.student_args, self.teacher_args)
+        self.use_te = _transformer_impls(config)
         if config.optimizer.use_distributed_optimizer:
             _require_apex_or_te()
         self.bridge = None
@@ -211,7 +226,10 @@ class Trainer:
         sp = config.parallel.sp
         s_args, t_args = self.student_args, self.teacher_args
         student = build_gpt_model(
-            s_args, params_dtype=resolve_dtype(config.student.dtype), sequence_parallel=sp
+            s_args,
+            params_dtype=resolve_dtype(config.student.dtype),
+            sequence_parallel=sp,
+            use_te=self.use_te["student"],
         )
         if self.resume_from is None:
             load_hf_weights(student, s_args, HFCheckpointReader(config.student.path))
@@ -222,6 +240,7 @@ class Trainer:
             options,
             params_dtype=resolve_dtype(config.teacher.dtype),
             sequence_parallel=sp,
+            use_te=self.use_te["teacher"],
         )
         load_hf_weights(teacher, t_args, HFCheckpointReader(config.teacher.path))
         self.teacher = teacher

@@ -120,3 +120,15 @@ def test_train_command_names_config_errors(capsys: pytest.CaptureFixture[str]) -
     assert "distillation.methd" in err and "did you mean 'distillation.method'" in err
     assert main(["train", "--config", str(example), "--resume", "always", "seed=-1"]) == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_transformer_engine_request_fails_before_servers_on_cpu() -> None:
+    from oprd_mega.config import ConfigError
+    from oprd_mega.train.trainer import _transformer_impls
+    from tests.config.helpers import minimal
+
+    assert _transformer_impls(minimal()) == {"student": False, "teacher": False}
+    with pytest.raises(ConfigError, match=r"teacher\.transformer_impl='transformer_engine'"):
+        _transformer_impls(minimal("teacher.transformer_impl=transformer_engine"))
+    with pytest.raises(ConfigError, match=r"student\.transformer_impl"):
+        minimal("student.transformer_impl=te")

@@ -1,0 +1,49 @@
+"""tools/bench_step.py with a paper preset, shrunk to CPU size: the report and its MFU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oprd_mega.models.hf_config import parse_hf_config
+from oprd_mega.models.presets import preset, scaled
+from oprd_mega.train.batching import model_dims
+from oprd_mega.train.throughput import training_flops
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_step.py"
+
+
+def test_preset_run_reports_ratios_throughput_and_mfu(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    argv = [
+        "--preset", "qwen3-8b-1.7b", "--scale", "0.0625", "--vocab", "256",
+        "--sequences", "2", "--micro-batch-size", "1", "--seq-len", "48", "--prompt-len", "16",
+        "--last-k", "8", "--steps", "1", "--methods", "oprd,opd-top16",
+        "--peak-tflops", "0.5", "--json", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(TOOL), *argv], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "# shape: Qwen3-8B -> Qwen3-1.7B x0.0625, 2 x 48 tokens" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("ratio oprd/opd-top16 time=")
+    report = json.loads(out.read_text())["results"]
+    # The student's FLOPs, from transformers-free arithmetic on the scaled published shape.
+    student = parse_hf_config(scaled(preset("qwen3-8b-1.7b").student, 0.0625, vocab_size=256))
+    flops = training_flops(model_dims(student), [48, 48])
+    for method in ("oprd", "opd-top16"):
+        row = report[method]
+        assert row["student_tflops"] == pytest.approx(flops / 1e12)
+        assert row["tokens_per_s"] == pytest.approx(96 / row["time"])
+        assert row["mfu"] == pytest.approx(flops / row["time"] / 0.5e12)
+        assert 0 < row["teacher_time"] < row["time"]
+        assert row["dtype"] == "float32" and row["rank"] == 0
+
+
+def test_bad_arguments_are_refused_by_name() -> None:
+    result = subprocess.run(
+        [sys.executable, str(TOOL), "--scale", "0.5"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and "--scale needs --preset" in result.stderr
