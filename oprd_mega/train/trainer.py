@@ -29,6 +29,7 @@ from oprd_mega.config import (
     dump_config,
 )
 from oprd_mega.train.batching import StepSample
+from oprd_mega.train.evaluation import describe_eval, evaluation_sets, load_eval_set, score
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
 from oprd_mega.train.prompt_stream import PromptStream
 
@@ -187,16 +188,10 @@ class Trainer:
             ) from exc
         prompts = load_prompts(data.path, self.tokenizer, **data.load_options())
         self.prompts = PromptStream(prompts, self.config.seed, data.shuffle)
-        evaluation = self.config.evaluation
-        if evaluation.interval > 0 and evaluation.prompts is not None:
-            held_out = load_prompts(evaluation.prompts, self.tokenizer, **data.rendering_options())
-            missing = [p.index for p in held_out if evaluation.answer_key not in p.extra]
-            if missing:
-                raise TrainingError(
-                    f"evaluation.prompts = {evaluation.prompts!r}: row {missing[0]} has no "
-                    f"column {evaluation.answer_key!r} (evaluation.answer_key)"
-                )
-            self.eval_prompts = held_out[: evaluation.max_prompts]
+        self.eval_prompts = [
+            (eval_set, load_eval_set(eval_set, self.tokenizer, **data.rendering_options()))
+            for eval_set in evaluation_sets(self.config)
+        ]
 
     def _build_models(self) -> None:
         from megatron.core import parallel_state
@@ -535,7 +530,7 @@ class Trainer:
 
     def _maybe_evaluate(self, step: int, force: bool = False) -> None:
         evaluation = self.config.evaluation
-        if evaluation.interval <= 0 or evaluation.prompts is None:
+        if evaluation.interval <= 0 or not evaluation_sets(self.config):
             return
         last = step == self.config.schedule.steps
         if not (force or last or step % evaluation.interval == 0):
@@ -544,21 +539,28 @@ class Trainer:
         self.evaluations.append(EvalResult(step, metrics))
         if self.rank == 0:
             self.metrics.log(step, metrics, kind="eval")
-            accuracy = metrics.get("eval/avg_at_k", float("nan"))
-            say(f"step {step}: held-out Avg@{evaluation.k} {100 * accuracy:.1f}%")
+            for eval_set in evaluation_sets(self.config):
+                say(f"step {step}: {describe_eval(eval_set, metrics)}")
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        from oprd_mega.train.evaluation import score
-
-        evaluation = self.config.evaluation
-        prompts = self.eval_prompts
-        groups = self.rollouts.generate(
-            [p.prompt_ids for p in prompts],
-            self.config.evaluation_sampling,
-            1_000_000 + step,
-            self.weight_version,
-        )
-        return score(prompts, groups, self.tokenizer, evaluation.answer_key, evaluation.verifier)
+        """Every evaluation set's metrics (rank 0)."""
+        metrics: dict[str, float] = {}
+        for eval_set, prompts in self.eval_prompts:
+            groups = self.rollouts.generate(
+                [p.prompt_ids for p in prompts],
+                eval_set.sampling,
+                1_000_000 + step,
+                self.weight_version,
+            )
+            metrics |= score(
+                prompts,
+                groups,
+                self.tokenizer,
+                eval_set.answer_key,
+                eval_set.verifier,
+                eval_set.prefix,
+            )
+        return metrics
 
     # ------------------------------------------------------------------ output
 
