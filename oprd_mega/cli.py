@@ -72,6 +72,19 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _add_plot(subparsers: argparse._SubParsersAction) -> None:
+    from oprd_mega.train.plot import DESCRIPTION, add_arguments, run
+
+    parser = subparsers.add_parser(
+        "plot",
+        help="draw runs (accuracy, loss, per-layer alignment), bridge reports or kernel "
+        "benchmarks to an image",
+        description=DESCRIPTION,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="oprd-mega", description=__doc__)
@@ -79,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(subparsers)
     _add_serve(subparsers)
     _add_evaluate(subparsers)
+    _add_plot(subparsers)
     return parser
 
 
