@@ -73,4 +73,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m oprd_mega.train``."""
     parser = argparse.ArgumentParser(prog="python -m oprd_mega.train", description=DESCRIPTION)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_intermixed_args(argv))  # flags and overrides in any order
