@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from oprd_mega.config.training import EvalSetSection
 from oprd_mega.data.prompts import Prompt, PromptDataError, load_prompts
 from oprd_mega.rollout.samples import Sample
 from oprd_mega.rollout.sampling import SamplingConfig
+from oprd_mega.train.logs import Progress, add_log_level_argument, logger, setup_logging
 from oprd_mega.train.verifiers import make_verifier, pass_k_values, summarize
 
 
@@ -207,6 +209,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    add_log_level_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -219,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
     from oprd_mega.rollout.sampling import sample_groups
     from oprd_mega.rollout.servers import LaunchConfig, ServerGroup
 
+    # Logs on standard error: standard output holds the result (--json is read by scripts).
+    setup_logging(getattr(args, "log_level", "INFO"), stream=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     try:
         prompts = load_prompts(
@@ -237,10 +242,13 @@ def run(args: argparse.Namespace) -> int:
 
     async def main(urls: list[str]) -> list[list[Sample]]:
         async with RolloutClient(urls) as client:
-            return await sample_groups(client, [p.prompt_ids for p in prompts], sampling)
+            ids = [p.prompt_ids for p in prompts]
+            return await sample_groups(client, ids, sampling, on_prompt_done=progress.update)
 
     with ServerGroup.launch(launch) as servers:
-        groups = asyncio.run(main(servers.urls))
+        logger.info(f"evaluating {args.model} on {len(prompts)} prompts x {args.k} samples")
+        with Progress(len(prompts), "evaluation", "prompt") as progress:
+            groups = asyncio.run(main(servers.urls))
     metrics = score(prompts, groups, tokenizer, args.answer_key, args.verifier)
     if args.json:
         print(json.dumps(metrics))

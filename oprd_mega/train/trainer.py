@@ -30,10 +30,9 @@ from oprd_mega.config import (
 )
 from oprd_mega.train.batching import StepSample
 from oprd_mega.train.evaluation import describe_eval, evaluation_sets, load_eval_set, score
+from oprd_mega.train.logs import Progress, StepLog, ensure_logging, logger
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
 from oprd_mega.train.prompt_stream import PromptStream
-
-log_prefix = "[oprd-mega]"
 
 
 class TrainingError(RuntimeError):
@@ -45,9 +44,9 @@ class ServersLostError(TrainingError):
 
 
 def say(message: str) -> None:
-    """A line on rank 0's standard output."""
+    """An INFO event of rank 0 (the ``oprd_mega`` logger: timestamp, level, message)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"{log_prefix} {message}", flush=True)
+        logger.info(message)
 
 
 def shared(producer: Callable[[], Any], what: str) -> Any:
@@ -105,6 +104,7 @@ class Trainer:
         self.metrics: Any = None
         self.progress: Any = None
         self.evaluations: list[EvalResult] = []
+        self.step_log = StepLog(config.schedule.steps)
         self.restarts = 0
         self.last_checkpoint: Path | None = None
 
@@ -454,9 +454,14 @@ class Trainer:
         position = self.prompts.state_dict()
         prompts = self.prompts.take(config.batch.prompts_per_step)
         try:
-            groups = self.rollouts.generate(
-                [p.prompt_ids for p in prompts], config.rollout.sampling, step, self.weight_version
-            )
+            with Progress(len(prompts), f"step {step + 1} rollouts", "prompt") as progress:
+                groups = self.rollouts.generate(
+                    [p.prompt_ids for p in prompts],
+                    config.rollout.sampling,
+                    step,
+                    self.weight_version,
+                    on_prompt_done=progress.update,
+                )
         except BaseException:
             self.prompts.load_state_dict(position)  # a retry takes the same prompts
             raise
@@ -546,12 +551,15 @@ class Trainer:
         """Every evaluation set's metrics (rank 0)."""
         metrics: dict[str, float] = {}
         for eval_set, prompts in self.eval_prompts:
-            groups = self.rollouts.generate(
-                [p.prompt_ids for p in prompts],
-                eval_set.sampling,
-                1_000_000 + step,
-                self.weight_version,
-            )
+            desc = f"step {step} evaluation {eval_set.label}"
+            with Progress(len(prompts), desc, "prompt") as progress:
+                groups = self.rollouts.generate(
+                    [p.prompt_ids for p in prompts],
+                    eval_set.sampling,
+                    1_000_000 + step,
+                    self.weight_version,
+                    on_prompt_done=progress.update,
+                )
             metrics |= score(
                 prompts,
                 groups,
@@ -582,6 +590,7 @@ class Trainer:
             return
         if step % self.config.metrics.interval == 0 or step == self.config.schedule.steps:
             self.metrics.log(step, {k: v for k, v in record.items() if v is not None})
+        say(self.step_log.line(step, record))
         if self.progress is not None:
             self.progress.set_postfix(
                 loss=f"{record['loss']:.4g}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False
@@ -695,6 +704,7 @@ def train(config: TrainConfig, stop_at: int | None = None) -> TrainSummary:
     :meth:`Trainer.run`."""
     from oprd_mega.parallel import init_distributed
 
+    ensure_logging()
     check_paths(config)
     init_distributed(config.parallel, seed=config.seed)
     torch.manual_seed(config.seed)

@@ -4,6 +4,7 @@ set's name, and the trainer logging several named sets in one run."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from oprd_mega.train.evaluation import (
 from oprd_mega.train.metrics import read_metrics
 from tests.config.helpers import minimal
 from tests.tiny_hf import make_tiny_model_dir
+from tests.torchrun_utils import free_port
 from tests.train.runs import make_task, require_success, task_config, train
 
 
@@ -173,3 +175,31 @@ def test_trainer_logs_each_named_set(tmp_path: Path) -> None:
         assert {"eval/wide/pass_at_1", "eval/wide/pass_at_2", "eval/wide/pass_at_4"} <= set(record)
     assert "step 1: again Avg@2" in out and "step 1: wide Avg@4" in out
     assert "step 0: held-out Avg@2" in out
+    # Events through logging (timestamp, level) and one line per step.
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d INFO \[oprd-mega\] "
+    step_line = re.search(stamp + r"step 1/1 \| loss (\S+) \| grad norm \S+ \| lr .* \| "
+                          r"time rollout \S+ s, teacher \S+ s, student \S+ s, sync \S+ s \| "
+                          r"response length \S+ \| skipped 0\n", out)  # fmt: skip
+    assert step_line is not None, out
+    train_record = read_metrics(tmp_path / "run" / "logs", kind="train")[0]
+    assert float(step_line.group(1)) == pytest.approx(train_record["loss"], rel=1e-3)
+    assert re.search(stamp + "step 1: again Avg@2", out)
+    assert "[oprd-mega] done: 1 steps" in out
+
+
+def test_evaluate_prints_json_and_logs_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = make_tiny_model_dir(tmp_path / "model")
+    rows = [{"prompt": f"the quick {i}", "answer": str(i)} for i in range(3)]
+    path = _write(tmp_path / "held.jsonl", rows)
+    argv = ["--model", str(model), "--prompts", str(path), "--k", "2", "--temperature", "1.0",
+            "--max-new-tokens", "2", "--verifier", "exact", "--port", str(free_port()),
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out)  # standard output holds only the result
+    assert metrics["eval/k"] == 2 and metrics["eval/num_prompts"] == 3
+    assert {"eval/avg_at_k", "eval/best_at_k", "eval/pass_at_1", "eval/pass_at_2"} <= set(metrics)
+    assert metrics["eval/pass_at_1"] == pytest.approx(metrics["eval/avg_at_k"])
+    assert "INFO [oprd-mega] evaluating" in captured.err
