@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from oprd_mega.config import ConfigError
 from oprd_mega.data.prompts import Prompt, PromptDataError
 from oprd_mega.rollout.samples import Sample
 from oprd_mega.train.evaluation import (
@@ -75,6 +76,25 @@ def test_sets_resolve_from_the_config() -> None:
     assert [s.name for s in evaluation_sets(only_named)] == ["aime"]
     off = minimal("evaluation.prompts=main.jsonl", "evaluation.sets.aime.prompts=a.jsonl")
     assert evaluation_sets(off) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["evaluation.sets.aime.promts=a.jsonl"],
+         "evaluation.sets.aime.promts = \"a.jsonl\": unknown key; did you mean "
+         "'evaluation.sets.aime.prompts'?"),
+        (["evaluation.sets.aime.k=4"], "evaluation.sets.aime.prompts = null: a named evaluation"),
+        (["evaluation.sets.a b.prompts=x"], "evaluation.sets.a b = \"a b\": a set name is"),
+        (["evaluation.interval=3"], "needs a prompt file (or evaluation.sets)"),
+        (["evaluation.sets.aime.prompts=x", "evaluation.sets.aime.k=0"],
+         "evaluation.sets.aime.k = 0: "),
+    ],
+)  # fmt: skip
+def test_bad_sets_are_named(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        minimal(*overrides)
+    assert message in str(error.value)
 
 
 def test_missing_answer_column_names_the_set_and_file(tmp_path: Path) -> None:
