@@ -40,11 +40,19 @@ EXTRAS_REQUIRE = {
         "msgspec>=0.18",
         # Parquet prompt datasets in tests (optional at run time: the `parquet` extra).
         "pyarrow>=14",
+        # The math-verify verifier's tests (optional at run time: the `math` extra).
+        "math-verify>=0.9,<0.10",
+        # `oprd-mega plot` tests (optional at run time: the `plot` extra).
+        "matplotlib>=3.8",
     ],
     # NVIDIA apex is not on PyPI (the PyPI package `apex` is unrelated): see README, "GPU set-up".
     "gpu": ["transformer-engine[pytorch]>=2.9"],
     "sglang": ["sglang>=0.5.23"],
     "parquet": ["pyarrow>=14"],
+    # evaluation.verifier 'math-verify' (and 'auto' picks it when installed).
+    "math": ["math-verify>=0.9,<0.10"],
+    # `oprd-mega plot` (scripts/quickstart.sh installs it for the quickstart's figure).
+    "plot": ["matplotlib>=3.8"],
 }
 
 setup(

@@ -364,7 +364,7 @@ def load_results(paths: list[Path]) -> list[Result]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bench_kernels",
+        prog="oprd-mega bench",
         description="Benchmark the projected-MSE implementations side by side.",
     )
     parser.add_argument(
@@ -374,8 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[(4096, 2048, 4096)],
         help="TOKENSxD_SxD_T, several allowed (default 4096x2048x4096)",
     )
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"])
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument(
+        "--dtypes", nargs="+", choices=sorted(DTYPES), default=["float32"], help="input dtypes"
+    )
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=list(MODES), help="what is timed (all)"
+    )
     parser.add_argument(
         "--impls",
         nargs="+",
@@ -383,13 +387,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(IMPLS),
         help="those needing CUDA (triton*, 3gemm) are skipped without it",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--plain", action="store_true", help="plain MSE instead of normalized")
-    parser.add_argument("--masked-fraction", type=float, default=0.0)
     parser.add_argument(
-        "--warmup", type=int, default=1, help="warm-up calls, the timed first call included"
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda when available, else cpu",
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--plain", action="store_true", help="plain MSE instead of normalized")
+    parser.add_argument(
+        "--masked-fraction", type=float, default=0.0, help="share of tokens masked out (0)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="warm-up calls, the timed first call included (1)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (3)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per case")
     parser.add_argument("--json", type=Path, help="write all results to this JSON file")
     parser.add_argument(

@@ -1,12 +1,37 @@
-"""The `oprd-mega` command line: one subcommand per entry point (train, serve, evaluate)."""
+"""The `oprd-mega` command line: one subcommand per entry point.
+
+train, serve, evaluate, plot are defined here; convert, bridge, bench and config hand their
+arguments to the tools' own parsers (whose console scripts oprd-convert-checkpoint,
+oprd-build-bridge and oprd-bench-kernels stay as aliases). Flags and dotted overrides may come
+in any order.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 from oprd_mega.cli_args import DTYPES, existing_dir, port, port_in_use_error, positive_int
+
+# Subcommands whose tools parse their own arguments: name -> (module, help).
+DELEGATED: dict[str, tuple[str, str]] = {
+    "convert": (
+        "oprd_mega.convert.cli",
+        "convert checkpoints between Hugging Face and Megatron, or verify one (under torchrun)",
+    ),
+    "bridge": (
+        "oprd_mega.bridge.build",
+        "OPRD-Bridge stage 1: rollouts, hidden states, P_T/mu_T and P_S (under torchrun)",
+    ),
+    "bench": ("oprd_kernels.benchmark", "benchmark the projected-MSE kernel implementations"),
+    "config": (
+        "oprd_mega.config.__main__",
+        "check a config with overrides and print the resolved YAML",
+    ),
+}
 
 
 def _add_serve(subparsers: argparse._SubParsersAction) -> None:
@@ -82,25 +107,76 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "evaluate",
-        help="Avg@k of a model directory on held-out prompts (the trainer's scoring)",
+        help="Avg@k, Best@k and pass@k of a model directory on held-out prompts (the "
+        "trainer's scoring)",
     )
     add_arguments(parser)
     parser.set_defaults(func=run)
 
 
+def _add_plot(subparsers: argparse._SubParsersAction) -> None:
+    from oprd_mega.train.plot import DESCRIPTION, add_arguments, run
+
+    parser = subparsers.add_parser(
+        "plot",
+        help="draw runs (accuracy, loss, per-layer alignment), bridge reports or kernel "
+        "benchmarks to an image",
+        description=DESCRIPTION,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _package_version() -> str:
+    try:
+        return version("oprd-mega")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def delegated_main(name: str) -> Callable[[Sequence[str] | None], int]:
+    """The ``main(argv)`` of a delegated subcommand's tool."""
+    return importlib.import_module(DELEGATED[name][0]).main
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="oprd-mega", description=__doc__)
-    subparsers = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="oprd-mega",
+        description="On-Policy Representation Distillation on Megatron-Core. "
+        "Each subcommand has its own --help.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_package_version()}",
+        help="print the installed version and exit",
+    )  # fmt: skip
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(subparsers)
     _add_serve(subparsers)
     _add_evaluate(subparsers)
+    _add_plot(subparsers)
+    for name, (_, text) in DELEGATED.items():  # listed here, parsed by the tool (see main)
+        subparsers.add_parser(name, help=text, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    """Parse ``argv`` and run the chosen subcommand; returns the process exit code.
+
+    Dotted overrides (``key.sub=value``) may follow flags: whatever the subcommand's
+    positional overrides did not take is added to them in order.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        return int(delegated_main(argv[0])(argv[1:]) or 0)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown or (overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
     return int(args.func(args))
 
 

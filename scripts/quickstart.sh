@@ -5,7 +5,8 @@
 #   ./scripts/quickstart.sh [key.sub=value ...]     overrides go to both training runs
 #
 # Environment: VENV, PYTHON, TORCH_SPEC as in scripts/setup.sh; QUICKSTART_DIR (default
-# runs/quickstart) holds the models, data, checkpoints and logs; NPROC (default 2) processes.
+# runs/quickstart) holds the models, data, checkpoints, logs and the figure quickstart.png
+# (held-out accuracy, loss, per-layer alignment of both runs); NPROC (default 2) processes.
 # Each run starts fresh (checkpoint.resume=never). The last line has the form
 #   quickstart: teacher T%, student before B% -> after A% (gap closed G%); opd-top1 after O%
 set -euo pipefail
@@ -17,7 +18,7 @@ out="${QUICKSTART_DIR:-runs/quickstart}"
 nproc="${NPROC:-2}"
 start=$(date +%s)
 
-"$root/scripts/setup.sh"
+"$root/scripts/setup.sh" plot  # matplotlib for the figure at the end
 py="$venv/bin/python"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
@@ -48,6 +49,8 @@ echo "[quickstart] teacher accuracy"
   --prompts "$out/data/heldout.jsonl" --verifier exact --k 1 --temperature 0 \
   --max-new-tokens 4 --port 31900 --json > "$out/teacher_eval.json"
 
+echo "[quickstart] figure: $out/quickstart.png"
+"$py" -m oprd_mega.cli plot "$out/oprd" "$out/opd-top1" -o "$out/quickstart.png" --force
 echo "[quickstart] wall time $(($(date +%s) - start)) s"
 "$py" tools/quickstart_summary.py --oprd "$out/oprd/logs" --opd "$out/opd-top1/logs" \
   --teacher "$out/teacher_eval.json"

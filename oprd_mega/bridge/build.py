@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
     from .states import GatheredStates
 
-PROG = "build_bridge"
+PROG = "oprd-mega bridge"
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 0)
 
 
@@ -77,10 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--samples", help="reuse a samples.jsonl of an earlier run (no server)")
     roll = parser.add_argument_group("rollouts")
     roll.add_argument("--samples-per-prompt", type=int, default=1, help="responses per prompt (1)")
-    roll.add_argument("--temperature", type=float, default=1.0)
-    roll.add_argument("--top-p", type=float, default=1.0)
-    roll.add_argument("--max-new-tokens", type=int, default=1024)
-    roll.add_argument("--backend", default="auto", choices=("auto", "sglang", "embedded"))
+    roll.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (1.0)")
+    roll.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1.0)")
+    roll.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per response")
+    roll.add_argument(
+        "--backend",
+        default="auto",
+        choices=("auto", "sglang", "embedded"),
+        help="server to launch (auto: SGLang when installed)",
+    )
     roll.add_argument("--port", type=int, default=30600, help="launched server's port (30600)")
     roll.add_argument(
         "--server-url", action="append", default=[], help="attach to a running server (repeat)"
@@ -89,13 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("models and states")
     model.add_argument("--tp", type=int, default=1, help="tensor parallel size (1)")
     model.add_argument("--pp", type=int, default=1, help="pipeline parallel size (1)")
-    model.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    model.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="dtype of both models' forward passes",
+    )
     model.add_argument(
         "--layers", default="all", help=f"student layers: {', '.join(LAYER_MODES)} or 1,3,..."
     )
-    model.add_argument("--positions", default="all", choices=POSITION_MODES)
+    model.add_argument(
+        "--positions", default="all", choices=POSITION_MODES, help="supervised positions (all)"
+    )
     model.add_argument("--positions-k", type=int, default=2000, help="k of first_k/last_k")
-    model.add_argument("--positions-anchor", default="token", choices=POSITION_ANCHORS)
+    model.add_argument(
+        "--positions-anchor", default="token", choices=POSITION_ANCHORS, help="position anchor"
+    )
     model.add_argument("--max-rows", type=int, default=DEFAULT_MAX_ROWS, help="(16384)")
     model.add_argument(
         "--max-tokens-per-microbatch", type=int, default=8192, help="padded tokens (8192)"
@@ -107,12 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated ranks, 0 = full (default 1,2,4,8,16,32,0 up to d_T)",
     )
     fit.add_argument("--map", default="linear", choices=("linear", "mlp"), help="P_S kind")
-    fit.add_argument("--mlp-hidden", type=int, default=256)
-    fit.add_argument("--epochs", type=int, default=20)
-    fit.add_argument("--lr", type=float, default=1e-2)
-    fit.add_argument("--fit-batch-size", type=int, default=256)
-    fit.add_argument("--heldout-fraction", type=float, default=0.1)
-    fit.add_argument("--patience", type=int, default=3)
+    fit.add_argument("--mlp-hidden", type=int, default=256, help="MLP width (256)")
+    fit.add_argument("--epochs", type=int, default=20, help="most epochs per fit (20)")
+    fit.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (1e-2)")
+    fit.add_argument("--fit-batch-size", type=int, default=256, help="rows per step (256)")
+    fit.add_argument(
+        "--heldout-fraction", type=float, default=0.1, help="rows held out for the cosine (0.1)"
+    )
+    fit.add_argument(
+        "--patience", type=int, default=3, help="epochs without improvement before stopping (3)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="sampling, row choice and fit seed")
     parser.add_argument(
         "--timeout-minutes",

@@ -1,4 +1,4 @@
-"""Check a configuration: ``python -m oprd_mega.config FILE.yaml [key.sub=value ...]``.
+"""Check a configuration: ``oprd-mega config FILE.yaml [key.sub=value ...]``.
 
 Prints the resolved YAML (every key), or the problems and exit code 2.
 """
@@ -14,16 +14,22 @@ from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.loader import dump_config, load_config, to_yaml
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Validate, then print or write the resolved configuration."""
-    parser = argparse.ArgumentParser(prog="python -m oprd_mega.config", description=__doc__)
+def build_parser(prog: str = "oprd-mega config") -> argparse.ArgumentParser:
+    """The checker's command line (``oprd-mega config``, ``python -m oprd_mega.config``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     parser.add_argument("config", help="YAML configuration file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value (a YAML value)")
     parser.add_argument(
         "--world-size", type=positive_int, help="also check the layout for this many ranks"
     )
     parser.add_argument("--dump", help="write the resolved configuration here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Validate, then print or write the resolved configuration."""
+    # Intermixed: flags and overrides in any order.
+    args = build_parser().parse_intermixed_args(argv)
     try:
         config = load_config(args.config, args.overrides)
         if args.world_size is not None:

@@ -104,11 +104,22 @@ def children(target: Target) -> list[Child]:
     ]
 
 
+def _mapped_section(annotation: Any) -> Target | None:
+    """The value section of a ``dict[str, Section]`` field (named sections), or None."""
+    annotation, _ = _flatten(annotation)
+    if get_origin(annotation) is dict:
+        return section_of(get_args(annotation)[1])
+    return None
+
+
 def target_at(root: type[BaseModel], path: typing.Sequence[str | int]) -> Target | None:
-    """The section at ``path`` (field names; list indexes are skipped), or None."""
+    """The section at ``path`` (field names; list indexes and the names of a map of sections
+    are skipped), or None."""
     target: Target | None = root
+    name_of_entry = False
     for part in path:
-        if isinstance(part, int):
+        if isinstance(part, int) or name_of_entry:
+            name_of_entry = False
             continue
         if target is None:
             return None
@@ -116,6 +127,9 @@ def target_at(root: type[BaseModel], path: typing.Sequence[str | int]) -> Target
         if child is None:
             return None
         target = section_of(child.annotation, child.metadata)
+        if target is None:
+            target = _mapped_section(child.annotation)
+            name_of_entry = target is not None
     return target
 
 

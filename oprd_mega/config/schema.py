@@ -121,6 +121,8 @@ def check_paths(config: TrainConfig) -> None:
         "distillation.projection.bridge_path": config.distillation.projection.bridge_path,
         "evaluation.prompts": config.evaluation.prompts,
     }
+    for name, one in config.evaluation.sets.items():
+        inputs[f"evaluation.sets.{name}.prompts"] = one.prompts
     if config.rollout.mode == "launch" and config.rollout.launch is not None:
         inputs["rollout.launch.model_path"] = config.rollout.launch.model_path
     missing = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -140,20 +141,20 @@ class MetricsSection(Section):
         return self
 
 
-class EvaluationSection(Section):
-    """Periodic accuracy on held-out prompts: Avg@k and response length."""
+class EvalSetSection(Section):
+    """One held-out evaluation set: prompt file, answer column, verifier, k and sampling."""
 
     prompts: str | None = None
-    """Held-out prompt file (same format and prompt column as data); null: no evaluation."""
+    """Held-out prompt file (same format and prompt column as data); null: no evaluation (a
+    named set in evaluation.sets needs one)."""
     answer_key: str = "answer"
     """Column with the reference answer."""
     verifier: Literal["auto", "exact", "boxed", "math-verify"] = "auto"
     """Answer check: exact final answer, last \\boxed{}, math-verify, or 'auto' (math-verify
     when installed, else boxed then exact)."""
     k: int = Field(16, ge=1)
-    """Samples per prompt for Avg@k (paper: 16)."""
-    interval: int = Field(0, ge=0)
-    """Evaluate every this many steps (and before the first); 0 turns evaluation off."""
+    """Samples per prompt (paper: 16): Avg@k, Best@k and the unbiased pass@j for j = 1, 2, 4,
+    ... up to k."""
     max_prompts: int | None = Field(None, ge=1)
     """Evaluate on the first this many prompts; null: all."""
     sampling: Sampling | None = None
@@ -170,9 +171,38 @@ class EvaluationSection(Section):
         return data
 
     @model_validator(mode="after")
-    def _consistent(self) -> EvaluationSection:
-        if self.interval > 0 and self.prompts is None:
-            raise invalid("prompts", None, "evaluation.interval > 0 needs a prompt file")
+    def _sampling_n_is_k(self) -> EvalSetSection:
         if self.sampling is not None and self.sampling.n != self.k:
             raise invalid("sampling.n", self.sampling.n, f"must equal evaluation.k ({self.k})")
+        return self
+
+
+_SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+class EvaluationSection(EvalSetSection):
+    """Periodic accuracy on held-out prompts: Avg@k, Best@k, pass@k and response length. The
+    keys above describe one set, logged as eval/...; evaluation.sets adds named ones."""
+
+    interval: int = Field(0, ge=0)
+    """Evaluate every this many steps (and before the first); 0 turns evaluation off."""
+    sets: dict[str, EvalSetSection] = Field(default_factory=dict)
+    """Further named evaluation sets, each with the keys of this section but interval (prompts
+    required), e.g. {aime: {prompts: aime.jsonl, verifier: math-verify, k: 16}}; set NAME is
+    logged as eval/NAME/avg_at_k, eval/NAME/best_at_k, ...; names are letters, digits, '_'
+    and '-'."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluationSection:
+        if self.interval > 0 and self.prompts is None and not self.sets:
+            raise invalid(
+                "prompts", None, "evaluation.interval > 0 needs a prompt file (or evaluation.sets)"
+            )
+        for name, one in self.sets.items():
+            if not _SET_NAME.fullmatch(name):
+                raise invalid(
+                    f"sets.{name}", name, "a set name is letters, digits, '_' and '-' only"
+                )
+            if one.prompts is None:
+                raise invalid(f"sets.{name}.prompts", None, "a named evaluation set needs one")
         return self

@@ -22,7 +22,7 @@ _INPUT_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="oprd-convert-checkpoint",
+        prog="oprd-mega convert",
         description="Convert Llama/Qwen2/Qwen3 checkpoints between Hugging Face and Megatron.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,9 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     ver.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     ver.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
-    ver.add_argument("--batch", type=int, default=2)
-    ver.add_argument("--seq-len", type=int, default=32)
-    ver.add_argument("--seed", type=int, default=0)
+    ver.add_argument("--batch", type=int, default=2, help="sequences in the test batch (2)")
+    ver.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (32)")
+    ver.add_argument("--seed", type=int, default=0, help="seed of the random tokens (0)")
     ver.add_argument("--tolerance", type=float, default=None, help="max relative difference")
     for p in (h2m, m2h):
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

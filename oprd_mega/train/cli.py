@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from oprd_mega.cli_args import positive_int
+from oprd_mega.train.logs import add_log_level_argument, logger, setup_logging
 
 DESCRIPTION = (
     "Train a student with OPRD (or an OPD baseline) under torchrun: "
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="K",
         help="save a checkpoint after step K and exit (resume later with the same command)",
     )
+    add_log_level_argument(parser)
     parser.add_argument(
         "overrides", nargs="*", metavar="key.sub=value", help="config overrides, applied in order"
     )
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         overrides.append(f"checkpoint.resume={args.resume}")
     rank = int(os.environ.get("RANK", "0"))
+    setup_logging(getattr(args, "log_level", "INFO"), rank)
     try:
         config = load_config(args.config, overrides)
         # The layout against torchrun's world size, before any process group exists.
@@ -63,13 +66,11 @@ def run(args: argparse.Namespace) -> int:
         elif not getattr(exc, "shared", False):  # this rank's own failure
             print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
         return 1
-    if rank == 0:
-        print(
-            f"[oprd-mega] done: {summary.steps_run} steps (to step {summary.final_step}) in "
-            f"{summary.seconds:.1f} s; skipped {summary.skipped_steps}; last checkpoint "
-            f"{summary.checkpoint}",
-            flush=True,
-        )
+    logger.info(
+        f"done: {summary.steps_run} steps (to step {summary.final_step}) in "
+        f"{summary.seconds:.1f} s; skipped {summary.skipped_steps}; last checkpoint "
+        f"{summary.checkpoint}"
+    )
     return 0
 
 
@@ -77,4 +78,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m oprd_mega.train``."""
     parser = argparse.ArgumentParser(prog="python -m oprd_mega.train", description=DESCRIPTION)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_intermixed_args(argv))  # flags and overrides in any order

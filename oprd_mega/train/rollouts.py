@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -102,10 +102,14 @@ class RolloutService:
         step: int,
         version: str | None,
         first_group: int = 0,
+        on_prompt_done: Callable[[], object] | None = None,
     ) -> list[list[Sample]]:
         """``sampling.n`` responses per prompt, seeded by (``sampling.sampling_seed``, step,
-        prompt) when the config gives a seed; checked to come from weight ``version``."""
-        groups = self.run(sample_groups(self.client, prompts, sampling, step, first_group))
+        prompt) when the config gives a seed; checked to come from weight ``version``.
+        ``on_prompt_done`` is called as each prompt's responses arrive (progress)."""
+        groups = self.run(
+            sample_groups(self.client, prompts, sampling, step, first_group, on_prompt_done)
+        )
         if version is not None:
             require_weight_version([s for group in groups for s in group], version)
         return groups

@@ -31,10 +31,10 @@ from oprd_mega.config import (
 )
 from oprd_mega.models.specs import resolve_use_te
 from oprd_mega.train.batching import StepSample
+from oprd_mega.train.evaluation import describe_eval, evaluation_sets, load_eval_set, score
+from oprd_mega.train.logs import Progress, StepLog, ensure_logging, logger
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
 from oprd_mega.train.prompt_stream import PromptStream
-
-log_prefix = "[oprd-mega]"
 
 
 class TrainingError(RuntimeError):
@@ -46,9 +46,9 @@ class ServersLostError(TrainingError):
 
 
 def say(message: str) -> None:
-    """A line on rank 0's standard output."""
+    """An INFO event of rank 0 (the ``oprd_mega`` logger: timestamp, level, message)."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"{log_prefix} {message}", flush=True)
+        logger.info(message)
 
 
 def _transformer_impls(config: TrainConfig) -> dict[str, bool]:
@@ -118,6 +118,7 @@ class Trainer:
         self.metrics: Any = None
         self.progress: Any = None
         self.evaluations: list[EvalResult] = []
+        self.step_log = StepLog(config.schedule.steps)
         self.restarts = 0
         self.last_checkpoint: Path | None = None
 
@@ -203,16 +204,10 @@ class Trainer:
             ) from exc
         prompts = load_prompts(data.path, self.tokenizer, **data.load_options())
         self.prompts = PromptStream(prompts, self.config.seed, data.shuffle)
-        evaluation = self.config.evaluation
-        if evaluation.interval > 0 and evaluation.prompts is not None:
-            held_out = load_prompts(evaluation.prompts, self.tokenizer, **data.rendering_options())
-            missing = [p.index for p in held_out if evaluation.answer_key not in p.extra]
-            if missing:
-                raise TrainingError(
-                    f"evaluation.prompts = {evaluation.prompts!r}: row {missing[0]} has no "
-                    f"column {evaluation.answer_key!r} (evaluation.answer_key)"
-                )
-            self.eval_prompts = held_out[: evaluation.max_prompts]
+        self.eval_prompts = [
+            (eval_set, load_eval_set(eval_set, self.tokenizer, **data.rendering_options()))
+            for eval_set in evaluation_sets(self.config)
+        ]
 
     def _build_models(self) -> None:
         from oprd_mega.convert.hf_io import HFCheckpointReader
@@ -450,9 +445,14 @@ class Trainer:
         position = self.prompts.state_dict()
         prompts = self.prompts.take(config.batch.prompts_per_step)
         try:
-            groups = self.rollouts.generate(
-                [p.prompt_ids for p in prompts], config.rollout.sampling, step, self.weight_version
-            )
+            with Progress(len(prompts), f"step {step + 1} rollouts", "prompt") as progress:
+                groups = self.rollouts.generate(
+                    [p.prompt_ids for p in prompts],
+                    config.rollout.sampling,
+                    step,
+                    self.weight_version,
+                    on_prompt_done=progress.update,
+                )
         except BaseException:
             self.prompts.load_state_dict(position)  # a retry takes the same prompts
             raise
@@ -527,7 +527,7 @@ class Trainer:
 
     def _maybe_evaluate(self, step: int, force: bool = False) -> None:
         evaluation = self.config.evaluation
-        if evaluation.interval <= 0 or evaluation.prompts is None:
+        if evaluation.interval <= 0 or not evaluation_sets(self.config):
             return
         last = step == self.config.schedule.steps
         if not (force or last or step % evaluation.interval == 0):
@@ -536,21 +536,31 @@ class Trainer:
         self.evaluations.append(EvalResult(step, metrics))
         if self.rank == 0:
             self.metrics.log(step, metrics, kind="eval")
-            accuracy = metrics.get("eval/avg_at_k", float("nan"))
-            say(f"step {step}: held-out Avg@{evaluation.k} {100 * accuracy:.1f}%")
+            for eval_set in evaluation_sets(self.config):
+                say(f"step {step}: {describe_eval(eval_set, metrics)}")
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        from oprd_mega.train.evaluation import score
-
-        evaluation = self.config.evaluation
-        prompts = self.eval_prompts
-        groups = self.rollouts.generate(
-            [p.prompt_ids for p in prompts],
-            self.config.evaluation_sampling,
-            1_000_000 + step,
-            self.weight_version,
-        )
-        return score(prompts, groups, self.tokenizer, evaluation.answer_key, evaluation.verifier)
+        """Every evaluation set's metrics (rank 0)."""
+        metrics: dict[str, float] = {}
+        for eval_set, prompts in self.eval_prompts:
+            desc = f"step {step} evaluation {eval_set.label}"
+            with Progress(len(prompts), desc, "prompt") as progress:
+                groups = self.rollouts.generate(
+                    [p.prompt_ids for p in prompts],
+                    eval_set.sampling,
+                    1_000_000 + step,
+                    self.weight_version,
+                    on_prompt_done=progress.update,
+                )
+            metrics |= score(
+                prompts,
+                groups,
+                self.tokenizer,
+                eval_set.answer_key,
+                eval_set.verifier,
+                eval_set.prefix,
+            )
+        return metrics
 
     # ------------------------------------------------------------------ output
 
@@ -572,6 +582,7 @@ class Trainer:
             return
         if step % self.config.metrics.interval == 0 or step == self.config.schedule.steps:
             self.metrics.log(step, {k: v for k, v in record.items() if v is not None})
+        say(self.step_log.line(step, record))
         if self.progress is not None:
             self.progress.set_postfix(
                 loss=f"{record['loss']:.4g}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False
@@ -674,6 +685,7 @@ def train(config: TrainConfig, stop_at: int | None = None) -> TrainSummary:
     :meth:`Trainer.run`."""
     from oprd_mega.parallel import init_distributed
 
+    ensure_logging()
     check_paths(config)
     init_distributed(config.parallel, seed=config.seed)
     torch.manual_seed(config.seed)

@@ -1,4 +1,4 @@
-"""Answer checking for evaluation: final-answer extraction, verifiers and Avg@k.
+"""Answer checking for evaluation: final-answer extraction, verifiers, Avg@k, Best@k, pass@k.
 
 A verifier is a function ``(response text, reference answer) -> bool``. The kinds match the
 ``evaluation.verifier`` config key: ``exact`` (the response's final answer), ``boxed`` (its last
@@ -7,9 +7,10 @@ A verifier is a function ``(response text, reference answer) -> bool``. The kind
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Literal
 
@@ -269,7 +270,7 @@ def make_verifier(kind: str) -> Verifier:
     raise ValueError(f"unknown verifier {kind!r}; use one of {VERIFIER_KINDS}")
 
 
-# --- Avg@k -----------------------------------------------------------------------------------
+# --- Avg@k, Best@k, pass@k ------------------------------------------------------------------
 
 
 def _check_groups(correct: Sequence[Sequence[bool]]) -> None:
@@ -289,9 +290,46 @@ def avg_at_k(correct: Sequence[Sequence[bool]]) -> float:
     return sum(sum(samples) / len(samples) for samples in correct) / len(correct)
 
 
+def best_at_k(correct: Sequence[Sequence[bool]]) -> float:
+    """Best@k as a fraction: the share of prompts with at least one right sample of their k."""
+    _check_groups(correct)
+    return sum(any(samples) for samples in correct) / len(correct)
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+    """The unbiased pass@k of one prompt from n samples of which c are right (Chen et al. 2021,
+    "Evaluating Large Language Models Trained on Code"): ``1 - C(n - c, k) / C(n, k)``, the
+    probability that k samples drawn without replacement from the n include a right one.
+
+    Exact integer binomials, one rounding at the division; needs ``1 <= k <= n``.
+    """
+    if not 0 <= num_correct <= num_samples:
+        raise ValueError(
+            f"pass@k needs 0 <= correct <= samples, got {num_correct} of {num_samples}"
+        )
+    if not 1 <= k <= num_samples:
+        raise ValueError(f"pass@{k} needs 1 <= k <= samples per prompt ({num_samples})")
+    if num_samples - num_correct < k:
+        return 1.0
+    return 1.0 - math.comb(num_samples - num_correct, k) / math.comb(num_samples, k)
+
+
+def mean_pass_at_k(correct: Sequence[Sequence[bool]], k: int) -> float:
+    """pass@k as a fraction: :func:`pass_at_k` of every prompt's samples, averaged."""
+    _check_groups(correct)
+    return sum(pass_at_k(len(s), sum(s), k) for s in correct) / len(correct)
+
+
+def pass_k_values(n: int) -> tuple[int, ...]:
+    """The k of the pass@k an evaluation with n samples per prompt reports: 1, 2, 4, ... up to
+    n, and n itself."""
+    values = [2**power for power in range(n.bit_length()) if 2**power <= n]
+    return tuple(sorted({*values, n}))
+
+
 @dataclass(frozen=True)
 class EvalSummary:
-    """One evaluation: Avg@k accuracy (a fraction) and response lengths in tokens."""
+    """One evaluation: Avg@k, Best@k and pass@k (fractions) and response lengths in tokens."""
 
     accuracy: float
     num_prompts: int
@@ -300,10 +338,16 @@ class EvalSummary:
     truncated_fraction: float | None = None
     """Fraction of samples that stopped at the token limit (finish reason 'length'); None when
     finish reasons were not given."""
+    best: float | None = None
+    """Best@k: the share of prompts with at least one right sample."""
+    pass_at: dict[int, float] = field(default_factory=dict)
+    """Unbiased pass@j for each j of :func:`pass_k_values` (pass@1 equals Avg@k, pass@k
+    equals Best@k)."""
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
         """Metric names and values: ``avg_at_k`` (fraction), ``response_length``, ``k``,
-        ``num_prompts`` and, when known, ``truncated_fraction``, each after ``prefix``."""
+        ``num_prompts`` and, when known, ``truncated_fraction``, ``best_at_k`` and
+        ``pass_at_{j}``, each after ``prefix``."""
         metrics = {
             "avg_at_k": self.accuracy,
             "response_length": self.mean_response_length,
@@ -312,6 +356,10 @@ class EvalSummary:
         }
         if self.truncated_fraction is not None:
             metrics["truncated_fraction"] = self.truncated_fraction
+        if self.best is not None:
+            metrics["best_at_k"] = self.best
+        for j, value in sorted(self.pass_at.items()):
+            metrics[f"pass_at_{j}"] = value
         return {prefix + name: value for name, value in metrics.items()}
 
 
@@ -345,4 +393,6 @@ def summarize(
         k=k,
         mean_response_length=sum(map(sum, response_lengths)) / (k * prompts),
         truncated_fraction=truncated,
+        best=best_at_k(correct),
+        pass_at={j: mean_pass_at_k(correct, j) for j in pass_k_values(k)},
     )

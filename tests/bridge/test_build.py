@@ -443,5 +443,5 @@ def test_an_error_on_rank0_stops_every_rank(task: Path, tmp_path: Path) -> None:
         run_torchrun(TOOL, *_args(task, tmp_path / "out", *prompts), nproc=2, timeout=120, cwd=ROOT)
     message = str(failure.value)
     assert "timed out" not in message and "exited" in message
-    assert "build_bridge: error: --prompts / --prompt-key" in message
+    assert "oprd-mega bridge: error: --prompts / --prompt-key" in message
     assert "no column 'question'" in message

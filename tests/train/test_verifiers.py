@@ -1,20 +1,29 @@
-"""Answer extraction, normalisation, the verifier kinds and Avg@k, against hand-written cases."""
+"""Answer extraction, normalisation, the verifier kinds, Avg@k, Best@k and pass@k, against
+hand-written cases and brute-force enumeration."""
 
 from __future__ import annotations
 
+import itertools
 import sys
+from fractions import Fraction
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from oprd_mega.train.verifiers import (
     EvalSummary,
     answers_match,
     avg_at_k,
+    best_at_k,
     extract_boxed,
     final_answer,
     make_verifier,
+    mean_pass_at_k,
     normalize_answer,
     parse_number,
+    pass_at_k,
+    pass_k_values,
     summarize,
 )
 
@@ -196,8 +205,15 @@ def test_summarize() -> None:
         [[10, 20], [30, 40]],
         finish_reasons=[["stop", "length"], ["stop", "stop"]],
     )
+    # prompt 0: 1 of 2 right, prompt 1: 2 of 2; pass@2 of prompt 0 is 1 (both drawn).
     assert summary == EvalSummary(
-        accuracy=0.75, num_prompts=2, k=2, mean_response_length=25.0, truncated_fraction=0.25
+        accuracy=0.75,
+        num_prompts=2,
+        k=2,
+        mean_response_length=25.0,
+        truncated_fraction=0.25,
+        best=1.0,
+        pass_at={1: 0.75, 2: 1.0},
     )
     assert summary.as_metrics() == {
         "eval/avg_at_k": 0.75,
@@ -205,6 +221,9 @@ def test_summarize() -> None:
         "eval/k": 2.0,
         "eval/num_prompts": 2.0,
         "eval/truncated_fraction": 0.25,
+        "eval/best_at_k": 1.0,
+        "eval/pass_at_1": 0.75,
+        "eval/pass_at_2": 1.0,
     }
     plain = summarize([[False]], [[3]])
     assert plain.truncated_fraction is None
@@ -213,6 +232,8 @@ def test_summarize() -> None:
         "response_length": 3.0,
         "k": 1.0,
         "num_prompts": 1.0,
+        "best_at_k": 0.0,
+        "pass_at_1": 0.0,
     }
 
 
@@ -223,3 +244,73 @@ def test_summarize_rejects_ragged_input() -> None:
         summarize([[True, False]], [[1]])
     with pytest.raises(ValueError, match="finish_reasons"):
         summarize([[True]], [[1]], finish_reasons=[["stop"], ["stop"]])
+
+
+def _pass_at_k_by_enumeration(n: int, c: int, k: int) -> Fraction:
+    """The share of all k-subsets of n samples (the first c right) holding a right one."""
+    subsets = list(itertools.combinations(range(n), k))
+    return Fraction(sum(any(i < c for i in subset) for subset in subsets), len(subsets))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_pass_at_k_equals_enumeration(n: int) -> None:
+    for c in range(n + 1):
+        for k in range(1, n + 1):
+            expected = _pass_at_k_by_enumeration(n, c, k)
+            assert pass_at_k(n, c, k) == pytest.approx(float(expected), rel=1e-12, abs=1e-15)
+
+
+@given(st.integers(1, 200), st.data())
+def test_pass_at_k_bounds_and_ends(n: int, data: st.DataObject) -> None:
+    c = data.draw(st.integers(0, n))
+    k = data.draw(st.integers(1, n))
+    value = pass_at_k(n, c, k)
+    assert 0.0 <= value <= 1.0
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n)  # pass@1 is the fraction right
+    assert pass_at_k(n, c, n) == float(c > 0)  # all n drawn: Best@n
+    if k < n:  # more draws never lower the chance
+        assert pass_at_k(n, c, k + 1) >= value - 1e-12
+
+
+def test_pass_at_k_of_a_known_case() -> None:
+    # 16 samples, 2 right, k = 4: 1 - C(14, 4) / C(16, 4) = 1 - 1001 / 1820 = 819 / 1820.
+    assert pass_at_k(16, 2, 4) == pytest.approx(819 / 1820, rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "message"),
+    [(4, 5, 1, "correct <= samples"), (4, 1, 0, "pass@0"), (4, 1, 5, "pass@5")],
+)
+def test_pass_at_k_rejects_bad_counts(n: int, c: int, k: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        pass_at_k(n, c, k)
+
+
+def test_best_and_mean_pass_at_k() -> None:
+    correct = [[True, False, False, False], [False] * 4, [True, True, False, True]]
+    assert best_at_k(correct) == pytest.approx(2 / 3)
+    assert mean_pass_at_k(correct, 4) == pytest.approx(best_at_k(correct))
+    assert mean_pass_at_k(correct, 1) == pytest.approx(avg_at_k(correct))
+    expected = (_pass_at_k_by_enumeration(4, 1, 2) + 0 + _pass_at_k_by_enumeration(4, 3, 2)) / 3
+    assert mean_pass_at_k(correct, 2) == pytest.approx(float(expected))
+
+
+def test_pass_k_values() -> None:
+    assert pass_k_values(1) == (1,)
+    assert pass_k_values(16) == (1, 2, 4, 8, 16)
+    assert pass_k_values(12) == (1, 2, 4, 8, 12)
+
+
+def test_math_verify_on_competition_answers() -> None:
+    pytest.importorskip("math_verify")
+    verifier = make_verifier("math-verify")
+    # AIME: integer answers, here as a JSON number and as a string.
+    assert verifier(r"The total is $\boxed{204}$.", 204)
+    assert verifier(r"so the answer is \boxed{033}", "33")
+    # MATH: LaTeX answers equal symbolically, not as strings.
+    assert verifier(r"$\boxed{\frac{\sqrt{3}}{2}}$", r"\frac{\sqrt3}{2}")
+    assert verifier(r"\boxed{2\sqrt{2}}", r"\sqrt{8}")
+    assert verifier(r"\boxed{(1, 2)}", "(1,2)")
+    assert not verifier(r"\boxed{\frac{1}{3}}", "0.33")
+    assert not verifier("no answer here", 7)
+    assert make_verifier("auto")(r"\boxed{\frac{2}{4}}", r"\frac12")  # auto picks it
