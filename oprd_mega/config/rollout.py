@@ -44,17 +44,6 @@ Sampling = adopt(
 PAPER_SAMPLING = SamplingConfig(n=2, temperature=1.0, max_new_tokens=16384)
 
 
-def _check_ports(config: LaunchConfig) -> LaunchConfig:
-    """Every server's port (base_port + i) is a TCP port."""
-    base = config.base_port
-    if base is not None and not 1 <= base <= 65536 - config.num_servers:
-        raise ValueError(
-            f"base_port {base}: the ports base_port .. base_port + num_servers - 1 must lie in "
-            f"1..65535 (num_servers = {config.num_servers})"
-        )
-    return config
-
-
 Launch = adopt(
     LaunchConfig,
     {
@@ -83,7 +72,6 @@ Launch = adopt(
         "deterministic_inference": "Pass SGLang's --enable-deterministic-inference; the trainer "
         "turns it on when rollout.sampling.sampling_seed is set.",
     },
-    check=_check_ports,
 )
 
 Client = adopt(

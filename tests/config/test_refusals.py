@@ -30,7 +30,8 @@ def test_non_finite_numbers_are_refused(override: str) -> None:
 
 @pytest.mark.parametrize(("base", "servers"), [(70000, 1), (65535, 2), (0, 1)])
 def test_server_ports_past_65535_are_refused(base: int, servers: int) -> None:
-    with pytest.raises(ConfigError, match=rf"rollout\.launch.*base_port {base}"):
+    # LaunchConfig's own check, reported under the config key.
+    with pytest.raises(ConfigError, match=rf"rollout\.launch\.base_port = {base}: .*1\.\.65535"):
         minimal(f"rollout.launch.base_port={base}", f"rollout.launch.num_servers={servers}")
     minimal("rollout.launch.base_port=65534", "rollout.launch.num_servers=2")  # the last port
 
