@@ -43,6 +43,17 @@ class CheckpointError(ValueError):
     """A missing, unexpected or malformed tensor or file in a checkpoint."""
 
 
+def count_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 16) -> int:
+    """NaN and infinite values in ``tensor``, counted ``chunk`` elements at a time:
+    ``torch.isfinite`` builds a full-size ``abs()`` copy, which would double the memory that
+    streamed conversion holds for its largest tensor."""
+    flat = tensor.reshape(-1)
+    return sum(
+        int((~torch.isfinite(flat[start : start + chunk])).sum())
+        for start in range(0, flat.numel(), chunk)
+    )
+
+
 class HFCheckpointReader:
     """Lazy access to the tensors of a Hugging Face safetensors checkpoint directory.
 
@@ -122,7 +133,7 @@ class HFCheckpointReader:
         except Exception as exc:
             raise CheckpointError(f"{file}: cannot read tensor {name} ({exc})") from exc
         if self.require_finite and tensor.is_floating_point():
-            bad = int((~torch.isfinite(tensor)).sum())
+            bad = count_nonfinite(tensor)
             if bad:
                 raise CheckpointError(
                     f"{file}: tensor {name} holds {bad} non-finite value(s) (NaN or infinity); "
