@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -198,13 +199,29 @@ def write_hf_directory(
     return target
 
 
+@dataclass(frozen=True)
+class WrittenShards:
+    """What :func:`write_safetensors_shards` wrote: the shard files, tensors and bytes."""
+
+    files: list[Path]
+    tensors: int
+    total_bytes: int
+
+
 def write_safetensors_shards(
     tensors: Iterable[tuple[str, torch.Tensor]],
     directory: Path,
     *,
     max_shard_bytes: int = 2 * 1024**3,
-) -> list[Path]:
-    """Stream ``(name, tensor)`` pairs into numbered shards plus an index in ``directory``."""
+    count_in_names: bool = True,
+) -> WrittenShards:
+    """Stream ``(name, tensor)`` pairs into numbered shards plus an index in ``directory``.
+
+    A shard closes before the tensor that would take it past ``max_shard_bytes`` (a larger
+    tensor gets a shard alone); tensors are detached and copied to CPU. Shards are named
+    ``model-00001-of-00003.safetensors`` as Hugging Face does, or ``model-00001.safetensors``
+    with ``count_in_names=False`` (no renaming once the count is known: the weight sync).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
@@ -213,7 +230,10 @@ def write_safetensors_shards(
     total = 0
 
     def flush() -> None:
-        path = directory / f"part-{len(written):05d}.safetensors"
+        number = len(written) + 1
+        # With the count in the names, shards get their final names once the count is known.
+        name = f"part-{number:05d}" if count_in_names else f"model-{number:05d}"
+        path = directory / f"{name}.safetensors"
         save_file(shards[-1], str(path), metadata={"format": "pt"})
         written.append(path)
         shards[-1] = {}
@@ -223,7 +243,7 @@ def write_safetensors_shards(
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
             flush()
-        shards[-1][name] = tensor.contiguous()
+        shards[-1][name] = tensor.detach().to("cpu").contiguous()
         sizes[-1] += nbytes
         weight_map[name] = len(written)
         total += nbytes
@@ -232,12 +252,14 @@ def write_safetensors_shards(
     count = len(written)
     final: list[Path] = []
     for i, path in enumerate(written):
-        target = directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-        path.rename(target)
+        target = path
+        if count_in_names:
+            target = directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(target)
         final.append(target)
     index = {
         "metadata": {"total_size": total},
         "weight_map": {name: final[i].name for name, i in sorted(weight_map.items())},
     }
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return final
+    return WrittenShards(final, len(weight_map), total)
