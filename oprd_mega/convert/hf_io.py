@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from oprd_mega.convert.mapping import all_hf_names
+from oprd_mega.errors import CheckpointError
 from oprd_mega.lifetime import make_owned_temp_dir
 from oprd_mega.models.hf_config import HFModelArgs
 
@@ -38,10 +39,6 @@ AUX_FILES = (
 )
 # Buffers some exporters write that carry no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A missing, unexpected or malformed tensor or file in a checkpoint."""
 
 
 class HFCheckpointReader:
