@@ -29,8 +29,8 @@ from oprd_mega.config import (
     data_parallel_size,
     dump_config,
 )
+from oprd_mega.data.microbatches import StepSample
 from oprd_mega.models.specs import resolve_use_te
-from oprd_mega.train.batching import StepSample
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
 from oprd_mega.train.prompt_stream import PromptStream
 
@@ -469,9 +469,9 @@ class Trainer:
 
     def _cost_model(self) -> Any:
         """The scheduler's FLOP model of one sample (student update + teacher forward)."""
+        from oprd_mega.data.microbatches import model_dims
         from oprd_mega.data.scheduler import CostModel
         from oprd_mega.distill.layers import teacher_depth
-        from oprd_mega.train.batching import model_dims
 
         distill = self.config.distillation
         opd = distill.opd_term is not None
@@ -482,7 +482,7 @@ class Trainer:
         )
 
     def _microbatches(self, samples: list[StepSample]) -> tuple[list, float]:
-        from oprd_mega.train.batching import plan_step, rank_microbatches
+        from oprd_mega.data.microbatches import plan_step, rank_microbatches
 
         config = self.config
         schedule = plan_step(
