@@ -11,7 +11,7 @@ import pytest
 from oprd_mega.cli import main as oprd_mega
 from oprd_mega.config.__main__ import main as check_config
 from oprd_mega.train.cli import main as train_main
-from tests.tiny_hf import make_tiny_model_dir
+from tools.tiny_hf import make_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import psutil
 import pytest
 
 from oprd_mega.lifetime import make_owned_temp_dir, pid_alive, remove_stale_temp_dirs
-from tests.tiny_hf import make_tiny_model_dir
 from tests.torchrun_utils import free_port, torchrun_command, torchrun_env
+from tools.tiny_hf import make_tiny_model_dir
 
 WORKER = Path(__file__).with_name("lifetime_worker.py")
 ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

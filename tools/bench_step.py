@@ -149,6 +149,7 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     """Build student and teacher, run warm-up + timed steps, return times and dPeaks."""
     import torch
 
+    from oprd_mega.data.microbatches import model_dims
     from oprd_mega.distill.batch import make_microbatch
     from oprd_mega.distill.build import build_step, build_teacher
     from oprd_mega.distill.layers import layer_pairs
@@ -159,7 +160,6 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     from oprd_mega.models import build_gpt_model, parse_hf_config
     from oprd_mega.models.builder import resolve_dtype
     from oprd_mega.parallel import init_distributed
-    from oprd_mega.train.batching import model_dims
     from oprd_mega.train.throughput import model_flops_utilization, peak_tflops, training_flops
 
     init_distributed()

@@ -19,17 +19,7 @@ from oprd_mega.config.fields import (
     target_at,
     type_name,
 )
-
-
-class ConfigError(ValueError):
-    """One or more configuration problems, one line each."""
-
-    def __init__(self, problems: Sequence[str], source: str | None = None) -> None:
-        self.problems = list(problems)
-        self.source = source
-        where = f" ({source})" if source else ""
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"invalid configuration{where}:\n{lines}")
+from oprd_mega.errors import ConfigError
 
 
 def dotted(path: Sequence[str | int]) -> str:

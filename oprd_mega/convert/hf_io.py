@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from oprd_mega.convert.mapping import all_hf_names
+from oprd_mega.errors import CheckpointError
 from oprd_mega.lifetime import make_owned_temp_dir
 from oprd_mega.models.hf_config import HFModelArgs
 
@@ -37,10 +39,6 @@ AUX_FILES = (
 )
 # Buffers some exporters write that carry no weights.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class CheckpointError(ValueError):
-    """A missing, unexpected or malformed tensor or file in a checkpoint."""
 
 
 def count_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 16) -> int:
@@ -209,13 +207,29 @@ def write_hf_directory(
     return target
 
 
+@dataclass(frozen=True)
+class WrittenShards:
+    """What :func:`write_safetensors_shards` wrote: the shard files, tensors and bytes."""
+
+    files: list[Path]
+    tensors: int
+    total_bytes: int
+
+
 def write_safetensors_shards(
     tensors: Iterable[tuple[str, torch.Tensor]],
     directory: Path,
     *,
     max_shard_bytes: int = 2 * 1024**3,
-) -> list[Path]:
-    """Stream ``(name, tensor)`` pairs into numbered shards plus an index in ``directory``."""
+    count_in_names: bool = True,
+) -> WrittenShards:
+    """Stream ``(name, tensor)`` pairs into numbered shards plus an index in ``directory``.
+
+    A shard closes before the tensor that would take it past ``max_shard_bytes`` (a larger
+    tensor gets a shard alone); tensors are detached and copied to CPU. Shards are named
+    ``model-00001-of-00003.safetensors`` as Hugging Face does, or ``model-00001.safetensors``
+    with ``count_in_names=False`` (no renaming once the count is known: the weight sync).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes = [0]
@@ -224,7 +238,10 @@ def write_safetensors_shards(
     total = 0
 
     def flush() -> None:
-        path = directory / f"part-{len(written):05d}.safetensors"
+        number = len(written) + 1
+        # With the count in the names, shards get their final names once the count is known.
+        name = f"part-{number:05d}" if count_in_names else f"model-{number:05d}"
+        path = directory / f"{name}.safetensors"
         save_file(shards[-1], str(path), metadata={"format": "pt"})
         written.append(path)
         shards[-1] = {}
@@ -234,7 +251,7 @@ def write_safetensors_shards(
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and sizes[-1] + nbytes > max_shard_bytes:
             flush()
-        shards[-1][name] = tensor.contiguous()
+        shards[-1][name] = tensor.detach().to("cpu").contiguous()
         sizes[-1] += nbytes
         weight_map[name] = len(written)
         total += nbytes
@@ -243,12 +260,14 @@ def write_safetensors_shards(
     count = len(written)
     final: list[Path] = []
     for i, path in enumerate(written):
-        target = directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-        path.rename(target)
+        target = path
+        if count_in_names:
+            target = directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(target)
         final.append(target)
     index = {
         "metadata": {"total_size": total},
         "weight_map": {name: final[i].name for name, i in sorted(weight_map.items())},
     }
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return final
+    return WrittenShards(final, len(weight_map), total)

@@ -15,7 +15,6 @@ import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -47,29 +46,6 @@ class ModelDims:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"ModelDims.{name} must be positive, got {value}")
-
-    @classmethod
-    def from_hf_config(
-        cls, config: Any, num_layers: int | None = None, lm_head: bool = True
-    ) -> ModelDims:
-        """Sizes from a Hugging Face config; ``num_layers`` truncates (the teacher's deepest tap)
-        and ``lm_head=False`` drops the output layer."""
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        layers = config.num_hidden_layers if num_layers is None else num_layers
-        if not 0 < layers <= config.num_hidden_layers:
-            raise ValueError(
-                f"num_layers={num_layers} is outside 1..{config.num_hidden_layers} of the config"
-            )
-        return cls(
-            num_layers=layers,
-            hidden_size=config.hidden_size,
-            ffn_hidden_size=config.intermediate_size,
-            vocab_size=config.vocab_size if lm_head else 0,
-            kv_size=kv_heads * head_dim,
-            q_size=heads * head_dim,
-        )
 
     def forward_flops(self, length: int) -> float:
         """Forward FLOPs of one sequence of ``length`` tokens (matmuls only, causal attention)."""

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from oprd_mega.errors import ConfigError
+
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 
 # Fields that must keep their "off" value: (families, field, allowed values).
@@ -61,10 +63,6 @@ class HFModelArgs:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable)."""
         return asdict(self)
-
-
-class ConfigError(ValueError):
-    """An unsupported or inconsistent Hugging Face config field."""
 
 
 def _rope_theta(config: dict[str, Any], where: str) -> float:

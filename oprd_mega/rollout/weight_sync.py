@@ -19,7 +19,7 @@ carry the new weight version, and its log-probs must match the trainer's own for
 from __future__ import annotations
 
 import asyncio
-import json
+import itertools
 import os
 import shutil
 import time
@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from oprd_mega.convert.hf_io import write_safetensors_shards
 from oprd_mega.rollout.client import RolloutClient, WeightUpdateError
 from oprd_mega.rollout.samples import parse_generate_output
 
@@ -201,8 +202,6 @@ class DiskWeightSync(WeightSync):
 
     def write(self, named_tensors: NamedTensors, version: str) -> tuple[Path, int, int, int]:
         """Write the shards atomically; return ``(path, tensors, bytes, shards)``."""
-        from safetensors.torch import save_file
-
         if not version or "/" in version or version.startswith("."):
             raise WeightSyncError(f"weight version {version!r} cannot name a directory")
         final = self.directory / f"weights-{version}"
@@ -218,24 +217,16 @@ class DiskWeightSync(WeightSync):
                 and not item.name.endswith(".index.json")
             ):
                 shutil.copy2(item, tmp / item.name)
-        weight_map: dict[str, str] = {}
-        count = total = shards = 0
-        for bucket in iter_buckets(named_tensors, self.bucket_bytes):
-            shards += 1
-            name = f"model-{shards:05d}.safetensors"
-            tensors = {n: t.detach().to("cpu").contiguous() for n, t in bucket}
-            save_file(tensors, str(tmp / name), metadata={"format": "pt"})
-            for n, t in tensors.items():
-                weight_map[n] = name
-                count += 1
-                total += tensor_bytes(t)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        # iter_buckets rejects a repeated name; its buckets are the shards the writer cuts.
+        unique = itertools.chain.from_iterable(iter_buckets(named_tensors, self.bucket_bytes))
+        shards = write_safetensors_shards(
+            unique, tmp, max_shard_bytes=self.bucket_bytes, count_in_names=False
+        )
         for file in tmp.iterdir():
             with file.open("rb") as handle:
                 os.fsync(handle.fileno())
         os.replace(tmp, final)
-        return final, count, total, shards
+        return final, shards.tensors, shards.total_bytes, len(shards.files)
 
     async def sync(self, named_tensors: NamedTensors, version: str) -> SyncReport:
         """Write the weights, make every server load them, report size and time."""

@@ -48,6 +48,7 @@ from oprd_mega.convert.mcore_io import (
     read_mcore_args,
     save_mcore_checkpoint,
 )
+from oprd_mega.errors import CheckpointError
 from oprd_mega.models.hf_config import HFModelArgs
 from oprd_mega.models.running import unwrap
 from oprd_mega.parallel.distributed import barrier, broadcast_object, global_rank
@@ -70,10 +71,6 @@ STRUCTURAL_KEYS: tuple[str, ...] = (
     "distillation.projection.per_layer",
     "optimizer.use_distributed_optimizer",
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit this run; the message names it."""
 
 
 class CheckpointMismatchError(CheckpointError):

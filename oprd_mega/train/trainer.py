@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
 import time
 from collections.abc import Callable
@@ -19,7 +20,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer import distrib_optimizer
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
+from oprd_mega.bridge.loaded import check_bridge_against
 from oprd_mega.config import (
     ConfigError,
     TrainConfig,
@@ -29,12 +35,37 @@ from oprd_mega.config import (
     data_parallel_size,
     dump_config,
 )
+from oprd_mega.convert.gather import gather_hf_weights
+from oprd_mega.convert.hf_io import HFCheckpointReader, write_hf_directory
+from oprd_mega.convert.mcore_io import load_hf_weights
+from oprd_mega.data.microbatches import StepSample, model_dims, plan_step, rank_microbatches
+from oprd_mega.data.prompts import load_prompts
+from oprd_mega.data.scheduler import CostModel
+from oprd_mega.distill.build import build_step, build_teacher
+from oprd_mega.distill.layers import teacher_depth
+from oprd_mega.models import build_gpt_model, load_hf_config
+from oprd_mega.models.builder import resolve_dtype
 from oprd_mega.models.specs import resolve_use_te
-from oprd_mega.train.batching import StepSample
+from oprd_mega.parallel import init_distributed
+from oprd_mega.rollout.client import RolloutError
+from oprd_mega.rollout.megatron_sync import sync_model_weights
+from oprd_mega.rollout.weight_sync import WeightSyncError
+from oprd_mega.train.checkpoint import (
+    TrainerState,
+    check_fits,
+    check_fresh_start,
+    find_latest,
+    load_newest_intact,
+    resume_candidates,
+    save_checkpoint,
+    saved_config,
+)
 from oprd_mega.train.evaluation import describe_eval, evaluation_sets, load_eval_set, score
 from oprd_mega.train.logs import Progress, StepLog, ensure_logging, logger
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
+from oprd_mega.train.metrics import MetricsWriter, StepTimer, peak_memory_mib
 from oprd_mega.train.prompt_stream import PromptStream
+from oprd_mega.train.rollouts import RolloutService
 
 
 class TrainingError(RuntimeError):
@@ -66,8 +97,6 @@ def _transformer_impls(config: TrainConfig) -> dict[str, bool]:
 def shared(producer: Callable[[], Any], what: str) -> Any:
     """Run ``producer`` on rank 0 and give its value to every rank; an exception there becomes
     the same :class:`TrainingError` on every rank (``what`` says which part failed)."""
-    from oprd_mega.rollout.client import RolloutError
-
     box: list[Any] = [None]
     if dist.get_rank() == 0:
         try:
@@ -126,10 +155,6 @@ class Trainer:
 
     def setup(self) -> None:
         """Check inputs, start the servers, build models and optimizer, resume if asked."""
-        from megatron.core import parallel_state
-
-        from oprd_mega.models import load_hf_config
-
         config = self.config
         self.student_args = load_hf_config(config.student.path)
         self.teacher_args = load_hf_config(config.teacher.path)
@@ -140,8 +165,6 @@ class Trainer:
         self.bridge = None
         projection = config.distillation.projection
         if config.distillation.uses_oprd and projection.mode == "bridge":
-            from oprd_mega.bridge.loaded import check_bridge_against
-
             try:  # a bridge built for other models fails here, before any server starts
                 self.bridge = check_bridge_against(
                     projection.bridge_path, self.student_args, self.teacher_args, self.pairs
@@ -171,8 +194,6 @@ class Trainer:
             dump_config(config, Path(config.metrics.dir) / "config.yaml")
 
     def _find_resume(self) -> Path | None:
-        from oprd_mega.train.checkpoint import check_fresh_start, find_latest
-
         option = self.config.checkpoint.resume
         if option == "never":
             check_fresh_start(self.config.checkpoint.dir)
@@ -185,16 +206,10 @@ class Trainer:
         return found
 
     def _start_rollouts(self) -> None:
-        from oprd_mega.train.rollouts import RolloutService
-
         self.rollouts = RolloutService(self.config, self.loop)
         say(f"rollout servers ready: {', '.join(self.rollouts.servers.urls)}")
 
     def _load_prompts(self) -> None:
-        from transformers import AutoTokenizer
-
-        from oprd_mega.data.prompts import load_prompts
-
         data = self.config.data
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(self.config.student.path)
@@ -210,12 +225,6 @@ class Trainer:
         ]
 
     def _build_models(self) -> None:
-        from oprd_mega.convert.hf_io import HFCheckpointReader
-        from oprd_mega.convert.mcore_io import load_hf_weights
-        from oprd_mega.distill.build import build_step, build_teacher
-        from oprd_mega.models import build_gpt_model
-        from oprd_mega.models.builder import resolve_dtype
-
         config = self.config
         distill = config.distillation
         sp = config.parallel.sp
@@ -251,13 +260,6 @@ class Trainer:
         self.model, self.optimizer = self.step.student, self.step.optimizer
 
     def _resume(self, path: Path) -> None:
-        from oprd_mega.train.checkpoint import (
-            check_fits,
-            load_newest_intact,
-            resume_candidates,
-            saved_config,
-        )
-
         path, state = load_newest_intact(
             resume_candidates(self.config.checkpoint.dir),
             self.model,
@@ -286,8 +288,6 @@ class Trainer:
         say(f"resumed from {path} at step {state.step}")
 
     def _open_metrics(self) -> None:
-        from oprd_mega.train.metrics import MetricsWriter
-
         m = self.config.metrics
         self.metrics = MetricsWriter(
             m.dir,
@@ -351,8 +351,6 @@ class Trainer:
         )
 
     def _train_step(self, step: int) -> dict[str, Any]:
-        from oprd_mega.train.metrics import StepTimer, peak_memory_mib
-
         config = self.config
         timer = StepTimer()
         with timer("rollout"):
@@ -469,10 +467,6 @@ class Trainer:
 
     def _cost_model(self) -> Any:
         """The scheduler's FLOP model of one sample (student update + teacher forward)."""
-        from oprd_mega.data.scheduler import CostModel
-        from oprd_mega.distill.layers import teacher_depth
-        from oprd_mega.train.batching import model_dims
-
         distill = self.config.distillation
         opd = distill.opd_term is not None
         teacher_layers = teacher_depth(self.pairs, self.teacher_args.num_layers, needs_logits=opd)
@@ -482,8 +476,6 @@ class Trainer:
         )
 
     def _microbatches(self, samples: list[StepSample]) -> tuple[list, float]:
-        from oprd_mega.train.batching import plan_step, rank_microbatches
-
         config = self.config
         schedule = plan_step(
             samples,
@@ -511,9 +503,6 @@ class Trainer:
 
     def _sync_weights(self, version: str) -> int:
         """Push the student's weights to the servers as ``version`` and check them."""
-        from oprd_mega.rollout.megatron_sync import sync_model_weights
-        from oprd_mega.rollout.weight_sync import WeightSyncError
-
         sync = self.rollouts.weight_sync if self.rank == 0 else None
         try:
             report = self.loop.run_until_complete(
@@ -567,7 +556,6 @@ class Trainer:
     def _open_progress(self) -> None:
         if self.rank != 0 or not self.config.metrics.progress_bar:
             return
-        from tqdm.auto import tqdm
 
         self.progress = tqdm(
             total=self.config.schedule.steps,
@@ -590,8 +578,6 @@ class Trainer:
             self.progress.update(1)
 
     def _save(self, step: int) -> Path:
-        from oprd_mega.train.checkpoint import TrainerState, save_checkpoint
-
         config = self.config
         state = TrainerState(
             step=step,
@@ -614,9 +600,6 @@ class Trainer:
 
     def _export(self, directory: str) -> None:
         """The final student as a Hugging Face directory (written aside, then renamed)."""
-        from oprd_mega.convert.gather import gather_hf_weights
-        from oprd_mega.convert.hf_io import write_hf_directory
-
         target = Path(directory)
         error = None
         if self.rank == 0 and target.exists():
@@ -662,8 +645,6 @@ _RESUMABLE = {
 def _require_apex_or_te() -> None:
     """Megatron-Core 0.16's distributed optimizer restores its checkpoints only with Apex or
     Transformer Engine (without them its state lacks or mishandles the Adam ``step``)."""
-    from megatron.core.optimizer import distrib_optimizer
-
     if not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
         raise TrainingError(
             "optimizer.use_distributed_optimizer = true needs Transformer Engine or Apex "
@@ -673,8 +654,6 @@ def _require_apex_or_te() -> None:
 
 
 def _pad_id(model_path: str) -> int:
-    import json
-
     config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
     pad = config.get("pad_token_id")
     return int(pad) if isinstance(pad, int) else 0
@@ -683,8 +662,6 @@ def _pad_id(model_path: str) -> int:
 def train(config: TrainConfig, stop_at: int | None = None) -> TrainSummary:
     """Run ``config`` on this process (under torchrun: every rank calls it); ``stop_at``: see
     :meth:`Trainer.run`."""
-    from oprd_mega.parallel import init_distributed
-
     ensure_logging()
     check_paths(config)
     init_distributed(config.parallel, seed=config.seed)

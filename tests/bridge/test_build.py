@@ -41,8 +41,8 @@ from oprd_mega.bridge.tokens import cross_tokenizer_sequence, token_spans
 from oprd_mega.distill.batch import make_microbatch
 from oprd_mega.distill.positions import PositionSpec
 from oprd_mega.models.hf_config import load_hf_config
-from tests.tiny_hf import make_tiny_model_dir, make_tokenizer
 from tests.torchrun_utils import free_port, run_torchrun
+from tools.tiny_hf import make_tiny_model_dir, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "build_bridge.py"

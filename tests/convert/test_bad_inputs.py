@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from oprd_mega.convert.convert import hf_to_mcore, mcore_to_hf
 from oprd_mega.convert.hf_io import CheckpointError
 from oprd_mega.models.hf_config import ConfigError
-from tests.tiny_hf_models import make_tiny_model
+from tools.tiny_hf_models import make_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.tiny_hf import make_tokenizer
-from tests.tiny_hf_models import make_tiny_model
 from tests.torchrun_utils import run_torchrun
+from tools.tiny_hf import make_tokenizer
+from tools.tiny_hf_models import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "tools" / "convert_checkpoint.py"

@@ -11,7 +11,7 @@ from oprd_mega.convert.mapping import (
     mcore_to_hf_state,
     tp_kind,
 )
-from tests.tiny_hf_models import make_tiny_model
+from tools.tiny_hf_models import make_tiny_model
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])

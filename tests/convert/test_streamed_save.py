@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_hf_models import make_tiny_model
 from tests.torchrun_utils import run_torchrun
+from tools.tiny_hf_models import make_tiny_model
 
 WORKERS = Path(__file__).parent / "workers"
 PLAN = [{"family": "qwen2", "tied": True}, {"family": "qwen3", "tied": False}]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from oprd_mega.data.prompts import PromptDataError, load_prompts
-from tests.tiny_hf import make_tokenizer
+from tools.tiny_hf import make_tokenizer
 
 
 @pytest.fixture(scope="module")

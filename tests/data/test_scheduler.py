@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from oprd_mega.data.microbatches import model_dims
 from oprd_mega.data.scheduler import (
     CostModel,
     ModelDims,
@@ -16,6 +17,7 @@ from oprd_mega.data.scheduler import (
     first_fit_pack,
     schedule_microbatches,
 )
+from oprd_mega.models import parse_hf_config
 
 lengths_st = st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=40)
 
@@ -193,24 +195,25 @@ def test_balanced_partition_near_optimal_on_random_instances():
     assert sum(excess) / len(excess) <= 0.005
 
 
-def test_model_dims_from_hf_config():
+def test_model_dims_of_a_hf_config():
     from transformers import LlamaConfig
 
     config = LlamaConfig(
         hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
         num_key_value_heads=2, head_dim=16, vocab_size=1000,
     )  # fmt: skip
-    dims = ModelDims.from_hf_config(config)
+    args = parse_hf_config(config.to_dict())
+    dims = model_dims(args)
     assert (dims.num_layers, dims.hidden_size, dims.ffn_hidden_size) == (3, 96, 160)
     assert (dims.kv_size, dims.vocab_size) == (32, 1000)
-    teacher = ModelDims.from_hf_config(config, num_layers=2, lm_head=False)
+    teacher = model_dims(args, num_layers=2, lm_head=False)
     assert (teacher.num_layers, teacher.vocab_size) == (2, 0)
     # Linear FLOPs per token per layer match 2 x the layer's matmul parameter count.
     from transformers import LlamaForCausalLM
 
     layer = LlamaForCausalLM(config).model.layers[0]
     matmul_params = sum(p.numel() for n, p in layer.named_parameters() if "norm" not in n)
-    one_token = ModelDims.from_hf_config(config, num_layers=1, lm_head=False).forward_flops(1)
+    one_token = model_dims(args, num_layers=1, lm_head=False).forward_flops(1)
     assert one_token == pytest.approx(2 * matmul_params + 2 * 96)
     with pytest.raises(ValueError, match="outside 1..3"):
-        ModelDims.from_hf_config(config, num_layers=4)
+        model_dims(args, num_layers=4)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from oprd_mega.data.microbatches import model_dims
 from oprd_mega.models.hf_config import parse_hf_config
 from oprd_mega.models.presets import preset, scaled
-from oprd_mega.train.batching import model_dims
 from oprd_mega.train.throughput import training_flops
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_step.py"

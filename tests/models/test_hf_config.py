@@ -7,7 +7,7 @@ import pytest
 from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
 from oprd_mega.models.hf_config import ConfigError, load_hf_config, parse_hf_config
-from tests.tiny_hf_models import TINY
+from tools.tiny_hf_models import TINY
 
 CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_hf import make_tiny_model_dir
+from tools.tiny_hf import make_tiny_model_dir
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ from typing import Any
 
 import yaml
 
-from tests.tiny_hf import make_tiny_model_dir
 from tests.torchrun_utils import free_port, run_torchrun, torchrun_command, torchrun_env
+from tools.tiny_hf import make_tiny_model_dir
 
 # Keys that differ between two runs of the same config (wall clock, memory, throughput).
 TIMING_KEYS = ("time", "tokens_per_s", "memory/peak_mib")

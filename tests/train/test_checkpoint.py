@@ -28,7 +28,7 @@ from oprd_mega.train.checkpoint import (
     saved_config,
 )
 from tests.config.helpers import minimal
-from tests.tiny_hf import make_tiny_model_dir
+from tools.tiny_hf import make_tiny_model_dir
 
 WORKER = Path(__file__).with_name("workers") / "checkpoint_worker.py"
 

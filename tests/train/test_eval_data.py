@@ -16,7 +16,7 @@ from oprd_mega.data.prompts import load_prompts, read_rows
 from oprd_mega.train.eval_data import DEFAULT_TEMPLATE, main
 from oprd_mega.train.evaluation import check_answers
 from oprd_mega.train.verifiers import make_verifier
-from tests.tiny_hf import make_tokenizer
+from tools.tiny_hf import make_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 

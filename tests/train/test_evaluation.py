@@ -22,9 +22,9 @@ from oprd_mega.train.evaluation import (
 )
 from oprd_mega.train.metrics import read_metrics
 from tests.config.helpers import minimal
-from tests.tiny_hf import make_tiny_model_dir
 from tests.torchrun_utils import free_port
 from tests.train.runs import make_task, require_success, task_config, train
+from tools.tiny_hf import make_tiny_model_dir
 
 
 class CharTokenizer:

@@ -3,7 +3,8 @@
 import pytest
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from oprd_mega.data.scheduler import ModelDims
+from oprd_mega.data.microbatches import model_dims
+from oprd_mega.models import parse_hf_config
 from oprd_mega.train.throughput import model_flops_utilization, peak_tflops, training_flops
 
 
@@ -33,7 +34,7 @@ def test_training_flops_from_parameter_count() -> None:
         for n, p in model.named_parameters()
         if "norm" not in n and "embed_tokens" not in n
     )
-    dims = ModelDims.from_hf_config(config)
+    dims = model_dims(parse_hf_config(config.to_dict()))
     attention_one_token = 2 * 4 * 32 * config.num_hidden_layers  # 2 x q_size x 1^2 per layer
     assert training_flops(dims, [1]) == pytest.approx(3 * (2 * weights + attention_one_token))
     assert training_flops(dims, [5, 7]) == pytest.approx(

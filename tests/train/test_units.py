@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from oprd_mega.data.microbatches import StepSample, plan_step, rank_microbatches
 from oprd_mega.distill.batch import make_packed_microbatch
 from oprd_mega.distill.positions import PositionSpec
-from oprd_mega.train.batching import StepSample, plan_step, rank_microbatches
 from oprd_mega.train.lr_schedule import learning_rate
 from oprd_mega.train.prompt_stream import PromptStream
 from tools.quickstart_summary import gap_closed, summary_line

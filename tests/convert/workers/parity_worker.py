@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 faulthandler.dump_traceback_later(int(os.environ.get("OPRD_TEST_HANG_S", "600")), exit=True)
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repo root: tests.tiny_hf_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repo root: tools.tiny_hf_models
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -76,7 +76,7 @@ def run_model(work: Path, item: dict, results: dict) -> None:
     )
     from oprd_mega.models import build_gpt_model, build_truncated_model
     from oprd_mega.parallel import ParallelLayout
-    from tests.tiny_hf_models import make_tiny_model
+    from tools.tiny_hf_models import make_tiny_model
 
     name = f"{item['family']}-{'tied' if item['tied'] else 'untied'}"
     dtype = getattr(torch, item.get("dtype", "float32"))

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 faulthandler.dump_traceback_later(int(os.environ.get("OPRD_TEST_HANG_S", "600")), exit=True)
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repo root: tests.tiny_hf_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repo root: tools.tiny_hf_models
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -104,7 +104,7 @@ def run_model(work: Path, item: dict) -> dict:
     from oprd_mega.convert.hf_io import HFCheckpointReader
     from oprd_mega.convert.mcore_io import load_hf_weights, read_mcore_args, save_mcore_checkpoint
     from oprd_mega.models import build_gpt_model
-    from tests.tiny_hf_models import make_tiny_model
+    from tools.tiny_hf_models import make_tiny_model
 
     name = model_name(item)
     base = work / name

@@ -510,7 +510,7 @@ def main() -> None:
     timing = {"startup": time.perf_counter() - start}
     rank = dist.get_rank()
     if rank == 0:
-        from tests.tiny_hf_models import make_tiny_model
+        from tools.tiny_hf_models import make_tiny_model
 
         make_tiny_model("llama", work / "student", seed=1, **COMMON, **STUDENT)
         make_tiny_model("llama", work / "teacher", seed=2, **COMMON, **TEACHER)

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repo root: tests.tiny_hf_models
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repo root: tools.tiny_hf_models
 
 import torch
 
@@ -23,7 +23,7 @@ from oprd_mega.models import build_gpt_model, load_hf_config
 from oprd_mega.models.builder import fusions
 from oprd_mega.models.specs import resolve_use_te
 from oprd_mega.parallel import init_distributed
-from tests.tiny_hf_models import make_tiny_model
+from tools.tiny_hf_models import make_tiny_model
 
 
 def main(workdir: Path) -> None:

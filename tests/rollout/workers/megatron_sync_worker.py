@@ -238,8 +238,8 @@ async def end_to_end(work: Path, port: int, results: dict) -> None:
 
 def main() -> None:
     from oprd_mega.parallel import destroy_distributed
-    from tests.tiny_hf_models import make_tiny_model
     from tests.torchrun_utils import free_port
+    from tools.tiny_hf_models import make_tiny_model
 
     work = Path(sys.argv[1])
     use_layout(2, 2)

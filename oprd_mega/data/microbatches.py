@@ -1,4 +1,5 @@
-"""A step's samples turned into this data-parallel rank's microbatches.
+"""A step's samples turned into this data-parallel rank's microbatches, and the FLOP model
+(:func:`model_dims`) the schedule balances.
 
 Every rank computes the same schedule from the same sample lengths
 (:func:`oprd_mega.data.scheduler.schedule_microbatches`) and takes its own share. Every
@@ -33,10 +34,14 @@ class StepSample:
         return len(self.token_ids) - self.prompt_length
 
 
-def model_dims(args: HFModelArgs, num_layers: int | None = None, lm_head: bool = True):
-    """The scheduler's FLOP model of a model (``num_layers`` run, with or without its head)."""
+def model_dims(args: HFModelArgs, num_layers: int | None = None, lm_head: bool = True) -> ModelDims:
+    """The scheduler's FLOP model of a model: ``num_layers`` run (all by default; the teacher's
+    deepest tapped layer), with or without its LM head."""
+    layers = args.num_layers if num_layers is None else num_layers
+    if not 0 < layers <= args.num_layers:
+        raise ValueError(f"num_layers={num_layers} is outside 1..{args.num_layers} of the model")
     return ModelDims(
-        num_layers=num_layers or args.num_layers,
+        num_layers=layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.intermediate_size,
         vocab_size=args.vocab_size if lm_head else 0,

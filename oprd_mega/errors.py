@@ -1,0 +1,36 @@
+"""The project's error kinds, one class each, importable from every package (no heavy imports)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems, one line each.
+
+    A run config's problems come as a list (with the file or override they come from in
+    ``source``) and read as ``invalid configuration (source):`` plus one line per problem; a
+    single string (an unsupported Hugging Face config.json field) is the whole message.
+    """
+
+    def __init__(self, problems: str | Sequence[str], source: str | None = None) -> None:
+        self.source = source
+        if isinstance(problems, str):
+            self.problems = [problems]
+            super().__init__(problems)
+            return
+        self.problems = list(problems)
+        where = f" ({source})" if source else ""
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid configuration{where}:\n{lines}")
+
+
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint (Hugging Face or the trainer's) is missing, malformed, incomplete or does
+    not fit this run; the message names the file or tensor.
+
+    A ValueError for conversion's callers and a RuntimeError for the trainer's. ``shared``:
+    every rank raises the same error, so rank 0 alone reports it.
+    """
+
+    shared: bool = False
