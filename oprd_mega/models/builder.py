@@ -17,6 +17,7 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.models.rope import apply_rope_scaling, softmax_scale
 from oprd_mega.models.specs import block_spec, te_available
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,6 +88,7 @@ def transformer_config(
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
+        softmax_scale=softmax_scale(args.rope, args.head_dim),
         init_method_std=args.initializer_range,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -127,6 +129,7 @@ def _build(
         position_embedding_type="rope",
         rotary_base=args.rope_theta,
     )
+    apply_rope_scaling(model, args.rope, args.head_dim)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -50,9 +50,9 @@ CASES = {
         "model_type='mistral'",
     ),
     "rope_scaling": (
-        {"config": lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 2.0})},
+        {"config": lambda c: c.update(rope_parameters={"rope_type": "dynamic", "factor": 2.0})},
         ConfigError,
-        "rope_type='yarn'",
+        "rope_type='dynamic'",
     ),
     "missing_weight": (
         {"tensors": lambda w: w.pop("model.layers.1.mlp.down_proj.weight")},
