@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from oprd_mega.convert.verify import TOLERANCE
+from tests.real_shapes import CI_REAL_SHAPED, parity_plan
 from tests.torchrun_utils import run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "parity_worker.py"
@@ -24,9 +25,10 @@ PLAN = [
     {"family": "qwen3", "tied": False, "layouts": ALL_LAYOUTS, "extra": True},
     {"family": "qwen3", "tied": True, "layouts": [[2, 2, False]], "extra": False},
     {"family": "llama", "tied": True, "layouts": [[2, 1, False]], "dtype": "bfloat16"},
+    *parity_plan(CI_REAL_SHAPED),  # Llama-3 and YaRN RoPE, real attention ratios, 3 layers
 ]
 MODELS = [
-    f"{p['family']}-{'tied' if p['tied'] else 'untied'}"
+    p.get("name", f"{p['family']}-{'tied' if p['tied'] else 'untied'}")
     + (f"-{p['dtype']}" if "dtype" in p else "")
     for p in PLAN
 ]

@@ -2,6 +2,7 @@
 
 Usage: parity_worker.py WORKDIR PLAN_JSON. Writes WORKDIR/results.json on rank 0.
 PLAN_JSON: [{"family": ..., "tied": bool, "layouts": [[tp, pp, sp], ...], "extra": bool}, ...]
+optional per item: "name", "dtype", "config" (make_tiny_model overrides, e.g. shapes and rope).
 """
 
 import faulthandler
@@ -78,14 +79,21 @@ def run_model(work: Path, item: dict, results: dict) -> None:
     from oprd_mega.parallel import ParallelLayout
     from tests.tiny_hf_models import make_tiny_model
 
-    name = f"{item['family']}-{'tied' if item['tied'] else 'untied'}"
+    name = item.get("name", f"{item['family']}-{'tied' if item['tied'] else 'untied'}")
     dtype = getattr(torch, item.get("dtype", "float32"))
     if dtype != torch.float32:
         name += f"-{item['dtype']}"
     base = work / name
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
     if rank == 0:
-        make_tiny_model(item["family"], base / "hf", tied=item["tied"], seed=len(name), dtype=dtype)
+        make_tiny_model(
+            item["family"],
+            base / "hf",
+            tied=item["tied"],
+            seed=len(name),
+            dtype=dtype,
+            **item.get("config", {}),
+        )
     if dist.is_initialized():
         dist.barrier()
     else:  # first model: no process group yet; wait for the files
