@@ -7,6 +7,7 @@ from typing import Protocol
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.schema import TrainConfig
 from oprd_mega.distill.layers import layer_pairs
+from oprd_mega.models.shapes import shape_problems
 
 
 class ModelShape(Protocol):
@@ -14,6 +15,7 @@ class ModelShape(Protocol):
 
     vocab_size: int
     hidden_size: int
+    intermediate_size: int
     num_layers: int
     num_attention_heads: int
     num_key_value_heads: int
@@ -57,15 +59,8 @@ def check_models(
         ("student", student, student.num_layers),
         ("teacher", teacher, deepest),
     ):
-        for heads in ("num_attention_heads", "num_key_value_heads"):
-            count = getattr(model, heads)
-            if count % tp:
-                problems.append(f"parallel.tp = {tp}: must divide the {name}'s {heads} ({count})")
-        if pp > depth:
-            problems.append(
-                f"parallel.pp = {pp}: the {name} runs {depth} layer(s); every pipeline stage "
-                "needs at least one"
-            )
+        for problem in shape_problems(model, tp=tp, pp=pp, num_layers=depth, name=name):
+            problems.append(f"parallel.{problem.knob} = {problem.value}: {problem.detail}")
     if problems:
         raise ConfigError(problems)
     return pairs

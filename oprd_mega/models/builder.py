@@ -7,8 +7,6 @@ teacher's first K layers without final norm and output layer. Both use the curre
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -18,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from oprd_mega.models.hf_config import HFModelArgs
 from oprd_mega.models.rope import apply_rope_scaling, softmax_scale
+from oprd_mega.models.shapes import pipeline_split, shape_problems
 from oprd_mega.models.specs import block_spec, te_available
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,20 +33,6 @@ def resolve_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.f
     return _DTYPES[name]
 
 
-def _pipeline_split(num_layers: int, pp: int) -> dict[str, int | None]:
-    """Megatron's fields for ``num_layers`` over ``pp`` stages (the last one may hold fewer)."""
-    if pp == 1 or num_layers % pp == 0:
-        return {}
-    per_stage = math.ceil(num_layers / pp)
-    last = num_layers - per_stage * (pp - 1)
-    if last < 1:
-        raise ValueError(
-            f"cannot split {num_layers} layers over pipeline size {pp}: use a pipeline size "
-            f"that leaves every stage at least one layer"
-        )
-    return {"num_layers_in_last_pipeline_stage": last}
-
-
 def transformer_config(
     args: HFModelArgs,
     *,
@@ -61,14 +46,12 @@ def transformer_config(
     num_layers = args.num_layers if num_layers is None else num_layers
     if not 1 <= num_layers <= args.num_layers:
         raise ValueError(f"num_layers={num_layers} must be in [1, {args.num_layers}]")
-    for field, value in (
-        ("num_attention_heads", args.num_attention_heads),
-        ("num_key_value_heads", args.num_key_value_heads),
-        ("vocab_size", args.vocab_size),
-        ("intermediate_size", args.intermediate_size),
-    ):
-        if value % tp:
-            raise ValueError(f"{field}={value} is not divisible by tensor parallel size {tp}")
+    problems = shape_problems(args, tp=tp, pp=pp, num_layers=num_layers)
+    if problems:
+        raise ValueError(
+            "; ".join(f"{p.knob} = {p.value}: {p.detail}" for p in problems)
+            + " (tp/pp: the parallel layout this process group was started with)"
+        )
     fused = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=num_layers,
@@ -104,7 +87,7 @@ def transformer_config(
         bias_dropout_fusion=fused,
         apply_rope_fusion=False,
         persist_layer_norm=False,
-        **_pipeline_split(num_layers, pp),
+        **pipeline_split(num_layers, pp),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from oprd_mega.config import ConfigError
@@ -64,3 +66,15 @@ def test_the_teacher_is_truncated_at_the_deepest_tap() -> None:
     config = minimal("distillation.layers=[1]", "parallel.pp=2")
     with pytest.raises(ConfigError, match="the teacher runs 1 layer"):
         check_models(config, _model(2, 64), _model(4, 64))
+
+
+def test_tensor_parallel_size_must_divide_ffn_width_and_vocabulary() -> None:
+    """The config check applies the builder's full rule (it used to check heads only, and a TP
+    not dividing intermediate_size failed after the rollout servers had started)."""
+    student = replace(_model(4, 64, heads=8, kv=4, vocab=517), intermediate_size=250)
+    with pytest.raises(ConfigError) as info:
+        check_models(minimal("parallel.tp=4"), student, _model(4, 64))
+    text = "\n".join(info.value.problems)
+    assert "parallel.tp = 4: must divide the student's intermediate_size (250)" in text
+    assert "parallel.tp = 4: must divide the student's vocab_size (517)" in text
+    assert "teacher" not in text
