@@ -28,6 +28,7 @@ from oprd_mega.config import (
     data_parallel_size,
     dump_config,
 )
+from oprd_mega.config.model_files import check_model_files
 from oprd_mega.train.batching import StepSample
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
 from oprd_mega.train.prompt_stream import PromptStream
@@ -694,6 +695,7 @@ def train(config: TrainConfig, stop_at: int | None = None) -> TrainSummary:
     from oprd_mega.parallel import init_distributed
 
     check_paths(config)
+    check_model_files(config)  # shapes, layout and tokenizers before any process group starts
     init_distributed(config.parallel, seed=config.seed)
     torch.manual_seed(config.seed)
     trainer = Trainer(config)
