@@ -67,8 +67,12 @@ class HFModelArgs:
         return self.rope_scaling or RopeScaling("default", self.rope_theta)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-serialisable)."""
-        return asdict(self)
+        """Plain dict (JSON-serialisable). Unscaled RoPE adds no key, so the config hashes that
+        bridge files recorded before RoPE scaling existed stay valid."""
+        data = asdict(self)
+        if self.rope.rope_type == "default":
+            data.pop("rope_scaling")
+        return data
 
 
 class ConfigError(ValueError):

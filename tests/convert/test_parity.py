@@ -51,6 +51,7 @@ def test_mcore_to_hf_reproduces_every_tensor_bit_exactly(results: dict, model: s
     assert out["roundtrip_names_equal"]
     assert out["roundtrip_bad"] == []
     assert out["roundtrip_count"] >= 3 * 9 + 2
+    assert out["config_json_equal"]  # the RoPE scaling fields survive the round trip
 
 
 @pytest.mark.parametrize("model", MODELS)

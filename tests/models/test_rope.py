@@ -176,3 +176,11 @@ def test_rope_scaling_disagreeing_with_rope_parameters_is_refused() -> None:
     data["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}
     with pytest.raises(ConfigError, match=r"rope_scaling\.rope_type='linear'"):
         parse_hf_config(data)
+
+
+def test_only_scaled_rope_enters_the_model_description() -> None:
+    plain = parse_hf_config(hf_config("default").to_dict()).to_dict()
+    assert "rope_scaling" not in plain  # hashes of unscaled models are unchanged
+    scaled = parse_hf_config(hf_config("yarn-qwen2.5").to_dict()).to_dict()
+    assert scaled["rope_scaling"]["rope_type"] == "yarn"
+    assert scaled["rope_scaling"]["factor"] == 4.0

@@ -120,6 +120,8 @@ def run_model(work: Path, item: dict, results: dict) -> None:
             or not torch.equal(original[k], back[k])
         ]
         out["roundtrip_count"] = len(original)
+        configs = [json.loads((base / d / "config.json").read_text()) for d in ("hf", "hf_back")]
+        out["config_json_equal"] = configs[0] == configs[1]  # RoPE scaling fields included
     args = read_mcore_args(base / "mcore")
     tokens = random_tokens(args, 2, 16, seed=1)
     reference = hf_outputs(base / "hf", tokens, dtype) if rank == 0 else None
