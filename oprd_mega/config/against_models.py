@@ -19,6 +19,7 @@ class ModelShape(Protocol):
     num_layers: int
     num_attention_heads: int
     num_key_value_heads: int
+    make_vocab_size_divisible_by: int
 
 
 def check_models(
@@ -50,6 +51,16 @@ def check_models(
         problems.append(
             f"distillation.method = {distill.method!r}: OPD needs one vocabulary, but the "
             f"student has {student.vocab_size} tokens and the teacher {teacher.vocab_size}"
+        )
+    elif (
+        distill.opd_term is not None
+        and student.make_vocab_size_divisible_by != teacher.make_vocab_size_divisible_by
+    ):
+        problems.append(
+            f"student.make_vocab_size_divisible_by = {student.make_vocab_size_divisible_by} and "
+            f"teacher.make_vocab_size_divisible_by = {teacher.make_vocab_size_divisible_by}: "
+            "OPD splits both output layers alike over tensor-parallel ranks, so both vocabularies "
+            "need the same padding"
         )
     tp, pp = config.parallel.tp, config.parallel.pp
     deepest = max((t for _, t in pairs), default=teacher.num_layers)

@@ -3,11 +3,14 @@ group or rollout server starts, so a mismatch costs seconds, not a launch."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from oprd_mega.config.against_models import check_models
 from oprd_mega.config.errors import ConfigError
+from oprd_mega.config.models import ModelSection
 from oprd_mega.config.schema import TrainConfig
 from oprd_mega.models.hf_config import ConfigError as HFConfigError
-from oprd_mega.models.hf_config import load_hf_config
+from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
 from oprd_mega.models.tokenizers import first_difference, has_tokenizer, token_map
 
 
@@ -34,15 +37,21 @@ def check_tokenizers(config: TrainConfig) -> None:
     )
 
 
+def model_args(section: ModelSection) -> HFModelArgs:
+    """The model's ``config.json`` with the section's vocabulary padding: what is built."""
+    args = load_hf_config(section.path)
+    return replace(args, make_vocab_size_divisible_by=section.make_vocab_size_divisible_by)
+
+
 def check_model_files(config: TrainConfig) -> list[tuple[int, int]]:
     """Both config.json files against the config (shapes, layers, layout) and the tokenizers;
     returns the layer pairs."""
     models = []
-    for key, path in (("student.path", config.student.path), ("teacher.path", config.teacher.path)):
+    for key, section in (("student", config.student), ("teacher", config.teacher)):
         try:
-            models.append(load_hf_config(path))
+            models.append(model_args(section))
         except (HFConfigError, FileNotFoundError) as exc:
-            raise ConfigError([f"{key} = {path!r}: {exc}"]) from exc
+            raise ConfigError([f"{key}.path = {section.path!r}: {exc}"]) from exc
     pairs = check_models(config, models[0], models[1])
     check_tokenizers(config)
     return pairs

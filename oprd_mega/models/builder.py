@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from oprd_mega.models.hf_config import HFModelArgs
 from oprd_mega.models.rope import apply_rope_scaling, softmax_scale
-from oprd_mega.models.shapes import pipeline_split, shape_problems
+from oprd_mega.models.shapes import REAL_VOCAB_ATTR, pipeline_split, shape_problems
 from oprd_mega.models.specs import block_spec, te_available
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,7 +104,7 @@ def _build(
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(args, num_to_build, use_te),
-        vocab_size=args.vocab_size,
+        vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=post_process and parallel_state.is_pipeline_last_stage(),
@@ -113,6 +113,7 @@ def _build(
         rotary_base=args.rope_theta,
     )
     apply_rope_scaling(model, args.rope, args.head_dim)
+    setattr(model, REAL_VOCAB_ATTR, args.vocab_size)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -16,6 +16,10 @@ from oprd_mega.models.rope import RopeConfigError, RopeScaling, parse_rope
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 
+# Megatron pads the vocabulary to a multiple of this (Megatron-LM's default); see
+# HFModelArgs.padded_vocab_size.
+DEFAULT_VOCAB_DIVISOR = 128
+
 # Fields that must keep their "off" value: (families, field, allowed values).
 _MUST_BE: tuple[tuple[tuple[str, ...], str, tuple[Any, ...]], ...] = (
     (SUPPORTED_FAMILIES, "hidden_act", ("silu",)),
@@ -50,6 +54,21 @@ class HFModelArgs:
     initializer_range: float = 0.02
     dtype: str | None = None
     rope_scaling: RopeScaling | None = None
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR
+
+    def __post_init__(self) -> None:
+        if self.make_vocab_size_divisible_by < 1:
+            raise ConfigError(
+                "make_vocab_size_divisible_by must be a positive integer, got "
+                f"{self.make_vocab_size_divisible_by!r}"
+            )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The Megatron vocabulary: ``vocab_size`` rounded up to a multiple of
+        ``make_vocab_size_divisible_by`` (independent of TP, so checkpoints reshard freely)."""
+        divisor = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // divisor) * divisor
 
     @property
     def qkv_bias(self) -> bool:
@@ -67,9 +86,12 @@ class HFModelArgs:
         return self.rope_scaling or RopeScaling("default", self.rope_theta)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-serialisable). Unscaled RoPE adds no key, so the config hashes that
-        bridge files recorded before RoPE scaling existed stay valid."""
+        """Plain dict (JSON-serialisable) of the architecture. Unscaled RoPE adds no key and the
+        vocabulary padding none, so the config hashes that bridge files recorded before stay
+        valid."""
         data = asdict(self)
+        # a layout choice, not architecture: checkpoints record it beside the model
+        data.pop("make_vocab_size_divisible_by")
         if self.rope.rope_type == "default":
             data.pop("rope_scaling")
         return data

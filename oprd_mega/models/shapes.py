@@ -2,17 +2,25 @@
 
 Megatron needs the tensor-parallel size to divide the attention heads, the KV heads (query
 groups), the FFN width and the vocabulary (``VocabParallelEmbedding`` splits it evenly), and
-every pipeline stage to hold at least one layer. The config checks, the model builder and the
-bridge builder all ask :func:`shape_problems`; each names the knob in its own words (the dotted
-config key, the command-line flag), so a layout that one accepts the others accept too.
+every pipeline stage to hold at least one layer. The vocabulary is padded to a multiple of
+``make_vocab_size_divisible_by`` alone (not times TP as in Megatron-LM, so the padded size, and
+with it every checkpoint, is the same at every TP); TP must divide that multiple. The config
+checks, the model builder and the bridge builder all ask :func:`shape_problems`; each names the
+knob in its own words (the dotted config key, the command-line flag), so a layout that one
+accepts the others accept too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-TP_DIVIDES = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
+TP_DIVIDES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+VOCAB_DIVISOR = "make_vocab_size_divisible_by"
+# The unpadded vocabulary a built model carries (oprd_mega.models.builder sets it): ids at or
+# above it are padding rows, never sampled and kept out of every softmax (OPD, the weight-sync
+# probe, verify).
+REAL_VOCAB_ATTR = "real_vocab_size"
 
 
 class ModelShape(Protocol):
@@ -21,7 +29,7 @@ class ModelShape(Protocol):
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
-    vocab_size: int
+    make_vocab_size_divisible_by: int
     num_layers: int
 
 
@@ -83,6 +91,16 @@ def shape_problems(
         count = getattr(model, field)
         if tp < 1 or count % tp:
             problems.append(ShapeProblem("tp", tp, f"must divide the {name}'s {field} ({count})"))
+    divisor = model.make_vocab_size_divisible_by
+    if tp < 1 or divisor % tp:
+        problems.append(
+            ShapeProblem(
+                "tp",
+                tp,
+                f"must divide {name}.{VOCAB_DIVISOR} ({divisor}): the vocabulary is padded to "
+                "a multiple of it and split evenly over tensor-parallel ranks",
+            )
+        )
     depth = model.num_layers if num_layers is None else num_layers
     if pp < 1 or pp > depth:
         problems.append(
@@ -93,3 +111,13 @@ def shape_problems(
             )
         )
     return problems
+
+
+def real_vocab_size(model: Any) -> int:
+    """The unpadded vocabulary of a model from ``oprd_mega.models.builder`` (wrappers such as
+    DDP unwrapped through ``.module``)."""
+    while not hasattr(model, REAL_VOCAB_ATTR) and hasattr(model, "module"):
+        model = model.module
+    if not hasattr(model, REAL_VOCAB_ATTR):
+        raise ValueError(f"{type(model).__name__} was not built by oprd_mega.models.builder")
+    return int(getattr(model, REAL_VOCAB_ATTR))

@@ -28,7 +28,7 @@ from oprd_mega.config import (
     data_parallel_size,
     dump_config,
 )
-from oprd_mega.config.model_files import check_model_files
+from oprd_mega.config.model_files import check_model_files, model_args
 from oprd_mega.train.batching import StepSample
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
 from oprd_mega.train.prompt_stream import PromptStream
@@ -114,11 +114,9 @@ class Trainer:
         """Check inputs, start the servers, build models and optimizer, resume if asked."""
         from megatron.core import parallel_state
 
-        from oprd_mega.models import load_hf_config
-
         config = self.config
-        self.student_args = load_hf_config(config.student.path)
-        self.teacher_args = load_hf_config(config.teacher.path)
+        self.student_args = model_args(config.student)
+        self.teacher_args = model_args(config.teacher)
         self.pairs = check_models(config, self.student_args, self.teacher_args)
         if config.optimizer.use_distributed_optimizer:
             _require_apex_or_te()

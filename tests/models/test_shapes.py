@@ -68,7 +68,6 @@ def test_a_fitting_layout_has_no_problems() -> None:
 @pytest.mark.parametrize("field", TP_DIVIDES)
 def test_each_tensor_parallel_field_is_named(field: str) -> None:
     odd = {"num_attention_heads": 6, "num_key_value_heads": 3, "intermediate_size": 255}
-    odd["vocab_size"] = 517
     model = _model(**{field: odd[field]})
     if field == "num_attention_heads":
         model = _model(num_attention_heads=9, num_key_value_heads=3)
@@ -81,3 +80,20 @@ def test_pipeline_depth_counts_only_the_layers_that_run() -> None:
     (problem,) = shape_problems(_model(num_layers=8), tp=1, pp=4, num_layers=3, name="teacher")
     assert (problem.knob, problem.value) == ("pp", 4)
     assert "the teacher runs 3 layer(s)" in problem.detail
+
+
+def test_the_vocabulary_is_padded_to_the_multiple_alone_and_tp_must_divide_it() -> None:
+    """Padded sizes as the issue states them, the same at every TP (so checkpoints reshard)."""
+    for vocab, padded in [(151_936, 151_936), (50_257, 50_304), (32_001, 32_128), (517, 640)]:
+        assert _model(vocab_size=vocab).padded_vocab_size == padded
+        for tp in (1, 2, 4, 8):
+            wide = _model(vocab_size=vocab, num_key_value_heads=8)
+            assert shape_problems(wide, tp=tp, pp=1) == []
+    assert _model(vocab_size=517, make_vocab_size_divisible_by=1).padded_vocab_size == 517
+    odd = _model(vocab_size=517, make_vocab_size_divisible_by=3)
+    assert odd.padded_vocab_size == 519
+    (problem,) = shape_problems(odd, tp=2, pp=1, name="student")
+    assert (problem.knob, problem.value) == ("tp", 2)
+    assert problem.detail.startswith("must divide student.make_vocab_size_divisible_by (3)")
+    with pytest.raises(ValueError, match="make_vocab_size_divisible_by must be a positive"):
+        _model(make_vocab_size_divisible_by=0)
