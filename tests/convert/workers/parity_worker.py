@@ -2,7 +2,8 @@
 
 Usage: parity_worker.py WORKDIR PLAN_JSON. Writes WORKDIR/results.json on rank 0.
 PLAN_JSON: [{"family": ..., "tied": bool, "layouts": [[tp, pp, sp], ...], "extra": bool}, ...]
-optional per item: "name", "dtype", "config" (make_tiny_model overrides, e.g. shapes and rope).
+optional per item: "name", "dtype", "config" (make_tiny_model overrides, e.g. shapes and rope),
+"padding" (check the stored padded vocabulary: zero rows, recorded size, a mismatch refused).
 """
 
 import faulthandler
@@ -57,6 +58,43 @@ def tick(label: str) -> None:
 
 
 tick.last = __import__("time").monotonic()
+
+
+def padding_checks(base: Path, args) -> dict:
+    """What the converted checkpoint holds beyond the real vocabulary, read without the mapping:
+    the stored rows, the padding rows' values, the recorded size; and that a model built with
+    another padding is refused by name (at TP2: the checkpoint was converted without a TP)."""
+    from dataclasses import replace
+
+    from megatron.core import dist_checkpointing
+
+    from oprd_mega.convert.mcore_io import (
+        FORMAT_FILE,
+        load_mcore_checkpoint,
+        read_checkpoint_layers,
+    )
+    from oprd_mega.models import build_gpt_model
+    from oprd_mega.parallel import ParallelLayout
+
+    use_layout(ParallelLayout())
+    metadata = dist_checkpointing.load_tensors_metadata(str(base / "mcore"))
+    _, tensors = next(read_checkpoint_layers(args, base / "mcore"))
+    vocab = args.vocab_size
+    rows = {
+        name: [int(tensor.shape[0]), bool(torch.count_nonzero(tensor[vocab:]) == 0)]
+        for name, tensor in tensors.items()
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight")
+    }
+    recorded = json.loads((base / "mcore" / FORMAT_FILE).read_text())["padded_vocab_size"]
+    use_layout(ParallelLayout(tp=2))
+    other = build_gpt_model(replace(args, make_vocab_size_divisible_by=64))
+    try:
+        load_mcore_checkpoint(other, base / "mcore")
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    stored = list(metadata["embedding.word_embeddings.weight"].global_shape)
+    return {"rows": rows, "recorded": recorded, "stored": stored, "refused": refused}
 
 
 def run_model(work: Path, item: dict, results: dict) -> None:
@@ -141,6 +179,9 @@ def run_model(work: Path, item: dict, results: dict) -> None:
         if rank == 0:
             out["layouts"][str(layout)] = {d.name: [d.max_abs, d.max_rel] for d in diffs}
         tick(f"{name} verify {layout}")
+    if item.get("padding"):
+        out["padding"] = padding_checks(base, args)
+        tick(f"{name} padding")
     if item.get("extra"):
         # (a) The mapping's own TP/PP sharding == Megatron's resharding of the torch_dist file.
         use_layout(ParallelLayout(tp=2, pp=2))
