@@ -1,5 +1,6 @@
 """The converter's command line end to end: console script, tools script under torchrun."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,20 @@ def converted(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("cli")
     hf = make_tiny_model("qwen2", base / "hf", tied=False)
     make_tokenizer().save_pretrained(hf)
-    result = console("hf-to-mcore", "--hf", str(hf), "--mcore", str(base / "mcore"))
+    # 1000 tokens padded to a multiple of 48: 1008 rows, split over TP2 by verify below
+    result = console(
+        "hf-to-mcore",
+        "--hf",
+        str(hf),
+        "--mcore",
+        str(base / "mcore"),
+        "--make-vocab-size-divisible-by",
+        "48",
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote Megatron checkpoint" in result.stdout
+    recorded = json.loads((base / "mcore" / "oprd_checkpoint.json").read_text())
+    assert (recorded["make_vocab_size_divisible_by"], recorded["padded_vocab_size"]) == (48, 1008)
     return hf, base / "mcore"
 
 
@@ -101,4 +113,13 @@ def test_bad_input_exits_2_with_one_line_naming_the_problem(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "error:" in result.stderr and str(tmp_path / "absent") in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_bad_vocabulary_multiple_is_refused_naming_the_flag(converted, tmp_path: Path) -> None:
+    hf, _ = converted
+    args = ["--hf", str(hf), "--mcore", str(tmp_path / "m"), "--make-vocab-size-divisible-by", "0"]
+    result = console("hf-to-mcore", *args)
+    assert result.returncode == 2
+    assert "--make-vocab-size-divisible-by must be a positive integer, got 0" in result.stderr
     assert not (tmp_path / "m").exists()
