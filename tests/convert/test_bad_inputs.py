@@ -121,3 +121,25 @@ def test_mcore_to_hf_needs_an_oprd_checkpoint(source: Path, tmp_path: Path) -> N
     with pytest.raises(FileNotFoundError, match="oprd_checkpoint.json"):
         mcore_to_hf(source, out)  # an HF directory is not a Megatron checkpoint
     assert_nothing_written(tmp_path, out)
+
+
+def _checkpoint_files(source: Path, directory: Path, fmt: dict) -> Path:
+    """The files read_mcore_args reads (no tensors: it reads none)."""
+    (directory / "hf").mkdir(parents=True)
+    shutil.copy2(source / "config.json", directory / "hf" / "config.json")
+    (directory / "metadata.json").write_text("{}")
+    (directory / "oprd_checkpoint.json").write_text(json.dumps({"format_version": 1, **fmt}))
+    return directory
+
+
+def test_the_recorded_padded_vocabulary_is_read_and_checked(source: Path, tmp_path: Path) -> None:
+    from oprd_mega.convert.mcore_io import read_mcore_args
+
+    padded = {"make_vocab_size_divisible_by": 48, "padded_vocab_size": 1008}
+    args = read_mcore_args(_checkpoint_files(source, tmp_path / "new", padded))
+    assert (args.vocab_size, args.padded_vocab_size) == (1000, 1008)
+    legacy = read_mcore_args(_checkpoint_files(source, tmp_path / "legacy", {}))
+    assert legacy.padded_vocab_size == 1000  # written before padding: exactly vocab_size rows
+    wrong = _checkpoint_files(source, tmp_path / "wrong", {**padded, "padded_vocab_size": 1024})
+    with pytest.raises(CheckpointError, match="padded_vocab_size=1024 does not match"):
+        read_mcore_args(wrong)
