@@ -30,11 +30,13 @@ def make_tiny_model(
     tied: bool = False,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    rope: dict | None = None,
     **overrides,
 ) -> Path:
     """Write a randomly initialised tiny ``family`` model (weights + config.json) to ``directory``.
 
     Norm weights and biases are randomised too, so a mapping that drops them fails the tests.
+    ``rope`` replaces the default ``rope_parameters`` (e.g. Llama-3 or YaRN scaling).
     """
     from transformers import (
         LlamaConfig,
@@ -55,7 +57,7 @@ def make_tiny_model(
     config = config_cls(
         **fields,
         tie_word_embeddings=tied,
-        rope_parameters={"rope_type": "default", "rope_theta": THETA[family]},
+        rope_parameters=rope or {"rope_type": "default", "rope_theta": THETA[family]},
     )
     torch.manual_seed(seed)
     model = model_cls(config)

@@ -33,6 +33,7 @@ import torch
 from oprd_mega.distill.layers import LAYER_MODES, layer_pairs
 from oprd_mega.distill.positions import POSITION_ANCHORS, POSITION_MODES, PositionSpec
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
+from oprd_mega.models.shapes import shape_problems
 from oprd_mega.parallel.distributed import RemoteError, on_rank0
 from oprd_mega.rollout.sampling import SamplingConfig
 
@@ -222,16 +223,11 @@ def check_layout(ns: argparse.Namespace, inputs: Inputs, world_size: int) -> Non
         ("student", inputs.student, max(inputs.student_layers)),
         ("teacher", inputs.teacher, max(inputs.teacher_layers)),
     ):
-        fields = ("num_attention_heads", "num_key_value_heads", "vocab_size", "intermediate_size")
-        for field in fields:
-            if getattr(args, field) % ns.tp:
-                raise BuildError(
-                    f"--tp {ns.tp}: must divide the {name}'s {field} ({getattr(args, field)})"
-                )
-        if ns.pp > depth:
+        problems = shape_problems(args, tp=ns.tp, pp=ns.pp, num_layers=depth, name=name)
+        if problems:
             raise BuildError(
-                f"--pp {ns.pp}: the {name} runs {depth} layer(s) up to its deepest paired "
-                "layer; every pipeline stage needs at least one"
+                "; ".join(f"--{p.knob} {p.value}: {p.detail}" for p in problems)
+                + " (up to the deepest paired layer)"
             )
     if world_size % (ns.tp * ns.pp):
         raise BuildError(

@@ -7,6 +7,7 @@ from typing import Protocol
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.schema import TrainConfig
 from oprd_mega.distill.layers import layer_pairs, teacher_depth
+from oprd_mega.models.shapes import shape_problems
 
 
 class ModelShape(Protocol):
@@ -14,9 +15,11 @@ class ModelShape(Protocol):
 
     vocab_size: int
     hidden_size: int
+    intermediate_size: int
     num_layers: int
     num_attention_heads: int
     num_key_value_heads: int
+    make_vocab_size_divisible_by: int
 
 
 def check_models(
@@ -49,21 +52,24 @@ def check_models(
             f"distillation.method = {distill.method!r}: OPD needs one vocabulary, but the "
             f"student has {student.vocab_size} tokens and the teacher {teacher.vocab_size}"
         )
+    elif (
+        distill.opd_term is not None
+        and student.make_vocab_size_divisible_by != teacher.make_vocab_size_divisible_by
+    ):
+        problems.append(
+            f"student.make_vocab_size_divisible_by = {student.make_vocab_size_divisible_by} and "
+            f"teacher.make_vocab_size_divisible_by = {teacher.make_vocab_size_divisible_by}: "
+            "OPD splits both output layers alike over tensor-parallel ranks, so both vocabularies "
+            "need the same padding"
+        )
     tp, pp = config.parallel.tp, config.parallel.pp
     deepest = teacher_depth(pairs, teacher.num_layers, needs_logits=distill.opd_term is not None)
     for name, model, depth in (
         ("student", student, student.num_layers),
         ("teacher", teacher, deepest),
     ):
-        for heads in ("num_attention_heads", "num_key_value_heads"):
-            count = getattr(model, heads)
-            if count % tp:
-                problems.append(f"parallel.tp = {tp}: must divide the {name}'s {heads} ({count})")
-        if pp > depth:
-            problems.append(
-                f"parallel.pp = {pp}: the {name} runs {depth} layer(s); every pipeline stage "
-                "needs at least one"
-            )
+        for problem in shape_problems(model, tp=tp, pp=pp, num_layers=depth, name=name):
+            problems.append(f"parallel.{problem.knob} = {problem.value}: {problem.detail}")
     if problems:
         raise ConfigError(problems)
     return pairs

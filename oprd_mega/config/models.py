@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from oprd_mega.config.adopt import adopt
 from oprd_mega.config.base import Section
 from oprd_mega.parallel.layout import ParallelLayout
@@ -26,6 +28,11 @@ class ModelSection(Section):
     (fails before any server starts when TE cannot run), ``local`` (Megatron's own modules with
     SDPA attention) or ``auto`` (TE when it imports on CUDA, local otherwise). With TE, the fused
     RoPE and gradient-accumulation paths are on whenever their requirements hold."""
+    make_vocab_size_divisible_by: int = Field(128, ge=1)
+    """Megatron pads the vocabulary with zero rows to a multiple of this (parallel.tp must
+    divide it); padding rows are never sampled, stay out of OPD and are dropped from weight
+    sync and export. Unlike Megatron-LM (this times TP) the padded size does not depend on TP,
+    so checkpoints load and resume at any TP."""
 
 
 Parallel = adopt(

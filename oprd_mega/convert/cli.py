@@ -1,6 +1,6 @@
 """Command line of the checkpoint converter (``oprd-convert-checkpoint``).
 
-oprd-convert-checkpoint hf-to-mcore --hf DIR --mcore DIR
+oprd-convert-checkpoint hf-to-mcore --hf DIR --mcore DIR [--make-vocab-size-divisible-by 128]
 oprd-convert-checkpoint mcore-to-hf --mcore DIR --hf DIR
 torchrun --nproc-per-node N*M tools/convert_checkpoint.py verify --hf DIR --mcore DIR --tp N
 """
@@ -33,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
         "--allow-nonfinite",
         action="store_true",
         help="convert tensors holding NaN or infinity (refused by default, naming the tensor)",
+    )
+    h2m.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="pad the vocabulary with zero rows to a multiple of this (TP must divide it)",
     )
     m2h = sub.add_parser("mcore-to-hf", help="Megatron torch_dist -> HF safetensors")
     m2h.add_argument("--mcore", required=True, help="Megatron checkpoint directory")
@@ -109,11 +115,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             # Validate before importing Megatron (seconds), so bad input fails fast.
             HFCheckpointReader(ns.hf).validate(load_hf_config(ns.hf))
+            if ns.make_vocab_size_divisible_by < 1:
+                raise ValueError(
+                    "--make-vocab-size-divisible-by must be a positive integer, got "
+                    f"{ns.make_vocab_size_divisible_by}"
+                )
             from oprd_mega.convert.convert import hf_to_mcore
 
             out = hf_to_mcore(
                 ns.hf,
                 ns.mcore,
+                make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by,
                 progress=not ns.no_progress,
                 allow_nonfinite=ns.allow_nonfinite,
             )

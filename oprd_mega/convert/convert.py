@@ -6,6 +6,7 @@ and rename it at the end: a failure leaves nothing at the target.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from oprd_mega.convert.hf_io import HFCheckpointReader, write_hf_directory
 from oprd_mega.convert.mcore_io import HF_SUBDIR, export_hf_from_checkpoint, read_mcore_args
 from oprd_mega.convert.mcore_stream import save_hf_as_mcore_checkpoint
-from oprd_mega.models.hf_config import load_hf_config
+from oprd_mega.models.hf_config import DEFAULT_VOCAB_DIVISOR, load_hf_config
 from oprd_mega.parallel import ParallelLayout, init_distributed
 
 
@@ -28,21 +29,24 @@ def hf_to_mcore(
     hf_dir: str | Path,
     mcore_dir: str | Path,
     *,
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR,
     progress: bool = True,
     allow_nonfinite: bool = False,
 ) -> Path:
     """Convert a Hugging Face checkpoint into a Megatron torch_dist checkpoint.
 
     A tensor holding NaN or infinity stops the conversion (naming file and tensor, nothing
-    written) unless ``allow_nonfinite``.
-
-    The result loads at any TP/PP layout. No model is built: the HF tensors are read, fused and
-    saved one layer at a time, so memory stays around one layer (or the embedding, if larger).
+    written) unless ``allow_nonfinite``. The vocabulary is padded with zero rows to a multiple of
+    ``make_vocab_size_divisible_by`` (recorded in the checkpoint). The result loads at any TP/PP
+    layout whose TP divides it. No model is built: the HF tensors are read, fused and saved one
+    layer at a time, so memory stays around one layer (or the embedding, if larger).
     Under torchrun every rank takes part and rank 0 reads and writes.
     """
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
     _require_new_target(mcore_dir)
-    args = load_hf_config(hf_dir)
+    args = replace(
+        load_hf_config(hf_dir), make_vocab_size_divisible_by=make_vocab_size_divisible_by
+    )
     reader = HFCheckpointReader(hf_dir, require_finite=not allow_nonfinite)
     reader.validate(args)
     init_distributed(ParallelLayout())

@@ -70,6 +70,7 @@ GLOBAL_RULES: tuple[TensorRule, ...] = (
         COPY,
         TP_COLUMN,
         lambda a: ((a.vocab_size, a.hidden_size),),
+        vocab_rows=True,
     ),
     TensorRule(
         "decoder.final_layernorm.weight",
@@ -84,6 +85,7 @@ GLOBAL_RULES: tuple[TensorRule, ...] = (
         COPY,
         TP_COLUMN,
         lambda a: ((a.vocab_size, a.hidden_size),),
+        vocab_rows=True,
     ),
 )
 

@@ -29,7 +29,9 @@ class TensorRule:
 
     ``mcore`` and ``hf`` are name templates with ``{i}`` for the layer index; ``combine`` says how
     HF tensors fuse (copy, qkv, swiglu); ``tp`` how Megatron shards it; ``hf_shapes`` gives
-    the expected HF shapes.
+    the expected HF shapes. ``vocab_rows`` marks a tensor with one row per token (embedding,
+    output layer): Megatron holds ``padded_vocab_size`` rows, the extra ones zero on import and
+    dropped on export and weight sync, so HF tensors keep their shape.
     """
 
     mcore: str
@@ -37,6 +39,7 @@ class TensorRule:
     combine: str
     tp: str
     hf_shapes: Callable[[HFModelArgs], tuple[tuple[int, ...], ...]]
+    vocab_rows: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,25 @@ def _split(rule: TensorRule, tensor: torch.Tensor, args: HFModelArgs) -> list[to
     raise ValueError(f"unknown combine {rule.combine!r}")
 
 
+def _pad_vocab_rows(tensor: torch.Tensor, args: HFModelArgs) -> torch.Tensor:
+    """``[vocab, ...]`` -> ``[padded_vocab, ...]`` with zero rows appended."""
+    extra = args.padded_vocab_size - tensor.shape[0]
+    if extra == 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros((extra, *tensor.shape[1:]))])
+
+
+def _strip_vocab_rows(tensor: torch.Tensor, args: HFModelArgs, name: str) -> torch.Tensor:
+    """``[padded_vocab, ...]`` -> ``[vocab, ...]`` (the real rows only)."""
+    if tensor.shape[0] != args.padded_vocab_size:
+        raise ValueError(
+            f"Megatron tensor {name}: {tensor.shape[0]} rows, expected the padded vocabulary "
+            f"{args.padded_vocab_size} ({args.vocab_size} tokens padded to a multiple of "
+            f"make_vocab_size_divisible_by={args.make_vocab_size_divisible_by})"
+        )
+    return tensor[: args.vocab_size]
+
+
 def hf_to_mcore_state(
     args: HFModelArgs,
     hf: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor],
@@ -158,6 +180,8 @@ def hf_to_mcore_state(
                 )
             tensors.append(tensor)
         full = _combine(rule, tensors, args)
+        if rule.vocab_rows:
+            full = _pad_vocab_rows(full, args)
         out[_fill(rule.mcore, layer)] = layout.shard(rule.tp, full, tp_rank, tp_size)
     return out
 
@@ -178,6 +202,8 @@ def mcore_to_hf_state(
             raise KeyError(f"Megatron tensor {name} is missing")
         value = mcore[name]
         full = value if isinstance(value, torch.Tensor) else layout.unshard(rule.tp, value)
+        if rule.vocab_rows:
+            full = _strip_vocab_rows(full, args, name)
         for template, tensor in zip(rule.hf, _split(rule, full, args), strict=True):
             out[_fill(template, layer)] = tensor
     return out

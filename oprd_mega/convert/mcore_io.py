@@ -12,6 +12,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -194,7 +195,13 @@ def _write_oprd_files(directory: Path, args: HFModelArgs, hf_source: Path | None
                 shutil.copy2(hf_source / name, hf_dir / name)
     if not (hf_dir / "config.json").is_file():
         (hf_dir / "config.json").write_text(json.dumps(args.to_dict()), encoding="utf-8")
-    fmt = {"format_version": FORMAT_VERSION, "model": args.to_dict(), **SHARDED_METADATA}
+    fmt = {
+        "format_version": FORMAT_VERSION,
+        "model": args.to_dict(),
+        **SHARDED_METADATA,
+        "make_vocab_size_divisible_by": args.make_vocab_size_divisible_by,
+        "padded_vocab_size": args.padded_vocab_size,
+    }
     (directory / FORMAT_FILE).write_text(json.dumps(fmt, indent=2) + "\n", encoding="utf-8")
 
 
@@ -222,12 +229,35 @@ def read_mcore_args(directory: str | Path) -> HFModelArgs:
             raise FileNotFoundError(
                 f"{directory} is not an oprd-mega Megatron checkpoint: {required} is missing"
             )
-    return load_hf_config(directory / HF_SUBDIR / "config.json")
+    args = load_hf_config(directory / HF_SUBDIR / "config.json")
+    fmt = json.loads((directory / FORMAT_FILE).read_text(encoding="utf-8"))
+    # checkpoints written before vocabulary padding hold exactly vocab_size rows
+    divisor = int(fmt.get("make_vocab_size_divisible_by", 1))
+    args = replace(args, make_vocab_size_divisible_by=divisor)
+    padded = int(fmt.get("padded_vocab_size", args.vocab_size))
+    if padded != args.padded_vocab_size:
+        raise CheckpointError(
+            f"{directory / FORMAT_FILE}: padded_vocab_size={padded} does not match vocab_size="
+            f"{args.vocab_size} padded to a multiple of make_vocab_size_divisible_by={divisor} "
+            f"({args.padded_vocab_size})"
+        )
+    return args
 
 
 def load_mcore_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
-    """Load a checkpoint into ``model`` at this process's TP/PP layout (Megatron reshards)."""
+    """Load a checkpoint into ``model`` at this process's TP/PP layout (Megatron reshards).
+
+    The checkpoint's padded vocabulary must be the model's: a different
+    ``make_vocab_size_divisible_by`` is refused by name, before Megatron's shape errors."""
     model = unwrap(model)
+    stored = read_mcore_args(directory).padded_vocab_size
+    built = getattr(model, "vocab_size", None)
+    if built is not None and stored != built:
+        raise CheckpointError(
+            f"{directory}: the checkpoint holds a vocabulary padded to {stored} rows, the model "
+            f"was built with {built}; set make_vocab_size_divisible_by as when it was saved "
+            f"(recorded in {Path(directory) / FORMAT_FILE})"
+        )
     sharded = model.sharded_state_dict(metadata=_sharded_metadata())
     state = dist_checkpointing.load(sharded, str(directory))
     state.pop("content_metadata", None)

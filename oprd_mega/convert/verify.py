@@ -24,6 +24,7 @@ from oprd_mega.convert.mcore_io import load_mcore_checkpoint, read_mcore_args
 from oprd_mega.models.builder import build_gpt_model
 from oprd_mega.models.hf_config import HFModelArgs
 from oprd_mega.models.running import forward_only, layer_hooks
+from oprd_mega.models.shapes import real_vocab_size
 
 # Documented tolerance on the relative difference max|mcore - hf| / max|hf| per tensor.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -49,8 +50,9 @@ def megatron_outputs(
 ) -> dict[str, torch.Tensor]:
     """Forward ``tokens`` through this rank's stage; return full ``[batch, seq, ...]`` tensors.
 
-    Keys: ``layer {n}`` (global 1-based layer number), ``final_norm`` and ``logits`` for the
-    stages that own them. Sequence and vocabulary shards are gathered across TP ranks.
+    Keys: ``layer {n}`` (global 1-based layer number), ``final_norm`` and ``logits`` (real
+    vocabulary only) for the stages that own them. Sequence and vocabulary shards are gathered
+    across TP ranks.
     """
     captured: dict[str, torch.Tensor] = {}
 
@@ -82,7 +84,8 @@ def megatron_outputs(
         if norm_hook is not None:
             norm_hook.remove()
     if model.post_process and results and config is not None:
-        captured["logits"] = gather_from_tensor_model_parallel_region(results[0]["logits"]).float()
+        logits = gather_from_tensor_model_parallel_region(results[0]["logits"]).float()
+        captured["logits"] = logits[..., : real_vocab_size(model)]  # padding rows are not HF's
     return captured
 
 

@@ -30,12 +30,18 @@ OVERLAP_K = 16  # the paper logs the top-16 overlap of student and teacher
 
 @dataclass(frozen=True)
 class OPDOptions:
-    """Which baseline, its k, the token chunk and the tensor-parallel group of the vocabulary."""
+    """Which baseline, its k, the token chunk and the tensor-parallel group of the vocabulary.
+
+    ``vocab_size``: the real vocabulary when the output layers hold padding rows beyond it
+    (Megatron's padded vocabulary); their logits are set to -inf before any max, softmax or
+    top-k, so they are never selected and never enter a normaliser. ``None``: no padding.
+    """
 
     kind: str = "topk"
     k: int = 16
     chunk_tokens: int = 1024
     group: dist.ProcessGroup | None = None
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in OPD_KINDS:
@@ -44,6 +50,8 @@ class OPDOptions:
             raise ValueError(f"opd.k: {self.k} must be >= 1")
         if self.chunk_tokens < 1:
             raise ValueError(f"opd.chunk_tokens: {self.chunk_tokens} must be >= 1")
+        if self.vocab_size is not None and self.vocab_size < self.k:
+            raise ValueError(f"opd.vocab_size: {self.vocab_size} must be >= k={self.k}")
 
 
 def _group_size(group: dist.ProcessGroup | None) -> int:
@@ -71,9 +79,16 @@ class _ShardLogits:
 
 
 def _shard_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, group: dist.ProcessGroup | None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    vocab_size: int | None = None,
 ) -> _ShardLogits:
     logits = (hidden @ weight.t()).to(torch.float32)
+    offset = _group_rank(group) * weight.shape[0]
+    padding = 0 if vocab_size is None else offset + weight.shape[0] - vocab_size
+    if padding > 0:  # this shard holds padding rows: out of every max, sum and top-k
+        logits[:, max(weight.shape[0] - padding, 0) :] = float("-inf")
     maximum = logits.max(dim=-1).values
     _all_reduce(maximum, group, "max")
     sum_exp = (logits - maximum.unsqueeze(1)).exp().sum(dim=-1)
@@ -81,7 +96,7 @@ def _shard_logits(
     return _ShardLogits(
         logits=logits,
         log_normalizer=maximum + sum_exp.log(),
-        offset=_group_rank(group) * weight.shape[0],
+        offset=offset,
     )
 
 
@@ -130,7 +145,9 @@ def _scatter_owned(
 
 def _entropy(shard: _ShardLogits, group: dist.ProcessGroup | None) -> torch.Tensor:
     probabilities = (shard.logits - shard.log_normalizer.unsqueeze(1)).exp()
-    expected_logit = (probabilities * shard.logits).sum(dim=-1)
+    # padding rows: probability 0 times logit -inf counts 0
+    weighted = torch.where(probabilities > 0, probabilities * shard.logits, 0.0)
+    expected_logit = weighted.sum(dim=-1)
     _all_reduce(expected_logit, group)
     return shard.log_normalizer - expected_logit
 
@@ -166,9 +183,10 @@ class _ChunkedOPD(torch.autograd.Function):
         for start in range(0, student_hidden.shape[0], options.chunk_tokens):
             rows = slice(start, start + options.chunk_tokens)
             weight = token_weight[rows]
-            student = _shard_logits(student_hidden[rows], student_weight, group)
+            vocab = options.vocab_size
+            student = _shard_logits(student_hidden[rows], student_weight, group, vocab)
             with torch.no_grad():
-                teacher = _shard_logits(teacher_hidden[rows], teacher_weight, group)
+                teacher = _shard_logits(teacher_hidden[rows], teacher_weight, group, vocab)
             ids = tokens[rows].unsqueeze(1)
             student_logprob = _gather_ids(student, ids, group)[:, 0] - student.log_normalizer
             teacher_logprob = _gather_ids(teacher, ids, group)[:, 0] - teacher.log_normalizer

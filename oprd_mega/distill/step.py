@@ -50,6 +50,7 @@ from oprd_mega.distill.teacher import (
     without_output_layer,
 )
 from oprd_mega.models.running import unwrap
+from oprd_mega.models.shapes import real_vocab_size
 
 OPD_METRICS = ("pg_loss", "reward", "student_entropy", "teacher_entropy", "top16_overlap")
 
@@ -343,6 +344,7 @@ class DistillStep:
                 k=self.options.top_k,
                 chunk_tokens=self.options.opd_chunk_tokens,
                 group=group if parallel_state.get_tensor_model_parallel_world_size() > 1 else None,
+                vocab_size=real_vocab_size(self.student),
             ),
         )
         self._last_opd = torch.tensor(

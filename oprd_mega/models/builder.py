@@ -8,7 +8,6 @@ teacher's first K layers without final norm and output layer. Both use the curre
 from __future__ import annotations
 
 import importlib.util
-import math
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,8 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.models.rope import apply_rope_scaling, softmax_scale
+from oprd_mega.models.shapes import REAL_VOCAB_ATTR, pipeline_split, shape_problems
 from oprd_mega.models.specs import block_spec, te_available
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,20 +33,6 @@ def resolve_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.f
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r} is not supported; supported: {sorted(_DTYPES)}")
     return _DTYPES[name]
-
-
-def _pipeline_split(num_layers: int, pp: int) -> dict[str, int | None]:
-    """Megatron's fields for ``num_layers`` over ``pp`` stages (the last one may hold fewer)."""
-    if pp == 1 or num_layers % pp == 0:
-        return {}
-    per_stage = math.ceil(num_layers / pp)
-    last = num_layers - per_stage * (pp - 1)
-    if last < 1:
-        raise ValueError(
-            f"cannot split {num_layers} layers over pipeline size {pp}: use a pipeline size "
-            f"that leaves every stage at least one layer"
-        )
-    return {"num_layers_in_last_pipeline_stage": last}
 
 
 def fusions(*, use_te: bool, trainable: bool) -> dict[str, bool]:
@@ -95,14 +82,12 @@ def transformer_config(
     num_layers = args.num_layers if num_layers is None else num_layers
     if not 1 <= num_layers <= args.num_layers:
         raise ValueError(f"num_layers={num_layers} must be in [1, {args.num_layers}]")
-    for field, value in (
-        ("num_attention_heads", args.num_attention_heads),
-        ("num_key_value_heads", args.num_key_value_heads),
-        ("vocab_size", args.vocab_size),
-        ("intermediate_size", args.intermediate_size),
-    ):
-        if value % tp:
-            raise ValueError(f"{field}={value} is not divisible by tensor parallel size {tp}")
+    problems = shape_problems(args, tp=tp, pp=pp, num_layers=num_layers)
+    if problems:
+        raise ValueError(
+            "; ".join(f"{p.knob} = {p.value}: {p.detail}" for p in problems)
+            + " (tp/pp: the parallel layout this process group was started with)"
+        )
     return TransformerConfig(
         num_layers=num_layers,
         hidden_size=args.hidden_size,
@@ -121,6 +106,7 @@ def transformer_config(
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
+        softmax_scale=softmax_scale(args.rope, args.head_dim),
         init_method_std=args.initializer_range,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
@@ -132,7 +118,7 @@ def transformer_config(
         use_cpu_initialization=not torch.cuda.is_available(),
         persist_layer_norm=False,
         **fusions(use_te=use_te, trainable=trainable),
-        **_pipeline_split(num_layers, pp),
+        **pipeline_split(num_layers, pp),
     )
 
 
@@ -148,7 +134,7 @@ def _build(
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(args, num_to_build, use_te),
-        vocab_size=args.vocab_size,
+        vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=post_process and parallel_state.is_pipeline_last_stage(),
@@ -156,6 +142,8 @@ def _build(
         position_embedding_type="rope",
         rotary_base=args.rope_theta,
     )
+    apply_rope_scaling(model, args.rope, args.head_dim)
+    setattr(model, REAL_VOCAB_ATTR, args.vocab_size)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from oprd_mega.errors import ConfigError
+from oprd_mega.models.rope import RopeConfigError, RopeScaling, parse_rope
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
+
+# Megatron pads the vocabulary to a multiple of this (Megatron-LM's default); see
+# HFModelArgs.padded_vocab_size.
+DEFAULT_VOCAB_DIVISOR = 128
 
 # Fields that must keep their "off" value: (families, field, allowed values).
 _MUST_BE: tuple[tuple[tuple[str, ...], str, tuple[Any, ...]], ...] = (
@@ -49,6 +54,22 @@ class HFModelArgs:
     max_position_embeddings: int
     initializer_range: float = 0.02
     dtype: str | None = None
+    rope_scaling: RopeScaling | None = None
+    make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR
+
+    def __post_init__(self) -> None:
+        if self.make_vocab_size_divisible_by < 1:
+            raise ConfigError(
+                "make_vocab_size_divisible_by must be a positive integer, got "
+                f"{self.make_vocab_size_divisible_by!r}"
+            )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """The Megatron vocabulary: ``vocab_size`` rounded up to a multiple of
+        ``make_vocab_size_divisible_by`` (independent of TP, so checkpoints reshard freely)."""
+        divisor = self.make_vocab_size_divisible_by
+        return -(-self.vocab_size // divisor) * divisor
 
     @property
     def qkv_bias(self) -> bool:
@@ -60,35 +81,28 @@ class HFModelArgs:
         """Qwen3 applies RMSNorm to each head of Q and K."""
         return self.family == "qwen3"
 
+    @property
+    def rope(self) -> RopeScaling:
+        """The RoPE to build: the parsed scaling, or plain RoPE with ``rope_theta``."""
+        return self.rope_scaling or RopeScaling("default", self.rope_theta)
+
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-serialisable)."""
-        return asdict(self)
+        """Plain dict (JSON-serialisable) of the architecture. Unscaled RoPE adds no key and the
+        vocabulary padding none, so the config hashes that bridge files recorded before stay
+        valid."""
+        data = asdict(self)
+        # a layout choice, not architecture: checkpoints record it beside the model
+        data.pop("make_vocab_size_divisible_by")
+        if self.rope.rope_type == "default":
+            data.pop("rope_scaling")
+        return data
 
 
-def _rope_theta(config: dict[str, Any], where: str) -> float:
-    params = config.get("rope_parameters")
-    scaling = config.get("rope_scaling")
-    if isinstance(params, dict):
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(
-                f"{where}: rope_parameters.rope_type={rope_type!r} is not supported "
-                "(only 'default' RoPE is implemented)"
-            )
-        theta = params.get("rope_theta", config.get("rope_theta"))
-    else:
-        if params is not None:
-            raise ConfigError(f"{where}: rope_parameters must be an object, got {params!r}")
-        theta = config.get("rope_theta", 10000.0)
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else None
-        if kind not in ("default", None) or not isinstance(scaling, dict):
-            raise ConfigError(
-                f"{where}: rope_scaling={scaling!r} is not supported (only unscaled RoPE)"
-            )
-    if theta is None:
-        raise ConfigError(f"{where}: rope_theta is missing")
-    return float(theta)
+def _rope(config: dict[str, Any], where: str) -> RopeScaling:
+    try:
+        return parse_rope(config, where)
+    except RopeConfigError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 def _require_int(config: dict[str, Any], field: str, where: str) -> int:
@@ -135,6 +149,7 @@ def parse_hf_config(config: dict[str, Any], where: str = "config.json") -> HFMod
             )
         head_dim = hidden // heads
     dtype = config.get("dtype", config.get("torch_dtype"))
+    rope = _rope(config, where)
     return HFModelArgs(
         family=family,
         vocab_size=_require_int(config, "vocab_size", where),
@@ -145,11 +160,12 @@ def parse_hf_config(config: dict[str, Any], where: str = "config.json") -> HFMod
         num_key_value_heads=kv_heads,
         head_dim=_require_int({"head_dim": head_dim}, "head_dim", where),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(config, where),
+        rope_theta=rope.theta,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         max_position_embeddings=_require_int(config, "max_position_embeddings", where),
         initializer_range=float(config.get("initializer_range", 0.02)),
         dtype=dtype if isinstance(dtype, str) else None,
+        rope_scaling=rope,
     )
 
 

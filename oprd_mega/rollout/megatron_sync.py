@@ -19,6 +19,7 @@ import torch.distributed as dist
 from oprd_mega.convert.gather import Include, gather_hf_weights
 from oprd_mega.models.hf_config import HFModelArgs
 from oprd_mega.models.running import forward_only, unwrap
+from oprd_mega.models.shapes import real_vocab_size
 from oprd_mega.parallel.distributed import broadcast_object
 from oprd_mega.rollout.weight_sync import SyncReport, WeightSync, WeightSyncError
 
@@ -57,7 +58,7 @@ def _megatron_logits(model: torch.nn.Module, tokens: Sequence[int]) -> torch.Ten
     if not ps.is_pipeline_last_stage():
         return None
     logits = gather_from_tensor_model_parallel_region(results[0]["logits"])
-    return logits[0, :length].float()
+    return logits[0, :length, : real_vocab_size(model)].float()
 
 
 def _probe_forward(model: torch.nn.Module, tokens: list[int], dst_rank: int) -> torch.Tensor:
@@ -70,7 +71,7 @@ def _probe_forward(model: torch.nn.Module, tokens: list[int], dst_rank: int) -> 
     last = ps.get_pipeline_model_parallel_last_rank()
     if me == dst_rank:
         if last != me:
-            vocab = unwrap(model).vocab_size
+            vocab = real_vocab_size(model)
             logits = torch.empty(len(tokens), vocab, device=next(model.parameters()).device)
             dist.recv(logits, src=last)
         return logits  # type: ignore[return-value]

@@ -35,6 +35,7 @@ from oprd_mega.config import (
     data_parallel_size,
     dump_config,
 )
+from oprd_mega.config.model_files import check_model_files, model_args
 from oprd_mega.convert.gather import gather_hf_weights
 from oprd_mega.convert.hf_io import HFCheckpointReader, write_hf_directory
 from oprd_mega.convert.mcore_io import load_hf_weights
@@ -43,7 +44,7 @@ from oprd_mega.data.prompts import load_prompts
 from oprd_mega.data.scheduler import CostModel
 from oprd_mega.distill.build import build_step, build_teacher
 from oprd_mega.distill.layers import teacher_depth
-from oprd_mega.models import build_gpt_model, load_hf_config
+from oprd_mega.models import build_gpt_model
 from oprd_mega.models.builder import resolve_dtype
 from oprd_mega.models.specs import resolve_use_te
 from oprd_mega.parallel import init_distributed
@@ -156,8 +157,8 @@ class Trainer:
     def setup(self) -> None:
         """Check inputs, start the servers, build models and optimizer, resume if asked."""
         config = self.config
-        self.student_args = load_hf_config(config.student.path)
-        self.teacher_args = load_hf_config(config.teacher.path)
+        self.student_args = model_args(config.student)
+        self.teacher_args = model_args(config.teacher)
         self.pairs = check_models(config, self.student_args, self.teacher_args)
         self.use_te = _transformer_impls(config)
         if config.optimizer.use_distributed_optimizer:
@@ -664,6 +665,7 @@ def train(config: TrainConfig, stop_at: int | None = None) -> TrainSummary:
     :meth:`Trainer.run`."""
     ensure_logging()
     check_paths(config)
+    check_model_files(config)  # shapes, layout and tokenizers before any process group starts
     init_distributed(config.parallel, seed=config.seed)
     torch.manual_seed(config.seed)
     trainer = Trainer(config)

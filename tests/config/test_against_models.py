@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from oprd_mega.config import ConfigError
@@ -64,3 +66,34 @@ def test_the_teacher_is_truncated_at_the_deepest_tap() -> None:
     config = minimal("distillation.layers=[1]", "parallel.pp=2")
     with pytest.raises(ConfigError, match="the teacher runs 1 layer"):
         check_models(config, _model(2, 64), _model(4, 64))
+
+
+def test_tensor_parallel_size_must_divide_ffn_width_and_vocabulary_padding() -> None:
+    """The config check applies the builder's full rule (it used to check heads only, and a TP
+    not dividing intermediate_size failed after the rollout servers had started). The vocabulary
+    is padded, so an odd vocabulary fits; TP must divide the padding multiple."""
+    student = replace(_model(4, 64, heads=8, kv=4, vocab=517), intermediate_size=250)
+    with pytest.raises(ConfigError) as info:
+        check_models(minimal("parallel.tp=4"), student, _model(4, 64))
+    text = "\n".join(info.value.problems)
+    assert "parallel.tp = 4: must divide the student's intermediate_size (250)" in text
+    assert "vocab" not in text and "teacher" not in text
+    fitting = replace(student, intermediate_size=256)
+    check_models(minimal("parallel.tp=4"), fitting, fitting)
+    padded = replace(fitting, make_vocab_size_divisible_by=6)
+    with pytest.raises(ConfigError) as info:
+        check_models(minimal("parallel.tp=4"), padded, _model(4, 64))
+    (problem,) = info.value.problems
+    assert problem.startswith("parallel.tp = 4: must divide student.make_vocab_size_divisible_by")
+
+
+def test_opd_needs_one_vocabulary_padding() -> None:
+    config = minimal("distillation.method=opd-top1")
+    student, teacher = _model(4, 64, vocab=517), _model(4, 64, vocab=517)
+    check_models(config, student, teacher)
+    with pytest.raises(ConfigError) as info:
+        check_models(config, student, replace(teacher, make_vocab_size_divisible_by=64))
+    (problem,) = info.value.problems
+    assert problem.startswith(
+        "student.make_vocab_size_divisible_by = 128 and teacher.make_vocab_size_divisible_by = 64"
+    )

@@ -50,9 +50,9 @@ CASES = {
         "model_type='mistral'",
     ),
     "rope_scaling": (
-        {"config": lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 2.0})},
+        {"config": lambda c: c.update(rope_parameters={"rope_type": "dynamic", "factor": 2.0})},
         ConfigError,
-        "rope_type='yarn'",
+        "rope_type='dynamic'",
     ),
     "missing_weight": (
         {"tensors": lambda w: w.pop("model.layers.1.mlp.down_proj.weight")},
@@ -131,3 +131,25 @@ def test_a_truncated_safetensors_file_is_named(source: Path, tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors"):
         hf_to_mcore(broken, out, progress=False)
     assert_nothing_written(tmp_path, out)
+
+
+def _checkpoint_files(source: Path, directory: Path, fmt: dict) -> Path:
+    """The files read_mcore_args reads (no tensors: it reads none)."""
+    (directory / "hf").mkdir(parents=True)
+    shutil.copy2(source / "config.json", directory / "hf" / "config.json")
+    (directory / "metadata.json").write_text("{}")
+    (directory / "oprd_checkpoint.json").write_text(json.dumps({"format_version": 1, **fmt}))
+    return directory
+
+
+def test_the_recorded_padded_vocabulary_is_read_and_checked(source: Path, tmp_path: Path) -> None:
+    from oprd_mega.convert.mcore_io import read_mcore_args
+
+    padded = {"make_vocab_size_divisible_by": 48, "padded_vocab_size": 1008}
+    args = read_mcore_args(_checkpoint_files(source, tmp_path / "new", padded))
+    assert (args.vocab_size, args.padded_vocab_size) == (1000, 1008)
+    legacy = read_mcore_args(_checkpoint_files(source, tmp_path / "legacy", {}))
+    assert legacy.padded_vocab_size == 1000  # written before padding: exactly vocab_size rows
+    wrong = _checkpoint_files(source, tmp_path / "wrong", {**padded, "padded_vocab_size": 1024})
+    with pytest.raises(CheckpointError, match="padded_vocab_size=1024 does not match"):
+        read_mcore_args(wrong)

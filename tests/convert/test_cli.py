@@ -1,5 +1,6 @@
 """The converter's command line end to end: console script, tools script under torchrun."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -34,9 +35,20 @@ def converted(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("cli")
     hf = make_tiny_model("qwen2", base / "hf", tied=False)
     make_tokenizer().save_pretrained(hf)
-    result = console("hf-to-mcore", "--hf", str(hf), "--mcore", str(base / "mcore"))
+    # 1000 tokens padded to a multiple of 48: 1008 rows, split over TP2 by verify below
+    result = console(
+        "hf-to-mcore",
+        "--hf",
+        str(hf),
+        "--mcore",
+        str(base / "mcore"),
+        "--make-vocab-size-divisible-by",
+        "48",
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote Megatron checkpoint" in result.stdout
+    recorded = json.loads((base / "mcore" / "oprd_checkpoint.json").read_text())
+    assert (recorded["make_vocab_size_divisible_by"], recorded["padded_vocab_size"]) == (48, 1008)
     return hf, base / "mcore"
 
 
@@ -149,3 +161,12 @@ def test_verify_against_a_deeper_hf_model_is_one_line(converted, tmp_path: Path)
     lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert "num_layers 5 vs 3" in lines[0] and str(deeper) in lines[0]
+
+
+def test_a_bad_vocabulary_multiple_is_refused_naming_the_flag(converted, tmp_path: Path) -> None:
+    hf, _ = converted
+    args = ["--hf", str(hf), "--mcore", str(tmp_path / "m"), "--make-vocab-size-divisible-by", "0"]
+    result = console("hf-to-mcore", *args)
+    assert result.returncode == 2
+    assert "--make-vocab-size-divisible-by must be a positive integer, got 0" in result.stderr
+    assert not (tmp_path / "m").exists()

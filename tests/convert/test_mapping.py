@@ -77,3 +77,22 @@ def test_tied_models_have_no_output_layer_rule(hf_model) -> None:
     assert "output_layer.weight" not in names and "lm_head.weight" not in all_hf_names(tied)
     with pytest.raises(ValueError, match="no mapping"):
         get_mapping("gpt2")
+
+
+def test_vocabulary_rows_are_padded_with_zeros_and_stripped_again(hf_model) -> None:
+    """1000 tokens: 1024 Megatron rows (512 per TP2 shard), the last 24 zero; the HF side keeps
+    1000 rows, and a Megatron tensor of another row count is refused naming it."""
+    args, tensors = hf_model
+    assert args.padded_vocab_size == 1024
+    shards = [hf_to_mcore_state(args, tensors, None, tp_rank=r, tp_size=2) for r in range(2)]
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        assert [tuple(s[name].shape) for s in shards] == [(512, args.hidden_size)] * 2
+        assert torch.count_nonzero(shards[1][name][1000 - 512 :]) == 0
+    hf_name = {"embedding.word_embeddings.weight": "model.embed_tokens.weight"}
+    hf_name["output_layer.weight"] = "lm_head.weight"
+    full = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
+    for name, hf in hf_name.items():
+        assert torch.equal(full[name][:1000], tensors[hf])
+    full["output_layer.weight"] = full["output_layer.weight"][:1000]
+    with pytest.raises(ValueError, match="Megatron tensor output_layer.weight: 1000 rows"):
+        mcore_to_hf_state(args, full, None)

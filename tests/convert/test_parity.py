@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from oprd_mega.convert.verify import TOLERANCE
+from tests.real_shapes import CI_REAL_SHAPED, parity_plan
 from tests.torchrun_utils import run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "parity_worker.py"
@@ -24,9 +25,27 @@ PLAN = [
     {"family": "qwen3", "tied": False, "layouts": ALL_LAYOUTS, "extra": True},
     {"family": "qwen3", "tied": True, "layouts": [[2, 2, False]], "extra": False},
     {"family": "llama", "tied": True, "layouts": [[2, 1, False]], "dtype": "bfloat16"},
+    # vocabulary 517: padded to 640 rows, split over TP2 (and 1000 -> 1024 in the items above)
+    {
+        "name": "llama-vocab517-untied",
+        "family": "llama",
+        "tied": False,
+        "layouts": [[1, 1, False], [2, 1, False]],
+        "config": {"vocab_size": 517},
+        "padding": True,
+    },
+    {
+        "name": "qwen2-vocab517-tied",
+        "family": "qwen2",
+        "tied": True,
+        "layouts": [[2, 1, False]],
+        "config": {"vocab_size": 517},
+        "padding": True,
+    },
+    *parity_plan(CI_REAL_SHAPED),  # Llama-3 and YaRN RoPE, real attention ratios, 3 layers
 ]
 MODELS = [
-    f"{p['family']}-{'tied' if p['tied'] else 'untied'}"
+    p.get("name", f"{p['family']}-{'tied' if p['tied'] else 'untied'}")
     + (f"-{p['dtype']}" if "dtype" in p else "")
     for p in PLAN
 ]
@@ -49,6 +68,7 @@ def test_mcore_to_hf_reproduces_every_tensor_bit_exactly(results: dict, model: s
     assert out["roundtrip_names_equal"]
     assert out["roundtrip_bad"] == []
     assert out["roundtrip_count"] >= 3 * 9 + 2
+    assert out["config_json_equal"]  # the RoPE scaling fields survive the round trip
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -85,6 +105,25 @@ def test_truncated_teacher_matches_hf_layer_without_head(results: dict, model: s
     assert not out["teacher_has_head"]
     assert out["teacher_keys"] == ["layer 1", "layer 2"]
     assert out["teacher_layer2"][1] <= FP32_TOL
+
+
+@pytest.mark.parametrize("model", ["llama-vocab517-untied", "qwen2-vocab517-tied"])
+def test_odd_vocabulary_is_stored_padded_with_zero_rows_and_the_size_recorded(
+    results: dict, model: str
+) -> None:
+    """517 tokens: 640 rows in the checkpoint (embedding and untied output layer), the 123
+    padding rows zero, the size recorded; the round trip and verify above see 517 rows."""
+    padding = results[model]["padding"]
+    expected_rows = {"embedding.word_embeddings.weight": [640, True]}
+    if "untied" in model:
+        expected_rows["output_layer.weight"] = [640, True]
+    assert padding["rows"] == expected_rows
+    assert padding["stored"][0] == 640 and padding["recorded"] == 640
+    assert (
+        "the checkpoint holds a vocabulary padded to 640 rows, the model was built with "
+        in (padding["refused"])
+    )
+    assert "make_vocab_size_divisible_by" in padding["refused"]
 
 
 def test_init_distributed_refuses_to_switch_layout_silently(results: dict) -> None:

@@ -63,3 +63,11 @@ def make_inputs(seed: int, tokens: int = 23, vocab: int = 50, h_s: int = 12, h_t
     ids = torch.randint(0, vocab, (tokens,), generator=generator)
     token_weight = (torch.rand(tokens, generator=generator) > 0.25).float()
     return student_hidden, student_weight, teacher_hidden, teacher_weight, ids, token_weight
+
+
+def pad_rows(weight: torch.Tensor, padded: int, seed: int) -> torch.Tensor:
+    """``weight`` with random rows appended up to ``padded`` (random, not zero, so a padding
+    row that leaked into a softmax or a top-k would change the result)."""
+    generator = torch.Generator().manual_seed(seed)
+    extra = torch.randn(padded - weight.shape[0], weight.shape[1], generator=generator) * 3
+    return torch.cat([weight, extra])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.real_shapes import REAL_SHAPED
 from tests.torchrun_utils import run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "step_worker.py"
@@ -102,6 +103,27 @@ CASES = [
         "layouts": ALL,
     },
 ]
+# Real-shaped pairs (tests/real_shapes.py: source ratios, tied embeddings and RoPE fields, 3 layers,
+# so PP2 splits 2 + 1): Llama-3 RoPE student with a YaRN Qwen2.5 teacher; Qwen3 (QK-norm) student
+# with an untied DeepSeek-R1-Distill-Qwen teacher (QKV bias).
+REAL_PAIRS = {
+    "real-llama3.2-from-qwen2.5-yarn": ("llama-3.2-1b", "qwen2.5-1.5b-yarn"),
+    "real-qwen3-from-r1-distill": ("qwen3-1.7b", "deepseek-r1-distill-qwen-1.5b"),
+}
+CASES += [
+    {
+        **BASE,
+        "name": name,
+        "method": "oprd",
+        "projection": "full",
+        "normalize": True,
+        "student": student,
+        "teacher": teacher,
+        "layouts": [[1, 1, False], [2, 1, False], [1, 2, False], [2, 2, False]],
+    }
+    for name, (student, teacher) in REAL_PAIRS.items()
+]
+MODELS = {name: REAL_SHAPED[name] for pair in REAL_PAIRS.values() for name in pair}
 LR = 1e-3
 # float32 Megatron vs float64 oracle. Gradients: relative to the largest gradient entry.
 # Parameters after AdamW: the first step moves each entry by about lr * g / (|g| + eps), so a
@@ -119,6 +141,8 @@ FAST_LAYOUTS = {
     "opd-topk": [[1, 1, False], [2, 1, True]],
     "combined": [[2, 2, False]],
     "combined-packed": [[1, 1, False], [2, 1, True], [1, 2, False]],
+    "real-llama3.2-from-qwen2.5-yarn": [[1, 1, False], [2, 2, False]],
+    "real-qwen3-from-r1-distill": [[2, 1, False], [1, 2, False]],
 }
 SUITES = {
     "fast": [{**case, "layouts": FAST_LAYOUTS[case["name"]]} for case in CASES],
@@ -131,7 +155,8 @@ def suite(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     """(cases, results) of one launch."""
     cases = SUITES[request.param]
     work = tmp_path_factory.mktemp(f"step-{request.param}")
-    run_torchrun(WORKER, str(work), json.dumps({"cases": cases}), nproc=4, timeout=1200)
+    plan = {"cases": cases, "models": MODELS}
+    run_torchrun(WORKER, str(work), json.dumps(plan), nproc=4, timeout=1200)
     data = json.loads((work / "results.json").read_text())
     print(json.dumps(data, indent=1))  # measured differences, for the record (pytest -s)
     return cases, data

@@ -5,7 +5,8 @@ tests check its results:
 
 - the gather at TP2xPP2, TP2 (DP2) and PP2 (DP2) reproduces every tensor of the original HF
   checkpoint bit-exactly (Llama and Qwen3, tied and untied), on the requested destination rank
-  (including one in the second data-parallel replica), and nothing on the others;
+  (including one in the second data-parallel replica), and nothing on the others; the model's
+  vocabulary is padded (1000 -> 1024 rows) and the padding rows never reach the servers;
 - end to end at TP2xPP2: weights perturbed in Megatron and synced through the disk and the
   distributed paths make an embedded server's greedy log-probs equal transformers' on the same
   perturbation applied directly to the HF weights; a skipped sync fails the check on every rank.
@@ -45,6 +46,8 @@ def test_gather_reproduces_the_hf_checkpoint_bit_exactly(results, layout, model)
             assert part["names_equal"], part
             assert part["bad"] == []
             assert part["count"] == EXPECTED_COUNT[model]
+            # the model holds 1024 vocabulary rows; the servers get the HF-shaped 1000
+            assert part["padded_vocab"] == 1024
         else:
             assert part == {"nonempty_on_non_dst": False}
 

@@ -2,6 +2,8 @@
 
 Usage: parity_worker.py WORKDIR PLAN_JSON. Writes WORKDIR/results.json on rank 0.
 PLAN_JSON: [{"family": ..., "tied": bool, "layouts": [[tp, pp, sp], ...], "extra": bool}, ...]
+optional per item: "name", "dtype", "config" (make_tiny_model overrides, e.g. shapes and rope),
+"padding" (check the stored padded vocabulary: zero rows, recorded size, a mismatch refused).
 """
 
 import faulthandler
@@ -58,6 +60,43 @@ def tick(label: str) -> None:
 tick.last = __import__("time").monotonic()
 
 
+def padding_checks(base: Path, args) -> dict:
+    """What the converted checkpoint holds beyond the real vocabulary, read without the mapping:
+    the stored rows, the padding rows' values, the recorded size; and that a model built with
+    another padding is refused by name (at TP2: the checkpoint was converted without a TP)."""
+    from dataclasses import replace
+
+    from megatron.core import dist_checkpointing
+
+    from oprd_mega.convert.mcore_io import (
+        FORMAT_FILE,
+        load_mcore_checkpoint,
+        read_checkpoint_layers,
+    )
+    from oprd_mega.models import build_gpt_model
+    from oprd_mega.parallel import ParallelLayout
+
+    use_layout(ParallelLayout())
+    metadata = dist_checkpointing.load_tensors_metadata(str(base / "mcore"))
+    _, tensors = next(read_checkpoint_layers(args, base / "mcore"))
+    vocab = args.vocab_size
+    rows = {
+        name: [int(tensor.shape[0]), bool(torch.count_nonzero(tensor[vocab:]) == 0)]
+        for name, tensor in tensors.items()
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight")
+    }
+    recorded = json.loads((base / "mcore" / FORMAT_FILE).read_text())["padded_vocab_size"]
+    use_layout(ParallelLayout(tp=2))
+    other = build_gpt_model(replace(args, make_vocab_size_divisible_by=64))
+    try:
+        load_mcore_checkpoint(other, base / "mcore")
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    stored = list(metadata["embedding.word_embeddings.weight"].global_shape)
+    return {"rows": rows, "recorded": recorded, "stored": stored, "refused": refused}
+
+
 def run_model(work: Path, item: dict, results: dict) -> None:
     from oprd_mega.convert.convert import hf_to_mcore, mcore_to_hf
     from oprd_mega.convert.hf_io import HFCheckpointReader
@@ -78,14 +117,21 @@ def run_model(work: Path, item: dict, results: dict) -> None:
     from oprd_mega.parallel import ParallelLayout
     from tools.tiny_hf_models import make_tiny_model
 
-    name = f"{item['family']}-{'tied' if item['tied'] else 'untied'}"
+    name = item.get("name", f"{item['family']}-{'tied' if item['tied'] else 'untied'}")
     dtype = getattr(torch, item.get("dtype", "float32"))
     if dtype != torch.float32:
         name += f"-{item['dtype']}"
     base = work / name
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
     if rank == 0:
-        make_tiny_model(item["family"], base / "hf", tied=item["tied"], seed=len(name), dtype=dtype)
+        make_tiny_model(
+            item["family"],
+            base / "hf",
+            tied=item["tied"],
+            seed=len(name),
+            dtype=dtype,
+            **item.get("config", {}),
+        )
     if dist.is_initialized():
         dist.barrier()
     else:  # first model: no process group yet; wait for the files
@@ -112,6 +158,8 @@ def run_model(work: Path, item: dict, results: dict) -> None:
             or not torch.equal(original[k], back[k])
         ]
         out["roundtrip_count"] = len(original)
+        configs = [json.loads((base / d / "config.json").read_text()) for d in ("hf", "hf_back")]
+        out["config_json_equal"] = configs[0] == configs[1]  # RoPE scaling fields included
     args = read_mcore_args(base / "mcore")
     tokens = random_tokens(args, 2, 16, seed=1)
     reference = hf_outputs(base / "hf", tokens, dtype) if rank == 0 else None
@@ -131,6 +179,9 @@ def run_model(work: Path, item: dict, results: dict) -> None:
         if rank == 0:
             out["layouts"][str(layout)] = {d.name: [d.max_abs, d.max_rel] for d in diffs}
         tick(f"{name} verify {layout}")
+    if item.get("padding"):
+        out["padding"] = padding_checks(base, args)
+        tick(f"{name} padding")
     if item.get("extra"):
         # (a) The mapping's own TP/PP sharding == Megatron's resharding of the torch_dist file.
         use_layout(ParallelLayout(tp=2, pp=2))

@@ -1,6 +1,8 @@
 """torchrun worker (4 processes): one distillation step at several layouts vs a float64 oracle.
 
 Usage: step_worker.py WORKDIR PLAN_JSON; rank 0 writes WORKDIR/results.json.
+PLAN_JSON: {"cases": [...], "models": {name: {"family", "tied", "config"}}} (models optional:
+extra model directories, used by a case's "student" / "teacher").
 
 The oracle runs the transformers versions of the same student and teacher in float64 and
 states METHOD.md's loss directly (no project loss code): per layer the token mean of
@@ -28,7 +30,7 @@ TEACHER = {"hidden_size": 48, "head_dim": 12, "num_hidden_layers": 6, "intermedi
 COMMON = {
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "vocab_size": 128,
+    "vocab_size": 117,  # padded to 128 rows in Megatron: OPD must ignore the padding
     "max_position_embeddings": 64,
 }
 SEQ, SAMPLES = 16, 4
@@ -58,11 +60,10 @@ def phi(layer: int, n_student: int, n_teacher: int) -> int:
     return int((layer - 1) * (n_teacher - 1) / (n_student - 1) + 0.5) + 1
 
 
-def projection_init(case: dict, layer: int) -> torch.Tensor:
+def projection_init(case: dict, layer: int, d_s: int, d_t: int) -> torch.Tensor:
     """The documented seeded init of a ``full`` map (d_T x d_S, std 1/sqrt(d_S))."""
     key = layer if case["per_layer"] else 0
     generator = torch.Generator().manual_seed(case.get("seed", 0) * 100003 + key)
-    d_s, d_t = STUDENT["hidden_size"], TEACHER["hidden_size"]
     return torch.randn(d_t, d_s, generator=generator) * d_s**-0.5
 
 
@@ -74,7 +75,8 @@ def oracle(case: dict, work: Path) -> dict:
             str(work / name), dtype=torch.float64, attn_implementation="eager"
         )
 
-    student, teacher = load("student"), load(case.get("teacher", "teacher")).eval()
+    student = load(case.get("student", "student"))
+    teacher = load(case.get("teacher", "teacher")).eval()
     data = samples()
     tokens = torch.zeros(SAMPLES, SEQ, dtype=torch.long)
     supervised = torch.zeros(SAMPLES, SEQ, dtype=torch.bool)
@@ -104,7 +106,8 @@ def oracle(case: dict, work: Path) -> dict:
 
     s_hidden, s_logits = run(student, True)
     t_hidden, t_logits = run(teacher, False)
-    n_s, n_t = STUDENT["num_hidden_layers"], TEACHER["num_hidden_layers"]
+    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+    d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
     maps = {}
     total = torch.zeros((), dtype=torch.float64)
     layer_loss = {}
@@ -128,7 +131,7 @@ def oracle(case: dict, work: Path) -> dict:
             else:
                 key = layer if case["per_layer"] else 0
                 if key not in maps:
-                    maps[key] = projection_init(case, layer).double().requires_grad_()
+                    maps[key] = projection_init(case, layer, d_s, d_t).double().requires_grad_()
                 hs = s_hidden[layer][supervised] @ maps[key].T
                 ht = t_hidden[phi(layer, n_s, n_t)][supervised]
             if case["normalize"]:
@@ -290,12 +293,12 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     tp, pp, sp = layout
     use_layout(tp, pp, sp)
     s_args, t_args = (
-        load_hf_config(work / "student"),
+        load_hf_config(work / case.get("student", "student")),
         load_hf_config(work / case.get("teacher", "teacher")),
     )
     pairs = layer_pairs(case["layers"], s_args.num_layers, t_args.num_layers)
     student = build_gpt_model(s_args, sequence_parallel=sp)
-    load_hf_weights(student, s_args, HFCheckpointReader(work / "student"))
+    load_hf_weights(student, s_args, HFCheckpointReader(work / case.get("student", "student")))
     options = StepOptions(
         method=case["method"],
         opd=f"opd-{case.get('opd', 'top1')}",
@@ -397,7 +400,11 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         )
         if pp == 2:
             out["checkpoint_restores_projection"] = checkpoint_round_trip(
-                inner, s_args, projection, work / f"ckpt-{case['name']}-tp{tp}", work / "student"
+                inner,
+                s_args,
+                projection,
+                work / f"ckpt-{case['name']}-tp{tp}",
+                work / case.get("student", "student"),
             )
     out["_export"] = (grads, params, proj_grads, s_args) if tp == 1 and pp == 1 else None
     return out
@@ -516,6 +523,10 @@ def main() -> None:
         make_tiny_model("llama", work / "teacher", seed=2, **COMMON, **TEACHER)
         same_width = {**TEACHER, "hidden_size": 32, "head_dim": 8}
         make_tiny_model("llama", work / "teacher32", seed=3, **COMMON, **same_width)
+        for seed, (name, spec) in enumerate(plan.get("models", {}).items(), start=4):
+            make_tiny_model(
+                spec["family"], work / name, tied=spec["tied"], seed=seed, **spec["config"]
+            )
     dist.barrier()
     results = {}
     for case in plan["cases"]:

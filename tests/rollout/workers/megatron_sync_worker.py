@@ -102,7 +102,7 @@ def gather_checks(work: Path, layout: str, dsts: list[int], results: dict) -> No
         seconds = time.perf_counter() - start
         if rank == dst:
             out = compare(got, load_all(work / name))
-            out.update(dst=dst, seconds=seconds)
+            out.update(dst=dst, seconds=seconds, padded_vocab=args.padded_vocab_size)
         else:
             out = {"nonempty_on_non_dst": bool(got)}
         parts: list = [None] * dist.get_world_size()

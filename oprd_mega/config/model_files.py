@@ -1,0 +1,57 @@
+"""Checks that read the model directories (config.json, tokenizer): run before any process
+group or rollout server starts, so a mismatch costs seconds, not a launch."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from oprd_mega.config.against_models import check_models
+from oprd_mega.config.errors import ConfigError
+from oprd_mega.config.models import ModelSection
+from oprd_mega.config.schema import TrainConfig
+from oprd_mega.models.hf_config import ConfigError as HFConfigError
+from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
+from oprd_mega.models.tokenizers import first_difference, has_tokenizer, token_map
+
+
+def check_tokenizers(config: TrainConfig) -> None:
+    """Student and teacher must share a tokenizer: the teacher reads the student's token ids in
+    every projection mode and in OPD (training has no cross-tokenizer alignment). A teacher
+    directory without tokenizer files is taken to use the student's."""
+    student, teacher = config.student.path, config.teacher.path
+    if not has_tokenizer(teacher) or not has_tokenizer(student):
+        return
+    student_map, teacher_map = token_map(student), token_map(teacher)
+    difference = first_difference(student_map, teacher_map)
+    if difference is None:
+        return
+    index, mine, theirs = difference
+    raise ConfigError(
+        [
+            f"student.path = {student!r} and teacher.path = {teacher!r} do not share a "
+            f"tokenizer: token id {index} is {mine!r} in the student and {theirs!r} in the "
+            f"teacher ({len(student_map)} vs {len(teacher_map)} tokens); the teacher reads the "
+            "student's token ids (OPRD identity/full/bridge and OPD), so both need the same "
+            "token-to-id map"
+        ]
+    )
+
+
+def model_args(section: ModelSection) -> HFModelArgs:
+    """The model's ``config.json`` with the section's vocabulary padding: what is built."""
+    args = load_hf_config(section.path)
+    return replace(args, make_vocab_size_divisible_by=section.make_vocab_size_divisible_by)
+
+
+def check_model_files(config: TrainConfig) -> list[tuple[int, int]]:
+    """Both config.json files against the config (shapes, layers, layout) and the tokenizers;
+    returns the layer pairs."""
+    models = []
+    for key, section in (("student", config.student), ("teacher", config.teacher)):
+        try:
+            models.append(model_args(section))
+        except (HFConfigError, FileNotFoundError) as exc:
+            raise ConfigError([f"{key}.path = {section.path!r}: {exc}"]) from exc
+    pairs = check_models(config, models[0], models[1])
+    check_tokenizers(config)
+    return pairs

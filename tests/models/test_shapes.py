@@ -1,0 +1,99 @@
+"""The shape rule: pipeline splits against Megatron's own layer count, TP divisibility."""
+
+import pytest
+import torch
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.models.shapes import TP_DIVIDES, layers_per_stage, pipeline_split, shape_problems
+
+
+def megatron_stage_sizes(num_layers: int, pp: int) -> list[int]:
+    """Megatron's own answer: its config validates the split and counts each rank's layers."""
+    config = TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=8,
+        num_attention_heads=1,
+        pipeline_model_parallel_size=pp,
+        pipeline_dtype=torch.float32,
+        use_cpu_initialization=True,
+        **pipeline_split(num_layers, pp),
+    )
+    return [get_num_layers_to_build(config, pp_rank=rank) for rank in range(pp)]
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 3, 4, 5, 7, 9, 16, 28, 30])
+def test_every_depth_splits_over_every_pipeline_size_as_megatron_counts(num_layers: int) -> None:
+    for pp in range(1, min(num_layers, 8) + 1):
+        sizes = layers_per_stage(num_layers, pp)
+        assert sizes == megatron_stage_sizes(num_layers, pp), (num_layers, pp)
+        assert sum(sizes) == num_layers and min(sizes) >= 1
+
+
+def test_odd_depths_use_first_and_last_stage_fields() -> None:
+    assert pipeline_split(3, 2) == {"num_layers_in_last_pipeline_stage": 1}
+    assert layers_per_stage(4, 3) == [2, 1, 1]  # ceil would leave the last stage empty
+    assert pipeline_split(28, 4) == {}
+
+
+@pytest.mark.parametrize(("num_layers", "pp"), [(2, 3), (1, 0)])
+def test_more_stages_than_layers_is_refused(num_layers: int, pp: int) -> None:
+    with pytest.raises(ValueError, match="every stage needs at least one layer"):
+        pipeline_split(num_layers, pp)
+
+
+def _model(**overrides) -> HFModelArgs:
+    fields = dict(
+        family="llama",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=256,
+        num_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=8,
+        rms_norm_eps=1e-5,
+        rope_theta=5e5,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )
+    return HFModelArgs(**{**fields, **overrides})
+
+
+def test_a_fitting_layout_has_no_problems() -> None:
+    assert shape_problems(_model(), tp=2, pp=3) == []
+
+
+@pytest.mark.parametrize("field", TP_DIVIDES)
+def test_each_tensor_parallel_field_is_named(field: str) -> None:
+    odd = {"num_attention_heads": 6, "num_key_value_heads": 3, "intermediate_size": 255}
+    model = _model(**{field: odd[field]})
+    if field == "num_attention_heads":
+        model = _model(num_attention_heads=9, num_key_value_heads=3)
+    problems = shape_problems(model, tp=2, pp=1, name="student")
+    assert [p.knob for p in problems] == ["tp"] * len(problems)
+    assert any(f"the student's {field} (" in p.detail for p in problems), problems
+
+
+def test_pipeline_depth_counts_only_the_layers_that_run() -> None:
+    (problem,) = shape_problems(_model(num_layers=8), tp=1, pp=4, num_layers=3, name="teacher")
+    assert (problem.knob, problem.value) == ("pp", 4)
+    assert "the teacher runs 3 layer(s)" in problem.detail
+
+
+def test_the_vocabulary_is_padded_to_the_multiple_alone_and_tp_must_divide_it() -> None:
+    """Padded sizes as the issue states them, the same at every TP (so checkpoints reshard)."""
+    for vocab, padded in [(151_936, 151_936), (50_257, 50_304), (32_001, 32_128), (517, 640)]:
+        assert _model(vocab_size=vocab).padded_vocab_size == padded
+        for tp in (1, 2, 4, 8):
+            wide = _model(vocab_size=vocab, num_key_value_heads=8)
+            assert shape_problems(wide, tp=tp, pp=1) == []
+    assert _model(vocab_size=517, make_vocab_size_divisible_by=1).padded_vocab_size == 517
+    odd = _model(vocab_size=517, make_vocab_size_divisible_by=3)
+    assert odd.padded_vocab_size == 519
+    (problem,) = shape_problems(odd, tp=2, pp=1, name="student")
+    assert (problem.knob, problem.value) == ("tp", 2)
+    assert problem.detail.startswith("must divide student.make_vocab_size_divisible_by (3)")
+    with pytest.raises(ValueError, match="make_vocab_size_divisible_by must be a positive"):
+        _model(make_vocab_size_divisible_by=0)
