@@ -7,11 +7,12 @@ import pytest
 from oprd_mega.cli import build_parser, main
 
 
-def test_serve_arguments():
+def test_serve_arguments(tmp_path):
+    model = str(tmp_path)  # --model must be an existing folder
     args = build_parser().parse_args(
-        ["serve", "--model", "/m", "--host", "127.0.0.1", "--port", "1234"]
+        ["serve", "--model", model, "--host", "127.0.0.1", "--port", "1234"]
     )
-    assert (args.command, args.model, args.host, args.port) == ("serve", "/m", "127.0.0.1", 1234)
+    assert (args.command, args.model, args.host, args.port) == ("serve", model, "127.0.0.1", 1234)
 
 
 def test_serve_needs_a_model(capsys):
@@ -20,6 +21,6 @@ def test_serve_needs_a_model(capsys):
     assert "--model" in capsys.readouterr().err
 
 
-def test_serve_accepts_sglangs_model_path():
-    args = build_parser().parse_args(["serve", "--model-path", "/m"])
-    assert args.model == "/m"
+def test_serve_accepts_sglangs_model_path(tmp_path):
+    args = build_parser().parse_args(["serve", "--model-path", str(tmp_path)])
+    assert args.model == str(tmp_path)
