@@ -125,7 +125,16 @@ def test_bridge_report(tmp_path: Path) -> None:
 
 def _bench(impl: str, tokens: int, ms: float, mib: float, error: str = "") -> dict[str, Any]:
     case = Case(impl, "forward+backward", tokens, 64, 128, "float32", True, 0.0, "cpu", 1, 3)
-    return asdict(Result(case, ms, 0.1, mib, mib + 1, error))
+    return asdict(
+        Result(
+            case,
+            median_ms=ms,
+            tflops=0.1,
+            peak_above_inputs_mib=mib,
+            peak_above_inputs_and_grads_mib=mib + 1,
+            error=error,
+        )
+    )
 
 
 def test_kernel_benchmark(tmp_path: Path) -> None:
