@@ -99,9 +99,9 @@ def test_config_takes_flags_and_overrides_in_any_order(
     assert "\nseed: 7\n" in f"\n{out}" and "  lr: 0.25\n" in out
 
 
-def test_stray_arguments_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+def test_stray_arguments_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as done:
-        main(["serve", "--model", "m", "a.b=1"])  # serve takes no overrides
+        main(["serve", "--model", str(tmp_path), "a.b=1"])  # serve takes no overrides
     assert done.value.code == 2
     assert "unrecognized arguments: a.b=1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
