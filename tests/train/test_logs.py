@@ -16,6 +16,7 @@ STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 @pytest.fixture(autouse=True)
 def restore_logger():
     handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    logger.handlers.clear()  # earlier tests in the session may have left handlers on it
     yield
     logger.handlers[:] = handlers
     logger.setLevel(level)
