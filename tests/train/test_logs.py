@@ -16,7 +16,10 @@ STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 @pytest.fixture(autouse=True)
 def restore_logger():
     handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
-    logger.handlers.clear()  # earlier tests in the session may have left handlers on it
+    # Start from logging's defaults: an earlier test's setup_logging() leaves the logger
+    # non-propagating, and pytest then attaches its capture handlers to it directly as well.
+    logger.handlers.clear()
+    logger.propagate = True
     yield
     logger.handlers[:] = handlers
     logger.setLevel(level)
