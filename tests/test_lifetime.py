@@ -116,8 +116,10 @@ def _interrupt_mid_conversion(hf: Path, out: Path, sig: int) -> tuple[subprocess
 
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Enough layers that the conversion is still running when the signal comes.
-    return make_tiny_model_dir(tmp_path_factory.mktemp("hf") / "hf", layers=6, hidden=64)
+    # Enough layers that the conversion is still running when the signal comes: the signal
+    # goes after the third layer's file appears, and 6 layers left too short a window on a
+    # quiet machine (the conversion finished first and exited 0).
+    return make_tiny_model_dir(tmp_path_factory.mktemp("hf") / "hf", layers=24, hidden=64)
 
 
 def test_sigterm_of_a_conversion_removes_its_temporary_folder(
