@@ -21,7 +21,11 @@ class _Loader(_SafeLoader):  # type: ignore[misc, valid-type]
     """Safe loader that also reads ``1e-5`` as a float (YAML 1.1 wants ``1.0e-5``)."""
 
 
-_Loader.add_implicit_resolver(
+class _Dumper(_SafeDumper):  # type: ignore[misc, valid-type]
+    """Safe dumper that quotes the strings :class:`_Loader` would read as floats (``"1e5"``)."""
+
+
+_FLOAT = (
     "tag:yaml.org,2002:float",
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -33,6 +37,14 @@ _Loader.add_implicit_resolver(
     ),
     list("-+0123456789."),
 )
+_Loader.add_implicit_resolver(*_FLOAT)
+_Dumper.add_implicit_resolver(*_FLOAT)
+
+
+def format_value(value: Any) -> str:
+    """``value`` as override text that :func:`parse_value` reads back as the same value."""
+    text = yaml.dump(value, Dumper=_Dumper, default_flow_style=True)
+    return text.strip().removesuffix("...").strip()
 
 
 def parse_value(text: str) -> Any:
@@ -116,7 +128,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
 def to_yaml(config: TrainConfig) -> str:
     """The resolved configuration as YAML (every key, defaults included)."""
     data = config.model_dump(mode="json")
-    return yaml.dump(data, Dumper=_SafeDumper, sort_keys=False, default_flow_style=False, width=100)
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
 
 
 def dump_config(config: TrainConfig, path: str | Path) -> Path:

@@ -7,15 +7,18 @@ import tempfile
 from pathlib import Path
 
 import yaml
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from oprd_mega.config import dump_config, load_config, to_yaml, validate_config
+from oprd_mega.config.loader import format_value
 from tests.config.helpers import REQUIRED
 
 
 def _yaml(value: object) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+    # Quoted as the config's own dumper quotes (``0E0``, which the loader reads as a float,
+    # stays a string).
+    return format_value(value)
 
 
 SETTINGS = {
@@ -46,6 +49,7 @@ SETTINGS = {
 
 @settings(max_examples=30, deadline=None)  # a loaded CI machine exceeds the 200 ms default
 @given(st.fixed_dictionaries({}, optional=SETTINGS))
+@example({"data.system_prompt": "0E0"})  # a string the loader would read as a float unquoted
 def test_valid_overrides_round_trip(chosen: dict[str, object]) -> None:
     overrides = [f"{key}={_yaml(value)}" for key, value in chosen.items()]
     config = load_config(None, [*REQUIRED, *overrides])
