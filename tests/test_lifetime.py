@@ -44,8 +44,9 @@ def _read_pids(proc: subprocess.Popen, count: int, timeout_s: float) -> list[dic
         line = proc.stdout.readline()
         if not line:
             break
-        if line.startswith("PIDS "):
-            found.append(json.loads(line[5:]))
+        # Ranks print at the same time on torchrun's shared stdout: one line may hold two.
+        for chunk in line.split("PIDS ")[1:]:
+            found.append(json.JSONDecoder().raw_decode(chunk.strip())[0])
     assert len(found) == count, f"worker did not start: {proc.poll()}"
     return found
 
