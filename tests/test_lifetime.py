@@ -108,19 +108,22 @@ def _interrupt_mid_conversion(hf: Path, out: Path, sig: int) -> tuple[subprocess
         if any(out.parent.glob(f".{out.name}.tmp-*/.part-00002")):
             break
         time.sleep(0.02)
+    # Freeze it first: on a fast machine the last layers took less time than one poll, and the
+    # conversion finished (exit 0) before the signal came. A stopped process gets ``sig`` as
+    # the first thing it sees when it continues.
+    os.kill(proc.pid, signal.SIGSTOP)
     assert proc.poll() is None, f"conversion ended before it was interrupted: {proc.stderr}"
     children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     proc.send_signal(sig)
+    os.kill(proc.pid, signal.SIGCONT)
     proc.wait(timeout=60)
     return proc, children
 
 
 @pytest.fixture(scope="module")
 def big_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # Enough layers that the conversion is still running when the signal comes: the signal
-    # goes after the third layer's file appears, and 6 layers left too short a window on a
-    # quiet machine (the conversion finished first and exited 0).
-    return make_tiny_model_dir(tmp_path_factory.mktemp("hf") / "hf", layers=24, hidden=64)
+    # Enough layers that the conversion is still running when its third layer's file appears.
+    return make_tiny_model_dir(tmp_path_factory.mktemp("hf") / "hf", layers=8, hidden=64)
 
 
 def test_sigterm_of_a_conversion_removes_its_temporary_folder(
