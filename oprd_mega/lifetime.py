@@ -8,7 +8,8 @@ folders of a process that died are recognised and removed by a later run.
 - Megatron's checkpoint writer's ``Manager`` process runs :func:`die_with_parent` as its
   initializer (``oprd_mega.parallel.writer_process``).
 - :func:`exit_on_sigterm`: SIGTERM raises ``SystemExit``, so ``finally`` blocks (temporary
-  folders) run, as they do on Ctrl-C.
+  folders) run, as they do on Ctrl-C; :func:`raise_if_terminated` before publishing a result
+  catches a SIGTERM whose exception a finalizer swallowed.
 - :func:`make_owned_temp_dir` / :func:`remove_stale_temp_dirs`: temporary folders whose names
   carry host and pid, so a later run can prove their owner dead and remove them.
 
@@ -78,13 +79,29 @@ def child_dies_with_launcher(sig: int = signal.SIGTERM) -> Callable[[], None]:
     return arm
 
 
+_terminated_by: int | None = None  # the signal exit_on_sigterm's handler received
+
+
 def exit_on_sigterm() -> None:
     """Make SIGTERM raise ``SystemExit(143)`` in the main thread, so cleanup code runs."""
 
     def handler(signum: int, frame: object) -> None:
+        global _terminated_by
+        _terminated_by = signum
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def raise_if_terminated() -> None:
+    """Raise the ``SystemExit`` a SIGTERM asked for, if its handler's was swallowed.
+
+    The handler runs wherever the main thread is; inside a finalizer (``__del__``, a weakref
+    callback) Python prints "Exception ignored" and carries on, so a terminated conversion
+    could finish and exit 0. Call this before publishing a result.
+    """
+    if _terminated_by is not None:
+        raise SystemExit(128 + _terminated_by)
 
 
 def pid_alive(pid: int) -> bool:

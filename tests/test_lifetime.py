@@ -164,3 +164,27 @@ def test_only_temporary_folders_of_dead_owners_are_removed(tmp_path: Path) -> No
         path.mkdir()
     assert remove_stale_temp_dirs(tmp_path, "out") == [stale]
     assert mine.is_dir() and other_host.is_dir() and other_name.is_dir()
+
+
+_SIGTERM_IN_A_FINALIZER = """
+import os, signal
+from oprd_mega.lifetime import exit_on_sigterm, raise_if_terminated
+exit_on_sigterm()
+class Finalized:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(100_000))  # the handler runs here; Python ignores its SystemExit
+Finalized()
+print("carried on", flush=True)
+raise_if_terminated()
+print("published", flush=True)
+"""
+
+
+def test_a_sigterm_swallowed_by_a_finalizer_still_stops_before_publishing() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_IN_A_FINALIZER], capture_output=True, text=True, env=ENV
+    )
+    assert "Exception ignored" in done.stderr  # the handler's own SystemExit was lost
+    assert done.stdout.split() == ["carried", "on"]
+    assert done.returncode == 128 + signal.SIGTERM

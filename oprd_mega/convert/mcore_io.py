@@ -26,7 +26,7 @@ from oprd_mega.convert.mapping import (
     mcore_names,
     mcore_to_hf_state,
 )
-from oprd_mega.lifetime import make_owned_temp_dir
+from oprd_mega.lifetime import make_owned_temp_dir, raise_if_terminated
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
 from oprd_mega.models.running import unwrap
 from oprd_mega.parallel.distributed import barrier, global_rank
@@ -178,6 +178,7 @@ def checkpoint_in_temp_dir(
         barrier()
         if global_rank() == 0:
             _write_oprd_files(tmp, args, hf_source)
+            raise_if_terminated()
             os.replace(tmp, directory)
     except BaseException:
         if global_rank() == 0:
