@@ -74,32 +74,34 @@ def _loss_and_coefficients(pp, pt, tt, dd, d_t, NORMALIZE: tl.constexpr, EPS: tl
 
 @triton.jit
 def _load_rows(
-    p_ptr,
-    t_ptr,
-    b_ptr,
-    rows,
-    cols,
-    active,
-    d_t,
-    stride_pn,
-    stride_pc,
-    stride_tn,
-    stride_tc,
-    HAS_BIAS: tl.constexpr,
+    p_rows, t_rows, b_ptr, cols, active, d_t, stride_pc, stride_tc, HAS_BIAS: tl.constexpr
 ):
-    """``(p + b, t)`` float32 tiles of the active rows, zeros elsewhere."""
+    """``(p + b, t)`` float32 tiles of the active rows (``p_rows``/``t_rows``: pointers to
+    their first elements), zeros elsewhere."""
     col_ok = cols < d_t
     tile_ok = active[:, None] & col_ok[None, :]
-    p = tl.load(
-        p_ptr + rows[:, None] * stride_pn + cols[None, :] * stride_pc, mask=tile_ok, other=0.0
-    ).to(tl.float32)
+    p = tl.load(p_rows + cols[None, :] * stride_pc, mask=tile_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         p += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         p = tl.where(tile_ok, p, 0.0)
-    t = tl.load(
-        t_ptr + rows[:, None] * stride_tn + cols[None, :] * stride_tc, mask=tile_ok, other=0.0
-    ).to(tl.float32)
+    t = tl.load(t_rows + cols[None, :] * stride_tc, mask=tile_ok, other=0.0).to(tl.float32)
     return p, t
+
+
+@triton.jit
+def _row_statistics(p, t, NORMALIZE: tl.constexpr):
+    """Only the statistics the loss needs: ``pp, pt, tt`` when normalized, else ``dd``."""
+    zero = tl.zeros((p.shape[0],), dtype=tl.float32)
+    if NORMALIZE:
+        return tl.sum(p * p, axis=1), tl.sum(p * t, axis=1), tl.sum(t * t, axis=1), zero
+    return zero, zero, zero, tl.sum((p - t) * (p - t), axis=1)
+
+
+@triton.jit
+def _store_gradient(g_rows, cols, row_ok, d_t, stride_gc, alpha, beta, p, t):
+    tile_ok = row_ok[:, None] & (cols < d_t)[None, :]
+    g = alpha * p + beta * t
+    tl.store(g_rows + cols[None, :] * stride_gc, g.to(g_rows.dtype.element_ty), mask=tile_ok)
 
 
 # n_rows is not specialised: a new token count must not compile a new variant.
@@ -132,55 +134,27 @@ def _row_loss_gradient_kernel(
     row_ok = rows < n_rows
     active = row_ok & (tl.load(w_ptr + rows, mask=row_ok, other=0.0) != 0.0)
     rows = rows.to(tl.int64)  # row offsets of wide chunks overflow int32
+    p_rows = p_ptr + rows[:, None] * stride_pn
+    t_rows = t_ptr + rows[:, None] * stride_tn
+    g_rows = g_ptr + rows[:, None] * stride_gn
     cols = tl.arange(0, BLOCK_T)
-    # Only the statistics the loss needs: pp, pt, tt when normalized, else dd.
-    pp = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    pt = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    tt = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    dd = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    if ONE_PASS:
-        p, t = _load_rows(
-            p_ptr,
-            t_ptr,
-            b_ptr,
-            rows,
-            cols,
-            active,
-            d_t,
-            stride_pn,
-            stride_pc,
-            stride_tn,
-            stride_tc,
-            HAS_BIAS,
-        )
-        if NORMALIZE:
-            pp = tl.sum(p * p, axis=1)
-            pt = tl.sum(p * t, axis=1)
-            tt = tl.sum(t * t, axis=1)
-        else:
-            dd = tl.sum((p - t) * (p - t), axis=1)
+    if ONE_PASS:  # p and t stay in registers for the gradient
+        p, t = _load_rows(p_rows, t_rows, b_ptr, cols, active, d_t, stride_pc, stride_tc, HAS_BIAS)
+        pp, pt, tt, dd = _row_statistics(p, t, NORMALIZE)
     else:
+        pp = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        pt = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        tt = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        dd = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for c0 in range(0, d_t, BLOCK_T):
             p, t = _load_rows(
-                p_ptr,
-                t_ptr,
-                b_ptr,
-                rows,
-                c0 + cols,
-                active,
-                d_t,
-                stride_pn,
-                stride_pc,
-                stride_tn,
-                stride_tc,
-                HAS_BIAS,
+                p_rows, t_rows, b_ptr, c0 + cols, active, d_t, stride_pc, stride_tc, HAS_BIAS
             )
-            if NORMALIZE:
-                pp += tl.sum(p * p, axis=1)
-                pt += tl.sum(p * t, axis=1)
-                tt += tl.sum(t * t, axis=1)
-            else:
-                dd += tl.sum((p - t) * (p - t), axis=1)
+            block_pp, block_pt, block_tt, block_dd = _row_statistics(p, t, NORMALIZE)
+            pp += block_pp
+            pt += block_pt
+            tt += block_tt
+            dd += block_dd
     loss, alpha, beta = _loss_and_coefficients(pp, pt, tt, dd, d_t, NORMALIZE, EPS)
     tl.store(loss_ptr + rows, tl.where(active, loss, 0.0), mask=row_ok)
     if WRITE_GRADIENT:
@@ -188,28 +162,13 @@ def _row_loss_gradient_kernel(
         alpha = tl.where(active, alpha * scale, 0.0)[:, None]
         beta = tl.where(active, beta * scale, 0.0)[:, None]
         if ONE_PASS:
-            tile_ok = row_ok[:, None] & (cols < d_t)[None, :]
-            g_ptrs = g_ptr + rows[:, None] * stride_gn + cols[None, :] * stride_gc
-            tl.store(g_ptrs, (alpha * p + beta * t).to(g_ptr.dtype.element_ty), mask=tile_ok)
+            _store_gradient(g_rows, cols, row_ok, d_t, stride_gc, alpha, beta, p, t)
         else:
             for c0 in range(0, d_t, BLOCK_T):
                 p, t = _load_rows(
-                    p_ptr,
-                    t_ptr,
-                    b_ptr,
-                    rows,
-                    c0 + cols,
-                    active,
-                    d_t,
-                    stride_pn,
-                    stride_pc,
-                    stride_tn,
-                    stride_tc,
-                    HAS_BIAS,
+                    p_rows, t_rows, b_ptr, c0 + cols, active, d_t, stride_pc, stride_tc, HAS_BIAS
                 )
-                tile_ok = row_ok[:, None] & (c0 + cols < d_t)[None, :]
-                g_ptrs = g_ptr + rows[:, None] * stride_gn + (c0 + cols)[None, :] * stride_gc
-                tl.store(g_ptrs, (alpha * p + beta * t).to(g_ptr.dtype.element_ty), mask=tile_ok)
+                _store_gradient(g_rows, c0 + cols, row_ok, d_t, stride_gc, alpha, beta, p, t)
 
 
 def row_loss_gradient(
@@ -292,14 +251,12 @@ class GemmRowBackend:
             projection = torch.empty((n_rows, d_t), dtype=student.dtype, device=student.device)
             torch.mm(student, weight.t(), out=projection)
             gradient = None if scale is None else projection
+        out = gradient
         if interpreting() and gradient is not None and gradient.dtype != torch.float32:
             # The interpreter's float32 -> bf16/fp16 stores do not round to nearest even (on
             # GPUs they do): write float32 and round with PyTorch, as the GPU's store would.
-            exact = torch.empty(gradient.shape, dtype=torch.float32, device=gradient.device)
-            loss = row_loss_gradient(
-                projection, target, bias, token_weight, scale, exact, normalize
-            )
-            gradient.copy_(exact)
-            return loss, gradient
-        loss = row_loss_gradient(projection, target, bias, token_weight, scale, gradient, normalize)
+            out = torch.empty(gradient.shape, dtype=torch.float32, device=gradient.device)
+        loss = row_loss_gradient(projection, target, bias, token_weight, scale, out, normalize)
+        if out is not gradient:
+            gradient.copy_(out)
         return loss, gradient
