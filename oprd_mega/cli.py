@@ -16,6 +16,20 @@ from importlib.metadata import PackageNotFoundError, version
 
 from oprd_mega.cli_args import DTYPES, existing_dir, port, port_in_use_error, positive_int
 
+# Subcommands whose modules add their arguments to our parser: name -> (module, help).
+MODULE_COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("oprd_mega.train.cli", "train a student (under torchrun)"),
+    "evaluate": (
+        "oprd_mega.train.evaluation",
+        "Avg@k, Best@k and pass@k of a model directory on held-out prompts (the trainer's scoring)",
+    ),
+    "plot": (
+        "oprd_mega.train.plot",
+        "draw runs (accuracy, loss, per-layer alignment), bridge reports or kernel benchmarks "
+        "to an image",
+    ),
+}
+
 # Subcommands whose tools parse their own arguments: name -> (module, help).
 DELEGATED: dict[str, tuple[str, str]] = {
     "convert": (
@@ -92,39 +106,15 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    from oprd_mega.train.cli import DESCRIPTION, add_arguments, run
-
+def _add_module_command(subparsers: argparse._SubParsersAction, name: str) -> None:
+    """Register ``name`` from its module's ``add_arguments``, ``run`` and ``DESCRIPTION``."""
+    module_name, text = MODULE_COMMANDS[name]
+    module = importlib.import_module(module_name)
     parser = subparsers.add_parser(
-        "train", help="train a student (under torchrun)", description=DESCRIPTION
+        name, help=text, description=getattr(module, "DESCRIPTION", None)
     )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    from oprd_mega.train.evaluation import add_arguments, run
-
-    parser = subparsers.add_parser(
-        "evaluate",
-        help="Avg@k, Best@k and pass@k of a model directory on held-out prompts (the "
-        "trainer's scoring)",
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
-
-
-def _add_plot(subparsers: argparse._SubParsersAction) -> None:
-    from oprd_mega.train.plot import DESCRIPTION, add_arguments, run
-
-    parser = subparsers.add_parser(
-        "plot",
-        help="draw runs (accuracy, loss, per-layer alignment), bridge reports or kernel "
-        "benchmarks to an image",
-        description=DESCRIPTION,
-    )
-    add_arguments(parser)
-    parser.set_defaults(func=run)
+    module.add_arguments(parser)
+    parser.set_defaults(func=module.run)
 
 
 def _package_version() -> str:
@@ -151,10 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the installed version and exit",
     )  # fmt: skip
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train(subparsers)
+    _add_module_command(subparsers, "train")
     _add_serve(subparsers)
-    _add_evaluate(subparsers)
-    _add_plot(subparsers)
+    _add_module_command(subparsers, "evaluate")
+    _add_module_command(subparsers, "plot")
     for name, (_, text) in DELEGATED.items():  # listed here, parsed by the tool (see main)
         subparsers.add_parser(name, help=text, add_help=False)
     return parser
