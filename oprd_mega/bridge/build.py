@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from oprd_mega.cli_args import DTYPES
 from oprd_mega.distill.layers import LAYER_MODES, layer_pairs
 from oprd_mega.distill.positions import POSITION_ANCHORS, POSITION_MODES, PositionSpec
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
@@ -98,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--dtype",
         default="float32",
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPES,
         help="dtype of both models' forward passes",
     )
     model.add_argument(
