@@ -47,7 +47,7 @@ from oprd_mega.distill.layers import teacher_depth
 from oprd_mega.models import build_gpt_model
 from oprd_mega.models.builder import resolve_dtype
 from oprd_mega.models.specs import resolve_use_te
-from oprd_mega.parallel import init_distributed
+from oprd_mega.parallel import init_distributed, on_rank0
 from oprd_mega.rollout.client import RolloutError
 from oprd_mega.rollout.megatron_sync import sync_model_weights
 from oprd_mega.rollout.weight_sync import WeightSyncError
@@ -98,16 +98,16 @@ def _transformer_impls(config: TrainConfig) -> dict[str, bool]:
 def shared(producer: Callable[[], Any], what: str) -> Any:
     """Run ``producer`` on rank 0 and give its value to every rank; an exception there becomes
     the same :class:`TrainingError` on every rank (``what`` says which part failed)."""
-    box: list[Any] = [None]
-    if dist.get_rank() == 0:
+
+    def outcome() -> tuple[str, Any]:
         try:
-            box = [("ok", producer())]
+            return "ok", producer()
         except RolloutError as exc:
-            box = [("lost", f"{what}: {exc}")]
+            return "lost", f"{what}: {exc}"
         except Exception as exc:
-            box = [("error", f"{what}: {exc}")]
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
+            return "error", f"{what}: {exc}"
+
+    kind, value = on_rank0(outcome, what)
     if kind == "ok":
         return value
     error = ServersLostError(value) if kind == "lost" else TrainingError(value)
