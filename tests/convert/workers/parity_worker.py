@@ -2,6 +2,7 @@
 
 Usage: parity_worker.py WORKDIR PLAN_JSON. Writes WORKDIR/results.json on rank 0.
 PLAN_JSON: [{"family": ..., "tied": bool, "layouts": [[tp, pp, sp], ...], "extra": bool}, ...]
+a layout may add a hand-set pipeline split: [tp, pp, sp, {"first": a, "last": b}];
 optional per item: "name", "dtype", "config" (make_tiny_model overrides, e.g. shapes and rope),
 "padding" (check the stored padded vocabulary: zero rows, recorded size, a mismatch refused).
 """
@@ -10,6 +11,7 @@ import faulthandler
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 faulthandler.dump_traceback_later(int(os.environ.get("OPRD_TEST_HANG_S", "600")), exit=True)
@@ -64,8 +66,6 @@ def padding_checks(base: Path, args) -> dict:
     """What the converted checkpoint holds beyond the real vocabulary, read without the mapping:
     the stored rows, the padding rows' values, the recorded size; and that a model built with
     another padding is refused by name (at TP2: the checkpoint was converted without a TP)."""
-    from dataclasses import replace
-
     from megatron.core import dist_checkpointing
 
     from oprd_mega.convert.mcore_io import (
@@ -97,6 +97,11 @@ def padding_checks(base: Path, args) -> dict:
     return {"rows": rows, "recorded": recorded, "stored": stored, "refused": refused}
 
 
+def layout_name(layout, split) -> str:
+    """``TP1PP4``, or ``TP1PP4 {first: 1, last: 2}`` with a hand-set split."""
+    return str(layout) + ("" if split is None else f" {split}")
+
+
 def run_model(work: Path, item: dict, results: dict) -> None:
     from oprd_mega.convert.convert import hf_to_mcore, mcore_to_hf
     from oprd_mega.convert.hf_io import HFCheckpointReader
@@ -114,7 +119,9 @@ def run_model(work: Path, item: dict, results: dict) -> None:
         verify,
     )
     from oprd_mega.models import build_gpt_model, build_truncated_model
+    from oprd_mega.models.shapes import PipelineSplit
     from oprd_mega.parallel import ParallelLayout
+    from tests.torchrun_utils import stage_layers
     from tools.tiny_hf_models import make_tiny_model
 
     name = item.get("name", f"{item['family']}-{'tied' if item['tied'] else 'untied'}")
@@ -164,8 +171,10 @@ def run_model(work: Path, item: dict, results: dict) -> None:
     tokens = random_tokens(args, 2, 16, seed=1)
     reference = hf_outputs(base / "hf", tokens, dtype) if rank == 0 else None
     tick(f"{name} hf reference")
-    for tp, pp, sp in item["layouts"]:
+    for tp, pp, sp, *hand_set in item["layouts"]:
         layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
+        split = PipelineSplit(**hand_set[0]) if hand_set else None
+        label = layout_name(layout, split)
         use_layout(layout)
         diffs = verify(
             base / "hf",
@@ -175,10 +184,15 @@ def run_model(work: Path, item: dict, results: dict) -> None:
             seq_len=16,
             seed=1,
             hf_reference=reference,
+            pipeline_split=split,
         )
         if rank == 0:
-            out["layouts"][str(layout)] = {d.name: [d.max_abs, d.max_rel] for d in diffs}
-        tick(f"{name} verify {layout}")
+            out["layouts"][label] = {d.name: [d.max_abs, d.max_rel] for d in diffs}
+        if pp > 2:  # the layers each stage built, as Megatron placed them
+            out.setdefault("stage_layers", {})[label] = stage_layers(
+                build_gpt_model(replace(args, pipeline_split=split))
+            )
+        tick(f"{name} verify {label}")
     if item.get("padding"):
         out["padding"] = padding_checks(base, args)
         tick(f"{name} padding")
