@@ -122,5 +122,6 @@ def pp4_plan() -> list[dict]:
             "config": {**source["config"], "num_hidden_layers": 5},
             "layouts": [layout for layout, _ in PP4_LAYOUTS],
             "extra": False,
+            "split_checks": True,
         }
     ]

@@ -143,3 +143,16 @@ def test_four_stages_hold_the_automatic_and_the_hand_set_splits(results: dict, m
         "TP1PP4": [[1, 2], [3], [4], [5]],
         "TP1PP4 {first: 1, last: 2}": [[1], [2], [3], [4, 5]],
     }
+
+
+def test_at_a_hand_set_split_gathered_weights_and_saved_checkpoints_are_exact(
+    results: dict,
+) -> None:
+    """At PP4 with first 1, last 2: the HF tensors gathered from the four stages (weight sync,
+    export) equal the original files bit for bit; a checkpoint saved there loads at TP2 with
+    exactly the converted checkpoint's weights."""
+    (item,) = pp4_plan()
+    assert results[item["name"]]["split_checks"] == {
+        "gathered_bit_exact": True,
+        "saved_at_split_loads_at_tp2": True,
+    }

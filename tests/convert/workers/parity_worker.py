@@ -4,7 +4,8 @@ Usage: parity_worker.py WORKDIR PLAN_JSON. Writes WORKDIR/results.json on rank 0
 PLAN_JSON: [{"family": ..., "tied": bool, "layouts": [[tp, pp, sp], ...], "extra": bool}, ...]
 a layout may add a hand-set pipeline split: [tp, pp, sp, {"first": a, "last": b}];
 optional per item: "name", "dtype", "config" (make_tiny_model overrides, e.g. shapes and rope),
-"padding" (check the stored padded vocabulary: zero rows, recorded size, a mismatch refused).
+"padding" (check the stored padded vocabulary: zero rows, recorded size, a mismatch refused),
+"split_checks" (gather and save at the last layout's hand-set split, see split_checks).
 """
 
 import faulthandler
@@ -102,6 +103,42 @@ def layout_name(layout, split) -> str:
     return str(layout) + ("" if split is None else f" {split}")
 
 
+def split_checks(base: Path, args, layout: list) -> dict:
+    """At a hand-set split ``layout`` ([tp, pp, sp, {first, last}]): the HF tensors gathered
+    from the stages (what weight sync and export send) equal the HF files bit for bit, and a
+    checkpoint saved there loads at TP2 (DP2) with the converted checkpoint's weights."""
+    from oprd_mega.convert.gather import gather_hf_weights
+    from oprd_mega.convert.mcore_io import load_mcore_checkpoint, save_mcore_checkpoint
+    from oprd_mega.models import build_gpt_model
+    from oprd_mega.models.shapes import PipelineSplit
+    from oprd_mega.parallel import ParallelLayout
+
+    tp, pp, sp, hand_set = layout
+    use_layout(ParallelLayout(tp=tp, pp=pp, sp=sp))
+    split_args = replace(args, pipeline_split=PipelineSplit(**hand_set))
+    model = build_gpt_model(split_args)
+    load_mcore_checkpoint(model, base / "mcore")
+    gathered = dict(gather_hf_weights(model, split_args))
+    out = {}
+    if dist.get_rank() == 0:
+        original = load_all(base / "hf")
+        out["gathered_bit_exact"] = sorted(gathered) == sorted(original) and all(
+            torch.equal(gathered[k], original[k]) for k in original
+        )
+    save_mcore_checkpoint(model, split_args, base / "mcore_split", hf_source=base / "hf")
+    use_layout(ParallelLayout(tp=2))
+    weights = []
+    for checkpoint in ("mcore", "mcore_split"):
+        other = build_gpt_model(args)
+        load_mcore_checkpoint(other, base / checkpoint)
+        weights.append(params_of(other))
+    same = sorted(weights[0]) == sorted(weights[1]) and all(
+        torch.equal(weights[0][k], weights[1][k]) for k in weights[0]
+    )
+    out["saved_at_split_loads_at_tp2"] = all_ranks_true(same)
+    return out
+
+
 def run_model(work: Path, item: dict, results: dict) -> None:
     from oprd_mega.convert.convert import hf_to_mcore, mcore_to_hf
     from oprd_mega.convert.hf_io import HFCheckpointReader
@@ -193,6 +230,9 @@ def run_model(work: Path, item: dict, results: dict) -> None:
                 build_gpt_model(replace(args, pipeline_split=split))
             )
         tick(f"{name} verify {label}")
+    if item.get("split_checks"):
+        out["split_checks"] = split_checks(base, args, item["layouts"][-1])
+        tick(f"{name} split checks")
     if item.get("padding"):
         out["padding"] = padding_checks(base, args)
         tick(f"{name} padding")
