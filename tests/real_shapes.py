@@ -101,3 +101,27 @@ def parity_plan(names: tuple[str, ...]) -> list[dict]:
         {"name": name, **REAL_SHAPED[name], "layouts": list(LAYOUTS.values()), "extra": False}
         for name in names
     ]
+
+
+# Four pipeline stages (4 processes, DP1) for a 5-layer model: Megatron's uneven split chosen
+# automatically (2|1|1|1) and one set by hand (1|1|1|2); the names the workers report them by.
+PP4_LAYOUTS = [
+    ([1, 4, False], "TP1PP4"),
+    ([1, 4, False, {"first": 1, "last": 2}], "TP1PP4 {first: 1, last: 2}"),
+]
+PP4_MODEL = "llama-3.2-1b"  # Llama-3 RoPE, tied embeddings
+
+
+def pp4_plan() -> list[dict]:
+    """The parity worker's PP4 item: the Llama-3.2-shaped model 5 layers deep."""
+    source = REAL_SHAPED[PP4_MODEL]
+    return [
+        {
+            "name": f"{PP4_MODEL}-5-layers-pp4",
+            **source,
+            "config": {**source["config"], "num_hidden_layers": 5},
+            "layouts": [layout for layout, _ in PP4_LAYOUTS],
+            "extra": False,
+            "split_checks": True,
+        }
+    ]

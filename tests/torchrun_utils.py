@@ -13,6 +13,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
 
 # Workers can exec this before their own code: it dumps every thread's stack to stderr and
 # exits if the worker is still alive after the given number of seconds.
@@ -126,3 +129,12 @@ def run_torchrun(
             f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
         )
     return result
+
+
+def stage_layers(model: Any) -> list[list[int]]:
+    """In a worker: the global layer numbers each pipeline stage of ``model`` built, as
+    Megatron placed them (collective over the world; every rank of a stage holds the same)."""
+    mine = [layer.layer_number for layer in model.decoder.layers]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return [list(stage) for stage in sorted({tuple(layers) for layers in every})]

@@ -7,7 +7,7 @@ from typing import Protocol
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.schema import TrainConfig
 from oprd_mega.distill.layers import layer_pairs, teacher_depth
-from oprd_mega.models.shapes import shape_problems
+from oprd_mega.models.shapes import PipelineSplit, ShapeProblem, shape_problems
 
 
 class ModelShape(Protocol):
@@ -20,6 +20,7 @@ class ModelShape(Protocol):
     num_attention_heads: int
     num_key_value_heads: int
     make_vocab_size_divisible_by: int
+    pipeline_split: PipelineSplit | None
 
 
 def check_models(
@@ -69,7 +70,15 @@ def check_models(
         ("teacher", teacher, deepest),
     ):
         for problem in shape_problems(model, tp=tp, pp=pp, num_layers=depth, name=name):
-            problems.append(f"parallel.{problem.knob} = {problem.value}: {problem.detail}")
+            problems.append(_shape_message(name, problem, truncated=depth < model.num_layers))
     if problems:
         raise ConfigError(problems)
     return pairs
+
+
+def _shape_message(name: str, problem: ShapeProblem, *, truncated: bool) -> str:
+    """A shape problem under its dotted key (``parallel.tp``, ``teacher.pipeline_split``)."""
+    if problem.knob != "pipeline_split":
+        return f"parallel.{problem.knob} = {problem.value}: {problem.detail}"
+    why = " (cut after its deepest tapped layer; the split counts those)" if truncated else ""
+    return f"{name}.pipeline_split = {problem.value}: {problem.detail}{why}"

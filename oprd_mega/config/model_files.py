@@ -38,9 +38,14 @@ def check_tokenizers(config: TrainConfig) -> None:
 
 
 def model_args(section: ModelSection) -> HFModelArgs:
-    """The model's ``config.json`` with the section's vocabulary padding: what is built."""
+    """The model's ``config.json`` with the section's vocabulary padding and pipeline split:
+    what is built."""
     args = load_hf_config(section.path)
-    return replace(args, make_vocab_size_divisible_by=section.make_vocab_size_divisible_by)
+    return replace(
+        args,
+        make_vocab_size_divisible_by=section.make_vocab_size_divisible_by,
+        pipeline_split=section.pipeline_split,
+    )
 
 
 def check_model_files(config: TrainConfig) -> list[tuple[int, int]]:

@@ -8,12 +8,23 @@ from pydantic import Field
 
 from oprd_mega.config.adopt import adopt
 from oprd_mega.config.base import Section
+from oprd_mega.models.shapes import PipelineSplit
 from oprd_mega.parallel.layout import ParallelLayout
 
 # The names oprd_mega.models.builder.resolve_dtype accepts (a test keeps them equal).
 DType = Literal["float32", "bfloat16", "float16"]
 # oprd_mega.models.specs.TRANSFORMER_IMPLS (a test keeps them equal).
 TransformerImpl = Literal["local", "transformer_engine", "auto"]
+
+Split = adopt(
+    PipelineSplit,
+    {
+        "first": "Layers on the first pipeline stage (Megatron's "
+        "num_layers_in_first_pipeline_stage); unset: a middle-sized stage.",
+        "last": "Layers on the last pipeline stage (num_layers_in_last_pipeline_stage); "
+        "unset: a middle-sized stage.",
+    },
+)
 
 
 class ModelSection(Section):
@@ -33,6 +44,12 @@ class ModelSection(Section):
     divide it); padding rows are never sampled, stay out of OPD and are dropped from weight
     sync and export. Unlike Megatron-LM (this times TP) the padded size does not depend on TP,
     so checkpoints load and resume at any TP."""
+    pipeline_split: Split | None = None
+    """Uneven pipeline stages set by hand: layers on the first and/or last stage, the stages
+    between share the rest equally (at least one layer each). It counts the layers this model
+    runs: the teacher's up to its deepest tapped layer (all of them with OPD). Unset: the split
+    is chosen automatically when parallel.pp does not divide that depth (see
+    docs/pipeline-split.md)."""
 
 
 Parallel = adopt(

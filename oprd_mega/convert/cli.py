@@ -3,6 +3,10 @@
 oprd-convert-checkpoint hf-to-mcore --hf DIR --mcore DIR [--make-vocab-size-divisible-by 128]
 oprd-convert-checkpoint mcore-to-hf --mcore DIR --hf DIR
 torchrun --nproc-per-node N*M tools/convert_checkpoint.py verify --hf DIR --mcore DIR --tp N
+    [--pp M [--decoder-first-pipeline-num-layers A] [--decoder-last-pipeline-num-layers B]]
+
+Conversion itself has no layout (the checkpoint loads at any TP/PP and pipeline split); verify
+runs the one given.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch.distributed.checkpoint import CheckpointException
 
 from oprd_mega.convert.dcp_files import damaged_files
 from oprd_mega.lifetime import exit_on_sigterm
+from oprd_mega.models.shapes import PipelineSplit, split_problem
 
 # Errors caused by the user's input: reported in one line, exit status 2.
 _INPUT_ERRORS = (FileNotFoundError, FileExistsError, ValueError)
@@ -50,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--tp", type=int, default=1, help="tensor parallel size")
     ver.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
     ver.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    for end in ("first", "last"):
+        ver.add_argument(
+            f"--decoder-{end}-pipeline-num-layers",
+            type=int,
+            default=None,
+            help=f"layers on the {end} pipeline stage, as Megatron-LM's flag (default: even "
+            "stages, or an automatic uneven split when --pp does not divide the depth)",
+        )
     ver.add_argument("--batch", type=int, default=2, help="sequences in the test batch (2)")
     ver.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (32)")
     ver.add_argument("--seed", type=int, default=0, help="seed of the random tokens (0)")
@@ -73,6 +86,27 @@ def _same_architecture(hf_args, mcore_args, hf: str, mcore: str) -> None:
         )
 
 
+def _pipeline_split(ns: argparse.Namespace, num_layers: int) -> PipelineSplit | None:
+    """The hand-set split of the verify flags (None without them); ValueError naming the flags
+    when it does not fit the model's depth at --pp."""
+    first, last = ns.decoder_first_pipeline_num_layers, ns.decoder_last_pipeline_num_layers
+    if first is None and last is None:
+        return None
+    flags = " ".join(
+        f"--decoder-{end}-pipeline-num-layers {value}"
+        for end, value in (("first", first), ("last", last))
+        if value is not None
+    )
+    try:
+        split = PipelineSplit(first=first, last=last)
+    except ValueError as exc:
+        raise ValueError(f"{flags}: {exc}") from exc
+    problem = split_problem(num_layers, ns.pp, split)
+    if problem is not None:
+        raise ValueError(f"{flags} with --pp {ns.pp}: the model has {num_layers} layers; {problem}")
+    return split
+
+
 def _verify(ns: argparse.Namespace) -> int:
     import torch.distributed as dist
 
@@ -83,12 +117,20 @@ def _verify(ns: argparse.Namespace) -> int:
     from oprd_mega.parallel import ParallelLayout, init_distributed
 
     # clear errors before any process group exists
-    _same_architecture(load_hf_config(ns.hf), read_mcore_args(ns.mcore), ns.hf, ns.mcore)
+    mcore_args = read_mcore_args(ns.mcore)
+    _same_architecture(load_hf_config(ns.hf), mcore_args, ns.hf, ns.mcore)
     layout = ParallelLayout(tp=ns.tp, pp=ns.pp, sp=ns.sp)
+    split = _pipeline_split(ns, mcore_args.num_layers)
     tolerance = ns.tolerance if ns.tolerance is not None else TOLERANCE[checkpoint_dtype(ns.mcore)]
     info = init_distributed(layout)
     diffs = verify(
-        ns.hf, ns.mcore, sequence_parallel=ns.sp, batch=ns.batch, seq_len=ns.seq_len, seed=ns.seed
+        ns.hf,
+        ns.mcore,
+        sequence_parallel=ns.sp,
+        batch=ns.batch,
+        seq_len=ns.seq_len,
+        seed=ns.seed,
+        pipeline_split=split,
     )
     status = [0]
     if info.rank == 0:

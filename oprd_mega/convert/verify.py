@@ -8,7 +8,7 @@ tokens and reports the max absolute and relative difference of each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from oprd_mega.convert.mcore_io import load_mcore_checkpoint, read_mcore_args
 from oprd_mega.models.builder import build_gpt_model
 from oprd_mega.models.hf_config import HFModelArgs
 from oprd_mega.models.running import forward_only, layer_hooks
-from oprd_mega.models.shapes import real_vocab_size
+from oprd_mega.models.shapes import PipelineSplit, real_vocab_size
 
 # Documented tolerance on the relative difference max|mcore - hf| / max|hf| per tensor.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
@@ -153,13 +153,15 @@ def verify(
     seq_len: int = 32,
     seed: int = 0,
     hf_reference: dict[str, torch.Tensor] | None = None,
+    pipeline_split: PipelineSplit | None = None,
 ) -> list[Difference] | None:
     """Compare the checkpoint at the current parallel layout with transformers (collective).
 
     Returns the differences on global rank 0, ``None`` elsewhere. ``hf_reference`` reuses a
-    previous :func:`hf_outputs` result for the same tokens.
+    previous :func:`hf_outputs` result for the same tokens; ``pipeline_split`` sets the stages'
+    layers by hand (default: :func:`~oprd_mega.models.shapes.pipeline_split`'s choice).
     """
-    args = read_mcore_args(mcore_dir)
+    args = replace(read_mcore_args(mcore_dir), pipeline_split=pipeline_split)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if sequence_parallel and seq_len % tp:
         raise ValueError(f"seq_len={seq_len} must be divisible by TP={tp} with sequence parallel")

@@ -118,7 +118,7 @@ def transformer_config(
         use_cpu_initialization=not torch.cuda.is_available(),
         persist_layer_norm=False,
         **fusions(use_te=use_te, trainable=trainable),
-        **pipeline_split(num_layers, pp),
+        **pipeline_split(num_layers, pp, args.pipeline_split),
     )
 
 

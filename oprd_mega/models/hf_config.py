@@ -14,6 +14,7 @@ from typing import Any
 
 from oprd_mega.errors import ConfigError
 from oprd_mega.models.rope import RopeConfigError, RopeScaling, parse_rope
+from oprd_mega.models.shapes import PipelineSplit
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -56,6 +57,9 @@ class HFModelArgs:
     dtype: str | None = None
     rope_scaling: RopeScaling | None = None
     make_vocab_size_divisible_by: int = DEFAULT_VOCAB_DIVISOR
+    # Layers on the first/last pipeline stage when set by hand (the config's
+    # <model>.pipeline_split); None: chosen by oprd_mega.models.shapes.pipeline_split.
+    pipeline_split: PipelineSplit | None = None
 
     def __post_init__(self) -> None:
         if self.make_vocab_size_divisible_by < 1:
@@ -91,8 +95,9 @@ class HFModelArgs:
         vocabulary padding none, so the config hashes that bridge files recorded before stay
         valid."""
         data = asdict(self)
-        # a layout choice, not architecture: checkpoints record it beside the model
+        # layout choices, not architecture (checkpoints record the padding beside the model)
         data.pop("make_vocab_size_divisible_by")
+        data.pop("pipeline_split")
         if self.rope.rope_type == "default":
             data.pop("rope_scaling")
         return data

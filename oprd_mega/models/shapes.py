@@ -2,7 +2,9 @@
 
 Megatron needs the tensor-parallel size to divide the attention heads, the KV heads (query
 groups), the FFN width and the vocabulary (``VocabParallelEmbedding`` splits it evenly), and
-every pipeline stage to hold at least one layer. The vocabulary is padded to a multiple of
+every pipeline stage to hold at least one layer, the stages between the first and the last
+equally many (an uneven split is chosen automatically, or set by hand as a
+:class:`PipelineSplit`). The vocabulary is padded to a multiple of
 ``make_vocab_size_divisible_by`` alone (not times TP as in Megatron-LM, so the padded size, and
 with it every checkpoint, is the same at every TP); TP must divide that multiple. The config
 checks, the model builder and the bridge builder all ask :func:`shape_problems`; each names the
@@ -23,6 +25,38 @@ VOCAB_DIVISOR = "make_vocab_size_divisible_by"
 REAL_VOCAB_ATTR = "real_vocab_size"
 
 
+@dataclass(frozen=True)
+class PipelineSplit:
+    """Layers on the first and the last pipeline stage, set by hand (Megatron's
+    ``num_layers_in_{first,last}_pipeline_stage``); the stages between share the rest equally,
+    and a field left ``None`` makes that end stage one of them. It counts the layers the model
+    runs (the truncated teacher: up to its deepest tapped layer)."""
+
+    first: int | None = None
+    last: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("first", "last"):
+            value = getattr(self, field)
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise ValueError(
+                    f"pipeline_split.{field} must be a positive number of layers, got {value!r}"
+                )
+        if self.first is None and self.last is None:
+            raise ValueError("pipeline_split needs first, last or both")
+
+    def megatron_fields(self) -> dict[str, int]:
+        """The fields set, under ``TransformerConfig``'s names."""
+        ends = {"first": self.first, "last": self.last}
+        return {f"num_layers_in_{k}_pipeline_stage": v for k, v in ends.items() if v is not None}
+
+    def __str__(self) -> str:
+        ends = {"first": self.first, "last": self.last}
+        return "{" + ", ".join(f"{k}: {v}" for k, v in ends.items() if v is not None) + "}"
+
+
 class ModelShape(Protocol):
     """What the rule reads of a model (``oprd_mega.models.HFModelArgs`` has it)."""
 
@@ -31,30 +65,57 @@ class ModelShape(Protocol):
     intermediate_size: int
     make_vocab_size_divisible_by: int
     num_layers: int
+    pipeline_split: PipelineSplit | None
 
 
 @dataclass(frozen=True)
 class ShapeProblem:
-    """One violation: which knob (``tp``/``pp``), its value, and what it must satisfy."""
+    """One violation: which knob (``tp``, ``pp``, the model's ``pipeline_split``), its value,
+    and what it must satisfy."""
 
-    knob: Literal["tp", "pp"]
-    value: int
+    knob: Literal["tp", "pp", "pipeline_split"]
+    value: int | PipelineSplit
     detail: str
 
 
-def pipeline_split(num_layers: int, pp: int) -> dict[str, int]:
-    """Megatron's ``num_layers_in_{first,last}_pipeline_stage`` for ``num_layers`` over ``pp``
-    stages; empty when ``pp`` divides the depth.
+def split_problem(num_layers: int, pp: int, split: PipelineSplit) -> str | None:
+    """Why ``split`` cannot place ``num_layers`` layers on ``pp`` stages (``None`` if it can):
+    Megatron-Core 0.16's checks, plus at least one layer on every middle stage (Megatron's
+    check passes a negative middle count, e.g. 4 layers as first 3, last 2 over 3 stages)."""
+    if pp < 2:
+        return f"a hand-set split needs at least 2 pipeline stages, not {pp}"
+    ends = [value for value in (split.first, split.last) if value is not None]
+    middle_stages, rest = pp - len(ends), num_layers - sum(ends)
+    if middle_stages == 0 and rest != 0:
+        return f"first + last must add up to the {num_layers} layer(s) run on {pp} stages"
+    if middle_stages and (rest < middle_stages or rest % middle_stages):
+        return (
+            f"it leaves {rest} of the {num_layers} layer(s) run for {middle_stages} middle "
+            "stage(s), which need equal numbers and at least one layer each"
+        )
+    return None
 
-    Every stage but the last holds ``ceil(num_layers / pp)`` layers and the last the rest; when
-    that leaves the last stage empty, every stage holds ``floor(num_layers / pp)`` and the first
-    and last share the remainder (Megatron needs the middle stages equal).
+
+def pipeline_split(num_layers: int, pp: int, split: PipelineSplit | None = None) -> dict[str, int]:
+    """Megatron's ``num_layers_in_{first,last}_pipeline_stage`` for ``num_layers`` over ``pp``
+    stages: ``split``'s when set by hand (refused as :func:`split_problem` says), otherwise
+    chosen here, empty when ``pp`` divides the depth.
+
+    The automatic split: every stage but the last holds ``ceil(num_layers / pp)`` layers and the
+    last the rest; when that leaves the last stage empty, every stage holds
+    ``floor(num_layers / pp)`` and the first and last share the remainder (Megatron needs the
+    middle stages equal).
     """
     if pp < 1 or num_layers < pp:
         raise ValueError(
             f"cannot split {num_layers} layer(s) over {pp} pipeline stage(s): every stage needs "
             "at least one layer"
         )
+    if split is not None:
+        problem = split_problem(num_layers, pp, split)
+        if problem is not None:
+            raise ValueError(f"pipeline_split {split}: {problem}")
+        return split.megatron_fields()
     if num_layers % pp == 0:
         return {}
     per_stage = -(-num_layers // pp)
@@ -68,17 +129,15 @@ def pipeline_split(num_layers: int, pp: int) -> dict[str, int]:
     }
 
 
-def layers_per_stage(num_layers: int, pp: int) -> list[int]:
+def layers_per_stage(num_layers: int, pp: int, split: PipelineSplit | None = None) -> list[int]:
     """How many layers each of the ``pp`` stages holds under :func:`pipeline_split`."""
-    split = pipeline_split(num_layers, pp)
-    if not split:
-        return [num_layers // pp] * pp
-    first = split.get("num_layers_in_first_pipeline_stage")
-    last = split["num_layers_in_last_pipeline_stage"]
-    if first is None:
-        return [(num_layers - last) // (pp - 1)] * (pp - 1) + [last]
-    middle = [(num_layers - first - last) // (pp - 2)] * (pp - 2) if pp > 2 else []
-    return [first, *middle, last]
+    fields = pipeline_split(num_layers, pp, split)
+    first = fields.get("num_layers_in_first_pipeline_stage")
+    last = fields.get("num_layers_in_last_pipeline_stage")
+    middle_stages = pp - (first is not None) - (last is not None)
+    rest = num_layers - (first or 0) - (last or 0)
+    middle = [rest // middle_stages] * middle_stages if middle_stages else []
+    return ([first] if first is not None else []) + middle + ([last] if last is not None else [])
 
 
 def shape_problems(
@@ -110,6 +169,16 @@ def shape_problems(
                 f"the {name} runs {depth} layer(s); every pipeline stage needs at least one",
             )
         )
+    elif model.pipeline_split is not None:
+        problem = split_problem(depth, pp, model.pipeline_split)
+        if problem is not None:
+            problems.append(
+                ShapeProblem(
+                    "pipeline_split",
+                    model.pipeline_split,
+                    f"the {name} runs {depth} layer(s): {problem}",
+                )
+            )
     return problems
 
 

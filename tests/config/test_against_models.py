@@ -97,3 +97,57 @@ def test_opd_needs_one_vocabulary_padding() -> None:
     assert problem.startswith(
         "student.make_vocab_size_divisible_by = 128 and teacher.make_vocab_size_divisible_by = 64"
     )
+
+
+def _split(config, student: HFModelArgs, teacher: HFModelArgs) -> list[tuple[int, int]]:
+    """check_models on the models as config.model_files.model_args gives them (with the
+    sections' pipeline splits)."""
+    return check_models(
+        config,
+        replace(student, pipeline_split=config.student.pipeline_split),
+        replace(teacher, pipeline_split=config.teacher.pipeline_split),
+    )
+
+
+def test_hand_set_pipeline_splits_are_checked_per_model_under_their_dotted_keys() -> None:
+    """Student and teacher have their own depths, so each has its own split; the teacher's
+    counts the layers it runs (cut after its deepest tapped layer)."""
+    config = minimal(
+        "distillation.layers=last",
+        "parallel.pp=4",
+        "student.pipeline_split={first: 2, last: 1}",  # 2 | 1 | 1 | 1
+        "teacher.pipeline_split={last: 3}",  # 1 | 1 | 1 | 3
+    )
+    _split(config, _model(5, 64), _model(6, 64))
+    with pytest.raises(ConfigError) as info:
+        _split(config, _model(6, 64), _model(6, 64))
+    assert info.value.problems == [
+        "student.pipeline_split = {first: 2, last: 1}: the student runs 6 layer(s): it leaves 3 "
+        "of the 6 layer(s) run for 2 middle stage(s), which need equal numbers and at least one "
+        "layer each"
+    ]
+    # student layers 1, 2 of 5 -> teacher layers 1, 3 of 10: the teacher runs 3 layers
+    truncated = minimal(
+        "distillation.layers=[1, 2]",
+        "parallel.pp=2",
+        "teacher.pipeline_split={first: 3}",
+    )
+    with pytest.raises(ConfigError) as info:
+        _split(truncated, _model(5, 64), _model(10, 64))
+    (problem,) = info.value.problems
+    assert problem.startswith("teacher.pipeline_split = {first: 3}: the teacher runs 3 layer(s)")
+    assert problem.endswith("(cut after its deepest tapped layer; the split counts those)")
+    _split(
+        minimal("distillation.layers=[1, 2]", "parallel.pp=2", "teacher.pipeline_split={first: 1}"),
+        _model(5, 64),
+        _model(10, 64),
+    )
+
+
+def test_a_hand_set_split_needs_a_pipeline() -> None:
+    with pytest.raises(ConfigError) as info:
+        _split(minimal("student.pipeline_split={first: 1}"), _model(4, 64), _model(4, 64))
+    assert info.value.problems == [
+        "student.pipeline_split = {first: 1}: the student runs 4 layer(s): a hand-set split needs "
+        "at least 2 pipeline stages, not 1"
+    ]

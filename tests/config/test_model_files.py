@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from oprd_mega.config import ConfigError
-from oprd_mega.config.model_files import check_model_files, check_tokenizers
+from oprd_mega.config.model_files import check_model_files, check_tokenizers, model_args
+from oprd_mega.models.shapes import PipelineSplit
 from tests.config.helpers import minimal
 from tools.tiny_hf import make_tiny_model_dir, make_tokenizer
 
@@ -69,6 +70,18 @@ def test_a_teacher_without_tokenizer_files_reads_the_students(models: Path, tmp_
 def test_a_layout_that_does_not_fit_fails_naming_the_key(models: Path) -> None:
     with pytest.raises(ConfigError, match=r"parallel\.tp = 3: must divide the student's"):
         check_model_files(_config(models, "teacher", "parallel.tp=3"))
+
+
+def test_each_models_pipeline_split_reaches_what_is_built(models: Path) -> None:
+    """The sections' splits are applied to the models read from config.json (what the trainer
+    builds) and checked there: a 2-layer student fits {first: 1} at pp 2, {first: 2} not."""
+    config = _config(models, "teacher", "parallel.pp=2", "student.pipeline_split={first: 1}")
+    assert model_args(config.student).pipeline_split == PipelineSplit(first=1)
+    assert model_args(config.teacher).pipeline_split is None
+    check_model_files(config)
+    bad = _config(models, "teacher", "parallel.pp=2", "student.pipeline_split={first: 2}")
+    with pytest.raises(ConfigError, match=r"student\.pipeline_split = \{first: 2\}: the student"):
+        check_model_files(bad)
 
 
 def test_an_unreadable_model_config_names_the_key(models: Path, tmp_path: Path) -> None:

@@ -170,3 +170,24 @@ def test_a_bad_vocabulary_multiple_is_refused_naming_the_flag(converted, tmp_pat
     assert result.returncode == 2
     assert "--make-vocab-size-divisible-by must be a positive integer, got 0" in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+def test_a_hand_set_split_that_does_not_fit_is_refused_naming_the_flags(converted) -> None:
+    """3 layers on 2 stages: first 3 leaves the last stage none; refused before any process
+    group, in one line naming the flags."""
+    hf, mcore = converted
+    flags = ["--pp", "2", "--decoder-first-pipeline-num-layers", "3"]
+    result = console("verify", "--hf", str(hf), "--mcore", str(mcore), *flags)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].endswith(
+        "--decoder-first-pipeline-num-layers 3 with --pp 2: the model has 3 layers; it leaves 0 "
+        "of the 3 layer(s) run for 1 middle stage(s), which need equal numbers and at least one "
+        "layer each"
+    )
+    zero = console("verify", "--hf", str(hf), "--mcore", str(mcore), "--pp", "2", *flags[2:3], "0")
+    assert zero.returncode == 2
+    assert "--decoder-first-pipeline-num-layers 0: pipeline_split.first must be a positive" in (
+        zero.stderr
+    )

@@ -2,8 +2,8 @@
 
 One torchrun launch (4 gloo processes) does all the work (Megatron start-up dominates); the
 tests below check its results: round trip bit-exact, every layer's hidden state and the logits
-within float32 tolerance at TP1PP1, TP2, TP2+SP, PP2 and TP2xPP2, re-layout, mapping shards and
-the truncated teacher.
+within float32 tolerance at TP1PP1, TP2, TP2+SP, PP2, TP2xPP2 and PP4, re-layout, mapping shards and
+the truncated teacher; a 5-layer model at PP4 (automatic and hand-set uneven splits).
 """
 
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from oprd_mega.convert.verify import TOLERANCE
-from tests.real_shapes import CI_REAL_SHAPED, parity_plan
+from tests.real_shapes import CI_REAL_SHAPED, PP4_LAYOUTS, parity_plan, pp4_plan
 from tests.torchrun_utils import run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "parity_worker.py"
@@ -43,6 +43,7 @@ PLAN = [
         "padding": True,
     },
     *parity_plan(CI_REAL_SHAPED),  # Llama-3 and YaRN RoPE, real attention ratios, 3 layers
+    *pp4_plan(),  # 5 layers on 4 stages: the automatic 2|1|1|1 and a hand-set 1|1|1|2
 ]
 MODELS = [
     p.get("name", f"{p['family']}-{'tied' if p['tied'] else 'untied'}")
@@ -50,7 +51,6 @@ MODELS = [
     for p in PLAN
 ]
 FP32_TOL = TOLERANCE[torch.float32]
-EXPECTED_KEYS = {"layer 1", "layer 2", "layer 3", "final_norm", "logits"}
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +75,17 @@ def test_mcore_to_hf_reproduces_every_tensor_bit_exactly(results: dict, model: s
 def test_every_layer_and_logits_match_transformers(results: dict, model: str) -> None:
     plan = next(p for p in PLAN if MODELS[PLAN.index(p)] == model)
     layouts = results[model]["layouts"]
-    expected = [LAYOUT_NAMES[ALL_LAYOUTS.index(layout)] for layout in plan["layouts"]]
+    known = [*zip(ALL_LAYOUTS, LAYOUT_NAMES, strict=True), *PP4_LAYOUTS]
+    names = {str(layout): name for layout, name in known}
+    expected = [names[str(layout)] for layout in plan["layouts"]]
     assert sorted(layouts) == sorted(expected)
     dtype = getattr(torch, plan.get("dtype", "float32"))
     # float32: the documented verify tolerance and an absolute bound; bfloat16: the tolerance.
     max_abs_allowed = 1e-4 if dtype == torch.float32 else float("inf")
+    depth = plan.get("config", {}).get("num_hidden_layers", 3)
+    expected_keys = {f"layer {n}" for n in range(1, depth + 1)} | {"final_norm", "logits"}
     for layout, diffs in layouts.items():
-        assert set(diffs) == EXPECTED_KEYS, (layout, sorted(diffs))
+        assert set(diffs) == expected_keys, (layout, sorted(diffs))
         for name, (max_abs, max_rel) in diffs.items():
             assert max_rel <= TOLERANCE[dtype], f"{model} {layout} {name}: rel {max_rel:.2e}"
             assert max_abs <= max_abs_allowed, f"{model} {layout} {name}: abs {max_abs:.2e}"
@@ -128,3 +132,27 @@ def test_odd_vocabulary_is_stored_padded_with_zero_rows_and_the_size_recorded(
 
 def test_init_distributed_refuses_to_switch_layout_silently(results: dict) -> None:
     assert results["layout_switch_refused"]
+
+
+@pytest.mark.parametrize("model", [p["name"] for p in pp4_plan()])
+def test_four_stages_hold_the_automatic_and_the_hand_set_splits(results: dict, model: str) -> None:
+    """What each of the 4 stages built (global layer numbers), as Megatron placed the layers:
+    5 layers split automatically 2|1|1|1, by hand (first 1, last 2) 1|1|1|2; verify above
+    compared every layer of both with transformers."""
+    assert results[model]["stage_layers"] == {
+        "TP1PP4": [[1, 2], [3], [4], [5]],
+        "TP1PP4 {first: 1, last: 2}": [[1], [2], [3], [4, 5]],
+    }
+
+
+def test_at_a_hand_set_split_gathered_weights_and_saved_checkpoints_are_exact(
+    results: dict,
+) -> None:
+    """At PP4 with first 1, last 2: the HF tensors gathered from the four stages (weight sync,
+    export) equal the original files bit for bit; a checkpoint saved there loads at TP2 with
+    exactly the converted checkpoint's weights."""
+    (item,) = pp4_plan()
+    assert results[item["name"]]["split_checks"] == {
+        "gathered_bit_exact": True,
+        "saved_at_split_loads_at_tp2": True,
+    }

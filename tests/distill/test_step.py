@@ -123,7 +123,48 @@ CASES += [
     }
     for name, (student, teacher) in REAL_PAIRS.items()
 ]
+# Four pipeline stages (DP1): a 5-layer student and a 7-layer teacher, tapped at student
+# layers 1-4 -> teacher 1, 3, 4, 6, so the teacher runs 6 layers. Automatic splits: student
+# 2|1|1|1, teacher 2|1|1|2; set by hand: student 1|1|1|2, teacher 1|1|1|3.
+PP4_SPLITS = {"student": {"first": 1, "last": 2}, "teacher": {"last": 3}}
+PP4_NAMES = {"TP1PP4", "TP1PP4 split"}
+CASES.append(
+    {
+        **BASE,
+        "name": "pp4-uneven",
+        "method": "oprd",
+        "projection": "full",
+        "normalize": True,
+        "layers": [1, 2, 3, 4],
+        "student": "student5",
+        "teacher": "teacher7",
+        "layouts": [[1, 4, False], [1, 4, False, PP4_SPLITS]],
+    }
+)
+SMALL = {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 117}
 MODELS = {name: REAL_SHAPED[name] for pair in REAL_PAIRS.values() for name in pair}
+MODELS["student5"] = {
+    "family": "llama",
+    "tied": False,
+    "config": {
+        **SMALL,
+        "num_hidden_layers": 5,
+        "hidden_size": 32,
+        "head_dim": 8,
+        "intermediate_size": 64,
+    },
+}
+MODELS["teacher7"] = {
+    "family": "llama",
+    "tied": False,
+    "config": {
+        **SMALL,
+        "num_hidden_layers": 7,
+        "hidden_size": 48,
+        "head_dim": 12,
+        "intermediate_size": 96,
+    },
+}
 LR = 1e-3
 # float32 Megatron vs float64 oracle. Gradients: relative to the largest gradient entry.
 # Parameters after AdamW: the first step moves each entry by about lr * g / (|g| + eps), so a
@@ -143,6 +184,7 @@ FAST_LAYOUTS = {
     "combined-packed": [[1, 1, False], [2, 1, True], [1, 2, False]],
     "real-llama3.2-from-qwen2.5-yarn": [[1, 1, False], [2, 2, False]],
     "real-qwen3-from-r1-distill": [[2, 1, False], [1, 2, False]],
+    "pp4-uneven": [[1, 4, False], [1, 4, False, PP4_SPLITS]],
 }
 SUITES = {
     "fast": [{**case, "layouts": FAST_LAYOUTS[case["name"]]} for case in CASES],
@@ -168,7 +210,7 @@ def test_loss_grads_and_adamw_step_match_float64_oracle_at_every_layout(suite) -
         out = results[case["name"]]
         ref = out["ref"]
         assert len(out["layouts"]) == len(case["layouts"])
-        assert set(out["layouts"]) <= NAMES
+        assert set(out["layouts"]) <= NAMES | PP4_NAMES
         for layout, got in out["layouts"].items():
             where = f"{case['name']} {layout}"
             assert got["loss"] == pytest.approx(ref["loss"], rel=LOSS_REL, abs=1e-7), where
@@ -199,6 +241,23 @@ def test_every_layout_equals_tp1pp1(suite) -> None:
             assert got["base_param_abs"] <= PARAM_ABS, (case["name"], layout)
             compared.add(layout)
     assert compared == NAMES - {"TP1PP1"}
+
+
+def test_four_stages_hold_the_automatic_and_the_hand_set_splits(suite) -> None:
+    """The layers each stage built (global numbers), as Megatron placed them; the oracle test
+    above checked the step at both."""
+    _, results = suite
+    layouts = results["pp4-uneven"]["layouts"]
+    assert layouts["TP1PP4"]["stage_layers"] == {
+        "student": [[1, 2], [3], [4], [5]],
+        "teacher": [[1, 2], [3], [4], [5, 6]],
+    }
+    assert layouts["TP1PP4 split"]["stage_layers"] == {
+        "student": [[1], [2], [3], [4, 5]],
+        "teacher": [[1], [2], [3], [4, 5, 6]],
+    }
+    for got in layouts.values():  # torch_dist save + load at the uneven split
+        assert got["checkpoint_restores_projection"] == 1
 
 
 def test_truncated_teacher_keeps_only_supervised_rows_without_head(suite) -> None:

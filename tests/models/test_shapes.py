@@ -6,10 +6,17 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from oprd_mega.models.hf_config import HFModelArgs
-from oprd_mega.models.shapes import TP_DIVIDES, layers_per_stage, pipeline_split, shape_problems
+from oprd_mega.models.shapes import (
+    TP_DIVIDES,
+    PipelineSplit,
+    layers_per_stage,
+    pipeline_split,
+    shape_problems,
+    split_problem,
+)
 
 
-def megatron_stage_sizes(num_layers: int, pp: int) -> list[int]:
+def megatron_stage_sizes(num_layers: int, pp: int, fields: dict | None = None) -> list[int]:
     """Megatron's own answer: its config validates the split and counts each rank's layers."""
     config = TransformerConfig(
         num_layers=num_layers,
@@ -18,9 +25,15 @@ def megatron_stage_sizes(num_layers: int, pp: int) -> list[int]:
         pipeline_model_parallel_size=pp,
         pipeline_dtype=torch.float32,
         use_cpu_initialization=True,
-        **pipeline_split(num_layers, pp),
+        **(pipeline_split(num_layers, pp) if fields is None else fields),
     )
     return [get_num_layers_to_build(config, pp_rank=rank) for rank in range(pp)]
+
+
+def every_split(limit: int):
+    """Every hand-set split with ends up to ``limit`` layers (None: that end is a middle one)."""
+    ends = [None, *range(1, limit + 1)]
+    return [PipelineSplit(f, last) for f in ends for last in ends if (f, last) != (None, None)]
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3, 4, 5, 7, 9, 16, 28, 30])
@@ -29,6 +42,52 @@ def test_every_depth_splits_over_every_pipeline_size_as_megatron_counts(num_laye
         sizes = layers_per_stage(num_layers, pp)
         assert sizes == megatron_stage_sizes(num_layers, pp), (num_layers, pp)
         assert sum(sizes) == num_layers and min(sizes) >= 1
+
+
+@pytest.mark.parametrize("num_layers", [2, 3, 4, 5, 6, 7, 9, 12])
+def test_a_hand_set_split_is_accepted_exactly_when_megatron_builds_every_stage(
+    num_layers: int,
+) -> None:
+    """Megatron's TransformerConfig check and per-rank layer count are the reference: a split
+    passes our rule iff Megatron accepts it and gives every stage at least one layer (Megatron
+    itself accepts some splits that leave a middle stage a negative count)."""
+    accepted = 0
+    for pp in range(2, min(num_layers, 5) + 1):
+        for split in every_split(num_layers):
+            try:
+                sizes = megatron_stage_sizes(num_layers, pp, split.megatron_fields())
+                megatron_ok = min(sizes) >= 1 and sum(sizes) == num_layers
+            except (ValueError, AssertionError):
+                megatron_ok = False
+            problem = split_problem(num_layers, pp, split)
+            assert (problem is None) == megatron_ok, (num_layers, pp, split, problem)
+            if megatron_ok:
+                assert layers_per_stage(num_layers, pp, split) == sizes, (num_layers, pp, split)
+                accepted += 1
+            else:
+                with pytest.raises(ValueError, match=r"pipeline_split \{"):
+                    pipeline_split(num_layers, pp, split)
+    assert accepted >= 1
+
+
+def test_hand_set_split_refusals_say_why() -> None:
+    five = _model(num_layers=5, pipeline_split=PipelineSplit(first=2, last=2))
+    (middle,) = shape_problems(five, tp=1, pp=4)
+    assert "leaves 1 of the 5 layer(s) run for 2 middle stage(s)" in middle.detail
+    assert shape_problems(five, tp=1, pp=3) == []  # 2 | 1 | 2
+    (alone,) = shape_problems(five, tp=1, pp=1, name="student")
+    assert (alone.knob, alone.value) == ("pipeline_split", PipelineSplit(2, 2))
+    assert alone.detail == (
+        "the student runs 5 layer(s): a hand-set split needs at least 2 pipeline stages, not 1"
+    )
+    (ends,) = shape_problems(five, tp=1, pp=2, name="teacher", num_layers=3)
+    assert ends.detail == (
+        "the teacher runs 3 layer(s): first + last must add up to the 3 layer(s) run on 2 stages"
+    )
+    with pytest.raises(ValueError, match="pipeline_split.first must be a positive number"):
+        PipelineSplit(first=0)
+    with pytest.raises(ValueError, match="needs first, last or both"):
+        PipelineSplit()
 
 
 def test_odd_depths_use_first_and_last_stage_fields() -> None:

@@ -2,14 +2,17 @@
 
 Usage: parity_worker.py WORKDIR PLAN_JSON. Writes WORKDIR/results.json on rank 0.
 PLAN_JSON: [{"family": ..., "tied": bool, "layouts": [[tp, pp, sp], ...], "extra": bool}, ...]
+a layout may add a hand-set pipeline split: [tp, pp, sp, {"first": a, "last": b}];
 optional per item: "name", "dtype", "config" (make_tiny_model overrides, e.g. shapes and rope),
-"padding" (check the stored padded vocabulary: zero rows, recorded size, a mismatch refused).
+"padding" (check the stored padded vocabulary: zero rows, recorded size, a mismatch refused),
+"split_checks" (gather and save at the last layout's hand-set split, see split_checks).
 """
 
 import faulthandler
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 faulthandler.dump_traceback_later(int(os.environ.get("OPRD_TEST_HANG_S", "600")), exit=True)
@@ -64,8 +67,6 @@ def padding_checks(base: Path, args) -> dict:
     """What the converted checkpoint holds beyond the real vocabulary, read without the mapping:
     the stored rows, the padding rows' values, the recorded size; and that a model built with
     another padding is refused by name (at TP2: the checkpoint was converted without a TP)."""
-    from dataclasses import replace
-
     from megatron.core import dist_checkpointing
 
     from oprd_mega.convert.mcore_io import (
@@ -97,6 +98,47 @@ def padding_checks(base: Path, args) -> dict:
     return {"rows": rows, "recorded": recorded, "stored": stored, "refused": refused}
 
 
+def layout_name(layout, split) -> str:
+    """``TP1PP4``, or ``TP1PP4 {first: 1, last: 2}`` with a hand-set split."""
+    return str(layout) + ("" if split is None else f" {split}")
+
+
+def split_checks(base: Path, args, layout: list) -> dict:
+    """At a hand-set split ``layout`` ([tp, pp, sp, {first, last}]): the HF tensors gathered
+    from the stages (what weight sync and export send) equal the HF files bit for bit, and a
+    checkpoint saved there loads at TP2 (DP2) with the converted checkpoint's weights."""
+    from oprd_mega.convert.gather import gather_hf_weights
+    from oprd_mega.convert.mcore_io import load_mcore_checkpoint, save_mcore_checkpoint
+    from oprd_mega.models import build_gpt_model
+    from oprd_mega.models.shapes import PipelineSplit
+    from oprd_mega.parallel import ParallelLayout
+
+    tp, pp, sp, hand_set = layout
+    use_layout(ParallelLayout(tp=tp, pp=pp, sp=sp))
+    split_args = replace(args, pipeline_split=PipelineSplit(**hand_set))
+    model = build_gpt_model(split_args)
+    load_mcore_checkpoint(model, base / "mcore")
+    gathered = dict(gather_hf_weights(model, split_args))
+    out = {}
+    if dist.get_rank() == 0:
+        original = load_all(base / "hf")
+        out["gathered_bit_exact"] = sorted(gathered) == sorted(original) and all(
+            torch.equal(gathered[k], original[k]) for k in original
+        )
+    save_mcore_checkpoint(model, split_args, base / "mcore_split", hf_source=base / "hf")
+    use_layout(ParallelLayout(tp=2))
+    weights = []
+    for checkpoint in ("mcore", "mcore_split"):
+        other = build_gpt_model(args)
+        load_mcore_checkpoint(other, base / checkpoint)
+        weights.append(params_of(other))
+    same = sorted(weights[0]) == sorted(weights[1]) and all(
+        torch.equal(weights[0][k], weights[1][k]) for k in weights[0]
+    )
+    out["saved_at_split_loads_at_tp2"] = all_ranks_true(same)
+    return out
+
+
 def run_model(work: Path, item: dict, results: dict) -> None:
     from oprd_mega.convert.convert import hf_to_mcore, mcore_to_hf
     from oprd_mega.convert.hf_io import HFCheckpointReader
@@ -114,7 +156,9 @@ def run_model(work: Path, item: dict, results: dict) -> None:
         verify,
     )
     from oprd_mega.models import build_gpt_model, build_truncated_model
+    from oprd_mega.models.shapes import PipelineSplit
     from oprd_mega.parallel import ParallelLayout
+    from tests.torchrun_utils import stage_layers
     from tools.tiny_hf_models import make_tiny_model
 
     name = item.get("name", f"{item['family']}-{'tied' if item['tied'] else 'untied'}")
@@ -164,8 +208,10 @@ def run_model(work: Path, item: dict, results: dict) -> None:
     tokens = random_tokens(args, 2, 16, seed=1)
     reference = hf_outputs(base / "hf", tokens, dtype) if rank == 0 else None
     tick(f"{name} hf reference")
-    for tp, pp, sp in item["layouts"]:
+    for tp, pp, sp, *hand_set in item["layouts"]:
         layout = ParallelLayout(tp=tp, pp=pp, sp=sp)
+        split = PipelineSplit(**hand_set[0]) if hand_set else None
+        label = layout_name(layout, split)
         use_layout(layout)
         diffs = verify(
             base / "hf",
@@ -175,10 +221,18 @@ def run_model(work: Path, item: dict, results: dict) -> None:
             seq_len=16,
             seed=1,
             hf_reference=reference,
+            pipeline_split=split,
         )
         if rank == 0:
-            out["layouts"][str(layout)] = {d.name: [d.max_abs, d.max_rel] for d in diffs}
-        tick(f"{name} verify {layout}")
+            out["layouts"][label] = {d.name: [d.max_abs, d.max_rel] for d in diffs}
+        if pp > 2:  # the layers each stage built, as Megatron placed them
+            out.setdefault("stage_layers", {})[label] = stage_layers(
+                build_gpt_model(replace(args, pipeline_split=split))
+            )
+        tick(f"{name} verify {label}")
+    if item.get("split_checks"):
+        out["split_checks"] = split_checks(base, args, item["layouts"][-1])
+        tick(f"{name} split checks")
     if item.get("padding"):
         out["padding"] = padding_checks(base, args)
         tick(f"{name} padding")

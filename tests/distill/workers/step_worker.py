@@ -2,7 +2,8 @@
 
 Usage: step_worker.py WORKDIR PLAN_JSON; rank 0 writes WORKDIR/results.json.
 PLAN_JSON: {"cases": [...], "models": {name: {"family", "tied", "config"}}} (models optional:
-extra model directories, used by a case's "student" / "teacher").
+extra model directories, used by a case's "student" / "teacher"). A layout is [tp, pp, sp], or
+[tp, pp, sp, {"student": {"first": a, "last": b}, "teacher": {...}}] with hand-set splits.
 
 The oracle runs the transformers versions of the same student and teacher in float64 and
 states METHOD.md's loss directly (no project loss code): per layer the token mean of
@@ -16,6 +17,7 @@ import faulthandler
 import json
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 faulthandler.dump_traceback_later(int(os.environ.get("OPRD_TEST_HANG_S", "600")), exit=True)
@@ -289,12 +291,15 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.distill.taps import KernelOptions
     from oprd_mega.models import build_gpt_model, load_hf_config
     from oprd_mega.models.running import unwrap
+    from oprd_mega.models.shapes import PipelineSplit
+    from tests.torchrun_utils import stage_layers
 
-    tp, pp, sp = layout
+    tp, pp, sp, *hand_set = layout
     use_layout(tp, pp, sp)
+    splits = {k: PipelineSplit(**v) for k, v in (hand_set[0] if hand_set else {}).items()}
     s_args, t_args = (
-        load_hf_config(work / case.get("student", "student")),
-        load_hf_config(work / case.get("teacher", "teacher")),
+        replace(load_hf_config(work / case.get(k, k)), pipeline_split=splits.get(k))
+        for k in ("student", "teacher")
     )
     pairs = layer_pairs(case["layers"], s_args.num_layers, t_args.num_layers)
     student = build_gpt_model(s_args, sequence_parallel=sp)
@@ -393,17 +398,19 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
             for key, param in (projection.weights.items() if proj_grads else [])
         ]
         out["base_proj_grad_abs"] = all_max(max(pb, default=0.0))
+    if pp > 2:  # the layers each stage built, as Megatron placed them
+        out["stage_layers"] = {"student": stage_layers(inner), "teacher": stage_layers(teacher)}
     if projection is not None and case["projection"] == "full":
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         out["projection_in_optimizer"] = int(
             -all_max(-float(all(id(p) in in_optimizer for p in projection.weights.values())))
         )
-        if pp == 2:
+        if pp > 1:
             out["checkpoint_restores_projection"] = checkpoint_round_trip(
                 inner,
                 s_args,
                 projection,
-                work / f"ckpt-{case['name']}-tp{tp}",
+                work / f"ckpt-{case['name']}-tp{tp}-pp{pp}{'-split' if hand_set else ''}",
                 work / case.get("student", "student"),
             )
     out["_export"] = (grads, params, proj_grads, s_args) if tp == 1 and pp == 1 else None
@@ -550,6 +557,7 @@ def main() -> None:
                 base = export_base(got)
                 got.pop("_export")
             name = f"TP{layout[0]}PP{layout[1]}" + ("+SP" if layout[2] else "")
+            name += " split" if len(layout) > 3 else ""  # set by hand per model
             out["layouts"][name] = got
         results[case["name"]] = out
     results["_timing"] = timing
