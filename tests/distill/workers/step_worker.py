@@ -12,6 +12,7 @@ Every rank compares its own Megatron shards with the oracle mapped to that shard
 first layout's (TP1PP1) float32 result, and reports the max differences.
 """
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -42,6 +43,24 @@ def use_layout(tp: int, pp: int, sp: bool):
 
     reset_model_parallel()  # frees the previous layout's process groups (gloo threads)
     return init_distributed(ParallelLayout(tp=tp, pp=pp, sp=sp))
+
+
+def own_teacher_groups(layout: list):
+    """The teacher's own groups when the layout names one (``[tp, pp, sp, [teacher tp, pp]]``)."""
+    from oprd_mega.parallel import ParallelLayout
+    from oprd_mega.parallel.model_groups import init_model_groups
+
+    if len(layout) < 4:
+        return None
+    teacher_tp, teacher_pp = layout[3]
+    return init_model_groups(ParallelLayout(tp=teacher_tp, pp=teacher_pp))
+
+
+def layout_name(layout: list) -> str:
+    name = f"TP{layout[0]}PP{layout[1]}" + ("+SP" if layout[2] else "")
+    if len(layout) > 3:
+        name += f"/teacher-TP{layout[3][0]}PP{layout[3][1]}"
+    return name
 
 
 def samples() -> list[tuple[list[int], int]]:
@@ -290,8 +309,9 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.models import build_gpt_model, load_hf_config
     from oprd_mega.models.running import unwrap
 
-    tp, pp, sp = layout
+    tp, pp, sp = layout[:3]
     use_layout(tp, pp, sp)
+    teacher_groups = own_teacher_groups(layout)
     s_args, t_args = (
         load_hf_config(work / case.get("student", "student")),
         load_hf_config(work / case.get("teacher", "teacher")),
@@ -308,8 +328,9 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         target_dtype=torch.float32,
         opd_chunk_tokens=5,
     )
-    teacher = build_teacher(t_args, pairs, options, sequence_parallel=sp)
-    load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
+    with teacher_groups.active() if teacher_groups else contextlib.nullcontext():
+        teacher = build_teacher(t_args, pairs, options, sequence_parallel=sp and not teacher_groups)
+        load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
     bridge_path = str(work / "bridge.safetensors") if case["projection"] == "bridge" else None
     spec = ProjectionSpec(case["projection"], case["per_layer"], case["normalize"], bridge_path)
     bridge = load_bridge(bridge_path).tensors() if bridge_path else None
@@ -321,6 +342,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         OptimizerOptions(lr=LR, weight_decay=WD, betas=BETAS, eps=EPS),
         projection=spec,
         bridge=bridge,
+        teacher_groups=teacher_groups,
     )
     model, optimizer = step.student, step.optimizer
     dp = parallel_state.get_data_parallel_world_size()
@@ -403,7 +425,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
                 inner,
                 s_args,
                 projection,
-                work / f"ckpt-{case['name']}-tp{tp}",
+                work / (f"ckpt-{case['name']}-tp{tp}" + ("-own" if teacher_groups else "")),
                 work / case.get("student", "student"),
             )
     out["_export"] = (grads, params, proj_grads, s_args) if tp == 1 and pp == 1 else None
@@ -435,6 +457,7 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
 
     from oprd_mega.distill.batch import local_rows
     from oprd_mega.distill.teacher import teacher_pass
+    from oprd_mega.distill.teacher_layout import teacher_pass_own_layout
     from oprd_mega.models.running import unwrap
 
     inner = unwrap(teacher)
@@ -443,14 +466,20 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
         "teacher_has_final_norm": int(
             all_max(getattr(inner.decoder, "final_layernorm", None) is not None)
         ),
+        # the groups the teacher computes in (its own with parallel.teacher)
+        "teacher_groups": [inner.pg_collection.tp.size(), inner.pg_collection.pp.size()],
     }
     if not step.plan.pairs:
         return out
     worst, rows_bad, dtypes = 0.0, 0, set()
     for dtype in (torch.float32, torch.bfloat16):
-        targets = teacher_pass(
-            teacher, microbatches, dataclasses.replace(step.plan, target_dtype=dtype)
-        ).targets
+        plan = dataclasses.replace(step.plan, target_dtype=dtype)
+        if step.teacher_placement is None:
+            targets = teacher_pass(teacher, microbatches, plan).targets
+        else:  # the teacher's own groups, targets routed to the student's ranks
+            targets = teacher_pass_own_layout(
+                teacher, microbatches, plan, step.teacher_placement
+            ).targets
         stage = parallel_state.get_pipeline_model_parallel_rank()
         for batch in microbatches:
             first = batch.index * mbs
@@ -549,8 +578,7 @@ def main() -> None:
                 got["_export"] = export
                 base = export_base(got)
                 got.pop("_export")
-            name = f"TP{layout[0]}PP{layout[1]}" + ("+SP" if layout[2] else "")
-            out["layouts"][name] = got
+            out["layouts"][layout_name(layout)] = got
         results[case["name"]] = out
     results["_timing"] = timing
     if rank == 0:
