@@ -49,6 +49,7 @@ from oprd_mega.distill.teacher import (
     teacher_pass,
     without_output_layer,
 )
+from oprd_mega.distill.teacher_ahead import TeacherAhead
 from oprd_mega.distill.teacher_layout import TeacherPlacement, teacher_pass_own_layout
 from oprd_mega.models.running import unwrap
 from oprd_mega.models.shapes import real_vocab_size
@@ -254,7 +255,17 @@ class DistillStep:
         n_opd = self._global_count(microbatches, "predicts")
         self.teacher.eval()
         teacher_start = time.perf_counter()
-        if self.teacher_placement is None:
+        # distillation.overlap_teacher where the layout allows (same layout, no pipeline)
+        ahead = (
+            TeacherAhead(self.teacher, microbatches, self.plan)
+            if options.overlap_teacher
+            and self.teacher_placement is None
+            and parallel_state.get_pipeline_model_parallel_world_size() == 1
+            else None
+        )
+        if ahead is not None:
+            teacher_out = ahead.outputs  # filled microbatch by microbatch in forward_step
+        elif self.teacher_placement is None:
             teacher_out = teacher_pass(self.teacher, microbatches, self.plan)
         else:
             teacher_out = teacher_pass_own_layout(
@@ -283,6 +294,8 @@ class DistillStep:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
+            if ahead is not None:
+                ahead.ready(batch.index)
             self.taps.select(batch.index)
             try:
                 with without_output_layer(model):
@@ -294,6 +307,8 @@ class DistillStep:
                     )
             finally:
                 self.taps.select(None)
+            if ahead is not None:
+                ahead.start_next(batch.index)
 
             def loss_func(output_tensor: torch.Tensor):
                 if options.opd_kind is None:
@@ -326,7 +341,7 @@ class DistillStep:
             result.skipped = True
             self.student.zero_grad_buffer()
             self.optimizer.zero_grad()
-        result.teacher_seconds = teacher_seconds
+        result.teacher_seconds = teacher_seconds + (ahead.seconds if ahead is not None else 0.0)
         result.seconds = time.perf_counter() - start
         return result
 

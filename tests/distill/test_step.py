@@ -43,6 +43,14 @@ CASES = [
     },
     {
         **BASE,
+        "name": "full-plain-overlap",
+        "method": "oprd",
+        "projection": "full",
+        "overlap_teacher": True,
+        "layouts": [[1, 1, False], [2, 1, True]],
+    },
+    {
+        **BASE,
         "name": "shared-normalized",
         "method": "oprd",
         "projection": "full",
@@ -147,6 +155,7 @@ GRAD_REL, PARAM_ABS, LOSS_REL = 2e-5, 2e-2 * LR, 1e-5
 # one launch); the full matrix (27) runs with ``-m slow``.
 FAST_LAYOUTS = {
     "full-plain": ALL + OWN_TEACHER,
+    "full-plain-overlap": [[1, 1, False], [2, 1, True]],
     "shared-normalized": [[1, 1, False], [2, 2, False]],
     "identity-all": [[2, 1, True]],
     "bridge": [[1, 1, False], [2, 1, True], OWN_TEACHER_SP],
@@ -240,6 +249,16 @@ def test_teacher_on_its_own_layout_computes_in_its_own_groups(suite) -> None:
             assert got["teacher_groups"] == [int(sizes[2]), int(sizes[5])], (case, layout)
             seen += bool(teacher)
     assert seen == 3
+
+
+def test_overlapped_teacher_runs_one_microbatch_ahead(suite) -> None:
+    """distillation.overlap_teacher: the teacher's microbatch i+1 starts after the student's
+    forward of i (without it every teacher forward comes first); the oracle checks above hold."""
+    _, results = suite
+    layouts = results["full-plain-overlap"]["layouts"]
+    assert layouts["TP1PP1"]["call_order"] == "ts"  # DP4: one microbatch per rank
+    assert layouts["TP2PP1+SP"]["call_order"] == "tsts"  # DP2: two
+    assert results["full-plain"]["layouts"]["TP2PP1"]["call_order"] == "ttss"
 
 
 def test_student_never_runs_its_output_layer(suite) -> None:

@@ -327,6 +327,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         kernel=KernelOptions(normalize=case["normalize"]),
         target_dtype=torch.float32,
         opd_chunk_tokens=5,
+        overlap_teacher=case.get("overlap_teacher", False),
     )
     with teacher_groups.active() if teacher_groups else contextlib.nullcontext():
         teacher = build_teacher(t_args, pairs, options, sequence_parallel=sp and not teacher_groups)
@@ -370,7 +371,15 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     output_layer = getattr(unwrap(model), "output_layer", None)
     if output_layer is not None:
         output_layer.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
+    order: list[str] = []  # which model's first layer ran, in order, during the step
+    order_hooks = [
+        unwrap(chunk).decoder.layers[0].register_forward_hook(lambda *_, tag=tag: order.append(tag))
+        for tag, chunk in (("s", model), ("t", teacher))
+        if pp == 1
+    ]
     result = step.run(microbatches)
+    for handle in order_hooks:
+        handle.remove()
     inner = unwrap(model)
     grads = {n: p.main_grad for n, p in global_parameters(inner).items()}
     params = {n: p.detach() for n, p in global_parameters(inner).items()}
@@ -378,6 +387,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     out = {
         **teacher_checks,
         "student_head_calls": int(all_max(head_calls[0])),
+        "call_order": "".join(order),
         "loss": result.loss,
         "oprd": result.oprd_loss,
         "opd": result.opd.get("pg_loss", 0.0),
