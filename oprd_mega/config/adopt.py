@@ -27,6 +27,7 @@ class Adopted:
     docs: Mapping[str, str]
     defaults: Mapping[str, Any]
     derived: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    nested: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def default(self) -> Any:
         """The dataclass built from this section's defaults (fails if a field is required)."""
@@ -53,13 +54,15 @@ def adopt(
     defaults: Mapping[str, Any] | None = None,
     check: Callable[[Any], Any] | None = None,
     derived: Mapping[str, str] | None = None,
+    nested: Mapping[str, Any] | None = None,
 ) -> Any:
     """An ``Annotated`` type validating ``cls`` from a mapping.
 
     ``defaults`` fill keys the input leaves out; ``check`` receives the built instance and
     returns it (or a normalised copy) or raises ``ValueError``. ``derived`` maps fields that
     the enclosing section fills in from another key (field -> that dotted key): they are not
-    keys of this section, so neither dumped nor documented here.
+    keys of this section, so neither dumped nor documented here. ``nested`` maps fields that
+    hold a dataclass of their own to its adopted type, so their keys document as a subsection.
     """
     derived = dict(derived or {})
     docs = {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls) if f.name not in derived}
@@ -74,7 +77,10 @@ def adopt(
             return {**defaults, **value}
         return value
 
-    metadata: list[Any] = [Adopted(cls, docs, defaults, derived), BeforeValidator(fill)]
+    metadata: list[Any] = [
+        Adopted(cls, docs, defaults, derived, dict(nested or {})),
+        BeforeValidator(fill),
+    ]
     if check is not None:
         metadata.append(AfterValidator(check))
     metadata.append(PlainSerializer(dump, when_used="json"))

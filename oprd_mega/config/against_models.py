@@ -63,22 +63,32 @@ def check_models(
             "OPD splits both output layers alike over tensor-parallel ranks, so both vocabularies "
             "need the same padding"
         )
-    tp, pp = config.parallel.tp, config.parallel.pp
+    layout = config.parallel
+    student_keys = {"tp": "parallel.tp", "pp": "parallel.pp"}
+    # A teacher size left unset is the student's: its problems name the key that set it.
+    teacher_keys = {
+        knob: key if getattr(layout.teacher, knob) is None else f"parallel.teacher.{knob}"
+        for knob, key in student_keys.items()
+    }
     deepest = teacher_depth(pairs, teacher.num_layers, needs_logits=distill.opd_term is not None)
-    for name, model, depth in (
-        ("student", student, student.num_layers),
-        ("teacher", teacher, deepest),
+    for name, model, depth, sizes, keys in (
+        ("student", student, student.num_layers, layout, student_keys),
+        ("teacher", teacher, deepest, layout.teacher_layout(), teacher_keys),
     ):
-        for problem in shape_problems(model, tp=tp, pp=pp, num_layers=depth, name=name):
-            problems.append(_shape_message(name, problem, truncated=depth < model.num_layers))
+        for problem in shape_problems(model, tp=sizes.tp, pp=sizes.pp, num_layers=depth, name=name):
+            truncated = depth < model.num_layers
+            problems.append(_shape_message(name, problem, keys, truncated=truncated))
     if problems:
         raise ConfigError(problems)
     return pairs
 
 
-def _shape_message(name: str, problem: ShapeProblem, *, truncated: bool) -> str:
-    """A shape problem under its dotted key (``parallel.tp``, ``teacher.pipeline_split``)."""
+def _shape_message(
+    name: str, problem: ShapeProblem, keys: dict[str, str], *, truncated: bool
+) -> str:
+    """A shape problem under its dotted key (``parallel.tp``, ``parallel.teacher.pp``,
+    ``teacher.pipeline_split``); ``keys``: the key that set each parallel size of this model."""
     if problem.knob != "pipeline_split":
-        return f"parallel.{problem.knob} = {problem.value}: {problem.detail}"
+        return f"{keys[problem.knob]} = {problem.value}: {problem.detail}"
     why = " (cut after its deepest tapped layer; the split counts those)" if truncated else ""
     return f"{name}.pipeline_split = {problem.value}: {problem.detail}{why}"

@@ -130,6 +130,11 @@ class DistillationSection(Section):
     """Tokens whose logits are formed at a time in OPD (no [tokens, vocab] tensor exists)."""
     target_dtype: DType = "bfloat16"
     """Dtype of the teacher targets sent to the student."""
+    overlap_teacher: bool = False
+    """Run the teacher's forward of microbatch i+1 while the student runs microbatch i (on a
+    side CUDA stream; in order on CPU) instead of all teacher targets before the student.
+    Only where the layout allows: the teacher on the student's layout and no pipeline
+    parallelism; elsewhere the teacher pass runs first, as with false."""
     layers: LayerSpec = "all"
     """Supervised student layers: last, all, even, odd (authors' parity) or a list of 1-based
     layers (paper: all)."""
@@ -166,6 +171,7 @@ class DistillationSection(Section):
             kernel=self.kernel,
             target_dtype=getattr(torch, self.target_dtype),
             opd_chunk_tokens=self.opd_chunk_tokens,
+            overlap_teacher=self.overlap_teacher,
         )
 
     def projection_spec(self) -> ProjectionSpec:

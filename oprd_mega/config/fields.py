@@ -94,9 +94,8 @@ def children(target: Target) -> list[Child]:
                 default = field.default_factory()
             else:
                 default = PydanticUndefined
-            result.append(
-                Child(field.name, hints[field.name], (), default, target.docs[field.name])
-            )
+            annotation = target.nested.get(field.name, hints[field.name])
+            result.append(Child(field.name, annotation, (), default, target.docs[field.name]))
         return result
     return [
         Child(name, info.annotation, tuple(info.metadata), info.default, info.description or "")

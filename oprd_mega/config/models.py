@@ -9,7 +9,7 @@ from pydantic import Field
 from oprd_mega.config.adopt import adopt
 from oprd_mega.config.base import Section
 from oprd_mega.models.shapes import PipelineSplit
-from oprd_mega.parallel.layout import ParallelLayout
+from oprd_mega.parallel.layout import ParallelLayout, TeacherLayout
 
 # The names oprd_mega.models.builder.resolve_dtype accepts (a test keeps them equal).
 DType = Literal["float32", "bfloat16", "float16"]
@@ -52,6 +52,14 @@ class ModelSection(Section):
     docs/pipeline-split.md)."""
 
 
+TeacherParallel = adopt(
+    TeacherLayout,
+    {
+        "tp": "The teacher's tensor-parallel size (null: parallel.tp).",
+        "pp": "The teacher's pipeline-parallel size (null: parallel.pp).",
+    },
+)
+
 Parallel = adopt(
     ParallelLayout,
     {
@@ -59,5 +67,11 @@ Parallel = adopt(
         "pp": "Pipeline-parallel size.",
         "sp": "Sequence parallelism (needs tp > 1). The data-parallel size is "
         "world_size / (tp * pp).",
+        "teacher": "The teacher's own layout (each size defaults to the student's). When it "
+        "differs, the teacher runs in its own Megatron groups over the same ranks, with "
+        "data-parallel size world_size / (teacher.tp * teacher.pp), without sequence "
+        "parallelism, and sends its targets to the student ranks that own the paired rows. "
+        "Not with an OPD term (the OPD logits split the teacher's head at the student's TP).",
     },
+    nested={"teacher": TeacherParallel},
 )

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from oprd_mega.config.base import Section
+from oprd_mega.config.base import Section, invalid
 from oprd_mega.config.data import BatchSection, PromptsSection
 from oprd_mega.config.distill import DistillationSection
 from oprd_mega.config.errors import ConfigError
@@ -81,12 +81,24 @@ class TrainConfig(Section):
             rollout = {**rollout, "launch": launch}
         return {**data, "rollout": rollout}
 
+    @model_validator(mode="after")
+    def _teacher_layout_fits_objective(self) -> TrainConfig:
+        """OPD splits the teacher's output layer at the student's TP: same layout only."""
+        if self.parallel.teacher_has_own_layout and self.distillation.opd_term is not None:
+            raise invalid(
+                "parallel.teacher",
+                dataclasses.asdict(self.parallel.teacher),
+                f"distillation.method = {self.distillation.method!r} has an OPD term, which "
+                "needs the teacher on the student's layout (parallel.tp, parallel.pp)",
+            )
+        return self
+
 
 def data_parallel_size(config: TrainConfig, world_size: int) -> int:
     """The data-parallel size under ``world_size`` processes; a ConfigError if it cannot work.
 
-    tp * pp must divide the world size, and a step's samples must fill every rank's
-    microbatches (prompts_per_step * n >= dp * microbatch_multiple).
+    tp * pp must divide the world size (the teacher's too), and a step's samples must fill
+    every rank's microbatches (prompts_per_step * n >= dp * microbatch_multiple).
     """
     layout = config.parallel
     if world_size < 1 or world_size % (layout.tp * layout.pp):
@@ -94,6 +106,15 @@ def data_parallel_size(config: TrainConfig, world_size: int) -> int:
             [
                 f"parallel.tp = {layout.tp}, parallel.pp = {layout.pp}: tp * pp = "
                 f"{layout.tp * layout.pp} must divide the world size {world_size}"
+            ]
+        )
+    teacher = layout.teacher_layout()
+    if world_size % (teacher.tp * teacher.pp):
+        raise ConfigError(
+            [
+                f"parallel.teacher.tp = {teacher.tp}, parallel.teacher.pp = {teacher.pp}: "
+                f"tp * pp = {teacher.tp * teacher.pp} must divide the world size {world_size} "
+                "(the teacher's data-parallel size fills the rest)"
             ]
         )
     dp = layout.data_parallel_size(world_size)

@@ -15,8 +15,10 @@ from oprd_mega.distill.options import OptimizerOptions
 from oprd_mega.distill.projection import BridgeTensors, ProjectionSpec, attach_projection
 from oprd_mega.distill.step import DistillStep, StepOptions, build_optimizer, wrap_student
 from oprd_mega.distill.teacher import layer_stages
+from oprd_mega.distill.teacher_layout import TeacherPlacement
 from oprd_mega.models import HFModelArgs, build_gpt_model, build_truncated_model
 from oprd_mega.models.running import unwrap
+from oprd_mega.parallel.model_groups import ModelGroups
 
 
 def build_teacher(
@@ -69,13 +71,15 @@ def build_step(
     *,
     projection: ProjectionSpec | None = None,
     bridge: BridgeTensors | None = None,
+    teacher_groups: ModelGroups | None = None,
 ) -> DistillStep:
     """The step over an unwrapped student chunk and a teacher chunk (weights loaded).
 
     With a representation loss, this stage's projection (``projection``, identity when None;
     ``bridge``: the maps of mode ``bridge``, read by :mod:`oprd_mega.bridge.loaded`) is
     attached to the student before Megatron's DDP wraps it; the optimizer covers both. The step
-    holds the wrapped ``student`` and the ``optimizer``.
+    holds the wrapped ``student`` and the ``optimizer``. ``teacher_groups``: the teacher was
+    built (and loaded) inside these groups' :meth:`~ModelGroups.active` (``parallel.teacher``).
     """
     if options.uses_oprd:
         if projection is not None and projection.mode == "bridge" and bridge is None:
@@ -97,4 +101,7 @@ def build_step(
         pairs,
         options,
         bridge=None if bridge is None else bridge.teacher,
+        teacher_placement=None
+        if teacher_groups is None
+        else TeacherPlacement.gather(teacher_groups),
     )

@@ -60,6 +60,7 @@ class StepOptions:
     kernel: KernelOptions = field(default_factory=KernelOptions)
     target_dtype: torch.dtype = torch.bfloat16
     opd_chunk_tokens: int = 1024
+    overlap_teacher: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

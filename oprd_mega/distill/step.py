@@ -49,6 +49,8 @@ from oprd_mega.distill.teacher import (
     teacher_pass,
     without_output_layer,
 )
+from oprd_mega.distill.teacher_ahead import TeacherAhead
+from oprd_mega.distill.teacher_layout import TeacherPlacement, teacher_pass_own_layout
 from oprd_mega.models.running import unwrap
 from oprd_mega.models.shapes import real_vocab_size
 
@@ -161,7 +163,8 @@ class DistillStep:
 
     ``pairs``: ``(student layer, teacher layer)`` for every tapped layer
     (:func:`oprd_mega.distill.layers.layer_pairs`); ``bridge``: teacher-side ``(P_T, mu_T)``
-    per teacher layer with the bridge projection.
+    per teacher layer with the bridge projection. ``teacher_placement``: the teacher was built
+    in its own groups (``parallel.teacher``); its pass then runs there and routes the targets.
     """
 
     def __init__(
@@ -173,6 +176,7 @@ class DistillStep:
         options: StepOptions,
         *,
         bridge: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        teacher_placement: TeacherPlacement | None = None,
     ) -> None:
         if not pairs:
             raise ValueError("distillation.layers: no supervised layer")
@@ -181,7 +185,15 @@ class DistillStep:
         self.options = options
         inner = unwrap(student)
         self.sequence_parallel = bool(inner.config.sequence_parallel)
-        if bool(unwrap(teacher).config.sequence_parallel) != self.sequence_parallel:
+        self.teacher_placement = teacher_placement
+        if teacher_placement is not None and options.opd_kind is not None:
+            raise ValueError("parallel.teacher: OPD needs the teacher on the student's layout")
+        if teacher_placement is not None and unwrap(teacher).config.sequence_parallel:
+            raise ValueError("parallel.teacher: the teacher on its own layout runs without SP")
+        if (
+            teacher_placement is None
+            and bool(unwrap(teacher).config.sequence_parallel) != self.sequence_parallel
+        ):
             raise ValueError("teacher: sequence_parallel must match the student's")
         self.num_layers = int(inner.config.num_layers)
         projection = getattr(inner, PROJECTION_ATTR, None)
@@ -198,7 +210,11 @@ class DistillStep:
                 raise ValueError(
                     f"projection.bridge_path: no P_T/mu_T for teacher layer(s) {absent}"
                 )
-        teacher_stage = layer_stages(teacher)
+        if teacher_placement is None:
+            teacher_stage = layer_stages(teacher)
+        else:
+            with teacher_placement.groups.active():
+                teacher_stage = layer_stages(teacher)
         missing = sorted({t for _, t in self.pairs} - set(teacher_stage))
         if missing and options.oprd_weight:
             raise ValueError(
@@ -239,7 +255,22 @@ class DistillStep:
         n_opd = self._global_count(microbatches, "predicts")
         self.teacher.eval()
         teacher_start = time.perf_counter()
-        teacher_out = teacher_pass(self.teacher, microbatches, self.plan)
+        # distillation.overlap_teacher where the layout allows (same layout, no pipeline)
+        ahead = (
+            TeacherAhead(self.teacher, microbatches, self.plan)
+            if options.overlap_teacher
+            and self.teacher_placement is None
+            and parallel_state.get_pipeline_model_parallel_world_size() == 1
+            else None
+        )
+        if ahead is not None:
+            teacher_out = ahead.outputs  # filled microbatch by microbatch in forward_step
+        elif self.teacher_placement is None:
+            teacher_out = teacher_pass(self.teacher, microbatches, self.plan)
+        else:
+            teacher_out = teacher_pass_own_layout(
+                self.teacher, microbatches, self.plan, self.teacher_placement
+            )
         teacher_seconds = time.perf_counter() - teacher_start
         device = next(unwrap(self.student).parameters()).device
         self.taps.load(
@@ -263,6 +294,8 @@ class DistillStep:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
+            if ahead is not None:
+                ahead.ready(batch.index)
             self.taps.select(batch.index)
             try:
                 with without_output_layer(model):
@@ -274,6 +307,8 @@ class DistillStep:
                     )
             finally:
                 self.taps.select(None)
+            if ahead is not None:
+                ahead.start_next(batch.index)
 
             def loss_func(output_tensor: torch.Tensor):
                 if options.opd_kind is None:
@@ -306,7 +341,7 @@ class DistillStep:
             result.skipped = True
             self.student.zero_grad_buffer()
             self.optimizer.zero_grad()
-        result.teacher_seconds = teacher_seconds
+        result.teacher_seconds = teacher_seconds + (ahead.seconds if ahead is not None else 0.0)
         result.seconds = time.perf_counter() - start
         return result
 

@@ -83,6 +83,17 @@ def teacher_pass(
     teacher: torch.nn.Module, microbatches: list[DistillMicrobatch], plan: TeacherPlan
 ) -> TeacherOutputs:
     """Run the teacher over ``microbatches`` and deliver the targets (collective over PP)."""
+    kept, opd_hidden = run_teacher(teacher, microbatches, plan)
+    targets = _deliver(kept, microbatches, plan, unwrap(teacher).config.hidden_size)
+    return TeacherOutputs(targets=targets, opd_hidden=opd_hidden)
+
+
+def run_teacher(
+    teacher: torch.nn.Module, microbatches: list[DistillMicrobatch], plan: TeacherPlan
+) -> tuple[dict[tuple[int, int], torch.Tensor], dict[int, torch.Tensor]]:
+    """The teacher's forward over ``microbatches`` (collective over its model-parallel groups):
+    ``(microbatch index, teacher layer) -> rows`` kept on the stage owning that layer, and the
+    OPD states per microbatch index (last stage)."""
     inner = unwrap(teacher)
     if not plan.opd and getattr(inner, "output_layer", None) is not None:
         raise ValueError(
@@ -146,8 +157,7 @@ def teacher_pass(
             forward=forward,
             outputs=outputs,
         )
-    targets = _deliver(kept, microbatches, plan, inner.config.hidden_size)
-    return TeacherOutputs(targets=targets, opd_hidden=opd_hidden)
+    return kept, opd_hidden
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -1,8 +1,30 @@
-"""The parallel layout of one model: tensor, pipeline and data parallel sizes."""
+"""The parallel layout of the models: tensor, pipeline and data parallel sizes; the teacher may
+run on its own tensor/pipeline sizes over the same ranks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TeacherLayout:
+    """The teacher's own tensor (``tp``) and pipeline (``pp``) sizes; ``None``: the student's.
+
+    The teacher then runs in its own Megatron groups over the same ranks, with its own
+    data-parallel size ``world_size // (tp * pp)``.
+    """
+
+    tp: int | None = None
+    pp: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("tp", "pp"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"TeacherLayout.{field} must be a positive integer or None (the student's), "
+                    f"got {value!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -15,6 +37,7 @@ class ParallelLayout:
     tp: int = 1
     pp: int = 1
     sp: bool = False
+    teacher: TeacherLayout = TeacherLayout()
 
     def __post_init__(self) -> None:
         for field in ("tp", "pp"):
@@ -34,5 +57,25 @@ class ParallelLayout:
             )
         return world_size // (self.tp * self.pp)
 
+    def teacher_layout(self) -> ParallelLayout:
+        """The teacher's layout: its own tp/pp where set, the student's otherwise. On a layout
+        of its own the teacher runs without sequence parallelism (it ships whole rows and each
+        student rank keeps its sequence shard)."""
+        tp = self.tp if self.teacher.tp is None else self.teacher.tp
+        pp = self.pp if self.teacher.pp is None else self.teacher.pp
+        if (tp, pp) == (self.tp, self.pp):
+            return ParallelLayout(tp=self.tp, pp=self.pp, sp=self.sp)
+        return ParallelLayout(tp=tp, pp=pp)
+
+    @property
+    def teacher_has_own_layout(self) -> bool:
+        """Whether the teacher's tp/pp differ from the student's (own Megatron groups)."""
+        layout = self.teacher_layout()
+        return (layout.tp, layout.pp) != (self.tp, self.pp)
+
     def __str__(self) -> str:
-        return f"TP{self.tp}PP{self.pp}" + ("+SP" if self.sp else "")
+        text = f"TP{self.tp}PP{self.pp}" + ("+SP" if self.sp else "")
+        if self.teacher_has_own_layout:
+            teacher = self.teacher_layout()
+            text += f" (teacher TP{teacher.tp}PP{teacher.pp})"
+        return text

@@ -48,6 +48,7 @@ from oprd_mega.models import build_gpt_model
 from oprd_mega.models.builder import resolve_dtype
 from oprd_mega.models.specs import resolve_use_te
 from oprd_mega.parallel import init_distributed, on_rank0
+from oprd_mega.parallel.model_groups import init_model_groups
 from oprd_mega.rollout.client import RolloutError
 from oprd_mega.rollout.megatron_sync import sync_model_weights
 from oprd_mega.rollout.weight_sync import WeightSyncError
@@ -239,15 +240,20 @@ class Trainer:
         if self.resume_from is None:
             load_hf_weights(student, s_args, HFCheckpointReader(config.student.path))
         options = distill.step_options()
-        teacher = build_teacher(
-            t_args,
-            self.pairs,
-            options,
-            params_dtype=resolve_dtype(config.teacher.dtype),
-            sequence_parallel=sp,
-            use_te=self.use_te["teacher"],
+        teacher_layout = config.parallel.teacher_layout()
+        teacher_groups = (  # parallel.teacher: built, loaded and run in its own groups
+            init_model_groups(teacher_layout) if config.parallel.teacher_has_own_layout else None
         )
-        load_hf_weights(teacher, t_args, HFCheckpointReader(config.teacher.path))
+        with teacher_groups.active() if teacher_groups else contextlib.nullcontext():
+            teacher = build_teacher(
+                t_args,
+                self.pairs,
+                options,
+                params_dtype=resolve_dtype(config.teacher.dtype),
+                sequence_parallel=teacher_layout.sp,
+                use_te=self.use_te["teacher"],
+            )
+            load_hf_weights(teacher, t_args, HFCheckpointReader(config.teacher.path))
         self.teacher = teacher
         self.step = build_step(
             student,
@@ -257,6 +263,7 @@ class Trainer:
             config.optimizer.options(),
             projection=distill.projection_spec(),
             bridge=None if self.bridge is None else self.bridge.tensors(),
+            teacher_groups=teacher_groups,
         )
         self.model, self.optimizer = self.step.student, self.step.optimizer
 

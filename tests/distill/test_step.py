@@ -23,10 +23,32 @@ from tests.torchrun_utils import run_torchrun
 WORKER = Path(__file__).parent / "workers" / "step_worker.py"
 ALL = [[1, 1, False], [2, 1, False], [2, 1, True], [1, 2, False], [2, 2, False]]
 SOME = [[1, 1, False], [2, 1, True], [2, 2, False]]
-NAMES = {"TP1PP1", "TP2PP1", "TP2PP1+SP", "TP1PP2", "TP2PP2"}
+# The teacher on its own layout (parallel.teacher: [tp, pp]): student TP2 = DP2 with teacher
+# TP1 = DP4, student PP2 = DP2 with teacher TP2 = DP2, student TP2+SP with teacher TP1.
+OWN_TEACHER = [[2, 1, False, {"teacher": [1, 1]}], [1, 2, False, {"teacher": [2, 1]}]]
+OWN_TEACHER_SP = [2, 1, True, {"teacher": [1, 1]}]
+NAMES = {"TP1PP1", "TP2PP1", "TP2PP1+SP", "TP1PP2", "TP2PP2"} | {
+    "TP2PP1/teacher-TP1PP1",
+    "TP1PP2/teacher-TP2PP1",
+    "TP2PP1+SP/teacher-TP1PP1",
+}
 BASE = {"layers": [1, 2, 3], "per_layer": True, "normalize": False, "last_k": 5}
 CASES = [
-    {**BASE, "name": "full-plain", "method": "oprd", "projection": "full", "layouts": ALL},
+    {
+        **BASE,
+        "name": "full-plain",
+        "method": "oprd",
+        "projection": "full",
+        "layouts": ALL + OWN_TEACHER,
+    },
+    {
+        **BASE,
+        "name": "full-plain-overlap",
+        "method": "oprd",
+        "projection": "full",
+        "overlap_teacher": True,
+        "layouts": [[1, 1, False], [2, 1, True]],
+    },
     {
         **BASE,
         "name": "shared-normalized",
@@ -51,7 +73,7 @@ CASES = [
         "method": "oprd",
         "projection": "bridge",
         "normalize": True,
-        "layouts": SOME,
+        "layouts": [*SOME, OWN_TEACHER_SP],
     },
     {
         **BASE,
@@ -138,7 +160,7 @@ CASES.append(
         "layers": [1, 2, 3, 4],
         "student": "student5",
         "teacher": "teacher7",
-        "layouts": [[1, 4, False], [1, 4, False, PP4_SPLITS]],
+        "layouts": [[1, 4, False], [1, 4, False, {"split": PP4_SPLITS}]],
     }
 )
 SMALL = {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 117}
@@ -173,10 +195,11 @@ GRAD_REL, PARAM_ABS, LOSS_REL = 2e-5, 2e-2 * LR, 1e-5
 # The default run: every layout for the main case, two or one for the others (15 layouts in
 # one launch); the full matrix (27) runs with ``-m slow``.
 FAST_LAYOUTS = {
-    "full-plain": ALL,
+    "full-plain": ALL + OWN_TEACHER,
+    "full-plain-overlap": [[1, 1, False], [2, 1, True]],
     "shared-normalized": [[1, 1, False], [2, 2, False]],
     "identity-all": [[2, 1, True]],
-    "bridge": [[1, 1, False], [2, 1, True]],
+    "bridge": [[1, 1, False], [2, 1, True], OWN_TEACHER_SP],
     "bridge-mlp": [[1, 2, False], [2, 1, True]],
     "opd-top1": [[1, 1, False], [2, 2, False]],
     "opd-topk": [[1, 1, False], [2, 1, True]],
@@ -184,7 +207,7 @@ FAST_LAYOUTS = {
     "combined-packed": [[1, 1, False], [2, 1, True], [1, 2, False]],
     "real-llama3.2-from-qwen2.5-yarn": [[1, 1, False], [2, 2, False]],
     "real-qwen3-from-r1-distill": [[2, 1, False], [1, 2, False]],
-    "pp4-uneven": [[1, 4, False], [1, 4, False, PP4_SPLITS]],
+    "pp4-uneven": [[1, 4, False], [1, 4, False, {"split": PP4_SPLITS}]],
 }
 SUITES = {
     "fast": [{**case, "layouts": FAST_LAYOUTS[case["name"]]} for case in CASES],
@@ -271,6 +294,30 @@ def test_truncated_teacher_keeps_only_supervised_rows_without_head(suite) -> Non
     dtypes = results["full-plain"]["layouts"]["TP1PP1"]["teacher_target_dtypes"]
     assert dtypes == ["torch.bfloat16", "torch.float32"]  # bf16 by default, float32 on request
     assert results["bridge"]["layouts"]["TP1PP1"]["teacher_target_dtypes"] == ["torch.float32"]
+
+
+def test_teacher_on_its_own_layout_computes_in_its_own_groups(suite) -> None:
+    """parallel.teacher: the teacher's model holds its own TP/PP groups (the loss, gradient and
+    AdamW checks above hold for these layouts too); the student's layout holds the rest."""
+    _, results = suite
+    seen = 0
+    for case in ("full-plain", "bridge"):
+        for layout, got in results[case]["layouts"].items():
+            student, _, teacher = layout.partition("/teacher-")
+            sizes = teacher or student.removesuffix("+SP")
+            assert got["teacher_groups"] == [int(sizes[2]), int(sizes[5])], (case, layout)
+            seen += bool(teacher)
+    assert seen == 3
+
+
+def test_overlapped_teacher_runs_one_microbatch_ahead(suite) -> None:
+    """distillation.overlap_teacher: the teacher's microbatch i+1 starts after the student's
+    forward of i (without it every teacher forward comes first); the oracle checks above hold."""
+    _, results = suite
+    layouts = results["full-plain-overlap"]["layouts"]
+    assert layouts["TP1PP1"]["call_order"] == "ts"  # DP4: one microbatch per rank
+    assert layouts["TP2PP1+SP"]["call_order"] == "tsts"  # DP2: two
+    assert results["full-plain"]["layouts"]["TP2PP1"]["call_order"] == "ttss"
 
 
 def test_student_never_runs_its_output_layer(suite) -> None:

@@ -13,6 +13,7 @@ Every rank compares its own Megatron shards with the oracle mapped to that shard
 first layout's (TP1PP1) float32 result, and reports the max differences.
 """
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -44,6 +45,33 @@ def use_layout(tp: int, pp: int, sp: bool):
 
     reset_model_parallel()  # frees the previous layout's process groups (gloo threads)
     return init_distributed(ParallelLayout(tp=tp, pp=pp, sp=sp))
+
+
+def layout_extras(layout: list) -> dict:
+    """A layout's options after ``[tp, pp, sp]``: ``teacher`` ([tp, pp] of its own groups),
+    ``split`` (hand-set pipeline splits per model)."""
+    return layout[3] if len(layout) > 3 else {}
+
+
+def own_teacher_groups(layout: list):
+    """The teacher's own groups when the layout names one."""
+    from oprd_mega.parallel import ParallelLayout
+    from oprd_mega.parallel.model_groups import init_model_groups
+
+    teacher = layout_extras(layout).get("teacher")
+    if teacher is None:
+        return None
+    return init_model_groups(ParallelLayout(tp=teacher[0], pp=teacher[1]))
+
+
+def layout_name(layout: list) -> str:
+    extras = layout_extras(layout)
+    name = f"TP{layout[0]}PP{layout[1]}" + ("+SP" if layout[2] else "")
+    if "split" in extras:
+        name += " split"  # set by hand per model
+    if "teacher" in extras:
+        name += f"/teacher-TP{extras['teacher'][0]}PP{extras['teacher'][1]}"
+    return name
 
 
 def samples() -> list[tuple[list[int], int]]:
@@ -294,9 +322,11 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.models.shapes import PipelineSplit
     from tests.torchrun_utils import stage_layers
 
-    tp, pp, sp, *hand_set = layout
+    tp, pp, sp = layout[:3]
     use_layout(tp, pp, sp)
-    splits = {k: PipelineSplit(**v) for k, v in (hand_set[0] if hand_set else {}).items()}
+    teacher_groups = own_teacher_groups(layout)
+    hand_set = layout_extras(layout).get("split", {})
+    splits = {k: PipelineSplit(**v) for k, v in hand_set.items()}
     s_args, t_args = (
         replace(load_hf_config(work / case.get(k, k)), pipeline_split=splits.get(k))
         for k in ("student", "teacher")
@@ -312,9 +342,11 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         kernel=KernelOptions(normalize=case["normalize"]),
         target_dtype=torch.float32,
         opd_chunk_tokens=5,
+        overlap_teacher=case.get("overlap_teacher", False),
     )
-    teacher = build_teacher(t_args, pairs, options, sequence_parallel=sp)
-    load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
+    with teacher_groups.active() if teacher_groups else contextlib.nullcontext():
+        teacher = build_teacher(t_args, pairs, options, sequence_parallel=sp and not teacher_groups)
+        load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
     bridge_path = str(work / "bridge.safetensors") if case["projection"] == "bridge" else None
     spec = ProjectionSpec(case["projection"], case["per_layer"], case["normalize"], bridge_path)
     bridge = load_bridge(bridge_path).tensors() if bridge_path else None
@@ -326,6 +358,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         OptimizerOptions(lr=LR, weight_decay=WD, betas=BETAS, eps=EPS),
         projection=spec,
         bridge=bridge,
+        teacher_groups=teacher_groups,
     )
     model, optimizer = step.student, step.optimizer
     dp = parallel_state.get_data_parallel_world_size()
@@ -353,7 +386,15 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     output_layer = getattr(unwrap(model), "output_layer", None)
     if output_layer is not None:
         output_layer.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
+    order: list[str] = []  # which model's first layer ran, in order, during the step
+    order_hooks = [
+        unwrap(chunk).decoder.layers[0].register_forward_hook(lambda *_, tag=tag: order.append(tag))
+        for tag, chunk in (("s", model), ("t", teacher))
+        if pp == 1
+    ]
     result = step.run(microbatches)
+    for handle in order_hooks:
+        handle.remove()
     inner = unwrap(model)
     grads = {n: p.main_grad for n, p in global_parameters(inner).items()}
     params = {n: p.detach() for n, p in global_parameters(inner).items()}
@@ -361,6 +402,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     out = {
         **teacher_checks,
         "student_head_calls": int(all_max(head_calls[0])),
+        "call_order": "".join(order),
         "loss": result.loss,
         "oprd": result.oprd_loss,
         "opd": result.opd.get("pg_loss", 0.0),
@@ -410,7 +452,12 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
                 inner,
                 s_args,
                 projection,
-                work / f"ckpt-{case['name']}-tp{tp}-pp{pp}{'-split' if hand_set else ''}",
+                work
+                / (
+                    f"ckpt-{case['name']}-tp{tp}-pp{pp}"
+                    + ("-split" if hand_set else "")
+                    + ("-own" if teacher_groups else "")
+                ),
                 work / case.get("student", "student"),
             )
     out["_export"] = (grads, params, proj_grads, s_args) if tp == 1 and pp == 1 else None
@@ -442,6 +489,7 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
 
     from oprd_mega.distill.batch import local_rows
     from oprd_mega.distill.teacher import teacher_pass
+    from oprd_mega.distill.teacher_layout import teacher_pass_own_layout
     from oprd_mega.models.running import unwrap
 
     inner = unwrap(teacher)
@@ -450,14 +498,20 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
         "teacher_has_final_norm": int(
             all_max(getattr(inner.decoder, "final_layernorm", None) is not None)
         ),
+        # the groups the teacher computes in (its own with parallel.teacher)
+        "teacher_groups": [inner.pg_collection.tp.size(), inner.pg_collection.pp.size()],
     }
     if not step.plan.pairs:
         return out
     worst, rows_bad, dtypes = 0.0, 0, set()
     for dtype in (torch.float32, torch.bfloat16):
-        targets = teacher_pass(
-            teacher, microbatches, dataclasses.replace(step.plan, target_dtype=dtype)
-        ).targets
+        plan = dataclasses.replace(step.plan, target_dtype=dtype)
+        if step.teacher_placement is None:
+            targets = teacher_pass(teacher, microbatches, plan).targets
+        else:  # the teacher's own groups, targets routed to the student's ranks
+            targets = teacher_pass_own_layout(
+                teacher, microbatches, plan, step.teacher_placement
+            ).targets
         stage = parallel_state.get_pipeline_model_parallel_rank()
         for batch in microbatches:
             first = batch.index * mbs
@@ -556,9 +610,7 @@ def main() -> None:
                 got["_export"] = export
                 base = export_base(got)
                 got.pop("_export")
-            name = f"TP{layout[0]}PP{layout[1]}" + ("+SP" if layout[2] else "")
-            name += " split" if len(layout) > 3 else ""  # set by hand per model
-            out["layouts"][name] = got
+            out["layouts"][layout_name(layout)] = got
         results[case["name"]] = out
     results["_timing"] = timing
     if rank == 0:

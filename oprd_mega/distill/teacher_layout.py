@@ -1,0 +1,181 @@
+"""The teacher on its own layout (``parallel.teacher``): its replicas share the step's work and
+send each target to the student ranks that own the paired rows.
+
+The student's data-parallel ranks each hold their own microbatches; the teacher's replicas
+(its data-parallel ranks, each a TP x PP group of its own) do not line up with them. So:
+
+1. every student replica's microbatches are shared with every rank (one all-gather of the
+   token ids and masks, from the student's TP0/PP0 rank of each replica);
+2. the step's microbatches, ordered by (student DP rank, index), are dealt round robin to the
+   teacher replicas: unit ``k`` runs on teacher replica ``k % teacher_dp``, inside the
+   teacher's groups (:class:`~oprd_mega.parallel.model_groups.ModelGroups`);
+3. each tapped teacher layer's supervised rows (whole rows: the teacher runs without sequence
+   parallelism) go point to point from the teacher's TP0 rank on the stage owning that layer
+   to every student rank of the microbatch's DP rank on the stage owning the paired student
+   layer; under the student's sequence parallelism each TP rank keeps its sequence shard.
+
+All ranks walk the same (unit, pair) order, so sends and receives between two ranks match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from oprd_mega.distill.batch import DistillMicrobatch, sequence_major
+from oprd_mega.distill.teacher import TeacherOutputs, TeacherPlan, current_device, run_teacher
+from oprd_mega.models.running import unwrap
+from oprd_mega.parallel.model_groups import ModelGroups
+
+
+@dataclass(frozen=True)
+class Coordinates:
+    """One rank's (data-parallel, pipeline, tensor-parallel) ranks in one layout."""
+
+    dp: int
+    pp: int
+    tp: int
+
+    @staticmethod
+    def here() -> Coordinates:
+        """This rank's coordinates in the layout ``parallel_state`` answers for now."""
+        return Coordinates(
+            parallel_state.get_data_parallel_rank(),
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+        )
+
+
+@dataclass(frozen=True)
+class TeacherPlacement:
+    """Where every global rank sits in the student's and in the teacher's layout."""
+
+    groups: ModelGroups
+    student: tuple[Coordinates, ...]
+    teacher: tuple[Coordinates, ...]
+    teacher_dp: int
+
+    @staticmethod
+    def gather(groups: ModelGroups) -> TeacherPlacement:
+        """Collective over the world (the student's layout is the global one)."""
+        student = Coordinates.here()
+        with groups.active():
+            teacher = Coordinates.here()
+            teacher_dp = parallel_state.get_data_parallel_world_size()
+        gathered: list[tuple[Coordinates, Coordinates] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (student, teacher))
+        pairs = [pair for pair in gathered if pair is not None]
+        return TeacherPlacement(
+            groups=groups,
+            student=tuple(s for s, _ in pairs),
+            teacher=tuple(t for _, t in pairs),
+            teacher_dp=teacher_dp,
+        )
+
+    def teacher_rank(self, replica: int, stage: int) -> int:
+        """The global rank of teacher replica ``replica``'s TP0 rank on pipeline ``stage``."""
+        wanted = Coordinates(replica, stage, 0)
+        return self.teacher.index(wanted)
+
+    def student_ranks(self, dp: int, stage: int) -> list[int]:
+        """Every global rank of student replica ``dp`` on pipeline ``stage`` (all TP ranks)."""
+        return [rank for rank, c in enumerate(self.student) if (c.dp, c.pp) == (dp, stage)]
+
+
+def teacher_pass_own_layout(
+    teacher: torch.nn.Module,
+    microbatches: list[DistillMicrobatch],
+    plan: TeacherPlan,
+    placement: TeacherPlacement,
+) -> TeacherOutputs:
+    """The teacher pass when the teacher has its own layout (collective over the world).
+
+    ``plan.teacher_stage`` is in the teacher's pipeline, ``plan.student_stage`` in the
+    student's; the targets are keyed like :func:`~oprd_mega.distill.teacher.teacher_pass`'s.
+    """
+    if plan.opd:
+        raise ValueError("parallel.teacher: OPD needs the teacher on the student's layout")
+    me = dist.get_rank()
+    units = _step_units(microbatches, placement)
+    replica = placement.teacher[me].dp
+    mine = [
+        dataclasses.replace(batch, index=k)
+        for k, (_, batch) in enumerate(units)
+        if k % placement.teacher_dp == replica
+    ]
+    teacher_plan = dataclasses.replace(plan, sequence_parallel=False)
+    kept: dict[tuple[int, int], torch.Tensor] = {}
+    by_shape: dict[tuple[int, int], list[DistillMicrobatch]] = defaultdict(list)
+    for batch in mine:  # Megatron's pipeline exchanges fixed-shape activations
+        by_shape[batch.shape].append(batch)
+    with placement.groups.active():
+        for batches in by_shape.values():
+            kept.update(run_teacher(teacher, batches, teacher_plan)[0])
+    hidden = int(unwrap(teacher).config.hidden_size)
+    dtype = torch.float32 if plan.bridge is not None else plan.target_dtype
+    targets: dict[int, dict[int, torch.Tensor]] = {batch.index: {} for batch in microbatches}
+    requests = []
+    for k, (dp, batch) in enumerate(units):
+        count = int(batch.supervised.sum())
+        for student_layer, teacher_layer in plan.pairs:
+            source = placement.teacher_rank(
+                k % placement.teacher_dp, plan.teacher_stage[teacher_layer]
+            )
+            destinations = placement.student_ranks(dp, plan.student_stage[student_layer])
+            if me == source:
+                tensor = kept[(k, teacher_layer)].contiguous()
+                for destination in destinations:
+                    if destination == me:
+                        targets[batch.index][student_layer] = tensor
+                    else:
+                        requests.append(dist.isend(tensor, dst=destination))
+            elif me in destinations:
+                buffer = torch.empty(
+                    count,
+                    plan.target_width(teacher_layer, hidden),
+                    dtype=dtype,
+                    device=current_device(),
+                )
+                requests.append(dist.irecv(buffer, src=source))
+                targets[batch.index][student_layer] = buffer
+    for request in requests:
+        request.wait()
+    if plan.sequence_parallel:
+        for batch in microbatches:
+            keep = _shard_of_rows(batch.supervised)
+            for layer, rows in targets[batch.index].items():
+                targets[batch.index][layer] = rows[keep.to(rows.device)]
+    return TeacherOutputs(targets=targets, opd_hidden={})
+
+
+def _step_units(
+    microbatches: list[DistillMicrobatch], placement: TeacherPlacement
+) -> list[tuple[int, DistillMicrobatch]]:
+    """Every student replica's microbatches as ``(student DP rank, microbatch)``, ordered."""
+    me = dist.get_rank()
+    here = placement.student[me]
+    shared = microbatches if (here.pp, here.tp) == (0, 0) else None
+    gathered: list[list[DistillMicrobatch] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, shared)
+    by_dp = {
+        placement.student[rank].dp: batches
+        for rank, batches in enumerate(gathered)
+        if batches is not None
+    }
+    return [(dp, batch) for dp in sorted(by_dp) for batch in by_dp[dp]]
+
+
+def _shard_of_rows(supervised: torch.Tensor) -> torch.Tensor:
+    """Which of a microbatch's supervised rows (sequence-major) fall in this TP rank's sequence
+    shard under the student's sequence parallelism: a boolean mask over those rows."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    batch, seq = supervised.shape
+    positions = sequence_major(supervised).nonzero().squeeze(1)
+    shard = (seq // tp) * batch
+    return (positions >= rank * shard) & (positions < (rank + 1) * shard)
