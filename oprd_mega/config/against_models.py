@@ -62,13 +62,24 @@ def check_models(
             "OPD splits both output layers alike over tensor-parallel ranks, so both vocabularies "
             "need the same padding"
         )
-    tp, pp = config.parallel.tp, config.parallel.pp
+    layout = config.parallel
     deepest = teacher_depth(pairs, teacher.num_layers, needs_logits=distill.opd_term is not None)
-    for name, model, depth in (
-        ("student", student, student.num_layers),
-        ("teacher", teacher, deepest),
+    # the microbatch budget: a full packed row, padded for the context/sequence split, fits it
+    budget = ("batch.max_tokens_per_microbatch", config.batch.max_tokens_per_microbatch)
+    for name, model, depth, seq_length in (
+        ("student", student, student.num_layers, budget),
+        ("teacher", teacher, deepest, None),  # the same sequences, checked once
     ):
-        for problem in shape_problems(model, tp=tp, pp=pp, num_layers=depth, name=name):
+        for problem in shape_problems(
+            model,
+            tp=layout.tp,
+            pp=layout.pp,
+            num_layers=depth,
+            name=name,
+            cp=layout.cp,
+            sp=layout.sp,
+            seq_length=seq_length,
+        ):
             problems.append(f"parallel.{problem.knob} = {problem.value}: {problem.detail}")
     if problems:
         raise ConfigError(problems)

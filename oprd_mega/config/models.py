@@ -40,7 +40,9 @@ Parallel = adopt(
     {
         "tp": "Tensor-parallel size.",
         "pp": "Pipeline-parallel size.",
-        "sp": "Sequence parallelism (needs tp > 1). The data-parallel size is "
-        "world_size / (tp * pp).",
+        "sp": "Sequence parallelism (needs tp > 1).",
+        "cp": "Context-parallel size (both models): every sequence splits into 2 x cp chunks, "
+        "rank r of the context-parallel group holds chunks r and 2cp-1-r (load-balanced causal "
+        "attention). The data-parallel size is world_size / (tp * pp * cp).",
     },
 )

@@ -46,6 +46,7 @@ from oprd_mega.distill.build import build_step, build_teacher
 from oprd_mega.distill.layers import teacher_depth
 from oprd_mega.models import build_gpt_model
 from oprd_mega.models.builder import resolve_dtype
+from oprd_mega.models.shapes import sequence_multiple
 from oprd_mega.models.specs import resolve_use_te
 from oprd_mega.parallel import init_distributed
 from oprd_mega.rollout.client import RolloutError
@@ -485,7 +486,8 @@ class Trainer:
             config.batch.microbatch_multiple,
             self.cost,
         )
-        seq_multiple = config.parallel.tp if config.parallel.sp else 1
+        layout = config.parallel
+        seq_multiple = sequence_multiple(tp=layout.tp, cp=layout.cp, sp=layout.sp)
         microbatches = rank_microbatches(
             samples,
             schedule,
