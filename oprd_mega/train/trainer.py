@@ -496,6 +496,7 @@ class Trainer:
             pad_id=self.pad_id,
             seq_multiple=seq_multiple,
             packed=config.batch.pack_sequences,
+            slot_multiple=sequence_multiple(cp=layout.cp),
         )
         return microbatches, schedule.imbalance
 
