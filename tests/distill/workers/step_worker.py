@@ -13,6 +13,7 @@ first layout's (TP1PP1) float32 result, and reports the max differences.
 """
 
 import faulthandler
+import functools
 import json
 import os
 import sys
@@ -37,11 +38,18 @@ SEQ, SAMPLES = 16, 4
 LR, EPS, WD, BETAS = 1e-3, 1e-6, 0.01, (0.9, 0.95)
 
 
-def use_layout(tp: int, pp: int, sp: bool):
+def use_layout(tp: int, pp: int, sp: bool, cp: int = 1):
     from oprd_mega.parallel import ParallelLayout, init_distributed, reset_model_parallel
 
     reset_model_parallel()  # frees the previous layout's process groups (gloo threads)
-    return init_distributed(ParallelLayout(tp=tp, pp=pp, sp=sp))
+    return init_distributed(ParallelLayout(tp=tp, pp=pp, sp=sp, cp=cp))
+
+
+def layout_name(layout: list) -> str:
+    """``[tp, pp, sp]`` or ``[tp, pp, sp, cp]`` -> ``TP2PP1CP2+SP``."""
+    from oprd_mega.parallel import ParallelLayout
+
+    return str(ParallelLayout(*layout))
 
 
 def samples() -> list[tuple[list[int], int]]:
@@ -289,9 +297,10 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.distill.taps import KernelOptions
     from oprd_mega.models import build_gpt_model, load_hf_config
     from oprd_mega.models.running import unwrap
+    from oprd_mega.models.shapes import sequence_multiple
 
-    tp, pp, sp = layout
-    use_layout(tp, pp, sp)
+    tp, pp, sp, cp = (*layout, 1)[:4]
+    use_layout(tp, pp, sp, cp)
     s_args, t_args = (
         load_hf_config(work / case.get("student", "student")),
         load_hf_config(work / case.get("teacher", "teacher")),
@@ -332,7 +341,12 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     # packed: a rank's samples two to a row (THD), so that sequences really share rows
     mbs = 2 if dp == 1 or (packed and per_rank > 1) else 1
     spec_positions = PositionSpec("last_k", case["last_k"])
-    make = make_packed_microbatch if packed else make_microbatch
+    # packed under CP: every sequence's slot a multiple of 2 x cp, as the trainer pads it
+    make = (
+        functools.partial(make_packed_microbatch, slot_multiple=sequence_multiple(cp=cp))
+        if packed
+        else make_microbatch
+    )
     microbatches = [
         make(
             i,
@@ -433,9 +447,10 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
 
     from megatron.core import parallel_state
 
-    from oprd_mega.distill.batch import local_rows
+    from oprd_mega.distill.batch import context_shard, local_rows
     from oprd_mega.distill.teacher import teacher_pass
     from oprd_mega.models.running import unwrap
+    from oprd_mega.parallel.context import context_positions
 
     inner = unwrap(teacher)
     out = {
@@ -447,9 +462,12 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
     if not step.plan.pairs:
         return out
     worst, rows_bad, dtypes = 0.0, 0, set()
+    cp = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    shards = [context_shard(batch) for batch in microbatches]  # what the step feeds the teacher
     for dtype in (torch.float32, torch.bfloat16):
         targets = teacher_pass(
-            teacher, microbatches, dataclasses.replace(step.plan, target_dtype=dtype)
+            teacher, shards, dataclasses.replace(step.plan, target_dtype=dtype)
         ).targets
         stage = parallel_state.get_pipeline_model_parallel_rank()
         for batch in microbatches:
@@ -469,12 +487,19 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
                     tail = batch.shape[1] - cu[mbs]
                     parts.append(full.new_zeros(tail, full.shape[-1]))
                     hidden = torch.cat(parts).unsqueeze(1)  # [seq, 1, d]
+                if cp > 1:  # this rank's load-balanced chunks of every sequence
+                    bounds = (
+                        [0, hidden.shape[0]]
+                        if batch.cu_seqlens is None
+                        else batch.cu_seqlens.tolist()
+                    )
+                    hidden = hidden.index_select(0, context_positions(bounds, cp, cp_rank))
                 if sp:
                     tp = parallel_state.get_tensor_model_parallel_world_size()
                     shard = hidden.shape[0] // tp
                     rank = parallel_state.get_tensor_model_parallel_rank()
                     hidden = hidden[rank * shard : (rank + 1) * shard]
-                rows = local_rows(batch.supervised, sp)
+                rows = local_rows(shards[batch.index].supervised, sp)
                 want = hidden.reshape(-1, hidden.shape[-1])[rows]
                 if step.plan.bridge is not None:  # the teacher ships P_T (h - mu_T)
                     p_t, mu_t = step.plan.bridge[teacher_layer]
@@ -549,8 +574,7 @@ def main() -> None:
                 got["_export"] = export
                 base = export_base(got)
                 got.pop("_export")
-            name = f"TP{layout[0]}PP{layout[1]}" + ("+SP" if layout[2] else "")
-            out["layouts"][name] = got
+            out["layouts"][layout_name(layout)] = got
         results[case["name"]] = out
     results["_timing"] = timing
     if rank == 0:
