@@ -225,6 +225,15 @@ def test_student_never_runs_its_output_layer(suite) -> None:
             assert got["student_head_calls"] == 0, (case["name"], layout)
 
 
+def test_weight_sync_probe_gives_full_sequence_logits_at_every_layout(suite) -> None:
+    """The probe's Megatron forward (context-parallel chunks gathered back in order) against
+    the float64 oracle's logits of the same sequence."""
+    cases, results = suite
+    for case in cases:
+        for layout, got in results[case["name"]]["layouts"].items():
+            assert got["probe_logits_abs"] <= 1e-4, (case["name"], layout)
+
+
 def test_full_projection_is_optimised_and_checkpointed(suite) -> None:
     _, results = suite
     checkpointed = 0

@@ -195,6 +195,7 @@ def oracle(case: dict, work: Path) -> dict:
         "grads": {n: g.detach().clone() for n, g in grads.items()},
         "params": {n: p.detach().clone() for n, p in params.items()},
         "teacher_hidden": {n: h.detach() for n, h in t_hidden.items()},
+        "student_logits0": s_logits[0, : len(data[0][0]), : COMMON["vocab_size"]].detach(),
     }
 
 
@@ -298,6 +299,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.models import build_gpt_model, load_hf_config
     from oprd_mega.models.running import unwrap
     from oprd_mega.models.shapes import sequence_multiple
+    from oprd_mega.rollout.megatron_sync import _megatron_logits
 
     tp, pp, sp, cp = (*layout, 1)[:4]
     use_layout(tp, pp, sp, cp)
@@ -358,6 +360,9 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         for i, j in enumerate(range(0, per_rank, mbs))
     ]
     teacher_checks = check_teacher(step, teacher, microbatches, ref, mine_samples, sp, mbs)
+    # the weight-sync probe's own forward (full-sequence logits) before the update
+    probe = _megatron_logits(model, samples()[0][0])
+    probe_abs = 0.0 if probe is None else float((probe - ref["student_logits0"]).abs().max())
     head_calls = [0]
     output_layer = getattr(unwrap(model), "output_layer", None)
     if output_layer is not None:
@@ -370,6 +375,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     out = {
         **teacher_checks,
         "student_head_calls": int(all_max(head_calls[0])),
+        "probe_logits_abs": all_max(probe_abs),
         "loss": result.loss,
         "oprd": result.oprd_loss,
         "opd": result.opd.get("pg_loss", 0.0),
