@@ -195,7 +195,7 @@ def oracle(case: dict, work: Path) -> dict:
         "grads": {n: g.detach().clone() for n, g in grads.items()},
         "params": {n: p.detach().clone() for n, p in params.items()},
         "teacher_hidden": {n: h.detach() for n, h in t_hidden.items()},
-        "student_logits0": s_logits[0, : len(data[0][0]), : COMMON["vocab_size"]].detach(),
+        "student_logits0": s_logits[0, : len(data[0][0])].detach(),
     }
 
 
