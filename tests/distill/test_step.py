@@ -1,15 +1,15 @@
-"""One OPRD / OPD step under Megatron at eight layouts, against a float64 transformers oracle.
+"""One OPRD / OPD step under Megatron at nine layouts, against a float64 transformers oracle.
 
 One torchrun launch (4 gloo processes, Megatron start-up dominates) runs every case at its
-layouts (29 by default, the full matrix of 55 with ``-m slow``); the tests read its results.
+layouts (30 by default, the full matrix of 60 with ``-m slow``); the tests read its results.
 Student: Llama, 4 layers, hidden 32; teacher: Llama, 6 layers, hidden 48 (a hidden-32 one for
 identity). Tapped student layers 1-3 pair with teacher layers 1, 3, 4 (phi), so the teacher is
 truncated at 4 layers; at PP2 the student holds layers 1-2 | 3-4 and the truncated teacher
 1-2 | 3-4: layer 2's target crosses from stage 1 to stage 0. Four processes give TP1PP1 = DP4
 (one sample per rank), TP2 and TP2+SP = DP2, PP2 = DP2, TP2xPP2 = DP1 (two microbatches of
-two), CP2 = DP2 and CP2 x TP2+SP = DP1 (context parallelism: each rank holds two of the four
-load-balanced chunks of every sequence, packed ones too): loss, gradients and parameters after
-one AdamW step must not depend on the split.
+two), CP2 = DP2, CP2 x TP2+SP = DP1 and CP2 x PP2 = DP1 (context parallelism: each rank
+holds two of the four load-balanced chunks of every sequence, packed ones too): loss, gradients
+and parameters after one AdamW step must not depend on the split.
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ from tests.torchrun_utils import run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "step_worker.py"
 # [tp, pp, sp] or [tp, pp, sp, cp]
-CP2, CP2_TP2 = [1, 1, False, 2], [2, 1, True, 2]
-ALL = [[1, 1, False], [2, 1, False], [2, 1, True], [1, 2, False], [2, 2, False], CP2, CP2_TP2]
+CP2, CP2_TP2, CP2_PP2 = [1, 1, False, 2], [2, 1, True, 2], [1, 2, False, 2]
+ALL = [
+    *[[1, 1, False], [2, 1, False], [2, 1, True], [1, 2, False], [2, 2, False]],
+    *[CP2, CP2_TP2, CP2_PP2],
+]
 SOME = [[1, 1, False], [2, 1, True], [2, 2, False]]
-NAMES = {"TP1PP1", "TP2PP1", "TP2PP1+SP", "TP1PP2", "TP2PP2", "TP1PP1CP2", "TP2PP1CP2+SP"}
+NAMES = {"TP1PP1", "TP2PP1", "TP2PP1+SP", "TP1PP2", "TP2PP2"}
+NAMES |= {"TP1PP1CP2", "TP2PP1CP2+SP", "TP1PP2CP2"}
 BASE = {"layers": [1, 2, 3], "per_layer": True, "normalize": False, "last_k": 5}
 CASES = [
     {**BASE, "name": "full-plain", "method": "oprd", "projection": "full", "layouts": ALL},
@@ -133,8 +137,8 @@ LR = 1e-3
 # Parameters after AdamW: the first step moves each entry by about lr * g / (|g| + eps), so a
 # gradient error e shows as up to lr * e / eps (eps = 1e-6) on entries whose gradient is ~0.
 GRAD_REL, PARAM_ABS, LOSS_REL = 2e-5, 2e-2 * LR, 1e-5
-# The default run: every layout for the main case, two to five for the others (29 layouts in
-# one launch); the full matrix (55) runs with ``-m slow``.
+# The default run: every layout for the main case, two to five for the others (30 layouts in
+# one launch); the full matrix (60) runs with ``-m slow``.
 FAST_LAYOUTS = {
     "full-plain": ALL,
     "shared-normalized": [[1, 1, False], [2, 2, False]],

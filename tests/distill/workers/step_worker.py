@@ -423,7 +423,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
                 inner,
                 s_args,
                 projection,
-                work / f"ckpt-{case['name']}-tp{tp}",
+                work / f"ckpt-{case['name']}-tp{tp}-cp{cp}",
                 work / case.get("student", "student"),
             )
     out["_export"] = (grads, params, proj_grads, s_args) if tp == 1 and pp == 1 else None
