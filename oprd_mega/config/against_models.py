@@ -64,18 +64,34 @@ def check_models(
             "need the same padding"
         )
     layout = config.parallel
-    student_keys = {"tp": "parallel.tp", "pp": "parallel.pp"}
+    student_keys = {"tp": "parallel.tp", "pp": "parallel.pp", "cp": "parallel.cp"}
     # A teacher size left unset is the student's: its problems name the key that set it.
     teacher_keys = {
-        knob: key if getattr(layout.teacher, knob) is None else f"parallel.teacher.{knob}"
-        for knob, key in student_keys.items()
+        **student_keys,
+        **{
+            knob: f"parallel.teacher.{knob}"
+            for knob in ("tp", "pp")
+            if getattr(layout.teacher, knob) is not None
+        },
     }
     deepest = teacher_depth(pairs, teacher.num_layers, needs_logits=distill.opd_term is not None)
-    for name, model, depth, sizes, keys in (
-        ("student", student, student.num_layers, layout, student_keys),
-        ("teacher", teacher, deepest, layout.teacher_layout(), teacher_keys),
+    # the microbatch budget: a full packed row, padded for the context/sequence split, fits it
+    budget = ("batch.max_tokens_per_microbatch", config.batch.max_tokens_per_microbatch)
+    for name, model, depth, sizes, keys, seq_length in (
+        ("student", student, student.num_layers, layout, student_keys, budget),
+        # the same sequences: their padding is checked once
+        ("teacher", teacher, deepest, layout.teacher_layout(), teacher_keys, None),
     ):
-        for problem in shape_problems(model, tp=sizes.tp, pp=sizes.pp, num_layers=depth, name=name):
+        for problem in shape_problems(
+            model,
+            tp=sizes.tp,
+            pp=sizes.pp,
+            num_layers=depth,
+            name=name,
+            cp=sizes.cp,
+            sp=sizes.sp,
+            seq_length=seq_length,
+        ):
             truncated = depth < model.num_layers
             problems.append(_shape_message(name, problem, keys, truncated=truncated))
     if problems:

@@ -65,13 +65,16 @@ Parallel = adopt(
     {
         "tp": "Tensor-parallel size.",
         "pp": "Pipeline-parallel size.",
-        "sp": "Sequence parallelism (needs tp > 1). The data-parallel size is "
-        "world_size / (tp * pp).",
+        "sp": "Sequence parallelism (needs tp > 1).",
+        "cp": "Context-parallel size (both models): every sequence splits into 2 x cp chunks, "
+        "rank r of the context-parallel group holds chunks r and 2cp-1-r (load-balanced causal "
+        "attention). The data-parallel size is world_size / (tp * pp * cp).",
         "teacher": "The teacher's own layout (each size defaults to the student's). When it "
         "differs, the teacher runs in its own Megatron groups over the same ranks, with "
-        "data-parallel size world_size / (teacher.tp * teacher.pp), without sequence "
-        "parallelism, and sends its targets to the student ranks that own the paired rows. "
-        "Not with an OPD term (the OPD logits split the teacher's head at the student's TP).",
+        "data-parallel size world_size / (teacher.tp * teacher.pp), without sequence or "
+        "context parallelism (so not with cp > 1), and sends its targets to the student ranks "
+        "that own the paired rows. Not with an OPD term (the OPD logits split the teacher's "
+        "head at the student's TP).",
     },
     nested={"teacher": TeacherParallel},
 )

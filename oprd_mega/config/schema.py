@@ -35,7 +35,8 @@ class TrainConfig(Section):
     teacher: ModelSection
     """The frozen teacher (run up to its deepest tapped layer, no LM head in OPRD-only mode)."""
     parallel: Parallel = ParallelLayout()
-    """Tensor/pipeline/sequence parallelism of both models; data parallelism fills the rest."""
+    """Tensor/pipeline/context/sequence parallelism of both models; data parallelism fills the
+    rest."""
     rollout: RolloutSection
     """Rollout servers, sampling and weight sync."""
     data: PromptsSection
@@ -97,18 +98,28 @@ class TrainConfig(Section):
 def data_parallel_size(config: TrainConfig, world_size: int) -> int:
     """The data-parallel size under ``world_size`` processes; a ConfigError if it cannot work.
 
-    tp * pp must divide the world size (the teacher's too), and a step's samples must fill
-    every rank's microbatches (prompts_per_step * n >= dp * microbatch_multiple).
+    tp * pp * cp must divide the world size (the teacher's tp * pp too), and a step's samples
+    must fill every rank's microbatches (prompts_per_step * n >= dp * microbatch_multiple).
     """
     layout = config.parallel
-    if world_size < 1 or world_size % (layout.tp * layout.pp):
+    model_parallel = layout.tp * layout.pp * layout.cp
+    if world_size < 1 or world_size % model_parallel:
         raise ConfigError(
             [
-                f"parallel.tp = {layout.tp}, parallel.pp = {layout.pp}: tp * pp = "
-                f"{layout.tp * layout.pp} must divide the world size {world_size}"
+                f"parallel.tp = {layout.tp}, parallel.pp = {layout.pp}, parallel.cp = "
+                f"{layout.cp}: tp * pp * cp = {model_parallel} must divide the world size "
+                f"{world_size}"
             ]
         )
     teacher = layout.teacher_layout()
+    if layout.teacher_has_own_layout and layout.cp > 1:
+        raise ConfigError(
+            [
+                f"parallel.teacher = {{tp: {teacher.tp}, pp: {teacher.pp}}} with parallel.cp = "
+                f"{layout.cp}: a teacher on a layout of its own runs whole sequences and cannot "
+                "yet send targets to context-parallel chunks; leave parallel.teacher unset"
+            ]
+        )
     if world_size % (teacher.tp * teacher.pp):
         raise ConfigError(
             [

@@ -70,11 +70,22 @@ def rank_microbatches(
     pad_id: int,
     seq_multiple: int = 1,
     packed: bool = False,
+    slot_multiple: int = 1,
 ) -> list[DistillMicrobatch]:
-    """This rank's microbatches, all of the step's largest ``[batch, seq]`` shape."""
+    """This rank's microbatches, all of the step's largest ``[batch, seq]`` shape.
+
+    ``slot_multiple`` (packed): each sequence's slot is padded to a multiple of it (``2 * cp``
+    under context parallelism); ``seq_multiple`` must be a multiple of it.
+    """
     if packed:
+
+        def slot(length: int) -> int:
+            return -(-length // slot_multiple) * slot_multiple
+
         fullest = max(
-            sum(len(samples[i].token_ids) for i in bin_) for rank in schedule.ranks for bin_ in rank
+            sum(slot(len(samples[i].token_ids)) for i in bin_)
+            for rank in schedule.ranks
+            for bin_ in rank
         )
         seq = -(-fullest // seq_multiple) * seq_multiple
         return [
@@ -85,6 +96,7 @@ def rank_microbatches(
                 seq,
                 positions,
                 pad_id=pad_id,
+                slot_multiple=slot_multiple,
             )
             for index, bin_ in enumerate(schedule.ranks[dp_rank])
         ]

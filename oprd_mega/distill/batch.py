@@ -11,6 +11,10 @@ with ``cu_seqlens`` marking where each starts; the tail padding is one more sequ
 attend within each sequence only and restart rotary positions at each start
 (:meth:`DistillMicrobatch.packed_seq_params`), so the masks and row selections stay the same
 functions of a ``[batch, seq]`` layout.
+
+Under context parallelism each rank keeps its load-balanced share of every sequence
+(:func:`context_shard`, :mod:`oprd_mega.parallel.context`); tokens, masks and labels are split
+alike, so every row selection above applies unchanged to the rank's ``[batch, seq / cp]``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from oprd_mega.distill.positions import (
     packed_position_mask,
     padded_position_mask,
 )
+from oprd_mega.parallel.context import check_slots, context_positions
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,8 @@ class DistillMicrobatch:
     ``supervised``: OPRD positions (response tokens chosen by the position spec).
     ``predicts``: OPD positions, those whose next token is a response token; ``labels`` holds
     that next token (0 elsewhere). ``cu_seqlens`` (int32, packed microbatches only): sequence
-    boundaries within the single row.
+    boundaries within the single row. ``context_parallel``: the context-parallel size the
+    tensors were split for (:func:`context_shard`; ``cu_seqlens`` stays the full row's).
     """
 
     index: int
@@ -46,11 +52,12 @@ class DistillMicrobatch:
     predicts: torch.Tensor
     labels: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
+    context_parallel: int = 1
 
     @property
     def shape(self) -> tuple[int, int]:
-        """``(batch, seq)``."""
-        return int(self.tokens.shape[0]), int(self.tokens.shape[1])
+        """``(batch, seq)`` of the full microbatch (``seq / cp`` tokens of it on this rank)."""
+        return int(self.tokens.shape[0]), int(self.tokens.shape[1]) * self.context_parallel
 
     def packed_seq_params(self, device: torch.device | str) -> PackedSeqParams | None:
         """Megatron's THD description of a packed microbatch (``None`` when padded)."""
@@ -97,26 +104,43 @@ def make_packed_microbatch(
     seq_length: int,
     positions: PositionSpec,
     pad_id: int = 0,
+    slot_multiple: int = 1,
 ) -> DistillMicrobatch:
-    """Pack ``sequences`` back to back into one row of ``seq_length`` tokens (THD layout)."""
+    """Pack ``sequences`` back to back into one row of ``seq_length`` tokens (THD layout).
+
+    ``slot_multiple``: each sequence's slot is right-padded to a multiple of it (``2 * cp``
+    under context parallelism, which splits every slot); ``seq_length`` must be one too.
+    """
     _response_lengths(sequences, prompt_lengths)
     lengths = [len(ids) for ids in sequences]
-    if sum(lengths) > seq_length:
-        raise ValueError(
-            f"microbatch: {len(sequences)} sequences hold {sum(lengths)} tokens, more than "
-            f"seq_length {seq_length}"
-        )
     if 0 in lengths:
         raise ValueError(f"microbatch: sequence {lengths.index(0)} is empty")
-    flat = [token for ids in sequences for token in ids]
+    if seq_length % slot_multiple:
+        raise ValueError(
+            f"microbatch: seq_length {seq_length} is not a multiple of the slot multiple "
+            f"{slot_multiple}"
+        )
+    padded = [-(-length // slot_multiple) * slot_multiple for length in lengths]
+    if sum(padded) > seq_length:
+        raise ValueError(
+            f"microbatch: {len(sequences)} sequences hold {sum(padded)} tokens"
+            + (f" (slots padded to multiples of {slot_multiple})" if slot_multiple > 1 else "")
+            + f", more than seq_length {seq_length}"
+        )
+    flat = [
+        token
+        for ids, slot in zip(sequences, padded, strict=True)
+        for token in [*ids, *[pad_id] * (slot - len(ids))]
+    ]
     tail = seq_length - len(flat)
     tokens = torch.tensor(flat + [pad_id] * tail, dtype=torch.long).unsqueeze(0)
     # the tail padding is one more (empty-response) sequence, so cu_seqlens covers the row
-    slots = lengths + ([tail] if tail else [])
+    slots = padded + ([tail] if tail else [])
     prompts = list(prompt_lengths) + ([tail] if tail else [])
-    responses = [length - prompt for length, prompt in zip(slots, prompts, strict=True)]
-    supervised = packed_position_mask(prompts, responses, positions).unsqueeze(0)
-    response = packed_position_mask(prompts, responses, PositionSpec("all")).unsqueeze(0)
+    responses = [length - prompt for length, prompt in zip(lengths, prompt_lengths, strict=True)]
+    responses += [0] if tail else []
+    supervised = packed_position_mask(prompts, responses, positions, slots).unsqueeze(0)
+    response = packed_position_mask(prompts, responses, PositionSpec("all"), slots).unsqueeze(0)
     cu_seqlens = torch.tensor([0, *itertools.accumulate(slots)], dtype=torch.int32)
     return _with_opd_masks(index, tokens, supervised, response, cu_seqlens)
 
@@ -150,6 +174,35 @@ def _with_opd_masks(
     labels = torch.zeros_like(tokens)
     labels[:, :-1] = torch.where(predicts[:, :-1], tokens[:, 1:], torch.zeros_like(tokens[:, 1:]))
     return DistillMicrobatch(index, tokens, supervised, predicts, labels, cu_seqlens)
+
+
+def context_shard(
+    batch: DistillMicrobatch, cp: int | None = None, rank: int | None = None
+) -> DistillMicrobatch:
+    """This context-parallel rank's share of ``batch`` (default: Megatron's CP group): tokens,
+    masks and labels ``[batch, seq / cp]``, each sequence's chunks ``rank`` and
+    ``2 * cp - 1 - rank``. Labels and OPD masks were formed on the full row, so a chunk's last
+    token still predicts the first token of the next chunk."""
+    if batch.context_parallel != 1:
+        raise ValueError(f"microbatch {batch.index} is already split for context parallelism")
+    cp = parallel_state.get_context_parallel_world_size() if cp is None else cp
+    rank = parallel_state.get_context_parallel_rank() if rank is None else rank
+    if cp == 1:
+        return batch
+    seq = int(batch.tokens.shape[1])
+    bounds = [0, seq] if batch.cu_seqlens is None else batch.cu_seqlens.tolist()
+    try:
+        check_slots(bounds, cp)
+    except ValueError as exc:
+        raise ValueError(f"microbatch {batch.index} (seq_length {seq}): {exc}") from None
+    keep = context_positions(bounds, cp, rank)
+    return DistillMicrobatch(
+        batch.index,
+        *(t.index_select(1, keep) for t in (batch.tokens, batch.supervised, batch.predicts)),
+        batch.labels.index_select(1, keep),
+        batch.cu_seqlens,
+        cp,
+    )
 
 
 def sequence_major(mask: torch.Tensor) -> torch.Tensor:

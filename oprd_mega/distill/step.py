@@ -37,7 +37,7 @@ from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
 )
 
-from oprd_mega.distill.batch import DistillMicrobatch, local_rows, sequence_major
+from oprd_mega.distill.batch import DistillMicrobatch, context_shard, local_rows, sequence_major
 from oprd_mega.distill.opd import OPDOptions, opd_loss
 from oprd_mega.distill.options import OptimizerOptions, StepOptions
 from oprd_mega.distill.projection import PROJECTION_ATTR, SHARED_KEY, is_projection_param
@@ -190,6 +190,8 @@ class DistillStep:
             raise ValueError("parallel.teacher: OPD needs the teacher on the student's layout")
         if teacher_placement is not None and unwrap(teacher).config.sequence_parallel:
             raise ValueError("parallel.teacher: the teacher on its own layout runs without SP")
+        if teacher_placement is not None and parallel_state.get_context_parallel_world_size() > 1:
+            raise ValueError("parallel.teacher: the teacher on its own layout runs without CP")
         if (
             teacher_placement is None
             and bool(unwrap(teacher).config.sequence_parallel) != self.sequence_parallel
@@ -253,6 +255,7 @@ class DistillStep:
         options = self.options
         n_sup = self._global_count(microbatches, "supervised")
         n_opd = self._global_count(microbatches, "predicts")
+        microbatches = [context_shard(batch) for batch in microbatches]  # this CP rank's share
         self.teacher.eval()
         teacher_start = time.perf_counter()
         # distillation.overlap_teacher where the layout allows (same layout, no pipeline)
@@ -398,10 +401,11 @@ class DistillStep:
         for layer, value in stats.loss.items():
             layers[0, layer - 1] = float(value)
             layers[1, layer - 1] = float(stats.cosine[layer])
-        dist.all_reduce(layers, group=parallel_state.get_data_parallel_group())
+        data_and_context = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        dist.all_reduce(layers, group=data_and_context)  # CP ranks summed their own chunks
         if self.sequence_parallel:  # each TP rank summed its own sequence shard
             dist.all_reduce(layers, group=parallel_state.get_tensor_model_parallel_group())
-        dist.all_reduce(opd_sums, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(opd_sums, group=data_and_context)
         if not parallel_state.is_pipeline_last_stage():
             opd_sums.zero_()
         stacked = torch.cat([layers.reshape(-1), opd_sums])

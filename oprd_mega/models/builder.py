@@ -114,6 +114,7 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
         persist_layer_norm=False,

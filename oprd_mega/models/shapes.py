@@ -1,10 +1,13 @@
-"""The one rule for how a model's shapes split over tensor and pipeline parallelism.
+"""The one rule for how a model's shapes split over tensor, pipeline and context parallelism.
 
 Megatron needs the tensor-parallel size to divide the attention heads, the KV heads (query
 groups), the FFN width and the vocabulary (``VocabParallelEmbedding`` splits it evenly), and
 every pipeline stage to hold at least one layer, the stages between the first and the last
 equally many (an uneven split is chosen automatically, or set by hand as a
-:class:`PipelineSplit`). The vocabulary is padded to a multiple of
+:class:`PipelineSplit`). Context parallelism splits every sequence into ``2 x cp`` equal chunks
+(two per rank, load-balanced for causal attention); with sequence parallelism each rank's ``2``
+chunks split again over ``tp``, so a padded sequence length must be a multiple of
+:func:`sequence_multiple`. The vocabulary is padded to a multiple of
 ``make_vocab_size_divisible_by`` alone (not times TP as in Megatron-LM, so the padded size, and
 with it every checkpoint, is the same at every TP); TP must divide that multiple. The config
 checks, the model builder and the bridge builder all ask :func:`shape_problems`; each names the
@@ -14,6 +17,7 @@ accepts the others accept too.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -70,10 +74,10 @@ class ModelShape(Protocol):
 
 @dataclass(frozen=True)
 class ShapeProblem:
-    """One violation: which knob (``tp``, ``pp``, the model's ``pipeline_split``), its value,
-    and what it must satisfy."""
+    """One violation: which knob (``tp``, ``pp``, ``cp``, the model's ``pipeline_split``), its
+    value, and what it must satisfy."""
 
-    knob: Literal["tp", "pp", "pipeline_split"]
+    knob: Literal["tp", "pp", "cp", "pipeline_split"]
     value: int | PipelineSplit
     detail: str
 
@@ -140,12 +144,47 @@ def layers_per_stage(num_layers: int, pp: int, split: PipelineSplit | None = Non
     return ([first] if first is not None else []) + middle + ([last] if last is not None else [])
 
 
+def sequence_multiple(*, tp: int = 1, cp: int = 1, sp: bool = False) -> int:
+    """What every padded sequence length must be a multiple of: ``2 * cp`` chunks under context
+    parallelism, each rank's ``s / cp`` tokens split over ``tp`` under sequence parallelism."""
+    multiple = 2 * cp if cp > 1 else 1
+    if sp:
+        multiple = math.lcm(multiple, cp * tp)
+    return multiple
+
+
 def shape_problems(
-    model: ModelShape, *, tp: int, pp: int, num_layers: int | None = None, name: str = "model"
+    model: ModelShape,
+    *,
+    tp: int,
+    pp: int,
+    num_layers: int | None = None,
+    name: str = "model",
+    cp: int = 1,
+    sp: bool = False,
+    seq_length: tuple[str, int] | None = None,
 ) -> list[ShapeProblem]:
-    """Every way ``tp``/``pp`` does not fit ``model`` run to depth ``num_layers`` (default all
-    layers); ``name`` ("student", "teacher") appears in the details."""
+    """Every way ``tp``/``pp``/``cp`` does not fit ``model`` run to depth ``num_layers``
+    (default all layers); ``name`` ("student", "teacher") appears in the details.
+    ``seq_length``: ``(what it is called, value)`` of a length every padded sequence takes a
+    multiple of, checked against :func:`sequence_multiple`."""
     problems = []
+    if cp < 1:
+        problems.append(ShapeProblem("cp", cp, "must be a positive integer"))
+    elif seq_length is not None:
+        what, length = seq_length
+        multiple = sequence_multiple(tp=tp, cp=cp, sp=sp)
+        if length % multiple:
+            chunks = f"2 x cp = {2 * cp} chunks" + (
+                f", each rank's share split over tp = {tp} (sequence parallelism)" if sp else ""
+            )
+            problems.append(
+                ShapeProblem(
+                    "cp",
+                    cp,
+                    f"{what} ({length}) must be a multiple of {multiple} ({chunks})",
+                )
+            )
     for field in TP_DIVIDES:
         count = getattr(model, field)
         if tp < 1 or count % tp:

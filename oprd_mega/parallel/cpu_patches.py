@@ -84,6 +84,8 @@ class CudaToCpuMode(TorchFunctionMode):
                 return args[0]
             if _is_cuda_device(kwargs.get("device")):
                 kwargs = {**kwargs, "device": "cpu"}
+            if kwargs.get("pin_memory"):  # no pinned-memory allocator without an accelerator
+                kwargs = {**kwargs, "pin_memory": False}
         if (
             self.tensor_type
             and func is torch.Tensor.type
@@ -133,7 +135,8 @@ PATCHES: tuple[CpuPatch, ...] = (
     ),
     CpuPatch(
         "cuda_device_kwargs",
-        'schedules, clip_grads, causal masks allocate with device="cuda" or call .cuda()',
+        'schedules, clip_grads, causal masks allocate with device="cuda" or call .cuda(); '
+        "context-parallel RoPE allocates with pin_memory=True",
         _patch_cuda_device_kwargs,
     ),
     CpuPatch(

@@ -132,22 +132,24 @@ def init_distributed(
             timeout=timedelta(minutes=timeout_minutes),
         )
     world_size = dist.get_world_size()
-    layout.data_parallel_size(world_size)  # raises when tp*pp does not divide the world
+    layout.data_parallel_size(world_size)  # raises when tp*pp*cp does not divide the world
 
     if parallel_state.model_parallel_is_initialized():
         current = (
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
         )
-        if current != (layout.tp, layout.pp):
+        if current != (layout.tp, layout.pp, layout.cp):
             raise RuntimeError(
                 f"Megatron parallel_state is already initialised with TP{current[0]}PP{current[1]}"
-                f", cannot switch to {layout}; call destroy_distributed() first"
+                f"CP{current[2]}, cannot switch to {layout}; call destroy_distributed() first"
             )
     else:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tp,
             pipeline_model_parallel_size=layout.pp,
+            context_parallel_size=layout.cp,
             distributed_timeout_minutes=timeout_minutes,
         )
         tensor_parallel.model_parallel_cuda_manual_seed(seed)

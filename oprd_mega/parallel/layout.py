@@ -1,5 +1,5 @@
-"""The parallel layout of the models: tensor, pipeline and data parallel sizes; the teacher may
-run on its own tensor/pipeline sizes over the same ranks."""
+"""The parallel layout of the models: tensor, pipeline, context and data parallel sizes; the
+teacher may run on its own tensor/pipeline sizes over the same ranks."""
 
 from __future__ import annotations
 
@@ -29,18 +29,20 @@ class TeacherLayout:
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Tensor (``tp``), pipeline (``pp``) parallel sizes and sequence parallelism (``sp``).
+    """Tensor (``tp``), pipeline (``pp``), context (``cp``) parallel sizes and sequence
+    parallelism (``sp``).
 
-    The data-parallel size follows from the world size: ``world_size // (tp * pp)``.
+    The data-parallel size follows from the world size: ``world_size // (tp * pp * cp)``.
     """
 
     tp: int = 1
     pp: int = 1
     sp: bool = False
+    cp: int = 1
     teacher: TeacherLayout = TeacherLayout()
 
     def __post_init__(self) -> None:
-        for field in ("tp", "pp"):
+        for field in ("tp", "pp", "cp"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(
@@ -51,20 +53,22 @@ class ParallelLayout:
 
     def data_parallel_size(self, world_size: int) -> int:
         """The data-parallel size for ``world_size`` processes; raises if it does not divide."""
-        if world_size % (self.tp * self.pp):
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
             raise ValueError(
-                f"world size {world_size} is not divisible by tp*pp = {self.tp}*{self.pp}"
+                f"world size {world_size} is not divisible by tp*pp*cp = "
+                f"{self.tp}*{self.pp}*{self.cp}"
             )
-        return world_size // (self.tp * self.pp)
+        return world_size // model_parallel
 
     def teacher_layout(self) -> ParallelLayout:
         """The teacher's layout: its own tp/pp where set, the student's otherwise. On a layout
-        of its own the teacher runs without sequence parallelism (it ships whole rows and each
-        student rank keeps its sequence shard)."""
+        of its own the teacher runs without sequence or context parallelism (it ships whole
+        rows and each student rank keeps its sequence shard; the config refuses cp > 1 there)."""
         tp = self.tp if self.teacher.tp is None else self.teacher.tp
         pp = self.pp if self.teacher.pp is None else self.teacher.pp
         if (tp, pp) == (self.tp, self.pp):
-            return ParallelLayout(tp=self.tp, pp=self.pp, sp=self.sp)
+            return ParallelLayout(tp=self.tp, pp=self.pp, sp=self.sp, cp=self.cp)
         return ParallelLayout(tp=tp, pp=pp)
 
     @property
@@ -74,7 +78,11 @@ class ParallelLayout:
         return (layout.tp, layout.pp) != (self.tp, self.pp)
 
     def __str__(self) -> str:
-        text = f"TP{self.tp}PP{self.pp}" + ("+SP" if self.sp else "")
+        text = (
+            f"TP{self.tp}PP{self.pp}"
+            + (f"CP{self.cp}" if self.cp > 1 else "")
+            + ("+SP" if self.sp else "")
+        )
         if self.teacher_has_own_layout:
             teacher = self.teacher_layout()
             text += f" (teacher TP{teacher.tp}PP{teacher.pp})"

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from oprd_mega.convert.gather import Include, gather_hf_weights
 from oprd_mega.models.hf_config import HFModelArgs
 from oprd_mega.models.running import forward_only, unwrap
-from oprd_mega.models.shapes import real_vocab_size
+from oprd_mega.models.shapes import real_vocab_size, sequence_multiple
+from oprd_mega.parallel.context import context_positions, gathered_positions
 from oprd_mega.parallel.distributed import broadcast_object
 from oprd_mega.rollout.weight_sync import SyncReport, WeightSync, WeightSyncError
 
@@ -44,20 +45,32 @@ def _megatron_logits(model: torch.nn.Module, tokens: Sequence[int]) -> torch.Ten
     inner = unwrap(model)
     device = next(inner.parameters()).device
     length = len(tokens)
-    multiple = ps.get_tensor_model_parallel_world_size() if inner.config.sequence_parallel else 1
+    cp = ps.get_context_parallel_world_size()
+    multiple = sequence_multiple(
+        tp=ps.get_tensor_model_parallel_world_size(), cp=cp, sp=inner.config.sequence_parallel
+    )
     padded = list(tokens) + [0] * (-length % multiple)  # causal: padding after changes nothing
     ids = torch.tensor([padded], dtype=torch.long, device=device)
+    bounds = [0, len(padded)]
+    if cp > 1:  # this rank's load-balanced chunks (oprd_mega.parallel.context)
+        keep = context_positions(bounds, cp, ps.get_context_parallel_rank()).to(device)
+        ids = ids.index_select(1, keep)
 
     results = forward_only(
         model,
         [ids],
-        seq_length=ids.shape[1],
+        seq_length=len(padded),
         micro_batch_size=1,
         outputs=lambda _ids, out: {"logits": out.detach()},
     )
     if not ps.is_pipeline_last_stage():
         return None
-    logits = gather_from_tensor_model_parallel_region(results[0]["logits"])
+    logits = gather_from_tensor_model_parallel_region(results[0]["logits"])  # [1, s / cp, V]
+    if cp > 1:  # every rank's chunks, back in sequence order
+        shares = [torch.empty_like(logits) for _ in range(cp)]
+        dist.all_gather(shares, logits.contiguous(), group=ps.get_context_parallel_group())
+        order = torch.argsort(gathered_positions(bounds, cp)).to(device)
+        logits = torch.cat(shares, dim=1).index_select(1, order)
     return logits[0, :length, : real_vocab_size(model)].float()
 
 

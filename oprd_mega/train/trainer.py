@@ -46,6 +46,7 @@ from oprd_mega.distill.build import build_step, build_teacher
 from oprd_mega.distill.layers import teacher_depth
 from oprd_mega.models import build_gpt_model
 from oprd_mega.models.builder import resolve_dtype
+from oprd_mega.models.shapes import sequence_multiple
 from oprd_mega.models.specs import resolve_use_te
 from oprd_mega.parallel import init_distributed, on_rank0
 from oprd_mega.parallel.model_groups import init_model_groups
@@ -492,7 +493,8 @@ class Trainer:
             config.batch.microbatch_multiple,
             self.cost,
         )
-        seq_multiple = config.parallel.tp if config.parallel.sp else 1
+        layout = config.parallel
+        seq_multiple = sequence_multiple(tp=layout.tp, cp=layout.cp, sp=layout.sp)
         microbatches = rank_microbatches(
             samples,
             schedule,
@@ -501,6 +503,7 @@ class Trainer:
             pad_id=self.pad_id,
             seq_multiple=seq_multiple,
             packed=config.batch.pack_sequences,
+            slot_multiple=sequence_multiple(cp=layout.cp),
         )
         return microbatches, schedule.imbalance
 

@@ -151,3 +151,32 @@ def test_a_hand_set_split_needs_a_pipeline() -> None:
         "student.pipeline_split = {first: 1}: the student runs 4 layer(s): a hand-set split needs "
         "at least 2 pipeline stages, not 1"
     ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "multiple"),
+    [
+        (["parallel.cp=2"], 4),
+        (["parallel.cp=3"], 6),
+        (["parallel.cp=2", "parallel.tp=4", "parallel.sp=true"], 8),
+        (["parallel.cp=3", "parallel.tp=2", "parallel.sp=true"], 6),
+    ],
+)
+def test_context_parallel_needs_a_token_budget_of_whole_chunks(
+    overrides: list[str], multiple: int
+) -> None:
+    """2 x cp chunks (each rank's two split over tp under SP): the budget must be a multiple,
+    and the error names both keys."""
+    model = _model(4, 64)
+    fits = minimal(*overrides, f"batch.max_tokens_per_microbatch={multiple * 100}")
+    check_models(fits, model, model)
+    cp = next(o for o in overrides if o.startswith("parallel.cp=")).split("=")[1]
+    budget = multiple * 100 + multiple // 2
+    config = minimal(*overrides, f"batch.max_tokens_per_microbatch={budget}")
+    with pytest.raises(ConfigError) as info:
+        check_models(config, model, model)
+    (problem,) = info.value.problems
+    assert problem.startswith(
+        f"parallel.cp = {cp}: batch.max_tokens_per_microbatch ({budget}) must be a multiple of "
+        f"{multiple} (2 x cp = {2 * int(cp)} chunks"
+    )

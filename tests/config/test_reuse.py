@@ -156,6 +156,8 @@ def test_dtypes_are_the_ones_the_model_builder_accepts() -> None:
         ([], 8, 8),
         (["parallel.tp=2"], 8, 4),
         (["parallel.tp=2", "parallel.pp=2"], 16, 4),
+        (["parallel.cp=2"], 8, 4),
+        (["parallel.tp=2", "parallel.cp=2"], 8, 2),
     ],
 )
 def test_data_parallel_size(overrides: list[str], world: int, dp: int) -> None:
@@ -168,6 +170,13 @@ def test_world_size_not_divisible_names_tp_and_pp() -> None:
     (problem,) = info.value.problems
     assert "parallel.tp = 2, parallel.pp = 2" in problem
     assert "must divide the world size 6" in problem
+
+
+def test_world_size_not_divisible_names_cp() -> None:
+    with pytest.raises(ConfigError) as info:
+        data_parallel_size(minimal("parallel.tp=2", "parallel.cp=2"), 6)
+    (problem,) = info.value.problems
+    assert "parallel.tp = 2, parallel.pp = 1, parallel.cp = 2: tp * pp * cp = 4" in problem
 
 
 def test_too_few_samples_for_the_ranks_names_prompts_per_step() -> None:

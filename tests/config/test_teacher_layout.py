@@ -38,6 +38,17 @@ def test_teacher_layout_must_divide_the_world_size() -> None:
     assert "world size 2" in problem
 
 
+def test_context_parallelism_keeps_the_teacher_on_the_students_layout() -> None:
+    """With cp > 1 the teacher shares the student's CP groups; its own layout is refused."""
+    config = minimal("parallel.cp=2", "batch.max_tokens_per_microbatch=512")
+    assert config.parallel.teacher_layout() == ParallelLayout(cp=2)
+    own = minimal("parallel.cp=2", "parallel.teacher.tp=2", "batch.max_tokens_per_microbatch=512")
+    with pytest.raises(ConfigError) as info:
+        data_parallel_size(own, 4)
+    (problem,) = info.value.problems
+    assert problem.startswith("parallel.teacher = {tp: 2, pp: 1} with parallel.cp = 2:")
+
+
 @pytest.mark.parametrize("size", ["0", "-1", "x"])
 def test_teacher_size_must_be_a_positive_integer(size: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -1,13 +1,15 @@
-"""One OPRD / OPD step under Megatron at six layouts, against a float64 transformers oracle.
+"""One OPRD / OPD step under Megatron at nine layouts, against a float64 transformers oracle.
 
 One torchrun launch (4 gloo processes, Megatron start-up dominates) runs every case at its
-layouts (15 by default, the full matrix of 27 with ``-m slow``); the tests read its results.
+layouts (30 by default, the full matrix of 60 with ``-m slow``); the tests read its results.
 Student: Llama, 4 layers, hidden 32; teacher: Llama, 6 layers, hidden 48 (a hidden-32 one for
 identity). Tapped student layers 1-3 pair with teacher layers 1, 3, 4 (phi), so the teacher is
 truncated at 4 layers; at PP2 the student holds layers 1-2 | 3-4 and the truncated teacher
 1-2 | 3-4: layer 2's target crosses from stage 1 to stage 0. Four processes give TP1PP1 = DP4
 (one sample per rank), TP2 and TP2+SP = DP2, PP2 = DP2, TP2xPP2 = DP1 (two microbatches of
-two): loss, gradients and parameters after one AdamW step must not depend on the split.
+two), CP2 = DP2, CP2 x TP2+SP = DP1 and CP2 x PP2 = DP1 (context parallelism: each rank
+holds two of the four load-balanced chunks of every sequence, packed ones too): loss, gradients
+and parameters after one AdamW step must not depend on the split.
 """
 
 from __future__ import annotations
@@ -21,17 +23,21 @@ from tests.real_shapes import REAL_SHAPED
 from tests.torchrun_utils import run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "step_worker.py"
-ALL = [[1, 1, False], [2, 1, False], [2, 1, True], [1, 2, False], [2, 2, False]]
+# [tp, pp, sp] or [tp, pp, sp, {options}]: cp, teacher ([tp, pp] of its own), split (by hand)
+CP2, CP2_TP2 = [1, 1, False, {"cp": 2}], [2, 1, True, {"cp": 2}]
+CP2_PP2 = [1, 2, False, {"cp": 2}]
+ALL = [
+    *[[1, 1, False], [2, 1, False], [2, 1, True], [1, 2, False], [2, 2, False]],
+    *[CP2, CP2_TP2, CP2_PP2],
+]
 SOME = [[1, 1, False], [2, 1, True], [2, 2, False]]
 # The teacher on its own layout (parallel.teacher: [tp, pp]): student TP2 = DP2 with teacher
 # TP1 = DP4, student PP2 = DP2 with teacher TP2 = DP2, student TP2+SP with teacher TP1.
 OWN_TEACHER = [[2, 1, False, {"teacher": [1, 1]}], [1, 2, False, {"teacher": [2, 1]}]]
 OWN_TEACHER_SP = [2, 1, True, {"teacher": [1, 1]}]
-NAMES = {"TP1PP1", "TP2PP1", "TP2PP1+SP", "TP1PP2", "TP2PP2"} | {
-    "TP2PP1/teacher-TP1PP1",
-    "TP1PP2/teacher-TP2PP1",
-    "TP2PP1+SP/teacher-TP1PP1",
-}
+NAMES = {"TP1PP1", "TP2PP1", "TP2PP1+SP", "TP1PP2", "TP2PP2"}
+NAMES |= {"TP1PP1CP2", "TP2PP1CP2+SP", "TP1PP2CP2"}
+NAMES |= {"TP2PP1/teacher-TP1PP1", "TP1PP2/teacher-TP2PP1", "TP2PP1+SP/teacher-TP1PP1"}
 BASE = {"layers": [1, 2, 3], "per_layer": True, "normalize": False, "last_k": 5}
 CASES = [
     {
@@ -192,8 +198,8 @@ LR = 1e-3
 # Parameters after AdamW: the first step moves each entry by about lr * g / (|g| + eps), so a
 # gradient error e shows as up to lr * e / eps (eps = 1e-6) on entries whose gradient is ~0.
 GRAD_REL, PARAM_ABS, LOSS_REL = 2e-5, 2e-2 * LR, 1e-5
-# The default run: every layout for the main case, two or one for the others (15 layouts in
-# one launch); the full matrix (27) runs with ``-m slow``.
+# The default run: every layout for the main case, two to five for the others (30 layouts in
+# one launch); the full matrix (60) runs with ``-m slow``.
 FAST_LAYOUTS = {
     "full-plain": ALL + OWN_TEACHER,
     "full-plain-overlap": [[1, 1, False], [2, 1, True]],
@@ -201,10 +207,10 @@ FAST_LAYOUTS = {
     "identity-all": [[2, 1, True]],
     "bridge": [[1, 1, False], [2, 1, True], OWN_TEACHER_SP],
     "bridge-mlp": [[1, 2, False], [2, 1, True]],
-    "opd-top1": [[1, 1, False], [2, 2, False]],
+    "opd-top1": [[1, 1, False], [2, 2, False], CP2],
     "opd-topk": [[1, 1, False], [2, 1, True]],
     "combined": [[2, 2, False]],
-    "combined-packed": [[1, 1, False], [2, 1, True], [1, 2, False]],
+    "combined-packed": [[1, 1, False], [2, 1, True], [1, 2, False], CP2, CP2_TP2],
     "real-llama3.2-from-qwen2.5-yarn": [[1, 1, False], [2, 2, False]],
     "real-qwen3-from-r1-distill": [[2, 1, False], [1, 2, False]],
     "pp4-uneven": [[1, 4, False], [1, 4, False, {"split": PP4_SPLITS}]],
@@ -325,6 +331,15 @@ def test_student_never_runs_its_output_layer(suite) -> None:
     for case in cases:
         for layout, got in results[case["name"]]["layouts"].items():
             assert got["student_head_calls"] == 0, (case["name"], layout)
+
+
+def test_weight_sync_probe_gives_full_sequence_logits_at_every_layout(suite) -> None:
+    """The probe's Megatron forward (context-parallel chunks gathered back in order) against
+    the float64 oracle's logits of the same sequence."""
+    cases, results = suite
+    for case in cases:
+        for layout, got in results[case["name"]]["layouts"].items():
+            assert got["probe_logits_abs"] <= 1e-4, (case["name"], layout)
 
 
 def test_full_projection_is_optimised_and_checkpointed(suite) -> None:

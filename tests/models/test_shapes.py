@@ -11,6 +11,7 @@ from oprd_mega.models.shapes import (
     PipelineSplit,
     layers_per_stage,
     pipeline_split,
+    sequence_multiple,
     shape_problems,
     split_problem,
 )
@@ -156,3 +157,31 @@ def test_the_vocabulary_is_padded_to_the_multiple_alone_and_tp_must_divide_it() 
     assert problem.detail.startswith("must divide student.make_vocab_size_divisible_by (3)")
     with pytest.raises(ValueError, match="make_vocab_size_divisible_by must be a positive"):
         _model(make_vocab_size_divisible_by=0)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("sp", [False, True])
+def test_sequence_multiple_is_the_least_length_every_split_divides(
+    cp: int, tp: int, sp: bool
+) -> None:
+    """Brute force: the least positive length that splits into 2 x cp equal chunks (cp > 1)
+    and whose per-rank share (2 chunks) splits over tp under sequence parallelism."""
+
+    def splits(length: int) -> bool:
+        if cp > 1 and length % (2 * cp):
+            return False
+        return not (sp and (length % cp or (length // cp) % tp))
+
+    least = next(length for length in range(1, 1000) if splits(length))
+    assert sequence_multiple(tp=tp, cp=cp, sp=sp) == least
+
+
+def test_context_parallel_problem_names_the_length() -> None:
+    model = _model()
+    assert shape_problems(model, tp=2, pp=1, cp=2, sp=True, seq_length=("seq", 16)) == []
+    (problem,) = shape_problems(model, tp=2, pp=1, cp=2, seq_length=("seq", 18))
+    assert (problem.knob, problem.value) == ("cp", 2)
+    assert problem.detail == "seq (18) must be a multiple of 4 (2 x cp = 4 chunks)"
+    (problem,) = shape_problems(model, tp=1, pp=1, cp=0)
+    assert problem.knob == "cp"

@@ -12,7 +12,8 @@ def test_valid_layout() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"), [({"tp": 0}, "tp"), ({"pp": -1}, "pp"), ({"sp": True}, "sp")]
+    ("kwargs", "message"),
+    [({"tp": 0}, "tp"), ({"pp": -1}, "pp"), ({"cp": 0}, "cp"), ({"sp": True}, "sp")],
 )
 def test_invalid_layout(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -46,3 +47,10 @@ def test_invalid_teacher_layout(kwargs: dict) -> None:
     field = next(iter(kwargs))
     with pytest.raises(ValueError, match=f"TeacherLayout.{field}"):
         TeacherLayout(**kwargs)
+
+
+def test_context_parallel_takes_its_share_of_the_world() -> None:
+    layout = ParallelLayout(tp=2, cp=2, sp=True)
+    assert layout.data_parallel_size(8) == 2 and str(layout) == "TP2PP1CP2+SP"
+    with pytest.raises(ValueError, match=r"tp\*pp\*cp = 2\*1\*2"):
+        layout.data_parallel_size(6)

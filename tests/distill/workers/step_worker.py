@@ -15,6 +15,7 @@ first layout's (TP1PP1) float32 result, and reports the max differences.
 
 import contextlib
 import faulthandler
+import functools
 import json
 import os
 import sys
@@ -40,16 +41,16 @@ SEQ, SAMPLES = 16, 4
 LR, EPS, WD, BETAS = 1e-3, 1e-6, 0.01, (0.9, 0.95)
 
 
-def use_layout(tp: int, pp: int, sp: bool):
+def use_layout(tp: int, pp: int, sp: bool, cp: int = 1):
     from oprd_mega.parallel import ParallelLayout, init_distributed, reset_model_parallel
 
     reset_model_parallel()  # frees the previous layout's process groups (gloo threads)
-    return init_distributed(ParallelLayout(tp=tp, pp=pp, sp=sp))
+    return init_distributed(ParallelLayout(tp=tp, pp=pp, sp=sp, cp=cp))
 
 
 def layout_extras(layout: list) -> dict:
-    """A layout's options after ``[tp, pp, sp]``: ``teacher`` ([tp, pp] of its own groups),
-    ``split`` (hand-set pipeline splits per model)."""
+    """A layout's options after ``[tp, pp, sp]``: ``cp``, ``teacher`` ([tp, pp] of its own
+    groups), ``split`` (hand-set pipeline splits per model)."""
     return layout[3] if len(layout) > 3 else {}
 
 
@@ -65,8 +66,11 @@ def own_teacher_groups(layout: list):
 
 
 def layout_name(layout: list) -> str:
+    """``[tp, pp, sp, {cp: 2}]`` -> ``TP2PP1CP2+SP``; `` split``, ``/teacher-TP1PP1`` added."""
+    from oprd_mega.parallel import ParallelLayout
+
     extras = layout_extras(layout)
-    name = f"TP{layout[0]}PP{layout[1]}" + ("+SP" if layout[2] else "")
+    name = str(ParallelLayout(*layout[:3], cp=extras.get("cp", 1)))
     if "split" in extras:
         name += " split"  # set by hand per model
     if "teacher" in extras:
@@ -217,6 +221,7 @@ def oracle(case: dict, work: Path) -> dict:
         "grads": {n: g.detach().clone() for n, g in grads.items()},
         "params": {n: p.detach().clone() for n, p in params.items()},
         "teacher_hidden": {n: h.detach() for n, h in t_hidden.items()},
+        "student_logits0": s_logits[0, : len(data[0][0])].detach(),
     }
 
 
@@ -319,11 +324,13 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.distill.taps import KernelOptions
     from oprd_mega.models import build_gpt_model, load_hf_config
     from oprd_mega.models.running import unwrap
-    from oprd_mega.models.shapes import PipelineSplit
+    from oprd_mega.models.shapes import PipelineSplit, sequence_multiple
+    from oprd_mega.rollout.megatron_sync import _megatron_logits
     from tests.torchrun_utils import stage_layers
 
     tp, pp, sp = layout[:3]
-    use_layout(tp, pp, sp)
+    cp = layout_extras(layout).get("cp", 1)
+    use_layout(tp, pp, sp, cp)
     teacher_groups = own_teacher_groups(layout)
     hand_set = layout_extras(layout).get("split", {})
     splits = {k: PipelineSplit(**v) for k, v in hand_set.items()}
@@ -370,7 +377,12 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     # packed: a rank's samples two to a row (THD), so that sequences really share rows
     mbs = 2 if dp == 1 or (packed and per_rank > 1) else 1
     spec_positions = PositionSpec("last_k", case["last_k"])
-    make = make_packed_microbatch if packed else make_microbatch
+    # packed under CP: every sequence's slot a multiple of 2 x cp, as the trainer pads it
+    make = (
+        functools.partial(make_packed_microbatch, slot_multiple=sequence_multiple(cp=cp))
+        if packed
+        else make_microbatch
+    )
     microbatches = [
         make(
             i,
@@ -382,6 +394,9 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         for i, j in enumerate(range(0, per_rank, mbs))
     ]
     teacher_checks = check_teacher(step, teacher, microbatches, ref, mine_samples, sp, mbs)
+    # the weight-sync probe's own forward (full-sequence logits) before the update
+    probe = _megatron_logits(model, samples()[0][0])
+    probe_abs = 0.0 if probe is None else float((probe - ref["student_logits0"]).abs().max())
     head_calls = [0]
     output_layer = getattr(unwrap(model), "output_layer", None)
     if output_layer is not None:
@@ -403,6 +418,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         **teacher_checks,
         "student_head_calls": int(all_max(head_calls[0])),
         "call_order": "".join(order),
+        "probe_logits_abs": all_max(probe_abs),
         "loss": result.loss,
         "oprd": result.oprd_loss,
         "opd": result.opd.get("pg_loss", 0.0),
@@ -454,7 +470,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
                 projection,
                 work
                 / (
-                    f"ckpt-{case['name']}-tp{tp}-pp{pp}"
+                    f"ckpt-{case['name']}-tp{tp}-pp{pp}-cp{cp}"
                     + ("-split" if hand_set else "")
                     + ("-own" if teacher_groups else "")
                 ),
@@ -487,10 +503,11 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
 
     from megatron.core import parallel_state
 
-    from oprd_mega.distill.batch import local_rows
+    from oprd_mega.distill.batch import context_shard, local_rows
     from oprd_mega.distill.teacher import teacher_pass
     from oprd_mega.distill.teacher_layout import teacher_pass_own_layout
     from oprd_mega.models.running import unwrap
+    from oprd_mega.parallel.context import context_positions
 
     inner = unwrap(teacher)
     out = {
@@ -504,11 +521,14 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
     if not step.plan.pairs:
         return out
     worst, rows_bad, dtypes = 0.0, 0, set()
+    cp = parallel_state.get_context_parallel_world_size()
+    cp_rank = parallel_state.get_context_parallel_rank()
+    shards = [context_shard(batch) for batch in microbatches]  # what the step feeds the teacher
     for dtype in (torch.float32, torch.bfloat16):
         plan = dataclasses.replace(step.plan, target_dtype=dtype)
         if step.teacher_placement is None:
-            targets = teacher_pass(teacher, microbatches, plan).targets
-        else:  # the teacher's own groups, targets routed to the student's ranks
+            targets = teacher_pass(teacher, shards, plan).targets
+        else:  # the teacher's own groups (no CP there), targets routed to the student's ranks
             targets = teacher_pass_own_layout(
                 teacher, microbatches, plan, step.teacher_placement
             ).targets
@@ -530,12 +550,19 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
                     tail = batch.shape[1] - cu[mbs]
                     parts.append(full.new_zeros(tail, full.shape[-1]))
                     hidden = torch.cat(parts).unsqueeze(1)  # [seq, 1, d]
+                if cp > 1:  # this rank's load-balanced chunks of every sequence
+                    bounds = (
+                        [0, hidden.shape[0]]
+                        if batch.cu_seqlens is None
+                        else batch.cu_seqlens.tolist()
+                    )
+                    hidden = hidden.index_select(0, context_positions(bounds, cp, cp_rank))
                 if sp:
                     tp = parallel_state.get_tensor_model_parallel_world_size()
                     shard = hidden.shape[0] // tp
                     rank = parallel_state.get_tensor_model_parallel_rank()
                     hidden = hidden[rank * shard : (rank + 1) * shard]
-                rows = local_rows(batch.supervised, sp)
+                rows = local_rows(shards[batch.index].supervised, sp)
                 want = hidden.reshape(-1, hidden.shape[-1])[rows]
                 if step.plan.bridge is not None:  # the teacher ships P_T (h - mu_T)
                     p_t, mu_t = step.plan.bridge[teacher_layer]

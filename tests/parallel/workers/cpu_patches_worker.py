@@ -96,6 +96,7 @@ def train_step_pp2(rank: int) -> None:
 
 def main() -> None:
     from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
     from megatron.core.optimizer.clip_grads import (
         clip_grad_by_total_norm_fp32,
         get_grad_norm_fp32,
@@ -138,9 +139,15 @@ def main() -> None:
     print(f"PATCH-OK synchronize rank={rank}", flush=True)
 
     expect_fail(lambda: get_default_causal_mask(5), "device='cuda' causal mask")
+    # context-parallel RoPE: this rank's chunks r and 3 - r of 4, indexed from pinned memory
+    positions = torch.arange(8.0).view(8, 1)
+    world = dist.group.WORLD
+    expect_fail(lambda: get_pos_emb_on_this_cp_rank(positions, 0, world), "pin_memory")
     cpu_patches.apply_cpu_patches(["cuda_device_kwargs"])
     mask = get_default_causal_mask(5)
     assert torch.equal(mask, torch.triu(torch.ones(5, 5), diagonal=1).bool())
+    chunks = get_pos_emb_on_this_cp_rank(positions, 0, world).view(-1).tolist()
+    assert chunks == [2.0 * rank, 2.0 * rank + 1, 6.0 - 2 * rank, 7.0 - 2 * rank], chunks
     assert torch.ones(2).cuda().device.type == "cpu"
     assert torch.zeros(1, device=torch.device("cuda", 0)).device.type == "cpu"
     print(f"PATCH-OK cuda_device_kwargs rank={rank}", flush=True)
