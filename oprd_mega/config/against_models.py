@@ -7,7 +7,7 @@ from typing import Protocol
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.schema import TrainConfig
 from oprd_mega.distill.layers import layer_pairs, teacher_depth
-from oprd_mega.models.shapes import shape_problems
+from oprd_mega.models.shapes import layers_per_stage, shape_problems
 
 
 class ModelShape(Protocol):
@@ -70,6 +70,10 @@ def check_models(
     ):
         for problem in shape_problems(model, tp=tp, pp=pp, num_layers=depth, name=name):
             problems.append(f"parallel.{problem.knob} = {problem.value}: {problem.detail}")
+    if 1 <= pp <= student.num_layers:
+        problems += config.training.recompute.stage_problems(
+            layers_per_stage(student.num_layers, pp)
+        )
     if problems:
         raise ConfigError(problems)
     return pairs

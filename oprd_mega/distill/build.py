@@ -69,13 +69,16 @@ def build_step(
     *,
     projection: ProjectionSpec | None = None,
     bridge: BridgeTensors | None = None,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
 ) -> DistillStep:
     """The step over an unwrapped student chunk and a teacher chunk (weights loaded).
 
     With a representation loss, this stage's projection (``projection``, identity when None;
     ``bridge``: the maps of mode ``bridge``, read by :mod:`oprd_mega.bridge.loaded`) is
     attached to the student before Megatron's DDP wraps it; the optimizer covers both. The step
-    holds the wrapped ``student`` and the ``optimizer``.
+    holds the wrapped ``student`` and the ``optimizer``. ``overlap_grad_reduce`` /
+    ``overlap_param_gather``: see :func:`~oprd_mega.distill.step.wrap_student`.
     """
     if options.uses_oprd:
         if projection is not None and projection.mode == "bridge" and bridge is None:
@@ -89,7 +92,12 @@ def build_step(
             sequence_parallel=bool(student.config.sequence_parallel),
             bridge=bridge,
         )
-    model = wrap_student(student, optimizer.use_distributed_optimizer)
+    model = wrap_student(
+        student,
+        optimizer.use_distributed_optimizer,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
+    )
     return DistillStep(
         model,
         teacher,
