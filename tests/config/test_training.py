@@ -4,6 +4,7 @@ starts; accepted ones reach Megatron's TransformerConfig unchanged."""
 from __future__ import annotations
 
 import pytest
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from oprd_mega.config import ConfigError
 from oprd_mega.config.against_models import check_models
@@ -103,7 +104,6 @@ def test_num_layers_that_fit_pass() -> None:
 def test_every_megatron_recompute_assert_is_checked_first() -> None:
     """What our check accepts, Megatron's TransformerConfig accepts; what Megatron refuses
     among the combinations, ours refuses first."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     def megatron_accepts(kwargs: dict) -> bool:
         try:
