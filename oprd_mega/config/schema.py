@@ -78,7 +78,7 @@ class TrainConfig(Section):
         projection = self.distillation.projection
         if (
             training.overlap_grad_reduce
-            and self.parallel.pp > 1
+            and (self.parallel.pp > 1 or training.recompute.granularity == "full")
             and self.distillation.uses_oprd
             and projection.mode == "full"
             and not projection.per_layer
@@ -87,8 +87,9 @@ class TrainConfig(Section):
                 "training.overlap_grad_reduce",
                 True,
                 "not supported with a shared projection (distillation.projection.per_layer = "
-                "false) under parallel.pp > 1: its gradient is summed over pipeline stages "
-                "before the data-parallel reduction",
+                "false) under parallel.pp > 1 (its gradient is summed over pipeline stages "
+                "before the data-parallel reduction) nor with training.recompute.granularity = "
+                "'full' (its gradient arrives once per checkpointed chunk)",
             )
         return self
 

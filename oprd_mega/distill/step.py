@@ -143,13 +143,19 @@ def wrap_student(
             "(only the distributed optimizer gathers parameters)"
         )
     shared = [n for n, _ in model.named_parameters() if n.endswith(f"weights.{SHARED_KEY}")]
-    if overlap_grad_reduce and shared and model.config.pipeline_model_parallel_size > 1:
+    config = model.config
+    if (
+        overlap_grad_reduce
+        and shared
+        and (config.pipeline_model_parallel_size > 1 or config.recompute_granularity == "full")
+    ):
         raise ValueError(
             "training.overlap_grad_reduce with a shared projection (distillation.projection."
-            "per_layer = false) under parallel.pp > 1 is not supported: its gradient is summed "
-            "over pipeline stages before the data-parallel reduction, which would already run"
+            "per_layer = false) is not supported under parallel.pp > 1 (its gradient is summed "
+            "over stages before the data-parallel reduction) nor with training.recompute."
+            "granularity = 'full' (its gradient arrives once per checkpointed chunk, so "
+            "Megatron cannot tell when it is complete)"
         )
-    config = model.config
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = _finalize_grads
     ddp_config = DistributedDataParallelConfig(

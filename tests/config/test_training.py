@@ -52,6 +52,17 @@ REFUSED = [
         "training.overlap_grad_reduce",
         "shared projection",
     ),
+    (
+        [
+            *FULL_UNIFORM,
+            "training.recompute.num_layers=1",
+            "training.overlap_grad_reduce=true",
+            "distillation.projection.mode=full",
+            "distillation.projection.per_layer=false",
+        ],
+        "training.overlap_grad_reduce",
+        "once per checkpointed chunk",
+    ),
 ]
 
 
