@@ -115,6 +115,8 @@ def _dispatch_waiting_buckets(chunk: DistributedDataParallel) -> None:
     gradients are complete, so they are marked ready now.
     """
     for group in chunk.bucket_groups:
+        if group.grad_reduce_handle is not None and not group.is_first_batch:
+            continue  # already dispatched (marking more ready would dispatch it twice)
         golden = group.golden_per_param_grad_ready_counts
         for param in group.params:
             for _ in range(golden.get(param, 1) - group.per_param_grad_ready_counts.get(param, 0)):
@@ -166,8 +168,9 @@ def wrap_student(
     )
     wrapped = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     if overlap_grad_reduce:  # as Megatron-LM's training loop: no reduction before the last
-        config.no_sync_func = wrapped.no_sync  # microbatch's backward
-        config.grad_sync_func = wrapped.start_grad_sync
+        config.no_sync_func = wrapped.no_sync  # microbatch's backward; every pipeline stage
+        # dispatches its buckets during its own last backward (no grad_sync_func: Megatron's
+        # aligned mode would hold all stages but the first back to the end of the schedule)
     return wrapped
 
 

@@ -299,8 +299,9 @@ def test_recompute_reruns_and_overlap_dispatches_during_backward(suite) -> None:
             checked += want != 1.0
             if not case.get("overlap_grad_reduce"):
                 continue
-            if case["method"] == "oprd":  # the unused output layer holds its bucket back
+            if case["method"] == "oprd":  # the unused output layer holds the last stage back
                 assert got["late"] >= 1, (case["name"], layout)
-            else:  # every parameter has a gradient: reduced during backward
-                assert got["early"] >= 1 and got["late"] == 0, (case["name"], layout, got)
+            else:  # every backbone parameter has a gradient: reduced during backward (a
+                # projection whose rank saw no supervised row in its last microbatch waits)
+                assert got["early"] >= 1, (case["name"], layout)
     assert checked >= 3

@@ -384,7 +384,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         "layer_loss": {str(k): v for k, v in result.layer_loss.items()},
         "cosine": result.cosine,
         "attention_runs_per_layer": all_max(per_layer),
-        **overlap,
+        **{key: int(all_max(count)) for key, count in overlap.items() if key != "finalizing"},
     }
     want_grads = local_expected(s_args, inner, ref["grads"])
     want_params = local_expected(s_args, inner, ref["params"])
