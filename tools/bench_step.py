@@ -8,7 +8,10 @@ pre-step baseline (the paper's dPeak) side by side, with ratios to OPD top-16. T
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the step; on
 CPU the peak resident set size (sampled every millisecond) above the resident size before the
-step, after returning freed heap memory to the system (``malloc_trim``).
+step, after returning freed heap memory to the system (``malloc_trim``): a host-memory figure,
+not a GPU's. Under ``torchrun`` every rank measures its own and the report lists dPeak per rank.
+``--recompute`` sets the student's activation recompute (``full``: every layer checkpointed,
+Megatron's ``uniform`` method with one layer per chunk; ``selective``: core attention).
 
 Default shape (scaled down, the paper's proportions): 4 layers, hidden 512, vocabulary 151,936,
 2 sequences of 2,048 tokens (1,024 prompt + 1,024 response), last_k = 512, all layers tapped.
@@ -37,6 +40,11 @@ import time
 from oprd_mega.models.presets import PRESETS, preset, scaled
 
 METHODS = {"oprd": ("oprd", 16), "opd-top1": ("opd-top1", 16), "opd-top16": ("opd-topk", 16)}
+RECOMPUTE = {
+    "none": {},
+    "selective": {"granularity": "selective"},
+    "full": {"granularity": "full", "method": "uniform", "num_layers": 1},
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +79,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    parser.add_argument(
+        "--recompute",
+        choices=sorted(RECOMPUTE),
+        default="none",
+        help="student activation recompute (training.recompute; full: every layer)",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -148,6 +162,7 @@ def _trim() -> None:
 def run_method(args: argparse.Namespace, name: str) -> dict:
     """Build student and teacher, run warm-up + timed steps, return times and dPeaks."""
     import torch
+    import torch.distributed as dist
 
     from oprd_mega.data.microbatches import model_dims
     from oprd_mega.distill.batch import make_microbatch
@@ -159,6 +174,7 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     from oprd_mega.distill.step import StepOptions
     from oprd_mega.models import build_gpt_model, parse_hf_config
     from oprd_mega.models.builder import resolve_dtype
+    from oprd_mega.models.recompute import RecomputeOptions
     from oprd_mega.parallel import init_distributed
     from oprd_mega.train.throughput import model_flops_utilization, peak_tflops, training_flops
 
@@ -173,7 +189,8 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     method, k = METHODS[name]
     pairs = layer_pairs("all", s_args.num_layers, t_args.num_layers)
     options = StepOptions(method=method, top_k=k, opd_chunk_tokens=1024)
-    student = build_gpt_model(s_args, params_dtype=dtype)
+    recompute = RecomputeOptions(**RECOMPUTE[args.recompute])
+    student = build_gpt_model(s_args, params_dtype=dtype, recompute=recompute)
     teacher = build_teacher(t_args, pairs, options, params_dtype=dtype)
     # Widths that differ (the Qwen3 presets) go through a learned map, as the paper's runs do.
     projection = (
@@ -224,9 +241,16 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
             peaks.append(top - base)
             teacher_times.append(result.teacher_seconds)
     median = statistics.median(times)
+    dpeak_per_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(dpeak_per_rank, max(peaks))
     return {
         "time": median,
         "dpeak": max(peaks),
+        "dpeak_per_rank": dpeak_per_rank,
+        "memory": "cuda max_memory_allocated"
+        if cuda
+        else "cpu peak resident set size (host memory, not a GPU's)",
+        "recompute": args.recompute,
         "teacher_time": statistics.median(teacher_times),
         "tokens_per_s": args.sequences * args.seq_len / median,
         "student_tflops": flops / 1e12,
@@ -234,7 +258,7 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
         "peak_tflops": peak,
         "device": device,
         "dtype": dtype_name,
-        "rank": 0,
+        "rank": dist.get_rank(),
         "cuda": cuda,
     }
 
@@ -265,7 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = json.loads(lines[-1][len("RESULT ") :])
         print(f"# {name}: {json.dumps(results[name])}", flush=True)  # partial results survive
     reference = results.get("opd-top16")
-    print(f"# shape: {model_configs(args)[2]}, {args.sequences} x {args.seq_len} tokens")
+    print(
+        f"# shape: {model_configs(args)[2]}, {args.sequences} x {args.seq_len} tokens, "
+        f"recompute {args.recompute}"
+    )
     print(
         f"{'method':<10} {'time_s':>9} {'dpeak_MiB':>10} {'time/top16':>11} {'dpeak/top16':>12} "
         f"{'tokens/s':>10} {'teacher_s':>10} {'mfu':>7}"
@@ -279,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{time_ratio:>11.3f} {peak_ratio:>12.3f} {value['tokens_per_s']:>10.0f} "
             f"{value['teacher_time']:>10.3f} {mfu:>7}"
         )
+    for name, value in results.items():
+        ranks = ", ".join(
+            f"r{rank}={peak / 2**20:.1f}" for rank, peak in enumerate(value["dpeak_per_rank"])
+        )
+        print(f"# dpeak per rank (MiB, {value['memory']}): {name}: {ranks}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=2)

@@ -7,7 +7,7 @@ from typing import Protocol
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.schema import TrainConfig
 from oprd_mega.distill.layers import layer_pairs, teacher_depth
-from oprd_mega.models.shapes import PipelineSplit, ShapeProblem, shape_problems
+from oprd_mega.models.shapes import PipelineSplit, ShapeProblem, layers_per_stage, shape_problems
 
 
 class ModelShape(Protocol):
@@ -94,6 +94,9 @@ def check_models(
         ):
             truncated = depth < model.num_layers
             problems.append(_shape_message(name, problem, keys, truncated=truncated))
+    if 1 <= layout.pp <= student.num_layers and not any("pipeline_split" in p for p in problems):
+        stages = layers_per_stage(student.num_layers, layout.pp, student.pipeline_split)
+        problems += config.training.recompute.stage_problems(stages)
     if problems:
         raise ConfigError(problems)
     return pairs

@@ -20,6 +20,7 @@ from oprd_mega.config.training import (
     MetricsSection,
     OptimizerSection,
     ScheduleSection,
+    TrainingSection,
 )
 from oprd_mega.parallel.layout import ParallelLayout
 from oprd_mega.rollout.sampling import SamplingConfig
@@ -49,6 +50,8 @@ class TrainConfig(Section):
     """AdamW settings."""
     schedule: ScheduleSection = ScheduleSection()
     """Steps, warm-up and decay."""
+    training: TrainingSection = TrainingSection()
+    """Activation recompute and gradient/parameter communication overlap."""
     checkpoint: CheckpointSection = CheckpointSection()
     """Checkpoints and resume."""
     metrics: MetricsSection = MetricsSection()
@@ -62,6 +65,34 @@ class TrainConfig(Section):
         if self.evaluation.sampling is not None:
             return self.evaluation.sampling
         return dataclasses.replace(self.rollout.sampling, n=self.evaluation.k)
+
+    @model_validator(mode="after")
+    def _training_fits_optimizer(self) -> TrainConfig:
+        training = self.training
+        if training.overlap_param_gather and not self.optimizer.use_distributed_optimizer:
+            raise invalid(
+                "training.overlap_param_gather",
+                True,
+                "needs optimizer.use_distributed_optimizer = true (only the distributed "
+                "optimizer gathers parameters)",
+            )
+        projection = self.distillation.projection
+        if (
+            training.overlap_grad_reduce
+            and (self.parallel.pp > 1 or training.recompute.granularity == "full")
+            and self.distillation.uses_oprd
+            and projection.mode == "full"
+            and not projection.per_layer
+        ):
+            raise invalid(
+                "training.overlap_grad_reduce",
+                True,
+                "not supported with a shared projection (distillation.projection.per_layer = "
+                "false) under parallel.pp > 1 (its gradient is summed over pipeline stages "
+                "before the data-parallel reduction) nor with training.recompute.granularity = "
+                "'full' (its gradient arrives once per checkpointed chunk)",
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

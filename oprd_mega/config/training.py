@@ -8,9 +8,11 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from oprd_mega.config.adopt import adopt
 from oprd_mega.config.base import Section, invalid
 from oprd_mega.config.rollout import Sampling
 from oprd_mega.distill.options import OptimizerOptions
+from oprd_mega.models.recompute import RecomputeOptions
 
 
 class OptimizerSection(Section):
@@ -206,3 +208,33 @@ class EvaluationSection(EvalSetSection):
             if one.prompts is None:
                 raise invalid(f"sets.{name}.prompts", None, "a named evaluation set needs one")
         return self
+
+
+Recompute = adopt(
+    RecomputeOptions,
+    {
+        "granularity": "'none' (keep every activation), 'selective' (recompute the modules "
+        "below inside each layer) or 'full' (keep only the inputs of checkpointed layers); as "
+        "Megatron's recompute_granularity. The student only: the teacher keeps no activations.",
+        "method": "'full' only: 'uniform' (every pipeline stage's layers in checkpointed chunks "
+        "of num_layers) or 'block' (the first num_layers layers of each stage); null otherwise.",
+        "num_layers": "'full' only: layers per chunk ('uniform', must divide every stage's "
+        "layer count) or per stage ('block', at most a stage's layers); null otherwise.",
+        "modules": "'selective' only: among 'core_attn' (attention scores; the default), "
+        "'layernorm' and 'mlp'.",
+    },
+)
+
+
+class TrainingSection(Section):
+    """Memory and communication of the student's training step (Megatron-Core options)."""
+
+    recompute: Recompute = RecomputeOptions()
+    """Activation recompute of the student (Megatron's recompute_* options)."""
+    overlap_grad_reduce: bool = False
+    """Reduce each gradient bucket over data-parallel ranks while backward still runs (after
+    the last microbatch's gradients of the bucket are in) instead of after backward."""
+    overlap_param_gather: bool = False
+    """Distributed optimizer only: gather the updated parameters asynchronously. Each step
+    completes the gather before returning, since the weight sync reads the new weights at
+    once; it saves nothing in on-policy training today."""

@@ -72,6 +72,8 @@ def build_step(
     projection: ProjectionSpec | None = None,
     bridge: BridgeTensors | None = None,
     teacher_groups: ModelGroups | None = None,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
 ) -> DistillStep:
     """The step over an unwrapped student chunk and a teacher chunk (weights loaded).
 
@@ -80,6 +82,8 @@ def build_step(
     attached to the student before Megatron's DDP wraps it; the optimizer covers both. The step
     holds the wrapped ``student`` and the ``optimizer``. ``teacher_groups``: the teacher was
     built (and loaded) inside these groups' :meth:`~ModelGroups.active` (``parallel.teacher``).
+    ``overlap_grad_reduce`` / ``overlap_param_gather``: see
+    :func:`~oprd_mega.distill.step.wrap_student`.
     """
     if options.uses_oprd:
         if projection is not None and projection.mode == "bridge" and bridge is None:
@@ -93,7 +97,12 @@ def build_step(
             sequence_parallel=bool(student.config.sequence_parallel),
             bridge=bridge,
         )
-    model = wrap_student(student, optimizer.use_distributed_optimizer)
+    model = wrap_student(
+        student,
+        optimizer.use_distributed_optimizer,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
+    )
     return DistillStep(
         model,
         teacher,

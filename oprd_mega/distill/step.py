@@ -100,23 +100,80 @@ def _finalize_grads(model_chunks: list, num_tokens=None, **kwargs) -> None:
             for name, param in chunk.named_parameters():
                 if is_projection_param(name) and name.endswith(f"weights.{SHARED_KEY}"):
                     dist.all_reduce(param.main_grad, group=group)
+    for chunk in model_chunks:
+        if chunk.ddp_config.overlap_grad_reduce:
+            _dispatch_waiting_buckets(chunk)
     kwargs.pop("pg_collection", None)
     finalize_model_grads(model_chunks, None, **kwargs)
 
 
+def _dispatch_waiting_buckets(chunk: DistributedDataParallel) -> None:
+    """Start the reduction of buckets still waiting for a gradient when backward is over.
+
+    With ``overlap_grad_reduce`` Megatron dispatches a bucket once every parameter in it got
+    its gradient in the last microbatch, as often as in the first step; parameters that got
+    none there (the output layer in OPRD-only mode, a projection whose last microbatch had no
+    supervised row) would leave their bucket waiting and ``finish_grad_sync`` would fail. Their
+    gradients are complete, so they are marked ready now.
+    """
+    for group in chunk.bucket_groups:
+        if group.grad_reduce_handle is not None and not group.is_first_batch:
+            continue  # already dispatched (marking more ready would dispatch it twice)
+        golden = group.golden_per_param_grad_ready_counts
+        for param in group.params:
+            for _ in range(golden.get(param, 1) - group.per_param_grad_ready_counts.get(param, 0)):
+                group.register_grad_ready(param)
+        if group.grad_reduce_handle is None and not group.is_first_batch:
+            group.start_grad_sync()  # counts differ from the first step's: dispatch anyway
+
+
 def wrap_student(
-    model: torch.nn.Module, use_distributed_optimizer: bool = False
+    model: torch.nn.Module,
+    use_distributed_optimizer: bool = False,
+    *,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
 ) -> DistributedDataParallel:
-    """Megatron DDP around the student chunk (projection attached first), set up for the step."""
+    """Megatron DDP around the student chunk (projection attached first), set up for the step.
+
+    ``overlap_grad_reduce``: each gradient bucket is reduced while backward still runs (the
+    schedule holds reductions back until the last microbatch through ``no_sync``);
+    ``overlap_param_gather`` (distributed optimizer only): the updated parameters are gathered
+    asynchronously after the optimizer step.
+    """
+    if overlap_param_gather and not use_distributed_optimizer:
+        raise ValueError(
+            "training.overlap_param_gather needs optimizer.use_distributed_optimizer = true "
+            "(only the distributed optimizer gathers parameters)"
+        )
+    shared = [n for n, _ in model.named_parameters() if n.endswith(f"weights.{SHARED_KEY}")]
     config = model.config
+    if (
+        overlap_grad_reduce
+        and shared
+        and (config.pipeline_model_parallel_size > 1 or config.recompute_granularity == "full")
+    ):
+        raise ValueError(
+            "training.overlap_grad_reduce with a shared projection (distillation.projection."
+            "per_layer = false) is not supported under parallel.pp > 1 (its gradient is summed "
+            "over stages before the data-parallel reduction) nor with training.recompute."
+            "granularity = 'full' (its gradient arrives once per checkpointed chunk, so "
+            "Megatron cannot tell when it is complete)"
+        )
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = _finalize_grads
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    wrapped = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    if overlap_grad_reduce:  # as Megatron-LM's training loop: no reduction before the last
+        config.no_sync_func = wrapped.no_sync  # microbatch's backward; every pipeline stage
+        # dispatches its buckets during its own last backward (no grad_sync_func: Megatron's
+        # aligned mode would hold all stages but the first back to the end of the schedule)
+    return wrapped
 
 
 def build_optimizer(model: DistributedDataParallel, options: OptimizerOptions):
@@ -140,6 +197,7 @@ def build_optimizer(model: DistributedDataParallel, options: OptimizerOptions):
         fp16=dtype == torch.float16,
         params_dtype=dtype,
         use_distributed_optimizer=options.use_distributed_optimizer,
+        overlap_param_gather=model.ddp_config.overlap_param_gather,
     )
     optimizer = get_megatron_optimizer(config, [model])
     for group in optimizer.param_groups:
@@ -340,6 +398,10 @@ class DistillStep:
         if math.isfinite(result.loss):  # the same value on every rank: all skip or none
             _, grad_norm, _ = self.optimizer.step()
             result.grad_norm = None if grad_norm is None else float(grad_norm)
+            if self.student.ddp_config.overlap_param_gather:
+                # The weight sync reads the new weights right after the step, before any
+                # forward would wait for the gather: complete it here.
+                self.student.start_param_sync(force_sync=True)
         else:
             result.skipped = True
             self.student.zero_grad_buffer()

@@ -12,6 +12,7 @@ output, so it works on every stage.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -108,6 +109,8 @@ class StudentTaps:
         self.layers = [
             layer.layer_number for layer in model.decoder.layers if layer.layer_number in wanted
         ]
+        # Inputs of forwards run without autograd (full recompute), awaiting the rerun.
+        self.recompute_queue: dict[int, deque[TapInputs]] = {n: deque() for n in self.layers}
         self._handles = [
             layer.register_forward_hook(self._hook)
             for layer in model.decoder.layers
@@ -118,6 +121,8 @@ class StudentTaps:
         """Targets for the coming step, by microbatch index; resets the statistics."""
         self.inputs = inputs
         self.stats = LayerStats()
+        for queue in self.recompute_queue.values():
+            queue.clear()
 
     def select(self, microbatch: int | None) -> None:
         """The microbatch the next forward belongs to (None: taps pass through)."""
@@ -130,20 +135,28 @@ class StudentTaps:
         self._handles = []
 
     def _hook(self, module: torch.nn.Module, _inputs: tuple, output):
-        if self.current is None:
-            return None
         hidden = output[0] if isinstance(output, tuple) else output
         layer = module.layer_number
-        loss = self.layer_loss(layer, hidden, self.current)
-        if loss is None or not (torch.is_grad_enabled() and hidden.requires_grad):
+        grad = torch.is_grad_enabled()
+        if self.current is None:
+            queue = self.recompute_queue[layer]
+            if not (grad and queue):
+                return None
+            loss = self.layer_loss(layer, hidden, queue.popleft(), record=False)
+        else:
+            loss = self.layer_loss(layer, hidden, self.current)
+            if not grad:  # inside a checkpoint's forward: backward reruns this layer
+                self.recompute_queue[layer].append(self.current)
+        if loss is None or not (grad and hidden.requires_grad):
             return None
         injected = InjectLoss.apply(hidden, loss, self.scale)
         return (injected, *output[1:]) if isinstance(output, tuple) else injected
 
     def layer_loss(
-        self, layer: int, hidden: torch.Tensor, inputs: TapInputs
+        self, layer: int, hidden: torch.Tensor, inputs: TapInputs, record: bool = True
     ) -> torch.Tensor | None:
-        """Weighted loss sum of ``layer`` on this rank's rows (also recorded in ``stats``)."""
+        """Weighted loss sum of ``layer`` on this rank's rows (recorded in ``stats`` when
+        ``record``)."""
         target = inputs.targets[layer]
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, inputs.rows)
         if rows.shape[0] != target.shape[0]:
@@ -169,7 +182,10 @@ class StudentTaps:
             recompute=self.kernel.recompute,
             workspace_bytes=self.kernel.workspace_bytes,
         )
-        self.stats.add(layer, loss.detach(), weighted_cosine(rows, target, weight, token_weight))
+        if record:
+            self.stats.add(
+                layer, loss.detach(), weighted_cosine(rows, target, weight, token_weight)
+            )
         return loss if rows.shape[0] else None
 
 

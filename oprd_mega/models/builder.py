@@ -17,8 +17,14 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.models.recompute import RecomputeOptions
 from oprd_mega.models.rope import apply_rope_scaling, softmax_scale
-from oprd_mega.models.shapes import REAL_VOCAB_ATTR, pipeline_split, shape_problems
+from oprd_mega.models.shapes import (
+    REAL_VOCAB_ATTR,
+    layers_per_stage,
+    pipeline_split,
+    shape_problems,
+)
 from oprd_mega.models.specs import block_spec, te_available
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,11 +77,12 @@ def transformer_config(
     sequence_parallel: bool = False,
     use_te: bool = False,
     trainable: bool = True,
+    recompute: RecomputeOptions | None = None,
 ) -> TransformerConfig:
     """Megatron's ``TransformerConfig`` for ``args`` under the current parallel_state.
 
     ``use_te`` and ``trainable`` (the student, not the frozen teacher) decide which fused paths
-    are switched on (:func:`fusions`).
+    are switched on (:func:`fusions`); ``recompute``: activation recompute (none by default).
     """
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
@@ -88,6 +95,10 @@ def transformer_config(
             "; ".join(f"{p.knob} = {p.value}: {p.detail}" for p in problems)
             + " (tp/pp: the parallel layout this process group was started with)"
         )
+    recompute = recompute or RecomputeOptions()
+    recompute_problems = recompute.stage_problems(layers_per_stage(num_layers, pp))
+    if recompute_problems:
+        raise ValueError("; ".join(recompute_problems))
     return TransformerConfig(
         num_layers=num_layers,
         hidden_size=args.hidden_size,
@@ -120,6 +131,7 @@ def transformer_config(
         persist_layer_norm=False,
         **fusions(use_te=use_te, trainable=trainable),
         **pipeline_split(num_layers, pp, args.pipeline_split),
+        **recompute.megatron_kwargs(),
     )
 
 
@@ -157,11 +169,13 @@ def build_gpt_model(
     sequence_parallel: bool = False,
     use_te: bool | None = None,
     trainable: bool = True,
+    recompute: RecomputeOptions | None = None,
 ) -> GPTModel:
     """This rank's pipeline stage of the full model (embedding, layers, final norm, LM head).
 
     ``use_te``: Transformer Engine layers (default: when TE can run, see
-    :func:`~oprd_mega.models.specs.resolve_use_te`); ``trainable=False`` for a frozen model.
+    :func:`~oprd_mega.models.specs.resolve_use_te`); ``trainable=False`` for a frozen model;
+    ``recompute``: the student's activation recompute.
     """
     use_te = te_available() if use_te is None else use_te
     config = transformer_config(
@@ -170,6 +184,7 @@ def build_gpt_model(
         sequence_parallel=sequence_parallel,
         use_te=use_te,
         trainable=trainable,
+        recompute=recompute,
     )
     return _build(args, config, post_process=True, use_te=use_te, tied=args.tie_word_embeddings)
 

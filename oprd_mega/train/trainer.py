@@ -237,6 +237,7 @@ class Trainer:
             params_dtype=resolve_dtype(config.student.dtype),
             sequence_parallel=sp,
             use_te=self.use_te["student"],
+            recompute=config.training.recompute,
         )
         if self.resume_from is None:
             load_hf_weights(student, s_args, HFCheckpointReader(config.student.path))
@@ -265,6 +266,8 @@ class Trainer:
             projection=distill.projection_spec(),
             bridge=None if self.bridge is None else self.bridge.tensors(),
             teacher_groups=teacher_groups,
+            overlap_grad_reduce=config.training.overlap_grad_reduce,
+            overlap_param_gather=config.training.overlap_param_gather,
         )
         self.model, self.optimizer = self.step.student, self.step.optimizer
 

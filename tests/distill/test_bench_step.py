@@ -21,13 +21,16 @@ def test_preset_run_reports_ratios_throughput_and_mfu(tmp_path: Path) -> None:
         "--preset", "qwen3-8b-1.7b", "--scale", "0.0625", "--vocab", "256",
         "--sequences", "2", "--micro-batch-size", "1", "--seq-len", "48", "--prompt-len", "16",
         "--last-k", "8", "--steps", "1", "--methods", "oprd,opd-top16",
-        "--peak-tflops", "0.5", "--json", str(out),
+        "--peak-tflops", "0.5", "--recompute", "full", "--json", str(out),
     ]  # fmt: skip
     result = subprocess.run(
         [sys.executable, str(TOOL), *argv], capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "# shape: Qwen3-8B -> Qwen3-1.7B x0.0625, 2 x 48 tokens" in result.stdout
+    assert "# shape: Qwen3-8B -> Qwen3-1.7B x0.0625, 2 x 48 tokens, recompute full" in (
+        result.stdout
+    )
+    assert "# dpeak per rank (MiB, cpu peak resident set size" in result.stdout
     assert result.stdout.strip().splitlines()[-1].startswith("ratio oprd/opd-top16 time=")
     report = json.loads(out.read_text())["results"]
     # The student's FLOPs, from transformers-free arithmetic on the scaled published shape.
@@ -40,6 +43,7 @@ def test_preset_run_reports_ratios_throughput_and_mfu(tmp_path: Path) -> None:
         assert row["mfu"] == pytest.approx(flops / row["time"] / 0.5e12)
         assert 0 < row["teacher_time"] < row["time"]
         assert row["dtype"] == "float32" and row["rank"] == 0
+        assert row["recompute"] == "full" and row["dpeak_per_rank"] == [row["dpeak"]]
 
 
 def test_bad_arguments_are_refused_by_name() -> None:

@@ -170,6 +170,57 @@ CASES.append(
     }
 )
 SMALL = {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 117}
+# Activation recompute and overlapped gradient reduction: the same oracle. Full 'uniform' in
+# chunks of 2 puts tapped layers 1 and 3 inside a checkpointed chunk (not its output).
+CASES += [
+    {
+        **BASE,
+        "name": "recompute-full-uniform-overlap",
+        "method": "oprd",
+        "projection": "full",
+        "recompute": {"granularity": "full", "method": "uniform", "num_layers": 2},
+        "overlap_grad_reduce": True,
+        "layouts": [[2, 1, False], [2, 2, False]],
+    },
+    {
+        **BASE,
+        "name": "recompute-full-block",
+        "method": "oprd",
+        "projection": "full",
+        "normalize": True,
+        "recompute": {"granularity": "full", "method": "block", "num_layers": 1},
+        "layouts": [[1, 2, False], [1, 1, False]],
+    },
+    {
+        **BASE,
+        "name": "recompute-selective-overlap",
+        "method": "combined",
+        "opd": "topk",
+        "top_k": 5,
+        "mu": 10.0,
+        "projection": "full",
+        "normalize": True,
+        "recompute": {"granularity": "selective", "modules": ["core_attn", "mlp"]},
+        "overlap_grad_reduce": True,
+        "layouts": [[2, 1, True], [1, 2, False]],
+    },
+    {
+        **BASE,
+        "name": "distributed-optimizer-overlap",
+        "method": "oprd",
+        "projection": "full",
+        "distributed_optimizer": True,
+        "overlap_grad_reduce": True,
+        "overlap_param_gather": True,
+        "layouts": [[2, 1, False], [1, 1, False]],
+    },
+]
+# Core-attention runs per layer and microbatch: 2 where recompute reruns it.
+ATTENTION_RUNS = {
+    "recompute-full-uniform-overlap": {"TP2PP1": 2.0, "TP2PP2": 2.0},
+    "recompute-full-block": {"TP1PP2": 1.5, "TP1PP1": 1.25},  # 1 of 2 (1 of 4) layers
+    "recompute-selective-overlap": {"TP2PP1+SP": 2.0, "TP1PP2": 2.0},
+}
 MODELS = {name: REAL_SHAPED[name] for pair in REAL_PAIRS.values() for name in pair}
 MODELS["student5"] = {
     "family": "llama",
@@ -214,6 +265,10 @@ FAST_LAYOUTS = {
     "real-llama3.2-from-qwen2.5-yarn": [[1, 1, False], [2, 2, False]],
     "real-qwen3-from-r1-distill": [[2, 1, False], [1, 2, False]],
     "pp4-uneven": [[1, 4, False], [1, 4, False, {"split": PP4_SPLITS}]],
+    "recompute-full-uniform-overlap": [[2, 1, False]],
+    "recompute-full-block": [[1, 2, False]],
+    "recompute-selective-overlap": [[2, 1, True]],
+    "distributed-optimizer-overlap": [[2, 1, False]],
 }
 SUITES = {
     "fast": [{**case, "layouts": FAST_LAYOUTS[case["name"]]} for case in CASES],
@@ -352,3 +407,22 @@ def test_full_projection_is_optimised_and_checkpointed(suite) -> None:
                 assert got["checkpoint_restores_projection"] == 1, (case, layout)
                 checkpointed += 1
     assert checkpointed >= 3
+
+
+def test_recompute_reruns_and_overlap_dispatches_during_backward(suite) -> None:
+    """The parity above holds while Megatron really recomputes and really overlaps."""
+    cases, results = suite
+    checked = 0
+    for case in cases:
+        for layout, got in results[case["name"]]["layouts"].items():
+            want = ATTENTION_RUNS.get(case["name"], {}).get(layout, 1.0)
+            assert got["attention_runs_per_layer"] == want, (case["name"], layout)
+            checked += want != 1.0
+            if not case.get("overlap_grad_reduce"):
+                continue
+            if case["method"] == "oprd":  # the unused output layer holds the last stage back
+                assert got["late"] >= 1, (case["name"], layout)
+            elif "PP2" not in layout:  # every backbone parameter has a gradient: reduced
+                # during backward (measured at PP2: every bucket waited until the end)
+                assert got["early"] >= 1, (case["name"], layout)
+    assert checked >= 3

@@ -300,3 +300,33 @@ def test_colocated_servers_release_memory_around_each_step(task: Path, tmp_path:
     log = (tmp_path / "run" / "logs" / "rollout" / "rollout-server-0.log").read_text()
     assert log.count("released memory: kv_cache, weights, cuda_graph") == 2
     assert log.count("resumed memory: kv_cache, weights, cuda_graph") == 2
+
+
+def test_recompute_and_overlapped_reduction_keep_the_metrics(task: Path, tmp_path: Path) -> None:
+    """Full activation recompute and overlapped gradient reduction change where memory and
+    communication go, not the training: DP2 runs give the same per-step metrics."""
+    overrides = ("parallel.tp=1", "schedule.steps=2", "evaluation.interval=0")
+    plain = task_config(task, tmp_path / "plain")
+    require_success(train(plain, *overrides, timeout=600))
+    changed = task_config(task, tmp_path / "changed")
+    require_success(
+        train(
+            changed,
+            *overrides,
+            "training.recompute.granularity=full",
+            "training.recompute.method=uniform",
+            "training.recompute.num_layers=1",
+            "training.overlap_grad_reduce=true",
+            timeout=600,
+        )
+    )
+    reference = comparable(read_metrics(tmp_path / "plain" / "logs"))
+    assert len(reference) == 2
+    got = comparable(read_metrics(tmp_path / "changed" / "logs"))
+    assert [record.keys() for record in got] == [record.keys() for record in reference]
+    for mine, theirs in zip(got, reference, strict=True):
+        for key, value in theirs.items():
+            if isinstance(value, float):
+                assert mine[key] == pytest.approx(value, rel=1e-5, abs=1e-8), key
+            else:
+                assert mine[key] == value, key

@@ -323,6 +323,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.distill.step import StepOptions
     from oprd_mega.distill.taps import KernelOptions
     from oprd_mega.models import build_gpt_model, load_hf_config
+    from oprd_mega.models.recompute import RecomputeOptions
     from oprd_mega.models.running import unwrap
     from oprd_mega.models.shapes import PipelineSplit, sequence_multiple
     from oprd_mega.rollout.megatron_sync import _megatron_logits
@@ -339,7 +340,8 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         for k in ("student", "teacher")
     )
     pairs = layer_pairs(case["layers"], s_args.num_layers, t_args.num_layers)
-    student = build_gpt_model(s_args, sequence_parallel=sp)
+    recompute = RecomputeOptions(**case.get("recompute", {}))
+    student = build_gpt_model(s_args, sequence_parallel=sp, recompute=recompute)
     load_hf_weights(student, s_args, HFCheckpointReader(work / case.get("student", "student")))
     options = StepOptions(
         method=case["method"],
@@ -357,17 +359,28 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     bridge_path = str(work / "bridge.safetensors") if case["projection"] == "bridge" else None
     spec = ProjectionSpec(case["projection"], case["per_layer"], case["normalize"], bridge_path)
     bridge = load_bridge(bridge_path).tensors() if bridge_path else None
+    distributed = case.get("distributed_optimizer", False)
+    optimizer_options = OptimizerOptions(
+        lr=LR, weight_decay=WD, betas=BETAS, eps=EPS, use_distributed_optimizer=distributed
+    )
     step = build_step(
         student,
         teacher,
         pairs,
         options,
-        OptimizerOptions(lr=LR, weight_decay=WD, betas=BETAS, eps=EPS),
+        optimizer_options,
         projection=spec,
         bridge=bridge,
         teacher_groups=teacher_groups,
+        overlap_grad_reduce=case.get("overlap_grad_reduce", False),
+        overlap_param_gather=case.get("overlap_param_gather", False),
     )
     model, optimizer = step.student, step.optimizer
+    attention_runs = [0]
+    for layer in unwrap(model).decoder.layers:
+        layer.self_attention.core_attention.register_forward_hook(
+            lambda *_: attention_runs.__setitem__(0, attention_runs[0] + 1)
+        )
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
     data = samples()
@@ -401,6 +414,12 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     output_layer = getattr(unwrap(model), "output_layer", None)
     if output_layer is not None:
         output_layer.register_forward_hook(lambda *_: head_calls.__setitem__(0, head_calls[0] + 1))
+    overlap = (
+        overlap_probe(step, microbatches, optimizer_options)
+        if case.get("overlap_grad_reduce")
+        else {}
+    )
+    attention_runs[0] = 0
     order: list[str] = []  # which model's first layer ran, in order, during the step
     order_hooks = [
         unwrap(chunk).decoder.layers[0].register_forward_hook(lambda *_, tag=tag: order.append(tag))
@@ -410,7 +429,10 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     result = step.run(microbatches)
     for handle in order_hooks:
         handle.remove()
+    if distributed:
+        gather_grad_shards(model)
     inner = unwrap(model)
+    per_layer = attention_runs[0] / (len(microbatches) * len(inner.decoder.layers))
     grads = {n: p.main_grad for n, p in global_parameters(inner).items()}
     params = {n: p.detach() for n, p in global_parameters(inner).items()}
     backbone = {n: g for n, g in grads.items() if not is_projection_param(n)}
@@ -424,6 +446,8 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         "opd": result.opd.get("pg_loss", 0.0),
         "layer_loss": {str(k): v for k, v in result.layer_loss.items()},
         "cosine": result.cosine,
+        "attention_runs_per_layer": all_max(per_layer),
+        **{key: int(all_max(count)) for key, count in overlap.items() if key != "finalizing"},
     }
     want_grads = local_expected(s_args, inner, ref["grads"])
     want_params = local_expected(s_args, inner, ref["params"])
@@ -478,6 +502,55 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
             )
     out["_export"] = (grads, params, proj_grads, s_args) if tp == 1 and pp == 1 else None
     return out
+
+
+def gather_grad_shards(model) -> None:
+    """Distributed optimizer: each data-parallel rank holds the reduced sum of its own shard of
+    every gradient bucket; gather the shards so every ``main_grad`` is the full reduced one."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_data_parallel_group()
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    for buffer in model.buffers:
+        for bucket in buffer.buckets:
+            flat = bucket.grad_data.view(-1)
+            shard = flat.numel() // size
+            mine = flat[rank * shard : (rank + 1) * shard].clone()
+            dist.all_gather_into_tensor(flat, mine, group=group)
+
+
+def overlap_probe(step, microbatches, optimizer_options) -> dict:
+    """With overlap_grad_reduce Megatron dispatches a bucket early only from the second step
+    on: run one step, restore the parameters and a fresh optimizer, and count the reductions
+    the measured step then dispatches during backward (before the grads are finalised)."""
+    from oprd_mega.distill.step import build_optimizer
+    from oprd_mega.models.running import unwrap
+
+    model = step.student
+    saved = [p.detach().clone() for p in model.parameters()]
+    step.run(microbatches)
+    with torch.no_grad():
+        for param, value in zip(model.parameters(), saved, strict=True):
+            param.copy_(value)
+    step.optimizer = build_optimizer(model, optimizer_options)
+    phase = {"finalizing": False, "early": 0, "late": 0}
+    for group in model.bucket_groups:
+        start = group.start_grad_sync
+
+        def counted(*args, _start=start, **kwargs):
+            phase["late" if phase["finalizing"] else "early"] += 1
+            return _start(*args, **kwargs)
+
+        group.start_grad_sync = counted
+    config = unwrap(model).config
+    finalize = config.finalize_model_grads_func
+
+    def marked(*args, **kwargs):
+        phase["finalizing"] = True
+        return finalize(*args, **kwargs)
+
+    config.finalize_model_grads_func = marked
+    return phase
 
 
 def checkpoint_round_trip(inner, args, projection, directory: Path, hf_dir: Path) -> int:
