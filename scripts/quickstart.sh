@@ -21,33 +21,16 @@ start=$(date +%s)
 "$root/scripts/setup.sh" plot  # matplotlib for the figure at the end
 py="$venv/bin/python"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+# shellcheck source=scripts/quickstart_lib.sh
+source "$root/scripts/quickstart_lib.sh"
 
 echo "[quickstart] toy task (models and data) in $out"
 "$py" tools/make_toy_task.py --out "$out"
 
-run() {  # run NAME [overrides...]: one training run under torchrun
-  local name="$1"
-  shift
-  echo "[quickstart] training: $name"
-  rm -rf "${out:?}/$name"
-  "$py" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
-    --master-addr 127.0.0.1 --master-port "$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
-    -m oprd_mega.train --config examples/tiny_cpu.yaml --resume never \
-    "student.path=$out/models/student" "teacher.path=$out/models/teacher" \
-    "data.path=$out/data/train.jsonl" "evaluation.prompts=$out/data/heldout.jsonl" \
-    "checkpoint.dir=$out/$name/checkpoints" "metrics.dir=$out/$name/logs" \
-    "rollout.launch.log_dir=$out/$name/logs/rollout" \
-    "rollout.weight_sync.disk.directory=$out/$name/rollout_weights" \
-    metrics.progress_bar=false "$@"
-}
-
 run oprd "$@"
 run opd-top1 distillation.method=opd-top1 "$@"
 
-echo "[quickstart] teacher accuracy"
-"$py" -m oprd_mega.cli evaluate --model "$out/models/teacher" \
-  --prompts "$out/data/heldout.jsonl" --verifier exact --k 1 --temperature 0 \
-  --max-new-tokens 4 --port 31900 --json > "$out/teacher_eval.json"
+teacher_eval
 
 echo "[quickstart] figure: $out/quickstart.png"
 "$py" -m oprd_mega.cli plot "$out/oprd" "$out/opd-top1" -o "$out/quickstart.png" --force
