@@ -25,17 +25,25 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:
 # shellcheck source=scripts/quickstart_lib.sh
 source "$root/scripts/quickstart_lib.sh"
 
+# Bad rates or methods stop here, before any run.
+for rate in $rates; do lr_overrides "$rate" SWEEP_RATES > /dev/null; done
+for method in $methods; do
+  case "$method" in
+    oprd | opd-top1 | opd-top16) ;;
+    *) echo "error: SWEEP_METHODS: unknown method '$method' (opd-top1, opd-top16, oprd)" >&2; exit 2 ;;
+  esac
+done
 "$py" tools/make_toy_task.py --out "$out"
 for method in $methods; do
   case "$method" in
     oprd) run oprd "$@"; continue ;;
     opd-top1) method_overrides=(distillation.method=opd-top1) ;;
     opd-top16) method_overrides=(distillation.method=opd-topk distillation.top_k=16) ;;
-    *) echo "error: SWEEP_METHODS: unknown method '$method' (opd-top1, opd-top16, oprd)" >&2; exit 2 ;;
   esac
   for rate in $rates; do
-    # shellcheck disable=SC2046  # two KEY=VALUE words
-    run "$method-lr$rate" "${method_overrides[@]}" $(lr_overrides "$rate") "$@"
+    rate_overrides="$(lr_overrides "$rate" SWEEP_RATES)"
+    # shellcheck disable=SC2086  # two KEY=VALUE words
+    run "$method-lr$rate" "${method_overrides[@]}" $rate_overrides "$@"
   done
 done
 [ -f "$out/teacher_eval.json" ] || teacher_eval

@@ -6,9 +6,10 @@
 #
 # Environment: VENV, PYTHON, TORCH_SPEC as in scripts/setup.sh; QUICKSTART_DIR (default
 # runs/quickstart) holds the models, data, checkpoints, logs and the figure quickstart.png
-# (held-out accuracy, loss, per-layer alignment of both runs); NPROC (default 2) processes.
+# (held-out accuracy, loss, per-layer alignment of both runs); NPROC (default 2) processes;
+# OPD_LR (default 1e-3) the OPD top-1 run's peak rate, min_lr = OPD_LR/10 (docs/baselines.md).
 # Each run starts fresh (checkpoint.resume=never). The last line has the form
-#   quickstart: teacher T%, student before B% -> after A% (gap closed G%); opd-top1 after O%
+#   quickstart: teacher T%, student before B% -> after A% (gap closed G%); opd-top1 (lr R) after O%
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,6 +17,7 @@ cd "$root"
 venv="${VENV:-$root/.venv}"
 out="${QUICKSTART_DIR:-runs/quickstart}"
 nproc="${NPROC:-2}"
+opd_lr="${OPD_LR:-1e-3}"
 start=$(date +%s)
 
 "$root/scripts/setup.sh" plot  # matplotlib for the figure at the end
@@ -27,8 +29,10 @@ source "$root/scripts/quickstart_lib.sh"
 echo "[quickstart] toy task (models and data) in $out"
 "$py" tools/make_toy_task.py --out "$out"
 
+opd_overrides="$(lr_overrides "$opd_lr" OPD_LR)"  # a bad OPD_LR stops here, before any run
 run oprd "$@"
-run opd-top1 distillation.method=opd-top1 "$@"
+# shellcheck disable=SC2086  # two KEY=VALUE words
+run opd-top1 distillation.method=opd-top1 $opd_overrides "$@"
 
 teacher_eval
 

@@ -20,8 +20,19 @@ run() {  # run NAME [overrides...]: one fresh training run under torchrun, outpu
     metrics.progress_bar=false "$@"
 }
 
-lr_overrides() {  # lr_overrides LR: peak LR with min_lr = LR/10, the shape tiny_cpu.yaml uses
-  "$py" -c 'import sys; lr = float(sys.argv[1]); print(f"optimizer.lr={lr:g}", f"optimizer.min_lr={lr / 10:g}")' "$1"
+lr_overrides() {  # lr_overrides LR SOURCE: optimizer.lr=LR optimizer.min_lr=LR/10 (the shape
+  # of tiny_cpu.yaml); SOURCE names where LR came from in the error on a bad LR
+  "$py" - "$1" "$2" <<'PY'
+import sys
+
+try:
+    lr = float(sys.argv[1])
+except ValueError:
+    lr = -1.0
+if not lr > 0:
+    sys.exit(f"error: {sys.argv[2]}: learning rate {sys.argv[1]!r} is not a positive number")
+print(f"optimizer.lr={lr:g}", f"optimizer.min_lr={lr / 10:g}")
+PY
 }
 
 teacher_eval() {  # teacher_eval: the teacher's held-out accuracy to $out/teacher_eval.json

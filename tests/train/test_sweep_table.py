@@ -3,7 +3,10 @@ metrics writer and config dump; expected cells are worked out by hand here."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +99,42 @@ def test_format_rate() -> None:
     assert [format_rate(x) for x in (1e-3, 3e-4, 0.0001, 2.5e-4, 1.0)] == [
         "1e-3", "3e-4", "1e-4", "2.5e-4", "1e0"
     ]  # fmt: skip
+
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _lr_overrides(rate: str) -> subprocess.CompletedProcess[str]:
+    command = f'py="{sys.executable}"; source "{SCRIPTS}/quickstart_lib.sh"; lr_overrides "$1" X'
+    return subprocess.run(
+        ["bash", "-c", command, "bash", rate], capture_output=True, text=True, check=False
+    )
+
+
+def test_lr_overrides_keep_the_quickstart_schedule_shape() -> None:
+    words = _lr_overrides("3e-4").stdout.split()
+    assert words == ["optimizer.lr=0.0003", "optimizer.min_lr=3e-05"]
+    config = minimal(*words)
+    assert config.optimizer.lr == 3e-4 and config.optimizer.min_lr == pytest.approx(3e-5)
+    bad = _lr_overrides("3e-4x")
+    assert bad.returncode != 0 and "X: learning rate '3e-4x' is not a positive number" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("SWEEP_RATES", "1e-4 -1", "SWEEP_RATES: learning rate '-1'"),
+        ("SWEEP_METHODS", "opd-top1 opd-top3", "SWEEP_METHODS: unknown method 'opd-top3'"),
+    ],
+)
+def test_sweep_refuses_bad_settings_before_any_run(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    out = tmp_path / "runs"
+    env = {**os.environ, "QUICKSTART_DIR": str(out), "VENV": str(Path(sys.executable).parents[1]),
+           variable: value}  # fmt: skip
+    result = subprocess.run(
+        [str(SCRIPTS / "opd_sweep.sh")], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0 and message in result.stderr
+    assert not out.exists()
