@@ -125,13 +125,14 @@ def _row(cells: Sequence[str]) -> str:
 def accuracy_table(runs: Sequence[SweepRun]) -> str:
     """Held-out accuracy (``eval/avg_at_k``) per method and rate at every evaluation."""
     steps = [step for step, _ in runs[0].curve]
-    header = ["method", "peak lr", *(f"step {s}" for s in steps), "final", "best (step)"]
+    header = ["run", "method", "peak lr", *(f"step {s}" for s in steps), "final", "best (step)"]
     lines = [_row(header), _row(["---"] * len(header))]
     for run in runs:
         best_step, best_value = run.best
         lines.append(
             _row(
                 [
+                    run.name,
                     run.method,
                     format_rate(run.lr),
                     *(_percent(value) for _, value in run.curve),
@@ -150,12 +151,12 @@ def _window_mean(records: Sequence[dict[str, Any]], key: str) -> str:
 
 def signal_table(runs: Sequence[SweepRun], window: int) -> str:
     """Mean of each training signal over a run's first and last ``window`` steps."""
-    header = ["method", "peak lr", *(title for _, title in SIGNALS)]
+    header = ["run", *(title for _, title in SIGNALS)]
     lines = [_row(header), _row(["---"] * len(header))]
     for run in runs:
         first, last = run.train[:window], run.train[-window:]
         cells = [f"{_window_mean(first, key)} -> {_window_mean(last, key)}" for key, _ in SIGNALS]
-        lines.append(_row([run.method, format_rate(run.lr), *cells]))
+        lines.append(_row([run.name, *cells]))
     return "\n".join(lines)
 
 

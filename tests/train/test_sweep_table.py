@@ -66,15 +66,21 @@ def test_tables_and_best_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main([str(tmp_path), "--teacher", str(teacher), "--window", "2"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert "| method | peak lr | step 0 | step 2 | step 4 | final | best (step) |" in lines
-    assert "| opd-top1 | 3e-4 | 10.0% | 30.0% | 25.0% | **25.0%** | 30.0% (2) |" in lines
-    assert "| opd-top1 | 1e-3 | 10.0% | 0.0% | 1.0% | **1.0%** | 10.0% (0) |" in lines
+    assert "| run | method | peak lr | step 0 | step 2 | step 4 | final | best (step) |" in lines
+    assert (
+        "| opd-top1-lr3e-4 | opd-top1 | 3e-4 | 10.0% | 30.0% | 25.0% | **25.0%** | 30.0% (2) |"
+        in lines
+    )
+    assert (
+        "| opd-top1-lr1e-3 | opd-top1 | 1e-3 | 10.0% | 0.0% | 1.0% | **1.0%** | 10.0% (0) |"
+        in lines
+    )
     assert "Teacher: 95.0%." in lines
     assert "Best opd-top1: peak lr 3e-4 (final 25.0%, best 30.0% at step 2)." in lines
     assert "Best opd-top16: peak lr 1e-3 (final 60.0%, best 60.0% at step 4)." in lines
     # Window 2 of losses 0.5, 1.0, 1.5, 2.0 and rewards -1..-4: first two and last two means.
-    signals = [line for line in lines if line.startswith("| opd-top16 | 1e-3 |")][-1]
-    assert signals.startswith("| opd-top16 | 1e-3 | 0.750 -> 1.750 | -1.500 -> -3.500 | - -> - |")
+    signals = [line for line in lines if line.startswith("| opd-top16-lr1e-3 |")][-1]
+    assert signals.startswith("| opd-top16-lr1e-3 | 0.750 -> 1.750 | -1.500 -> -3.500 | - -> - |")
 
 
 def test_runs_off_budget_are_named(tmp_path: Path) -> None:
