@@ -10,7 +10,8 @@
 # min_lr = rate/10 as in tiny_cpu.yaml; SWEEP_METHODS (default "opd-top1 opd-top16"), from
 # opd-top1, opd-top16 and oprd (at tiny_cpu.yaml's own rate, run once, named oprd: the
 # quickstart's OPRD run). Run NAME-lrRATE lands in QUICKSTART_DIR/NAME-lrRATE; the table goes
-# to QUICKSTART_DIR/baselines.md and to stdout.
+# to QUICKSTART_DIR/baselines.md and to stdout; with oprd, `oprd-mega plot` draws it next to
+# each method's best run in QUICKSTART_DIR/baselines.png (docs/quickstart.png).
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,3 +49,9 @@ for method in $methods; do
 done
 [ -f "$out/teacher_eval.json" ] || teacher_eval
 "$py" tools/sweep_table.py "$out" --teacher "$out/teacher_eval.json" | tee "$out/baselines.md"
+if [ -f "$out/oprd/logs/config.yaml" ]; then  # the figure: OPRD next to each method's best run
+  best="$("$py" tools/sweep_table.py "$out" --best-runs)"
+  mapfile -t best_runs <<< "$best"
+  echo "[sweep] figure: $out/baselines.png"
+  "$py" -m oprd_mega.cli plot "$out/oprd" "${best_runs[@]}" -o "$out/baselines.png" --force
+fi

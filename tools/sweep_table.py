@@ -6,8 +6,9 @@ Reads every run under RUNS_DIR whose saved config (``RUN/logs/config.yaml``) tra
 baseline (``scripts/opd_sweep.sh`` makes them) and prints markdown: the held-out accuracy of
 each method and peak learning rate at every evaluation, its final and best value, the best
 rate per method (highest final accuracy, then highest best), and the OPD training signals at the
-start and end of each run (loss, the sampled-token log-prob gap, entropies). Runs must share
-one budget (steps and evaluation steps); a run that does not is named in the error.
+start and end of each run (loss, the sampled-token log-prob gap, entropies); with
+``--best-runs``, only the best run's folder per method. Runs must share one budget (steps and
+evaluation steps); a run that does not is named in the error.
 """
 
 from __future__ import annotations
@@ -188,11 +189,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--window", type=int, default=25, help="steps averaged for the training signals"
     )
+    parser.add_argument(
+        "--best-runs",
+        action="store_true",
+        help="print only the folder of each method's best run, one per line (for `plot`)",
+    )
     args = parser.parse_args(argv)
+    runs = load_runs(args.root)
+    if args.best_runs:
+        for run in best_runs(runs).values():
+            print(Path(args.root) / run.name)
+        return 0
     teacher = None
     if args.teacher:
         teacher = float(json.loads(Path(args.teacher).read_text(encoding="utf-8"))[KEY])
-    print(report(load_runs(args.root), teacher, args.window))
+    print(report(runs, teacher, args.window))
     return 0
 
 

@@ -63,6 +63,10 @@ def test_tables_and_best_rate(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert best["opd-top1"].name == "opd-top1-lr3e-4" and best["opd-top16"].lr == 1e-3
     teacher = tmp_path / "teacher.json"
     teacher.write_text('{"eval/avg_at_k": 0.95}', encoding="utf-8")
+    assert main([str(tmp_path), "--best-runs"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        str(tmp_path / "opd-top1-lr3e-4"), str(tmp_path / "opd-top16-lr1e-3")
+    ]  # fmt: skip
     assert main([str(tmp_path), "--teacher", str(teacher), "--window", "2"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
