@@ -6,9 +6,10 @@
 #
 # Environment: VENV, PYTHON, TORCH_SPEC as in scripts/setup.sh; QUICKSTART_DIR (default
 # runs/quickstart) holds the models, data, checkpoints, logs and the figure quickstart.png
-# (held-out accuracy, loss, per-layer alignment of both runs); NPROC (default 2) processes.
+# (held-out accuracy, loss, per-layer alignment of both runs); NPROC (default 2) processes;
+# OPD_LR (default 1e-3) the OPD top-1 run's peak rate, min_lr = OPD_LR/10 (docs/baselines.md).
 # Each run starts fresh (checkpoint.resume=never). The last line has the form
-#   quickstart: teacher T%, student before B% -> after A% (gap closed G%); opd-top1 after O%
+#   quickstart: teacher T%, student before B% -> after A% (gap closed G%); opd-top1 (lr R) after O%
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -16,38 +17,24 @@ cd "$root"
 venv="${VENV:-$root/.venv}"
 out="${QUICKSTART_DIR:-runs/quickstart}"
 nproc="${NPROC:-2}"
+opd_lr="${OPD_LR:-1e-3}"
 start=$(date +%s)
 
 "$root/scripts/setup.sh" plot  # matplotlib for the figure at the end
 py="$venv/bin/python"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
+# shellcheck source=scripts/quickstart_lib.sh
+source "$root/scripts/quickstart_lib.sh"
 
 echo "[quickstart] toy task (models and data) in $out"
 "$py" tools/make_toy_task.py --out "$out"
 
-run() {  # run NAME [overrides...]: one training run under torchrun
-  local name="$1"
-  shift
-  echo "[quickstart] training: $name"
-  rm -rf "${out:?}/$name"
-  "$py" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
-    --master-addr 127.0.0.1 --master-port "$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
-    -m oprd_mega.train --config examples/tiny_cpu.yaml --resume never \
-    "student.path=$out/models/student" "teacher.path=$out/models/teacher" \
-    "data.path=$out/data/train.jsonl" "evaluation.prompts=$out/data/heldout.jsonl" \
-    "checkpoint.dir=$out/$name/checkpoints" "metrics.dir=$out/$name/logs" \
-    "rollout.launch.log_dir=$out/$name/logs/rollout" \
-    "rollout.weight_sync.disk.directory=$out/$name/rollout_weights" \
-    metrics.progress_bar=false "$@"
-}
-
+opd_overrides="$(lr_overrides "$opd_lr" OPD_LR)"  # a bad OPD_LR stops here, before any run
 run oprd "$@"
-run opd-top1 distillation.method=opd-top1 "$@"
+# shellcheck disable=SC2086  # two KEY=VALUE words
+run opd-top1 distillation.method=opd-top1 $opd_overrides "$@"
 
-echo "[quickstart] teacher accuracy"
-"$py" -m oprd_mega.cli evaluate --model "$out/models/teacher" \
-  --prompts "$out/data/heldout.jsonl" --verifier exact --k 1 --temperature 0 \
-  --max-new-tokens 4 --port 31900 --json > "$out/teacher_eval.json"
+teacher_eval
 
 echo "[quickstart] figure: $out/quickstart.png"
 "$py" -m oprd_mega.cli plot "$out/oprd" "$out/opd-top1" -o "$out/quickstart.png" --force

@@ -4,9 +4,9 @@
         --teacher RUN/teacher_eval.json
 
 prints (last line, read by checks):
-``quickstart: teacher T%, student before B% -> after A% (gap closed G%); opd-top1 after O%``
+``quickstart: teacher T%, student before B% -> after A% (gap closed G%); opd-top1 (lr R) after O%``
 where B and A are the OPRD run's first and last held-out Avg@k, O the OPD top-1 run's last,
-and G = (A - B) / (T - B).
+R its peak learning rate (from its saved config) and G = (A - B) / (T - B).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from oprd_mega.config import ConfigError, TrainConfig, load_config
 from oprd_mega.train.metrics import read_metrics
 
 KEY = "eval/avg_at_k"
@@ -29,6 +30,23 @@ def evaluations(logs: str | Path) -> list[tuple[int, float]]:
     return out
 
 
+def run_config(logs: str | Path) -> TrainConfig:
+    """The config a run saved in its metrics directory (``logs/config.yaml``)."""
+    path = Path(logs) / "config.yaml"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} does not exist (the run saves its config there)")
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {path}: {exc}") from exc
+
+
+def format_rate(lr: float) -> str:
+    """A learning rate as written in configs and docs: 0.0003 -> '3e-4', 0.00025 -> '2.5e-4'."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 def gap_closed(teacher: float, before: float, after: float) -> float:
     """Fraction of the student's gap to the teacher closed (1.0 = reached the teacher)."""
     if teacher <= before:
@@ -40,7 +58,7 @@ def gap_closed(teacher: float, before: float, after: float) -> float:
 
 
 def summary_line(
-    teacher: float, oprd: list[tuple[int, float]], opd: list[tuple[int, float]]
+    teacher: float, oprd: list[tuple[int, float]], opd: list[tuple[int, float]], opd_lr: float
 ) -> str:
     """The quickstart's summary line (percentages with one decimal)."""
     before, after = oprd[0][1], oprd[-1][1]
@@ -48,7 +66,7 @@ def summary_line(
     return (
         f"quickstart: teacher {100 * teacher:.1f}%, student before {100 * before:.1f}% -> "
         f"after {100 * after:.1f}% (gap closed {100 * gap:.1f}%); "
-        f"opd-top1 after {100 * opd[-1][1]:.1f}%"
+        f"opd-top1 (lr {format_rate(opd_lr)}) after {100 * opd[-1][1]:.1f}%"
     )
 
 
@@ -64,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, curve in (("oprd", oprd), ("opd-top1", opd)):
         points = ", ".join(f"step {step}: {100 * value:.1f}%" for step, value in curve)
         print(f"{name:9s} held-out accuracy: {points}")
-    print(summary_line(teacher, oprd, opd))
+    print(summary_line(teacher, oprd, opd, run_config(args.opd).optimizer.lr))
     return 0
 
 

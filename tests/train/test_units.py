@@ -96,10 +96,10 @@ def test_packed_microbatch_refuses_overflow() -> None:
 
 
 def test_summary_line_format() -> None:
-    line = summary_line(0.95, [(0, 0.12), (300, 0.9)], [(0, 0.12), (300, 0.2)])
+    line = summary_line(0.95, [(0, 0.12), (300, 0.9)], [(0, 0.12), (300, 0.2)], 3e-4)
     assert line == (
         "quickstart: teacher 95.0%, student before 12.0% -> after 90.0% (gap closed 94.0%); "
-        "opd-top1 after 20.0%"
+        "opd-top1 (lr 3e-4) after 20.0%"
     )
     assert gap_closed(1.0, 0.5, 0.75) == 0.5
     with pytest.raises(SystemExit, match="no gap"):

@@ -1,0 +1,43 @@
+# Shared by scripts/quickstart.sh and scripts/opd_sweep.sh (source it; it runs nothing itself):
+# the toy task's paths, one training run of examples/tiny_cpu.yaml under torchrun, and the
+# teacher's evaluation, so the quickstart and the baseline sweep train on exactly one recipe.
+#
+# Expects: root (repository root), py (the venv's python), out (QUICKSTART_DIR), nproc.
+
+run() {  # run NAME [overrides...]: one fresh training run under torchrun, outputs in $out/NAME
+  local name="$1"
+  shift
+  echo "[quickstart] training: $name"
+  rm -rf "${out:?}/$name"
+  "$py" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
+    --master-addr 127.0.0.1 --master-port "$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
+    -m oprd_mega.train --config "$root/examples/tiny_cpu.yaml" --resume never \
+    "student.path=$out/models/student" "teacher.path=$out/models/teacher" \
+    "data.path=$out/data/train.jsonl" "evaluation.prompts=$out/data/heldout.jsonl" \
+    "checkpoint.dir=$out/$name/checkpoints" "metrics.dir=$out/$name/logs" \
+    "rollout.launch.log_dir=$out/$name/logs/rollout" \
+    "rollout.weight_sync.disk.directory=$out/$name/rollout_weights" \
+    metrics.progress_bar=false "$@"
+}
+
+lr_overrides() {  # lr_overrides LR SOURCE: optimizer.lr=LR optimizer.min_lr=LR/10 (the shape
+  # of tiny_cpu.yaml); SOURCE names where LR came from in the error on a bad LR
+  "$py" - "$1" "$2" <<'PY'
+import sys
+
+try:
+    lr = float(sys.argv[1])
+except ValueError:
+    lr = -1.0
+if not lr > 0:
+    sys.exit(f"error: {sys.argv[2]}: learning rate {sys.argv[1]!r} is not a positive number")
+print(f"optimizer.lr={lr:g}", f"optimizer.min_lr={lr / 10:g}")
+PY
+}
+
+teacher_eval() {  # teacher_eval: the teacher's held-out accuracy to $out/teacher_eval.json
+  echo "[quickstart] teacher accuracy"
+  "$py" -m oprd_mega.cli evaluate --model "$out/models/teacher" \
+    --prompts "$out/data/heldout.jsonl" --verifier exact --k 1 --temperature 0 \
+    --max-new-tokens 4 --port 31900 --json > "$out/teacher_eval.json"
+}
