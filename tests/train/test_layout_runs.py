@@ -22,6 +22,9 @@ LAYOUT_PAIRS = {
 }
 
 
+# Slow (four 2-rank launches, ~110 s a pair): out of CI, where tests/distill/test_step.py checks
+# both layouts' step against the float64 oracle. Run with -m slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", LAYOUT_PAIRS)
 def test_two_layouts_give_the_same_metrics(tmp_path: Path, name: str) -> None:
     reference_layout, layout = LAYOUT_PAIRS[name]
