@@ -28,10 +28,12 @@ _FORWARD = "forward"
 _DONE = "done"
 
 
-def _replica() -> tuple[int, int]:
+def _replica() -> int:
+    """The data-parallel rank: every rank of one model replica (its tensor, pipeline and
+    context-parallel ranks) runs the probe's forward together."""
     from megatron.core import parallel_state as ps
 
-    return ps.get_data_parallel_rank(), ps.get_context_parallel_rank()
+    return ps.get_data_parallel_rank()
 
 
 @torch.no_grad()
