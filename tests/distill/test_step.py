@@ -39,6 +39,15 @@ NAMES = {"TP1PP1", "TP2PP1", "TP2PP1+SP", "TP1PP2", "TP2PP2"}
 NAMES |= {"TP1PP1CP2", "TP2PP1CP2+SP", "TP1PP2CP2"}
 NAMES |= {"TP2PP1/teacher-TP1PP1", "TP1PP2/teacher-TP2PP1", "TP2PP1+SP/teacher-TP1PP1"}
 BASE = {"layers": [1, 2, 3], "per_layer": True, "normalize": False, "last_k": 5}
+# OPRD plus OPD top-k (k=5, mu=10), the combined objective
+COMBINED_TOPK = {
+    "method": "combined",
+    "opd": "topk",
+    "top_k": 5,
+    "mu": 10.0,
+    "projection": "full",
+    "normalize": True,
+}
 CASES = [
     {
         **BASE,
@@ -110,23 +119,13 @@ CASES = [
     {
         **BASE,
         "name": "combined",
-        "method": "combined",
-        "opd": "topk",
-        "top_k": 5,
-        "mu": 10.0,
-        "projection": "full",
-        "normalize": True,
+        **COMBINED_TOPK,
         "layouts": SOME,
     },
     {
         **BASE,
         "name": "combined-packed",
-        "method": "combined",
-        "opd": "topk",
-        "top_k": 5,
-        "mu": 10.0,
-        "projection": "full",
-        "normalize": True,
+        **COMBINED_TOPK,
         "packed": True,
         "layouts": ALL,
     },
@@ -194,12 +193,7 @@ CASES += [
     {
         **BASE,
         "name": "recompute-selective-overlap",
-        "method": "combined",
-        "opd": "topk",
-        "top_k": 5,
-        "mu": 10.0,
-        "projection": "full",
-        "normalize": True,
+        **COMBINED_TOPK,
         "recompute": {"granularity": "selective", "modules": ["core_attn", "mlp"]},
         "overlap_grad_reduce": True,
         "layouts": [[2, 1, True], [1, 2, False]],
