@@ -9,7 +9,7 @@ pre-step baseline (the paper's dPeak) side by side, with ratios to OPD top-16. T
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the step; on
 CPU the peak resident set size (sampled every millisecond) above the resident size before the
 step, after returning freed heap memory to the system (``malloc_trim``): a host-memory figure,
-not a GPU's. Under ``torchrun`` every rank measures its own and the report lists dPeak per rank.
+not a GPU's. Every rank measures its own and the report lists dPeak per rank.
 ``--recompute`` sets the student's activation recompute (``full``: every layer checkpointed,
 Megatron's ``uniform`` method with one layer per chunk; ``selective``: core attention).
 
@@ -20,8 +20,18 @@ Default shape (scaled down, the paper's proportions): 4 layers, hidden 512, voca
 the vocabulary); widths that differ go through a learned ``full`` projection. Per method it also
 reports tokens/s, the teacher pass time and the student's model FLOPs utilisation (the
 scheduler's FLOP model over the card's dense peak, :mod:`oprd_mega.train.throughput`; on a CPU
-only with ``--peak-tflops``). Run single-process: ``python tools/bench_step.py`` (dPeak is
-rank 0's).
+only with ``--peak-tflops``).
+
+Layouts: ``--nproc N`` runs each method's step on N local ranks (one ``torch.distributed.run``
+launch per method) with the student at ``--tp`` / ``--pp`` / ``--cp`` (``--sp``: sequence
+parallelism) and the teacher at ``--teacher-tp`` / ``--teacher-pp`` (default: the student's;
+otherwise its own Megatron groups over the same ranks, as ``parallel.teacher``). ``--sequences``
+counts the whole step: each data-parallel replica takes its share. Time and tokens/s are rank
+0's; dPeak is listed per rank and the table shows the largest. Example (CPU, 2 ranks, student
+TP2, teacher TP1 x DP2)::
+
+    python tools/bench_step.py --nproc 2 --tp 2 --teacher-tp 1 --methods oprd \
+        --layers 2 --hidden 128 --vocab 1024 --seq-len 256 --prompt-len 128 --last-k 64
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -85,6 +96,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="none",
         help="student activation recompute (training.recompute; full: every layer)",
     )
+    parser.add_argument(
+        "--nproc", type=int, default=1, help="local ranks per method (a torchrun launch when > 1)"
+    )
+    parser.add_argument("--tp", type=int, default=1, help="student tensor-parallel size")
+    parser.add_argument("--pp", type=int, default=1, help="student pipeline-parallel size")
+    parser.add_argument("--cp", type=int, default=1, help="context-parallel size (both models)")
+    parser.add_argument("--sp", action="store_true", help="student sequence parallelism")
+    parser.add_argument(
+        "--teacher-tp", type=int, help="teacher tensor-parallel size (default: the student's)"
+    )
+    parser.add_argument(
+        "--teacher-pp", type=int, help="teacher pipeline-parallel size (default: the student's)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -94,9 +118,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--scale needs --preset")
     if not 0 < args.prompt_len < args.seq_len:
         parser.error(f"--prompt-len must be in 1..{args.seq_len - 1}, got {args.prompt_len}")
+    layout_problem = _layout_problem(args)
+    if layout_problem:
+        parser.error(layout_problem)
     if args.micro_batch_size is not None and not 0 < args.micro_batch_size <= args.sequences:
         parser.error(f"--micro-batch-size must be in 1..{args.sequences}")
     return args
+
+
+def layout(args: argparse.Namespace):
+    """The student's layout with the teacher's (``ParallelLayout``)."""
+    from oprd_mega.parallel.layout import ParallelLayout, TeacherLayout
+
+    return ParallelLayout(
+        tp=args.tp,
+        pp=args.pp,
+        sp=args.sp,
+        cp=args.cp,
+        teacher=TeacherLayout(tp=args.teacher_tp, pp=args.teacher_pp),
+    )
+
+
+def _layout_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the layout flags for ``--nproc`` ranks, or None."""
+    from oprd_mega.models import parse_hf_config
+    from oprd_mega.models.shapes import shape_problems
+
+    if args.nproc < 1:
+        return f"--nproc must be a positive integer, got {args.nproc}"
+    try:
+        student = layout(args)
+        dp = student.data_parallel_size(args.nproc)
+        student.teacher_layout().data_parallel_size(args.nproc)
+    except ValueError as exc:
+        return f"--nproc {args.nproc} with --tp/--pp/--cp/--sp/--teacher-tp/--teacher-pp: {exc}"
+    if student.teacher_has_own_layout and args.cp > 1:
+        return "--teacher-tp/--teacher-pp: a teacher on its own layout needs --cp 1"
+    own_opd = [m for m in args.methods.split(",") if m.strip().startswith("opd")]
+    if student.teacher_has_own_layout and own_opd:
+        return (
+            f"--methods {','.join(own_opd)}: OPD needs the teacher on the student's layout "
+            "(drop --teacher-tp/--teacher-pp)"
+        )
+    if args.sequences % dp:
+        return f"--sequences {args.sequences} must be divisible by the data-parallel size {dp}"
+    teacher_config, student_config, _ = model_configs(args)
+    teacher_layout = student.teacher_layout()
+    for name, config, flag, at in (
+        ("student", student_config, "--", student),
+        ("teacher", teacher_config, "--teacher-", teacher_layout),
+    ):
+        model = parse_hf_config(config, where=f"bench_step {name}")
+        for problem in shape_problems(
+            model,
+            tp=at.tp,
+            pp=at.pp,
+            name=name,
+            cp=at.cp,
+            sp=at.sp,
+            seq_length=("--seq-len", args.seq_len),
+        ):
+            prefix = "--" if problem.knob == "cp" else flag
+            return f"{prefix}{problem.knob} {problem.value}: {problem.detail}"
+    if args.micro_batch_size is not None and (args.sequences // dp) % args.micro_batch_size:
+        return (
+            f"--micro-batch-size {args.micro_batch_size} must divide the "
+            f"{args.sequences // dp} sequence(s) of each data-parallel replica"
+        )
+    return None
 
 
 def model_configs(args: argparse.Namespace) -> tuple[dict, dict, str]:
@@ -163,6 +252,7 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     """Build student and teacher, run warm-up + timed steps, return times and dPeaks."""
     import torch
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from oprd_mega.data.microbatches import model_dims
     from oprd_mega.distill.batch import make_microbatch
@@ -176,9 +266,13 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     from oprd_mega.models.builder import resolve_dtype
     from oprd_mega.models.recompute import RecomputeOptions
     from oprd_mega.parallel import init_distributed
+    from oprd_mega.parallel.model_groups import init_model_groups
     from oprd_mega.train.throughput import model_flops_utilization, peak_tflops, training_flops
 
-    init_distributed()
+    student_layout = layout(args)
+    init_distributed(student_layout)
+    own = student_layout.teacher_has_own_layout
+    teacher_groups = init_model_groups(student_layout.teacher_layout()) if own else None
     torch.manual_seed(0)
     cuda = torch.cuda.is_available()
     dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if cuda else "float32")
@@ -190,23 +284,38 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     pairs = layer_pairs("all", s_args.num_layers, t_args.num_layers)
     options = StepOptions(method=method, top_k=k, opd_chunk_tokens=1024)
     recompute = RecomputeOptions(**RECOMPUTE[args.recompute])
-    student = build_gpt_model(s_args, params_dtype=dtype, recompute=recompute)
-    teacher = build_teacher(t_args, pairs, options, params_dtype=dtype)
+    student = build_gpt_model(
+        s_args, params_dtype=dtype, sequence_parallel=args.sp, recompute=recompute
+    )
+    with teacher_groups.active() if teacher_groups else contextlib.nullcontext():
+        teacher = build_teacher(
+            t_args, pairs, options, params_dtype=dtype, sequence_parallel=args.sp and not own
+        )
     # Widths that differ (the Qwen3 presets) go through a learned map, as the paper's runs do.
     projection = (
         ProjectionSpec("full", normalize=True) if s_args.hidden_size != t_args.hidden_size else None
     )
     step = build_step(
-        student, teacher, pairs, options, OptimizerOptions(lr=1e-5), projection=projection
+        student,
+        teacher,
+        pairs,
+        options,
+        OptimizerOptions(lr=1e-5),
+        projection=projection,
+        teacher_groups=teacher_groups,
     )
     vocab = min(s_args.vocab_size, t_args.vocab_size)
     generator = torch.Generator().manual_seed(1)
-    sequences = [
+    everything = [
         torch.randint(0, vocab, (args.seq_len,), generator=generator).tolist()
         for _ in range(args.sequences)
     ]
+    dp_size = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    share = args.sequences // dp_size
+    sequences = everything[dp_rank * share : (dp_rank + 1) * share]
     spec = PositionSpec("last_k", args.last_k)
-    per_microbatch = args.micro_batch_size or args.sequences
+    per_microbatch = args.micro_batch_size or share
     microbatches = [
         make_microbatch(
             index,
@@ -215,7 +324,7 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
             args.seq_len,
             spec,
         )
-        for index, start in enumerate(range(0, args.sequences, per_microbatch))
+        for index, start in enumerate(range(0, share, per_microbatch))
     ]
     flops = training_flops(model_dims(s_args), [args.seq_len] * args.sequences)
     device = torch.cuda.get_device_name() if cuda else "cpu"
@@ -251,10 +360,12 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
         if cuda
         else "cpu peak resident set size (host memory, not a GPU's)",
         "recompute": args.recompute,
+        "layout": str(student_layout),
         "teacher_time": statistics.median(teacher_times),
         "tokens_per_s": args.sequences * args.seq_len / median,
         "student_tflops": flops / 1e12,
-        "mfu": None if peak is None else model_flops_utilization(flops, median, peak),
+        # the step's FLOPs over every rank's peak
+        "mfu": None if peak is None else model_flops_utilization(flops, median, peak * args.nproc),
         "peak_tflops": peak,
         "device": device,
         "dtype": dtype_name,
@@ -263,11 +374,21 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     }
 
 
+# The parent hands its arguments to each launch here: torchrun's own argparse would otherwise
+# read the benchmark's flags (``--nproc`` is an abbreviation of its ``--nproc-per-node``).
+ARGV_VARIABLE = "OPRD_BENCH_STEP_ARGV"
+# A rank's exception line ("[rank0]: ValueError: ..."), the first of which the parent repeats.
+ROOT_ERROR = re.compile(r"^(\[rank\d+\]: )?\w+(Error|Exception): ")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and ARGV_VARIABLE in os.environ:
+        argv = json.loads(os.environ[ARGV_VARIABLE])
     args = parse_args(argv)
     if args.child:
         result = run_method(args, args.child)
-        print("RESULT " + json.dumps(result), flush=True)
+        if result["rank"] == 0:
+            print("RESULT " + json.dumps(result), flush=True)
         return 0
     names = [name.strip() for name in args.methods.split(",") if name.strip()]
     for name in names:
@@ -275,23 +396,34 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--methods: {name!r} is not one of {list(METHODS)}")
     results = {}
     passthrough = list(argv if argv is not None else sys.argv[1:])
+    launcher = [sys.executable]
+    if args.nproc > 1:  # one rendezvous per launch on a free port (--standalone)
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+        launcher += [str(args.nproc)]
     for name in names:
         out = subprocess.run(
-            [sys.executable, __file__, *passthrough, "--child", name],
+            [*launcher, __file__],
             capture_output=True,
             text=True,
             check=False,
+            env={**os.environ, ARGV_VARIABLE: json.dumps([*passthrough, "--child", name])},
         )
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not lines:
             sys.stderr.write(out.stderr[-4000:])
-            raise SystemExit(f"bench_step: method {name} failed (exit {out.returncode})")
+            cause = next(
+                (line for line in out.stderr.splitlines() if ROOT_ERROR.search(line)), None
+            )
+            raise SystemExit(
+                f"bench_step: method {name} failed (exit {out.returncode})"
+                + (f": {cause.strip()}" if cause else "")
+            )
         results[name] = json.loads(lines[-1][len("RESULT ") :])
         print(f"# {name}: {json.dumps(results[name])}", flush=True)  # partial results survive
     reference = results.get("opd-top16")
     print(
         f"# shape: {model_configs(args)[2]}, {args.sequences} x {args.seq_len} tokens, "
-        f"recompute {args.recompute}"
+        f"recompute {args.recompute}, layout {layout(args)} on {args.nproc} rank(s)"
     )
     print(
         f"{'method':<10} {'time_s':>9} {'dpeak_MiB':>10} {'time/top16':>11} {'dpeak/top16':>12} "

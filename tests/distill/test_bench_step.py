@@ -51,3 +51,43 @@ def test_bad_arguments_are_refused_by_name() -> None:
         [sys.executable, str(TOOL), "--scale", "0.5"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 2 and "--scale needs --preset" in result.stderr
+
+
+def test_two_ranks_with_the_teacher_on_its_own_layout_report_every_rank(tmp_path: Path) -> None:
+    """Student TP2 with the teacher at TP1 x DP2: one torchrun launch per method."""
+    out = tmp_path / "bench.json"
+    argv = [
+        "--nproc", "2", "--tp", "2", "--teacher-tp", "1", "--methods", "oprd",
+        "--layers", "2", "--hidden", "64", "--heads", "8", "--vocab", "512",
+        "--seq-len", "64", "--prompt-len", "32", "--last-k", "16", "--steps", "1",
+        "--json", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(TOOL), *argv], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layout TP2PP1 (teacher TP1PP1) on 2 rank(s)" in result.stdout
+    row = json.loads(out.read_text())["results"]["oprd"]
+    assert row["layout"] == "TP2PP1 (teacher TP1PP1)" and row["rank"] == 0
+    assert len(row["dpeak_per_rank"]) == 2 and row["dpeak"] == row["dpeak_per_rank"][0]
+    assert 0 < row["teacher_time"] < row["time"]
+    assert row["tokens_per_s"] == pytest.approx(2 * 64 / row["time"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--nproc", "3", "--tp", "2"], "--nproc 3 with --tp/--pp/--cp/--sp"),
+        (["--nproc", "2", "--teacher-tp", "3"], "world size 2 is not divisible by tp*pp*cp = 3"),
+        (["--nproc", "2", "--tp", "2", "--teacher-tp", "1"], "--methods opd-top1,opd-top16"),
+        (["--nproc", "4", "--cp", "2", "--teacher-tp", "2", "--methods", "oprd"], "--cp 1"),
+        (["--nproc", "2", "--cp", "2", "--seq-len", "66", "--prompt-len", "8"], "--seq-len (66)"),
+        (["--nproc", "2", "--tp", "2", "--heads", "4"], "--tp 2: must divide the student's"),
+        (["--nproc", "4", "--sequences", "2", "--methods", "oprd"], "--sequences 2 must be"),
+    ],
+)
+def test_bad_layouts_are_refused_by_flag_before_any_launch(argv: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(TOOL), *argv], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-1000:]
