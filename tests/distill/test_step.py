@@ -1,7 +1,8 @@
-"""One OPRD / OPD step under Megatron at nine layouts, against a float64 transformers oracle.
+"""One OPRD / OPD step under Megatron at nine student layouts (and six where the teacher has its
+own), against a float64 transformers oracle.
 
 One torchrun launch (4 gloo processes, Megatron start-up dominates) runs every case at its
-layouts (30 by default, the full matrix of 60 with ``-m slow``); the tests read its results.
+layouts (45 by default, the full matrix of 79 with ``-m slow``); the tests read its results.
 Student: Llama, 4 layers, hidden 32; teacher: Llama, 6 layers, hidden 48 (a hidden-32 one for
 identity). Tapped student layers 1-3 pair with teacher layers 1, 3, 4 (phi), so the teacher is
 truncated at 4 layers; at PP2 the student holds layers 1-2 | 3-4 and the truncated teacher
@@ -38,6 +39,15 @@ OWN_TEACHER_SP = [2, 1, True, {"teacher": [1, 1]}]
 NAMES = {"TP1PP1", "TP2PP1", "TP2PP1+SP", "TP1PP2", "TP2PP2"}
 NAMES |= {"TP1PP1CP2", "TP2PP1CP2+SP", "TP1PP2CP2"}
 NAMES |= {"TP2PP1/teacher-TP1PP1", "TP1PP2/teacher-TP2PP1", "TP2PP1+SP/teacher-TP1PP1"}
+# A teacher wider than the student's layout or pipelined on its own: student TP2 x PP2 (DP1)
+# with the teacher at TP4 (it has 4 KV heads), student TP2 with the teacher at PP2 x DP2,
+# student DP4 with the teacher at TP2 x PP2.
+OWN_TEACHER_WIDE = [
+    [2, 2, False, {"teacher": [4, 1]}],
+    [2, 1, False, {"teacher": [1, 2]}],
+    [1, 1, False, {"teacher": [2, 2]}],
+]
+NAMES |= {"TP2PP2/teacher-TP4PP1", "TP2PP1/teacher-TP1PP2", "TP1PP1/teacher-TP2PP2"}
 BASE = {"layers": [1, 2, 3], "per_layer": True, "normalize": False, "last_k": 5}
 # OPRD plus OPD top-k (k=5, mu=10), the combined objective
 COMBINED_TOPK = {
@@ -169,6 +179,17 @@ CASES.append(
     }
 )
 SMALL = {"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 117}
+CASES.append(
+    {
+        **BASE,
+        "name": "teacher-own-wide",
+        "method": "oprd",
+        "projection": "full",
+        "normalize": True,
+        "teacher": "teacher-kv4",
+        "layouts": [[1, 1, False], *OWN_TEACHER_WIDE],
+    }
+)
 # Activation recompute and overlapped gradient reduction: the same oracle. Full 'uniform' in
 # chunks of 2 puts tapped layers 1 and 3 inside a checkpointed chunk (not its output).
 CASES += [
@@ -238,13 +259,25 @@ MODELS["teacher7"] = {
         "intermediate_size": 96,
     },
 }
+MODELS["teacher-kv4"] = {
+    "family": "llama",
+    "tied": False,
+    "config": {
+        **SMALL,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 6,
+        "hidden_size": 48,
+        "head_dim": 12,
+        "intermediate_size": 96,
+    },
+}
 LR = 1e-3
 # float32 Megatron vs float64 oracle. Gradients: relative to the largest gradient entry.
 # Parameters after AdamW: the first step moves each entry by about lr * g / (|g| + eps), so a
 # gradient error e shows as up to lr * e / eps (eps = 1e-6) on entries whose gradient is ~0.
 GRAD_REL, PARAM_ABS, LOSS_REL = 2e-5, 2e-2 * LR, 1e-5
-# The default run: every layout for the main case, two to five for the others (30 layouts in
-# one launch); the full matrix (60) runs with ``-m slow``.
+# The default run: every layout for the main case, one to five for the others (45 layouts in
+# one launch); the full matrix (79) runs with ``-m slow``.
 FAST_LAYOUTS = {
     "full-plain": ALL + OWN_TEACHER,
     "full-plain-overlap": [[1, 1, False], [2, 1, True]],
@@ -259,6 +292,7 @@ FAST_LAYOUTS = {
     "real-llama3.2-from-qwen2.5-yarn": [[1, 1, False], [2, 2, False]],
     "real-qwen3-from-r1-distill": [[2, 1, False], [1, 2, False]],
     "pp4-uneven": [[1, 4, False], [1, 4, False, {"split": PP4_SPLITS}]],
+    "teacher-own-wide": [[1, 1, False], *OWN_TEACHER_WIDE],
     "recompute-full-uniform-overlap": [[2, 1, False]],
     "recompute-full-block": [[1, 2, False]],
     "recompute-selective-overlap": [[2, 1, True]],
