@@ -9,10 +9,13 @@ dump, and one sentence per field for docs/config.md.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BeforeValidator, PlainSerializer
+
+from oprd_mega.config.base import BOOLEAN_FOR_NUMBER, invalid, takes_number_not_boolean
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity inside Annotated
@@ -47,6 +50,19 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _refuse_booleans_for_numbers(cls: type, value: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise on a boolean given for a numeric field of dataclass ``cls`` (or of a dataclass
+    field inside it): pydantic would read ``true`` as 1 before ``__post_init__`` sees it."""
+    hints = typing.get_type_hints(cls)
+    for name, given in value.items():
+        hint = hints.get(str(name))
+        if isinstance(given, bool) and takes_number_not_boolean(hint):
+            raise invalid(f"{prefix}{name}", given, BOOLEAN_FOR_NUMBER)
+        inner = [t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t)]
+        if isinstance(given, Mapping) and inner:
+            _refuse_booleans_for_numbers(inner[0], given, f"{prefix}{name}.")
+
+
 def adopt(
     cls: type,
     docs: Mapping[str, str],
@@ -74,6 +90,7 @@ def adopt(
 
     def fill(value: Any) -> Any:
         if isinstance(value, Mapping):
+            _refuse_booleans_for_numbers(cls, value)
             return {**defaults, **value}
         return value
 

@@ -133,6 +133,18 @@ CASES = [
     (["evaluation.sampling.n=3"], "evaluation.sampling.n", "3", "equal evaluation.k (16)"),
     (["evaluation.verifier=regex"], "evaluation.verifier", '"regex"', "'boxed'"),
     (["seed=-1"], "seed", "-1", "greater than or equal to 0"),
+    # pydantic's lax mode would read true as 1 (one layer, one rank, one step)
+    (["schedule.steps=true"], "schedule.steps", "true", "a number, not true/false"),
+    (["optimizer.lr=false"], "optimizer.lr", "false", "a number, not true/false"),
+    (["distillation.positions.k=true"], "distillation.positions.k", "true", "not true/false"),
+    (["parallel.tp=true"], "parallel.tp", "true", "a number, not true/false"),
+    (["parallel.teacher.tp=true"], "parallel.teacher.tp", "true", "a number, not true/false"),
+    (
+        ["student.pipeline_split.first=true"],
+        "student.pipeline_split.first",
+        "true",
+        "a number, not true/false",
+    ),
 ]
 
 
