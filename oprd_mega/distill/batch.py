@@ -32,6 +32,7 @@ from oprd_mega.distill.positions import (
     packed_position_mask,
     padded_position_mask,
 )
+from oprd_mega.models.attention import thd_params
 from oprd_mega.parallel.context import check_slots, context_positions
 
 
@@ -63,15 +64,7 @@ class DistillMicrobatch:
         """Megatron's THD description of a packed microbatch (``None`` when padded)."""
         if self.cu_seqlens is None:
             return None
-        cu = self.cu_seqlens.to(device=device, dtype=torch.int32)
-        longest = int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
-        return PackedSeqParams(
-            qkv_format="thd",
-            cu_seqlens_q=cu,
-            cu_seqlens_kv=cu,
-            max_seqlen_q=longest,
-            max_seqlen_kv=longest,
-        )
+        return thd_params(self.cu_seqlens.to(device=device, dtype=torch.int32))
 
 
 def make_microbatch(

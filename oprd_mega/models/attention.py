@@ -35,6 +35,20 @@ from megatron.core.transformer.enums import AttnMaskType
 from oprd_mega.parallel.context import context_positions, gathered_positions
 
 
+def thd_params(cu_seqlens: torch.Tensor) -> PackedSeqParams:
+    """Megatron's THD description of sequences packed end to end at offsets ``cu_seqlens``
+    (``[0, end_1, ..., end_n]``, int32, on the attention's device): self-attention, so the
+    query and key/value offsets are the same."""
+    longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )
+
+
 class SDPAttention(DotProductAttention):
     """Drop-in for Megatron's local ``DotProductAttention`` (same constructor and state).
 

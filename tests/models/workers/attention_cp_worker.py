@@ -17,11 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # repo root
 
 import torch
 import torch.distributed as dist
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from oprd_mega.models.attention import SDPAttention
+from oprd_mega.models.attention import SDPAttention, thd_params
 from oprd_mega.parallel import ParallelLayout, destroy_distributed, init_distributed
 from oprd_mega.parallel.context import context_positions
 from tests.models.workers.attention_worker import config, qkv, run
@@ -57,13 +56,7 @@ def main() -> None:
     cu = torch.tensor([0, 8, 20, 24], dtype=torch.int32)
     packed = [t[:, 0].detach() for t in qkv(sum(lengths), 1, generator)]
     weight = torch.randn(sum(lengths), HIDDEN, generator=generator, dtype=torch.float64)
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=max(lengths),
-        max_seqlen_kv=max(lengths),
-    )
+    params = thd_params(cu)
     keep = context_positions(cu.tolist(), cp, rank)
     mine = run(
         ours,

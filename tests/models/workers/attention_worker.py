@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from oprd_mega.models.attention import SDPAttention
+from oprd_mega.models.attention import SDPAttention, thd_params
 from oprd_mega.parallel import init_distributed
 
 HEADS, GROUPS, HEAD_DIM = 6, 2, 16
@@ -88,13 +87,7 @@ def main() -> None:
     weight = weight.to(DEVICE)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     cu = cu.to(DEVICE)
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=max(lengths),
-        max_seqlen_kv=max(lengths),
-    )
+    params = thd_params(cu)
     mine = run(ours, packed, weight[:, 0], attention_mask=None, packed_seq_params=params)
     pieces, grads = [], [[], [], []]
     for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
