@@ -16,13 +16,8 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-venv="${VENV:-$root/.venv}"
-py="$venv/bin/python"
-out="${QUICKSTART_DIR:-runs/quickstart}"
-nproc="${NPROC:-2}"
 rates="${SWEEP_RATES:-1e-4 3e-4 1e-3}"
 methods="${SWEEP_METHODS:-opd-top1 opd-top16}"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 # shellcheck source=scripts/quickstart_lib.sh
 source "$root/scripts/quickstart_lib.sh"
 

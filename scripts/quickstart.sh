@@ -14,17 +14,12 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-venv="${VENV:-$root/.venv}"
-out="${QUICKSTART_DIR:-runs/quickstart}"
-nproc="${NPROC:-2}"
 opd_lr="${OPD_LR:-1e-4}"
 start=$(date +%s)
-
-"$root/scripts/setup.sh" plot  # matplotlib for the figure at the end
-py="$venv/bin/python"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 # shellcheck source=scripts/quickstart_lib.sh
 source "$root/scripts/quickstart_lib.sh"
+
+"$root/scripts/setup.sh" plot  # matplotlib for the figure at the end
 
 echo "[quickstart] toy task (models and data) in $out"
 "$py" tools/make_toy_task.py --out "$out"

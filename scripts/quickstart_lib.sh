@@ -2,7 +2,14 @@
 # the toy task's paths, one training run of examples/tiny_cpu.yaml under torchrun, and the
 # teacher's evaluation, so the quickstart and the baseline sweep train on exactly one recipe.
 #
-# Expects: root (repository root), py (the venv's python), out (QUICKSTART_DIR), nproc.
+# Expects root (the repository root); sets venv and py (VENV, default .venv), out (QUICKSTART_DIR,
+# default runs/quickstart) and nproc (NPROC, default 2), and one thread per process.
+
+venv="${VENV:-$root/.venv}"
+py="$venv/bin/python"
+out="${QUICKSTART_DIR:-runs/quickstart}"
+nproc="${NPROC:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
 run() {  # run NAME [overrides...]: one fresh training run under torchrun, outputs in $out/NAME
   local name="$1"

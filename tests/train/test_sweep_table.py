@@ -115,7 +115,8 @@ SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def _lr_overrides(rate: str) -> subprocess.CompletedProcess[str]:
-    command = f'py="{sys.executable}"; source "{SCRIPTS}/quickstart_lib.sh"; lr_overrides "$1" X'
+    venv = Path(sys.executable).parents[1]  # the library's python is $VENV/bin/python
+    command = f'VENV="{venv}"; source "{SCRIPTS}/quickstart_lib.sh"; lr_overrides "$1" X'
     return subprocess.run(
         ["bash", "-c", command, "bash", rate], capture_output=True, text=True, check=False
     )
