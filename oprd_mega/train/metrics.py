@@ -192,12 +192,20 @@ class _TensorBoardSink:
                 "the 'tensorboard' metrics sink needs the tensorboard package: "
                 "pip install tensorboard"
             ) from exc
-        # purge_step hides older events with step >= it: those the interrupted run logged
-        # after the checkpoint, or every event of an earlier run in the same directory.
-        purge_step = 0 if resume_step is None else resume_step + 1
-        self._writer = SummaryWriter(
-            log_dir=str(directory / TENSORBOARD_SUBDIR), purge_step=purge_step
-        )
+        log_dir = directory / TENSORBOARD_SUBDIR
+        earlier = sorted(log_dir.glob("events.out.tfevents.*")) if log_dir.is_dir() else []
+        if resume_step is None and earlier:
+            kept_at = _move_aside(log_dir)
+            print(
+                f"[oprd-mega] {log_dir}: a fresh run starts new TensorBoard events; the "
+                f"{len(earlier)} event file(s) of an earlier run were moved to {kept_at}",
+                file=sys.stderr,
+                flush=True,
+            )
+        # On resume, purge_step hides the events the interrupted run logged after the
+        # checkpoint (step >= purge_step); a fresh run starts in an empty folder.
+        purge_step = None if resume_step is None else resume_step + 1
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def log(self, step: int, kind: str, metrics: Mapping[str, int | float]) -> None:
         for name, value in metrics.items():
@@ -271,9 +279,9 @@ class MetricsWriter:
 
     ``resume_step`` is the step of the checkpoint a resumed run starts from: whatever the
     interrupted run logged after it is dropped (JSONL) or purged (TensorBoard), so the logs
-    equal an uninterrupted run's. None means a fresh run: an existing metrics.jsonl is moved
-    aside (see :func:`truncate_metrics`) and older TensorBoard events in the directory are
-    hidden.
+    equal an uninterrupted run's. None means a fresh run: an existing metrics.jsonl (see
+    :func:`truncate_metrics`) and TensorBoard folder are moved aside (``.replaced-<time>``),
+    each said on stderr.
     """
 
     def __init__(

@@ -174,6 +174,29 @@ def test_tensorboard_resume_purges_steps_after_the_checkpoint(tmp_path: Path) ->
     assert _scalars(tmp_path)["train/loss"] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
+def test_a_fresh_run_moves_earlier_tensorboard_events_aside_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with MetricsWriter(tmp_path, sinks=("tensorboard",)) as writer:
+        for step in range(1, 4):
+            writer.log(step, {"loss": float(step)})
+    _age_event_files(tmp_path)
+    with MetricsWriter(tmp_path, sinks=("tensorboard",)) as writer:
+        writer.log(1, {"loss": 10.0})
+    assert _scalars(tmp_path)["train/loss"] == [(1, 10.0)]
+    aside = list(tmp_path.glob("tensorboard.replaced-*"))
+    assert len(aside) == 1
+    older = EventAccumulator(str(aside[0]))
+    older.Reload()
+    assert [(e.step, e.value) for e in older.Scalars("train/loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+    ]
+    err = capsys.readouterr().err
+    assert "1 event file(s) of an earlier run were moved to" in err and str(aside[0]) in err
+
+
 def _age_event_files(directory: Path, seconds: int = 100) -> None:
     """Backdate event file names: TensorBoard reads files in name order (the name starts with
     the creation second), and two writers of one test may share a second."""
