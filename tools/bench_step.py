@@ -154,12 +154,6 @@ def _layout_problem(args: argparse.Namespace) -> str | None:
         return f"--nproc {args.nproc} with --tp/--pp/--cp/--sp/--teacher-tp/--teacher-pp: {exc}"
     if student.teacher_has_own_layout and args.cp > 1:
         return "--teacher-tp/--teacher-pp: a teacher on its own layout needs --cp 1"
-    own_opd = [m for m in args.methods.split(",") if m.strip().startswith("opd")]
-    if student.teacher_has_own_layout and own_opd:
-        return (
-            f"--methods {','.join(own_opd)}: OPD needs the teacher on the student's layout "
-            "(drop --teacher-tp/--teacher-pp)"
-        )
     if args.sequences % dp:
         return f"--sequences {args.sequences} must be divisible by the data-parallel size {dp}"
     teacher_config, student_config, _ = model_configs(args)

@@ -73,8 +73,9 @@ Parallel = adopt(
         "differs, the teacher runs in its own Megatron groups over the same ranks, with "
         "data-parallel size world_size / (teacher.tp * teacher.pp), without sequence or "
         "context parallelism (so not with cp > 1), and sends its targets to the student ranks "
-        "that own the paired rows. Not with an OPD term (the OPD logits split the teacher's "
-        "head at the student's TP).",
+        "that own the paired rows. With an OPD term its final-norm states at the OPD rows go "
+        "to the student's last stage, which holds a copy of the teacher's head split at "
+        "parallel.tp (vocabulary x teacher width / tp more memory there).",
     },
     nested={"teacher": TeacherParallel},
 )

@@ -113,18 +113,6 @@ class TrainConfig(Section):
             rollout = {**rollout, "launch": launch}
         return {**data, "rollout": rollout}
 
-    @model_validator(mode="after")
-    def _teacher_layout_fits_objective(self) -> TrainConfig:
-        """OPD splits the teacher's output layer at the student's TP: same layout only."""
-        if self.parallel.teacher_has_own_layout and self.distillation.opd_term is not None:
-            raise invalid(
-                "parallel.teacher",
-                dataclasses.asdict(self.parallel.teacher),
-                f"distillation.method = {self.distillation.method!r} has an OPD term, which "
-                "needs the teacher on the student's layout (parallel.tp, parallel.pp)",
-            )
-        return self
-
 
 def data_parallel_size(config: TrainConfig, world_size: int) -> int:
     """The data-parallel size under ``world_size`` processes; a ConfigError if it cannot work.

@@ -50,8 +50,12 @@ from oprd_mega.distill.teacher import (
     without_output_layer,
 )
 from oprd_mega.distill.teacher_ahead import TeacherAhead
-from oprd_mega.distill.teacher_layout import TeacherPlacement, teacher_pass_own_layout
-from oprd_mega.models.running import unwrap
+from oprd_mega.distill.teacher_layout import (
+    TeacherPlacement,
+    teacher_head_shard,
+    teacher_pass_own_layout,
+)
+from oprd_mega.models.running import output_weight, unwrap
 from oprd_mega.models.shapes import real_vocab_size
 
 OPD_METRICS = ("pg_loss", "reward", "student_entropy", "teacher_entropy", "top16_overlap")
@@ -206,16 +210,6 @@ def build_optimizer(model: DistributedDataParallel, options: OptimizerOptions):
     return optimizer
 
 
-def output_weight(model: torch.nn.Module) -> torch.Tensor:
-    """This rank's output-layer weight shard ``[vocab/tp, h]`` (last stage)."""
-    inner = unwrap(model)
-    if getattr(inner, "share_embeddings_and_output_weights", False):
-        return inner.shared_embedding_or_output_weight()
-    if getattr(inner, "output_layer", None) is None:
-        raise ValueError("OPD needs an output layer on the last pipeline stage")
-    return inner.output_layer.weight
-
-
 class DistillStep:
     """The step for one student chunk (DDP-wrapped) and one teacher chunk (same layout).
 
@@ -244,8 +238,6 @@ class DistillStep:
         inner = unwrap(student)
         self.sequence_parallel = bool(inner.config.sequence_parallel)
         self.teacher_placement = teacher_placement
-        if teacher_placement is not None and options.opd_kind is not None:
-            raise ValueError("parallel.teacher: OPD needs the teacher on the student's layout")
         if teacher_placement is not None and unwrap(teacher).config.sequence_parallel:
             raise ValueError("parallel.teacher: the teacher on its own layout runs without SP")
         if teacher_placement is not None and parallel_state.get_context_parallel_world_size() > 1:
@@ -281,6 +273,13 @@ class DistillStep:
                 f"teacher: tapped teacher layer(s) {missing} are deeper than the teacher model "
                 f"({len(teacher_stage)} layers)"
             )
+        # OPD with the teacher on its own layout: its head, re-split at the student's TP, on
+        # the student's last stage (the teacher is frozen: copied once)
+        self.teacher_head = (
+            teacher_head_shard(teacher, teacher_placement)
+            if teacher_placement is not None and options.opd_kind is not None
+            else None
+        )
         self.plan = TeacherPlan(
             pairs=tuple(self.pairs) if options.oprd_weight else (),
             student_stage=layer_stages(student),
@@ -347,11 +346,11 @@ class DistillStep:
             else {batch.index: None for batch in microbatches}  # type: ignore[misc]
         )
         opd_sums = torch.zeros(len(OPD_METRICS), dtype=torch.float64)
-        teacher_weight = (
-            output_weight(self.teacher)
-            if options.opd_kind and parallel_state.is_pipeline_last_stage()
-            else None
-        )
+        teacher_weight = None
+        if options.opd_kind and parallel_state.is_pipeline_last_stage():
+            teacher_weight = (
+                output_weight(self.teacher) if self.teacher_head is None else self.teacher_head
+            )
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)

@@ -12,7 +12,11 @@ The student's data-parallel ranks each hold their own microbatches; the teacher'
 3. each tapped teacher layer's supervised rows (whole rows: the teacher runs without sequence
    parallelism) go point to point from the teacher's TP0 rank on the stage owning that layer
    to every student rank of the microbatch's DP rank on the stage owning the paired student
-   layer; under the student's sequence parallelism each TP rank keeps its sequence shard.
+   layer; under the student's sequence parallelism each TP rank keeps its sequence shard;
+4. with an OPD term, the teacher's final-norm states at the OPD rows go from its last stage to
+   every student rank of the microbatch's DP rank on the student's last stage, where the
+   student forms the teacher's logits with a copy of the teacher's head re-split at the
+   student's TP (:func:`teacher_head_shard`, made once: the teacher is frozen).
 
 All ranks walk the same (unit, pair) order, so sends and receives between two ranks match.
 """
@@ -29,7 +33,7 @@ from megatron.core import parallel_state
 
 from oprd_mega.distill.batch import DistillMicrobatch, sequence_major
 from oprd_mega.distill.teacher import TeacherOutputs, TeacherPlan, current_device, run_teacher
-from oprd_mega.models.running import unwrap
+from oprd_mega.models.running import output_weight, unwrap
 from oprd_mega.parallel.model_groups import ModelGroups
 
 
@@ -82,6 +86,10 @@ class TeacherPlacement:
         wanted = Coordinates(replica, stage, 0)
         return self.teacher.index(wanted)
 
+    def last_stages(self) -> tuple[int, int]:
+        """The last pipeline stage of the teacher's layout and of the student's."""
+        return max(c.pp for c in self.teacher), max(c.pp for c in self.student)
+
     def student_ranks(self, dp: int, stage: int) -> list[int]:
         """Every global rank of student replica ``dp`` on pipeline ``stage`` (all TP ranks)."""
         return [rank for rank, c in enumerate(self.student) if (c.dp, c.pp) == (dp, stage)]
@@ -98,8 +106,6 @@ def teacher_pass_own_layout(
     ``plan.teacher_stage`` is in the teacher's pipeline, ``plan.student_stage`` in the
     student's; the targets are keyed like :func:`~oprd_mega.distill.teacher.teacher_pass`'s.
     """
-    if plan.opd:
-        raise ValueError("parallel.teacher: OPD needs the teacher on the student's layout")
     me = dist.get_rank()
     units = _step_units(microbatches, placement)
     replica = placement.teacher[me].dp
@@ -113,9 +119,12 @@ def teacher_pass_own_layout(
     by_shape: dict[tuple[int, int], list[DistillMicrobatch]] = defaultdict(list)
     for batch in mine:  # Megatron's pipeline exchanges fixed-shape activations
         by_shape[batch.shape].append(batch)
+    opd_kept: dict[int, torch.Tensor] = {}
     with placement.groups.active():
         for batches in by_shape.values():
-            kept.update(run_teacher(teacher, batches, teacher_plan)[0])
+            rows, states = run_teacher(teacher, batches, teacher_plan)
+            kept.update(rows)
+            opd_kept.update(states)
     hidden = int(unwrap(teacher).config.hidden_size)
     dtype = torch.float32 if plan.bridge is not None else plan.target_dtype
     targets: dict[int, dict[int, torch.Tensor]] = {batch.index: {} for batch in microbatches}
@@ -143,6 +152,26 @@ def teacher_pass_own_layout(
                 )
                 requests.append(dist.irecv(buffer, src=source))
                 targets[batch.index][student_layer] = buffer
+    opd_hidden: dict[int, torch.Tensor] = {}
+    if plan.opd:  # final-norm states at the OPD rows: last teacher stage -> last student stage
+        teacher_last, student_last = placement.last_stages()
+        for k, (dp, batch) in enumerate(units):
+            source = placement.teacher_rank(k % placement.teacher_dp, teacher_last)
+            destinations = placement.student_ranks(dp, student_last)
+            if me == source:
+                tensor = opd_kept[k].contiguous()
+                for destination in destinations:
+                    if destination == me:
+                        opd_hidden[batch.index] = tensor
+                    else:
+                        requests.append(dist.isend(tensor, dst=destination))
+            elif me in destinations:
+                count = int(batch.predicts.sum())
+                buffer = torch.empty(
+                    count, hidden, dtype=plan.target_dtype, device=current_device()
+                )
+                requests.append(dist.irecv(buffer, src=source))
+                opd_hidden[batch.index] = buffer
     for request in requests:
         request.wait()
     if plan.sequence_parallel:
@@ -150,7 +179,67 @@ def teacher_pass_own_layout(
             keep = _shard_of_rows(batch.supervised)
             for layer, rows in targets[batch.index].items():
                 targets[batch.index][layer] = rows[keep.to(rows.device)]
-    return TeacherOutputs(targets=targets, opd_hidden={})
+    return TeacherOutputs(targets=targets, opd_hidden=opd_hidden)
+
+
+def teacher_head_shard(
+    teacher: torch.nn.Module, placement: TeacherPlacement
+) -> torch.Tensor | None:
+    """The teacher's output-layer rows ``[vocab / student tp, h_T]`` that this rank's student
+    TP rank owns, on the student's last pipeline stage (None elsewhere), for OPD's
+    vocabulary-parallel logits at the student's TP (collective over the world).
+
+    Teacher replica 0's last-stage TP ranks send the overlapping row ranges of their shards;
+    the padded vocabulary is the same at every TP size, so the shards tile the same rows.
+    """
+    me = dist.get_rank()
+    inner = unwrap(teacher)
+    vocab, hidden = int(inner.vocab_size), int(inner.config.hidden_size)
+    teacher_tp = 1 + max(c.tp for c in placement.teacher)
+    student_tp = 1 + max(c.tp for c in placement.student)
+    if vocab % teacher_tp or vocab % student_tp:
+        raise ValueError(
+            f"parallel.teacher: the padded vocabulary ({vocab}) must split evenly over the "
+            f"teacher's tp ({teacher_tp}) and the student's ({student_tp})"
+        )
+    teacher_rows, student_rows = vocab // teacher_tp, vocab // student_tp
+    teacher_last, student_last = placement.last_stages()
+    local = None
+    if placement.teacher[me].pp == teacher_last and placement.teacher[me].dp == 0:
+        with placement.groups.active():
+            local = output_weight(teacher).detach()
+    dtype = inner.config.params_dtype
+    shard = None
+    requests, pieces = [], []
+    for destination, student in enumerate(placement.student):
+        if student.pp != student_last:
+            continue
+        low, high = student.tp * student_rows, (student.tp + 1) * student_rows
+        if destination == me:
+            shard = torch.empty(student_rows, hidden, dtype=dtype, device=current_device())
+        for j in range(teacher_tp):
+            start, stop = max(low, j * teacher_rows), min(high, (j + 1) * teacher_rows)
+            if start >= stop:
+                continue
+            source = placement.teacher.index(Coordinates(0, teacher_last, j))
+            if source == me:
+                rows = local[start - j * teacher_rows : stop - j * teacher_rows]  # type: ignore[index]
+                if destination == me:
+                    shard[start - low : stop - low] = rows  # type: ignore[index]
+                else:
+                    pieces.append(rows)
+                    requests.append(dist.isend(rows, dst=destination))
+            elif destination == me:
+                buffer = torch.empty(stop - start, hidden, dtype=dtype, device=current_device())
+                requests.append(dist.irecv(buffer, src=source))
+                pieces.append((start - low, buffer))
+    for request in requests:
+        request.wait()
+    for piece in pieces:
+        if isinstance(piece, tuple):
+            offset, buffer = piece
+            shard[offset : offset + buffer.shape[0]] = buffer  # type: ignore[index]
+    return shard
 
 
 def _step_units(

@@ -79,3 +79,13 @@ def forward_only(
             micro_batch_size=micro_batch_size,
             forward_only=True,
         )
+
+
+def output_weight(model: torch.nn.Module) -> torch.Tensor:
+    """This rank's output-layer weight shard ``[vocab/tp, h]`` (last stage)."""
+    inner = unwrap(model)
+    if getattr(inner, "share_embeddings_and_output_weights", False):
+        return inner.shared_embedding_or_output_weight()
+    if getattr(inner, "output_layer", None) is None:
+        raise ValueError("OPD needs an output layer on the last pipeline stage")
+    return inner.output_layer.weight

@@ -79,10 +79,6 @@ def test_teacher_shapes_are_checked_at_the_teacher_layout_and_name_its_keys() ->
     assert problem.startswith("parallel.teacher.pp = 3: the teacher runs 1 layer(s)")
 
 
-def test_opd_refuses_a_teacher_layout_of_its_own() -> None:
-    minimal("distillation.method=opd-top1", "parallel.teacher.tp=1")  # the student's: fine
-    with pytest.raises(ConfigError) as info:
-        minimal("distillation.method=opd-top1", "parallel.tp=2", "parallel.teacher.tp=1")
-    (problem,) = info.value.problems
-    assert problem.startswith("parallel.teacher")
-    assert "distillation.method = 'opd-top1'" in problem
+def test_opd_takes_a_teacher_layout_of_its_own() -> None:
+    config = minimal("distillation.method=opd-top1", "parallel.tp=2", "parallel.teacher.tp=1")
+    assert config.parallel.teacher_has_own_layout and config.distillation.opd_term is not None

@@ -2,7 +2,7 @@
 own), against a float64 transformers oracle.
 
 One torchrun launch (4 gloo processes, Megatron start-up dominates) runs every case at its
-layouts (45 by default, the full matrix of 79 with ``-m slow``); the tests read its results.
+layouts (49 by default, the full matrix of 85 with ``-m slow``); the tests read its results.
 Student: Llama, 4 layers, hidden 32; teacher: Llama, 6 layers, hidden 48 (a hidden-32 one for
 identity). Tapped student layers 1-3 pair with teacher layers 1, 3, 4 (phi), so the teacher is
 truncated at 4 layers; at PP2 the student holds layers 1-2 | 3-4 and the truncated teacher
@@ -33,7 +33,8 @@ ALL = [
 ]
 SOME = [[1, 1, False], [2, 1, True], [2, 2, False]]
 # The teacher on its own layout (parallel.teacher: [tp, pp]): student TP2 = DP2 with teacher
-# TP1 = DP4, student PP2 = DP2 with teacher TP2 = DP2, student TP2+SP with teacher TP1.
+# TP1 = DP4, student PP2 = DP2 with teacher TP2 = DP2, student TP2+SP with teacher TP1. With
+# OPD the teacher's head is re-split at the student's TP (1 -> 2, 2 -> 1) on its last stage.
 OWN_TEACHER = [[2, 1, False, {"teacher": [1, 1]}], [1, 2, False, {"teacher": [2, 1]}]]
 OWN_TEACHER_SP = [2, 1, True, {"teacher": [1, 1]}]
 NAMES = {"TP1PP1", "TP2PP1", "TP2PP1+SP", "TP1PP2", "TP2PP2"}
@@ -115,7 +116,7 @@ CASES = [
         "method": "opd-top1",
         "opd": "top1",
         "projection": "full",
-        "layouts": ALL,
+        "layouts": ALL + OWN_TEACHER,
     },
     {
         **BASE,
@@ -124,13 +125,13 @@ CASES = [
         "opd": "topk",
         "top_k": 5,
         "projection": "full",
-        "layouts": ALL,
+        "layouts": ALL + OWN_TEACHER,
     },
     {
         **BASE,
         "name": "combined",
         **COMBINED_TOPK,
-        "layouts": SOME,
+        "layouts": SOME + OWN_TEACHER,
     },
     {
         **BASE,
@@ -276,8 +277,8 @@ LR = 1e-3
 # Parameters after AdamW: the first step moves each entry by about lr * g / (|g| + eps), so a
 # gradient error e shows as up to lr * e / eps (eps = 1e-6) on entries whose gradient is ~0.
 GRAD_REL, PARAM_ABS, LOSS_REL = 2e-5, 2e-2 * LR, 1e-5
-# The default run: every layout for the main case, one to five for the others (45 layouts in
-# one launch); the full matrix (79) runs with ``-m slow``.
+# The default run: every layout for the main case, one to five for the others (49 layouts in
+# one launch); the full matrix (85) runs with ``-m slow``.
 FAST_LAYOUTS = {
     "full-plain": ALL + OWN_TEACHER,
     "full-plain-overlap": [[1, 1, False], [2, 1, True]],
@@ -285,9 +286,9 @@ FAST_LAYOUTS = {
     "identity-all": [[2, 1, True]],
     "bridge": [[1, 1, False], [2, 1, True], OWN_TEACHER_SP],
     "bridge-mlp": [[1, 2, False], [2, 1, True]],
-    "opd-top1": [[1, 1, False], [2, 2, False], CP2],
-    "opd-topk": [[1, 1, False], [2, 1, True]],
-    "combined": [[2, 2, False]],
+    "opd-top1": [[1, 1, False], [2, 2, False], CP2, OWN_TEACHER[0]],
+    "opd-topk": [[1, 1, False], [2, 1, True], OWN_TEACHER[1]],
+    "combined": [[2, 2, False], *OWN_TEACHER],
     "combined-packed": [[1, 1, False], [2, 1, True], [1, 2, False], CP2, CP2_TP2],
     "real-llama3.2-from-qwen2.5-yarn": [[1, 1, False], [2, 2, False]],
     "real-qwen3-from-r1-distill": [[2, 1, False], [1, 2, False]],
