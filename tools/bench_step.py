@@ -152,8 +152,6 @@ def _layout_problem(args: argparse.Namespace) -> str | None:
         student.teacher_layout().data_parallel_size(args.nproc)
     except ValueError as exc:
         return f"--nproc {args.nproc} with --tp/--pp/--cp/--sp/--teacher-tp/--teacher-pp: {exc}"
-    if student.teacher_has_own_layout and args.cp > 1:
-        return "--teacher-tp/--teacher-pp: a teacher on its own layout needs --cp 1"
     if args.sequences % dp:
         return f"--sequences {args.sequences} must be divisible by the data-parallel size {dp}"
     teacher_config, student_config, _ = model_configs(args)

@@ -71,9 +71,9 @@ Parallel = adopt(
         "attention). The data-parallel size is world_size / (tp * pp * cp).",
         "teacher": "The teacher's own layout (each size defaults to the student's). When it "
         "differs, the teacher runs in its own Megatron groups over the same ranks, with "
-        "data-parallel size world_size / (teacher.tp * teacher.pp), without sequence or "
-        "context parallelism (so not with cp > 1), and sends its targets to the student ranks "
-        "that own the paired rows. With an OPD term its final-norm states at the OPD rows go "
+        "data-parallel size world_size / (teacher.tp * teacher.pp), running whole sequences "
+        "(no sequence or context parallelism), and sends its targets to the student ranks "
+        "that own the paired rows (each keeps its context chunks and sequence shard). With an OPD term its final-norm states at the OPD rows go "
         "to the student's last stage, which holds a copy of the teacher's head split at "
         "parallel.tp (vocabulary x teacher width / tp more memory there).",
     },

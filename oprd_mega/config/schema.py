@@ -131,14 +131,6 @@ def data_parallel_size(config: TrainConfig, world_size: int) -> int:
             ]
         )
     teacher = layout.teacher_layout()
-    if layout.teacher_has_own_layout and layout.cp > 1:
-        raise ConfigError(
-            [
-                f"parallel.teacher = {{tp: {teacher.tp}, pp: {teacher.pp}}} with parallel.cp = "
-                f"{layout.cp}: a teacher on a layout of its own runs whole sequences and cannot "
-                "yet send targets to context-parallel chunks; leave parallel.teacher unset"
-            ]
-        )
     if world_size % (teacher.tp * teacher.pp):
         raise ConfigError(
             [

@@ -240,8 +240,6 @@ class DistillStep:
         self.teacher_placement = teacher_placement
         if teacher_placement is not None and unwrap(teacher).config.sequence_parallel:
             raise ValueError("parallel.teacher: the teacher on its own layout runs without SP")
-        if teacher_placement is not None and parallel_state.get_context_parallel_world_size() > 1:
-            raise ValueError("parallel.teacher: the teacher on its own layout runs without CP")
         if (
             teacher_placement is None
             and bool(unwrap(teacher).config.sequence_parallel) != self.sequence_parallel
@@ -312,6 +310,7 @@ class DistillStep:
         options = self.options
         n_sup = self._global_count(microbatches, "supervised")
         n_opd = self._global_count(microbatches, "predicts")
+        whole = microbatches  # the teacher on its own layout runs whole sequences
         microbatches = [context_shard(batch) for batch in microbatches]  # this CP rank's share
         self.teacher.eval()
         teacher_start = time.perf_counter()
@@ -329,7 +328,7 @@ class DistillStep:
             teacher_out = teacher_pass(self.teacher, microbatches, self.plan)
         else:
             teacher_out = teacher_pass_own_layout(
-                self.teacher, microbatches, self.plan, self.teacher_placement
+                self.teacher, whole, self.plan, self.teacher_placement
             )
         teacher_seconds = time.perf_counter() - teacher_start
         device = next(unwrap(self.student).parameters()).device

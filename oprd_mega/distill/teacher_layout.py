@@ -12,7 +12,8 @@ The student's data-parallel ranks each hold their own microbatches; the teacher'
 3. each tapped teacher layer's supervised rows (whole rows: the teacher runs without sequence
    parallelism) go point to point from the teacher's TP0 rank on the stage owning that layer
    to every student rank of the microbatch's DP rank on the stage owning the paired student
-   layer; under the student's sequence parallelism each TP rank keeps its sequence shard;
+   layer; each student rank keeps the rows of its context-parallel chunks (the teacher runs
+   whole sequences) and, under sequence parallelism, of its sequence shard;
 4. with an OPD term, the teacher's final-norm states at the OPD rows go from its last stage to
    every student rank of the microbatch's DP rank on the student's last stage, where the
    student forms the teacher's logits with a copy of the teacher's head re-split at the
@@ -31,9 +32,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from oprd_mega.distill.batch import DistillMicrobatch, sequence_major
+from oprd_mega.distill.batch import DistillMicrobatch, context_shard, sequence_major
 from oprd_mega.distill.teacher import TeacherOutputs, TeacherPlan, current_device, run_teacher
 from oprd_mega.models.running import output_weight, unwrap
+from oprd_mega.parallel.context import context_positions
 from oprd_mega.parallel.model_groups import ModelGroups
 
 
@@ -174,12 +176,34 @@ def teacher_pass_own_layout(
                 opd_hidden[batch.index] = buffer
     for request in requests:
         request.wait()
-    if plan.sequence_parallel:
-        for batch in microbatches:
-            keep = _shard_of_rows(batch.supervised)
+    cp = parallel_state.get_context_parallel_world_size()
+    for batch in microbatches:  # whole rows -> this rank's context chunks and sequence shard
+        keep = None
+        if cp > 1:
+            keep = _context_rows(batch.supervised, batch.cu_seqlens, cp)
+            if batch.index in opd_hidden:
+                states = opd_hidden[batch.index]
+                chosen = _context_rows(batch.predicts, batch.cu_seqlens, cp)
+                opd_hidden[batch.index] = states[chosen.to(states.device)]
+        if plan.sequence_parallel:
+            shard = _shard_of_rows(context_shard(batch).supervised).nonzero().squeeze(1)
+            keep = shard if keep is None else keep[shard]
+        if keep is not None:
             for layer, rows in targets[batch.index].items():
                 targets[batch.index][layer] = rows[keep.to(rows.device)]
     return TeacherOutputs(targets=targets, opd_hidden=opd_hidden)
+
+
+def _context_rows(mask: torch.Tensor, cu_seqlens: torch.Tensor | None, cp: int) -> torch.Tensor:
+    """Indices into a whole microbatch's rows for ``mask`` (sequence-major) of the rows this
+    context-parallel rank holds, in the order of its share (:func:`context_shard`)."""
+    batch, seq = mask.shape
+    bounds = [0, seq] if cu_seqlens is None else cu_seqlens.tolist()
+    positions = context_positions(bounds, cp, parallel_state.get_context_parallel_rank())
+    flat_mask = sequence_major(mask)
+    row_of = torch.cumsum(flat_mask.long(), 0) - 1  # whole row index of each masked slot
+    slots = (positions[:, None] * batch + torch.arange(batch)[None, :]).reshape(-1)
+    return row_of[slots[flat_mask[slots]]]
 
 
 def teacher_head_shard(

@@ -65,8 +65,8 @@ class ParallelLayout:
 
     def teacher_layout(self) -> ParallelLayout:
         """The teacher's layout: its own tp/pp where set, the student's otherwise. On a layout
-        of its own the teacher runs without sequence or context parallelism (it ships whole
-        rows and each student rank keeps its sequence shard; the config refuses cp > 1 there)."""
+        of its own the teacher runs without sequence or context parallelism: it ships whole
+        rows and each student rank keeps the rows of its context chunks and sequence shard."""
         tp = self.tp if self.teacher.tp is None else self.teacher.tp
         pp = self.pp if self.teacher.pp is None else self.teacher.pp
         if (tp, pp) == (self.tp, self.pp):

@@ -38,15 +38,15 @@ def test_teacher_layout_must_divide_the_world_size() -> None:
     assert "world size 2" in problem
 
 
-def test_context_parallelism_keeps_the_teacher_on_the_students_layout() -> None:
-    """With cp > 1 the teacher shares the student's CP groups; its own layout is refused."""
+def test_context_parallelism_with_the_teacher_on_its_own_layout() -> None:
+    """With cp > 1 the teacher shares the student's CP groups, or runs whole sequences on a
+    layout of its own (its data-parallel size then counts the CP ranks)."""
     config = minimal("parallel.cp=2", "batch.max_tokens_per_microbatch=512")
     assert config.parallel.teacher_layout() == ParallelLayout(cp=2)
     own = minimal("parallel.cp=2", "parallel.teacher.tp=2", "batch.max_tokens_per_microbatch=512")
-    with pytest.raises(ConfigError) as info:
-        data_parallel_size(own, 4)
-    (problem,) = info.value.problems
-    assert problem.startswith("parallel.teacher = {tp: 2, pp: 1} with parallel.cp = 2:")
+    assert own.parallel.teacher_layout() == ParallelLayout(tp=2)
+    assert data_parallel_size(own, 4) == 2
+    assert own.parallel.teacher_layout().data_parallel_size(4) == 2
 
 
 @pytest.mark.parametrize("size", ["0", "-1", "x"])

@@ -79,7 +79,6 @@ def test_two_ranks_with_the_teacher_on_its_own_layout_report_every_rank(tmp_path
     [
         (["--nproc", "3", "--tp", "2"], "--nproc 3 with --tp/--pp/--cp/--sp"),
         (["--nproc", "2", "--teacher-tp", "3"], "world size 2 is not divisible by tp*pp*cp = 3"),
-        (["--nproc", "4", "--cp", "2", "--teacher-tp", "2", "--methods", "oprd"], "--cp 1"),
         (["--nproc", "2", "--cp", "2", "--seq-len", "66", "--prompt-len", "8"], "--seq-len (66)"),
         (["--nproc", "2", "--tp", "2", "--heads", "4"], "--tp 2: must divide the student's"),
         (["--nproc", "4", "--sequences", "2", "--methods", "oprd"], "--sequences 2 must be"),

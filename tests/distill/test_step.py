@@ -2,7 +2,7 @@
 own), against a float64 transformers oracle.
 
 One torchrun launch (4 gloo processes, Megatron start-up dominates) runs every case at its
-layouts (49 by default, the full matrix of 85 with ``-m slow``); the tests read its results.
+layouts (51 by default, the full matrix of 87 with ``-m slow``); the tests read its results.
 Student: Llama, 4 layers, hidden 32; teacher: Llama, 6 layers, hidden 48 (a hidden-32 one for
 identity). Tapped student layers 1-3 pair with teacher layers 1, 3, 4 (phi), so the teacher is
 truncated at 4 layers; at PP2 the student holds layers 1-2 | 3-4 and the truncated teacher
@@ -49,6 +49,12 @@ OWN_TEACHER_WIDE = [
     [1, 1, False, {"teacher": [2, 2]}],
 ]
 NAMES |= {"TP2PP2/teacher-TP4PP1", "TP2PP1/teacher-TP1PP2", "TP1PP1/teacher-TP2PP2"}
+# Context parallelism with the teacher on its own layout (it runs whole sequences; each CP rank
+# keeps its chunks' rows): student CP2 x TP2+SP (DP1) with teacher TP1 x DP4, student CP2 x DP2
+# with teacher TP2 x DP2.
+CP2_TP2_OWN = [2, 1, True, {"cp": 2, "teacher": [1, 1]}]
+CP2_OWN = [1, 1, False, {"cp": 2, "teacher": [2, 1]}]
+NAMES |= {"TP2PP1CP2+SP/teacher-TP1PP1", "TP1PP1CP2/teacher-TP2PP1"}
 BASE = {"layers": [1, 2, 3], "per_layer": True, "normalize": False, "last_k": 5}
 # OPRD plus OPD top-k (k=5, mu=10), the combined objective
 COMBINED_TOPK = {
@@ -65,7 +71,7 @@ CASES = [
         "name": "full-plain",
         "method": "oprd",
         "projection": "full",
-        "layouts": ALL + OWN_TEACHER,
+        "layouts": ALL + OWN_TEACHER + [CP2_TP2_OWN],
     },
     {
         **BASE,
@@ -138,7 +144,7 @@ CASES = [
         "name": "combined-packed",
         **COMBINED_TOPK,
         "packed": True,
-        "layouts": ALL,
+        "layouts": [*ALL, CP2_OWN],
     },
 ]
 # Real-shaped pairs (tests/real_shapes.py: source ratios, tied embeddings and RoPE fields, 3 layers,
@@ -277,10 +283,10 @@ LR = 1e-3
 # Parameters after AdamW: the first step moves each entry by about lr * g / (|g| + eps), so a
 # gradient error e shows as up to lr * e / eps (eps = 1e-6) on entries whose gradient is ~0.
 GRAD_REL, PARAM_ABS, LOSS_REL = 2e-5, 2e-2 * LR, 1e-5
-# The default run: every layout for the main case, one to five for the others (49 layouts in
-# one launch); the full matrix (85) runs with ``-m slow``.
+# The default run: every layout for the main case, one to five for the others (51 layouts in
+# one launch); the full matrix (87) runs with ``-m slow``.
 FAST_LAYOUTS = {
-    "full-plain": ALL + OWN_TEACHER,
+    "full-plain": ALL + OWN_TEACHER + [CP2_TP2_OWN],
     "full-plain-overlap": [[1, 1, False], [2, 1, True]],
     "shared-normalized": [[1, 1, False], [2, 2, False]],
     "identity-all": [[2, 1, True]],
@@ -289,7 +295,7 @@ FAST_LAYOUTS = {
     "opd-top1": [[1, 1, False], [2, 2, False], CP2, OWN_TEACHER[0]],
     "opd-topk": [[1, 1, False], [2, 1, True], OWN_TEACHER[1]],
     "combined": [[2, 2, False], *OWN_TEACHER],
-    "combined-packed": [[1, 1, False], [2, 1, True], [1, 2, False], CP2, CP2_TP2],
+    "combined-packed": [[1, 1, False], [2, 1, True], [1, 2, False], CP2, CP2_TP2, CP2_OWN],
     "real-llama3.2-from-qwen2.5-yarn": [[1, 1, False], [2, 2, False]],
     "real-qwen3-from-r1-distill": [[2, 1, False], [1, 2, False]],
     "pp4-uneven": [[1, 4, False], [1, 4, False, {"split": PP4_SPLITS}]],

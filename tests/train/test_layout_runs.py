@@ -14,11 +14,19 @@ from tests.train.runs import comparable, make_task, require_success, task_config
 OVERRIDES = ("schedule.steps=2", "evaluation.interval=0")
 
 
-LAYOUT_PAIRS = {
+STUDENT_TP2, TEACHER_TP1 = {"tp": 2, "pp": 1}, {"tp": 2, "pp": 1, "teacher": {"tp": 1}}
+# name -> (reference layout, layout, extra overrides)
+LAYOUT_PAIRS: dict[str, tuple[dict, dict, tuple[str, ...]]] = {
     # student TP2 (DP1) with the teacher at TP2, then TP1 x DP2
-    "teacher-own-layout": ({"tp": 2, "pp": 1}, {"tp": 2, "pp": 1, "teacher": {"tp": 1}}),
+    "teacher-own-layout": (STUDENT_TP2, TEACHER_TP1, ()),
+    # the same with OPRD + OPD top-k: the teacher's head re-split from TP1 to the student's TP2
+    "teacher-own-layout-combined": (
+        STUDENT_TP2,
+        TEACHER_TP1,
+        ("distillation.method=combined", "distillation.opd=opd-topk", "distillation.top_k=4"),
+    ),
     # every sequence on one rank (DP2), then every sequence split over both ranks (CP2, DP1)
-    "cp2-against-dp2": ({"tp": 1, "pp": 1}, {"tp": 1, "pp": 1, "cp": 2}),
+    "cp2-against-dp2": ({"tp": 1, "pp": 1}, {"tp": 1, "pp": 1, "cp": 2}, ()),
 }
 
 
@@ -27,15 +35,20 @@ LAYOUT_PAIRS = {
 # layout pair is slow (out of CI; tests/distill/test_step.py checks its step against the
 # float64 oracle). Run it with -m slow.
 @pytest.mark.parametrize(
-    "name", [pytest.param("teacher-own-layout", marks=pytest.mark.slow), "cp2-against-dp2"]
+    "name",
+    [
+        pytest.param("teacher-own-layout", marks=pytest.mark.slow),
+        pytest.param("teacher-own-layout-combined", marks=pytest.mark.slow),
+        "cp2-against-dp2",
+    ],
 )
 def test_two_layouts_give_the_same_metrics(tmp_path: Path, name: str) -> None:
-    reference_layout, layout = LAYOUT_PAIRS[name]
+    reference_layout, layout, extra = LAYOUT_PAIRS[name]
     task = make_task(tmp_path / "task")
     reference_config = task_config(task, tmp_path / "reference", parallel=reference_layout)
-    require_success(train(reference_config, *OVERRIDES, timeout=600))
+    require_success(train(reference_config, *OVERRIDES, *extra, timeout=600))
     config = task_config(task, tmp_path / "other", parallel=layout)
-    out = require_success(train(config, *OVERRIDES, timeout=600))
+    out = require_success(train(config, *OVERRIDES, *extra, timeout=600))
     assert "done: 2 steps" in out
     reference = _metrics(tmp_path / "reference")
     got = _metrics(tmp_path / "other")
