@@ -4,7 +4,10 @@
 Runs ``oprd``, ``opd-top1`` and ``opd-top16`` on the same microbatches, each in its own
 process (a clean allocator), and prints the median step time and the peak memory above the
 pre-step baseline (the paper's dPeak) side by side, with ratios to OPD top-16. The last line is
-``ratio oprd/opd-top16 time=X dpeak=Y``.
+``ratio oprd/opd-top16 time=X dpeak=Y``. ``--methods oprd,oprd-overlap`` measures what
+``distillation.overlap_teacher`` saves (``ratio oprd-overlap/oprd``; with several microbatches,
+the teacher on the student's layout and no pipeline; on a GPU the teacher runs on a side CUDA
+stream, on a CPU in order, so there it can save nothing).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the step; on
 CPU the peak resident set size (sampled every millisecond) above the resident size before the
@@ -50,7 +53,13 @@ import time
 
 from oprd_mega.models.presets import PRESETS, preset, scaled
 
-METHODS = {"oprd": ("oprd", 16), "opd-top1": ("opd-top1", 16), "opd-top16": ("opd-topk", 16)}
+# name -> (distillation method, top_k, distillation.overlap_teacher)
+METHODS = {
+    "oprd": ("oprd", 16, False),
+    "oprd-overlap": ("oprd", 16, True),
+    "opd-top1": ("opd-top1", 16, False),
+    "opd-top16": ("opd-topk", 16, False),
+}
 RECOMPUTE = {
     "none": {},
     "selective": {"granularity": "selective"},
@@ -89,7 +98,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--peak-tflops", type=float, help="the device's dense peak (default: the card's table)"
     )
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
+    parser.add_argument(
+        "--methods",
+        default="oprd,opd-top1,opd-top16",
+        help=f"comma-separated, from {', '.join(METHODS)} (oprd-overlap: OPRD with "
+        "distillation.overlap_teacher, the teacher's forward of microbatch i+1 issued after the "
+        "student's forward of i)",
+    )
     parser.add_argument(
         "--recompute",
         choices=sorted(RECOMPUTE),
@@ -272,9 +287,11 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     teacher_config, student_config, _ = model_configs(args)
     s_args = parse_hf_config(student_config, where="bench_step student")
     t_args = parse_hf_config(teacher_config, where="bench_step teacher")
-    method, k = METHODS[name]
+    method, k, overlap_teacher = METHODS[name]
     pairs = layer_pairs("all", s_args.num_layers, t_args.num_layers)
-    options = StepOptions(method=method, top_k=k, opd_chunk_tokens=1024)
+    options = StepOptions(
+        method=method, top_k=k, opd_chunk_tokens=1024, overlap_teacher=overlap_teacher
+    )
     recompute = RecomputeOptions(**RECOMPUTE[args.recompute])
     student = build_gpt_model(
         s_args, params_dtype=dtype, sequence_parallel=args.sp, recompute=recompute
@@ -352,6 +369,7 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
         if cuda
         else "cpu peak resident set size (host memory, not a GPU's)",
         "recompute": args.recompute,
+        "overlap_teacher": overlap_teacher,
         "layout": str(student_layout),
         "teacher_time": statistics.median(teacher_times),
         "tokens_per_s": args.sequences * args.seq_len / median,
@@ -438,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump({"args": vars(args), "results": results}, handle, indent=2)
+    if "oprd" in results and "oprd-overlap" in results:
+        overlap, plain = results["oprd-overlap"], results["oprd"]
+        print(
+            f"ratio oprd-overlap/oprd time={overlap['time'] / plain['time']:.3f} "
+            f"dpeak={overlap['dpeak'] / plain['dpeak']:.3f}"
+        )
     if reference and "oprd" in results:
         print(
             f"ratio oprd/opd-top16 time={results['oprd']['time'] / reference['time']:.3f} "

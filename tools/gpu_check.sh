@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the GPU benchmarks and tests in one call (<= 8 minutes: every stage has its own time
+# Run the GPU benchmarks and tests in one call (<= 9.5 minutes: every stage has its own time
 # limit) and write everything under a folder, ending with one summary table.
 #
 #   tools/gpu_check.sh [OUT_DIR]          (default: $OUT, else ./gpu_results)
@@ -18,6 +18,8 @@
 #   bench_step (95)     tools/bench_step.py --preset qwen3-8b-1.7b (the 8B teacher truncated at
 #                       its deepest tap), 8 x 4,096 tokens in microbatches of 2, bf16: OPRD vs
 #                       OPD top-16 step time, dPeak, tokens/s, teacher time, student MFU
+#   bench_overlap (80)  the same pair at 8 x 2,048 tokens in microbatches of 2: OPRD with and
+#                       without distillation.overlap_teacher (teacher on a side stream)
 # The benchmark writes its JSON after every case, so a stage cut short keeps what it measured.
 # env.txt holds card, driver, versions and commit; summary.txt the final table.
 set -uo pipefail
@@ -72,6 +74,9 @@ stage megatron_tests 50 python3 -m pytest tests/models -q -p no:cacheprovider -o
 stage bench_step 95 python3 tools/bench_step.py --preset qwen3-8b-1.7b --sequences 8 \
   --micro-batch-size 2 --seq-len 4096 --prompt-len 1024 --last-k 2000 --steps 2 \
   --methods oprd,opd-top16 --json "$out/bench_step.json"
+stage bench_overlap 80 python3 tools/bench_step.py --preset qwen3-8b-1.7b --sequences 8 \
+  --micro-batch-size 2 --seq-len 2048 --prompt-len 1024 --last-k 1000 --steps 2 \
+  --methods oprd,oprd-overlap --json "$out/bench_overlap.json"
 
 timeout 30 python3 - "$out" <<'EOF' | tee "$out/summary.txt"
 """One table: stage status, kernel times and ratios of the same run, test counts, step ratio."""
@@ -91,12 +96,14 @@ for line in (out / "stages.tsv").read_text().splitlines()[1:]:
     if name.endswith("tests"):
         counts = re.findall(r"^=* ?(\d+ (?:passed|failed|errors?|skipped)[^=\n]*?) ?=*$", text, re.M)
         result = result or (counts[-1] if counts else "no pytest summary")
-    if name == "bench_step":
-        ratio = re.findall(r"ratio oprd/opd-top16 .*", text)
+    if name in ("bench_step", "bench_overlap"):
+        wanted = "oprd/opd-top16" if name == "bench_step" else "oprd-overlap/oprd"
+        ratio = re.findall(rf"ratio {wanted} .*", text)
         result = result or (ratio[-1] if ratio else "no ratio line")
     rows.append((name, f"rc={rc}", f"{seconds} s", result))
-step_json = out / "bench_step.json"
-if step_json.exists():
+for step_json in (out / "bench_step.json", out / "bench_overlap.json"):
+    if not step_json.exists():
+        continue
     import json
 
     for method, r in json.loads(step_json.read_text())["results"].items():

@@ -20,7 +20,7 @@ def test_preset_run_reports_ratios_throughput_and_mfu(tmp_path: Path) -> None:
     argv = [
         "--preset", "qwen3-8b-1.7b", "--scale", "0.0625", "--vocab", "256",
         "--sequences", "2", "--micro-batch-size", "1", "--seq-len", "48", "--prompt-len", "16",
-        "--last-k", "8", "--steps", "1", "--methods", "oprd,opd-top16",
+        "--last-k", "8", "--steps", "1", "--methods", "oprd,oprd-overlap,opd-top16",
         "--peak-tflops", "0.5", "--recompute", "full", "--json", str(out),
     ]  # fmt: skip
     result = subprocess.run(
@@ -32,11 +32,13 @@ def test_preset_run_reports_ratios_throughput_and_mfu(tmp_path: Path) -> None:
     )
     assert "# dpeak per rank (MiB, cpu peak resident set size" in result.stdout
     assert result.stdout.strip().splitlines()[-1].startswith("ratio oprd/opd-top16 time=")
+    assert "ratio oprd-overlap/oprd time=" in result.stdout
     report = json.loads(out.read_text())["results"]
     # The student's FLOPs, from transformers-free arithmetic on the scaled published shape.
     student = parse_hf_config(scaled(preset("qwen3-8b-1.7b").student, 0.0625, vocab_size=256))
     flops = training_flops(model_dims(student), [48, 48])
-    for method in ("oprd", "opd-top16"):
+    assert report["oprd-overlap"]["overlap_teacher"] and not report["oprd"]["overlap_teacher"]
+    for method in ("oprd", "oprd-overlap", "opd-top16"):
         row = report[method]
         assert row["student_tflops"] == pytest.approx(flops / 1e12)
         assert row["tokens_per_s"] == pytest.approx(96 / row["time"])
