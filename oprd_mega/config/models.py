@@ -73,9 +73,10 @@ Parallel = adopt(
         "differs, the teacher runs in its own Megatron groups over the same ranks, with "
         "data-parallel size world_size / (teacher.tp * teacher.pp), running whole sequences "
         "(no sequence or context parallelism), and sends its targets to the student ranks "
-        "that own the paired rows (each keeps its context chunks and sequence shard). With an OPD term its final-norm states at the OPD rows go "
-        "to the student's last stage, which holds a copy of the teacher's head split at "
-        "parallel.tp (vocabulary x teacher width / tp more memory there).",
+        "that own the paired rows (each keeps its context chunks and sequence shard). With "
+        "an OPD term its final-norm states at the OPD rows go to the student's last stage, "
+        "which holds a copy of the teacher's head split at parallel.tp (vocabulary x teacher "
+        "width / tp more memory there).",
     },
     nested={"teacher": TeacherParallel},
 )

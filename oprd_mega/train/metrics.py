@@ -92,8 +92,9 @@ def _atomic_write(path: Path, lines: Sequence[str]) -> None:
         raise
 
 
-def _move_aside(path: Path) -> Path:
-    """Rename ``path`` to an unused ``<name>.replaced-<UTC time>[-n]`` beside it."""
+def _move_aside(path: Path, what: str) -> Path:
+    """Rename ``path`` to an unused ``<name>.replaced-<UTC time>[-n]`` beside it and say so on
+    stderr (``what``: a fresh run starts ..., the earlier run's ...)."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     target = path.with_name(f"{path.name}.replaced-{stamp}")
     number = 1
@@ -101,6 +102,7 @@ def _move_aside(path: Path) -> Path:
         number += 1
         target = path.with_name(f"{path.name}.replaced-{stamp}-{number}")
     os.rename(path, target)
+    print(f"[oprd-mega] {path}: {what} were moved to {target}", file=sys.stderr, flush=True)
     return target
 
 
@@ -124,12 +126,9 @@ def truncate_metrics(path: Path, resume_step: int | None) -> int:
             stacklevel=2,
         )
     if resume_step is None and records:
-        kept_at = _move_aside(path)
-        print(
-            f"[oprd-mega] {path}: a fresh run starts a new metrics file; the {len(records)} "
-            f"records of an earlier run were moved to {kept_at}",
-            file=sys.stderr,
-            flush=True,
+        _move_aside(
+            path,
+            f"a fresh run starts a new metrics file; the {len(records)} records of an earlier run",
         )
         return len(records)
     kept = [line for line, r in records if resume_step is not None and r["step"] <= resume_step]
@@ -195,12 +194,10 @@ class _TensorBoardSink:
         log_dir = directory / TENSORBOARD_SUBDIR
         earlier = sorted(log_dir.glob("events.out.tfevents.*")) if log_dir.is_dir() else []
         if resume_step is None and earlier:
-            kept_at = _move_aside(log_dir)
-            print(
-                f"[oprd-mega] {log_dir}: a fresh run starts new TensorBoard events; the "
-                f"{len(earlier)} event file(s) of an earlier run were moved to {kept_at}",
-                file=sys.stderr,
-                flush=True,
+            _move_aside(
+                log_dir,
+                f"a fresh run starts new TensorBoard events; the {len(earlier)} event file(s) "
+                "of an earlier run",
             )
         # On resume, purge_step hides the events the interrupted run logged after the
         # checkpoint (step >= purge_step); a fresh run starts in an empty folder.
