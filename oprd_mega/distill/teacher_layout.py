@@ -105,6 +105,8 @@ def teacher_pass_own_layout(
 ) -> TeacherOutputs:
     """The teacher pass when the teacher has its own layout (collective over the world).
 
+    ``microbatches`` are this rank's whole ones (before :func:`context_shard`): the teacher
+    runs whole sequences and each rank keeps its context chunks' rows of what it receives.
     ``plan.teacher_stage`` is in the teacher's pipeline, ``plan.student_stage`` in the
     student's; the targets are keyed like :func:`~oprd_mega.distill.teacher.teacher_pass`'s.
     """
