@@ -29,6 +29,7 @@ for method in $methods; do
     *) echo "error: SWEEP_METHODS: unknown method '$method' (opd-top1, opd-top16, oprd)" >&2; exit 2 ;;
   esac
 done
+"$root/scripts/setup.sh" plot  # matplotlib for the figure at the end
 "$py" tools/make_toy_task.py --out "$out"
 for method in $methods; do
   case "$method" in
