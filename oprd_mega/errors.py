@@ -1,8 +1,14 @@
-"""The project's error kinds, one class each, importable from every package (no heavy imports)."""
+"""The project's error kinds, one class each, and the one value check every package shares;
+importable from every package (no heavy imports)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is an int >= 1; ``True`` is not one (Python counts it as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 class ConfigError(ValueError):

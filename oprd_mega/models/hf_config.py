@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from oprd_mega.errors import ConfigError
+from oprd_mega.errors import ConfigError, is_positive_int
 from oprd_mega.models.rope import RopeConfigError, RopeScaling, parse_rope
 from oprd_mega.models.shapes import PipelineSplit
 
@@ -112,7 +112,7 @@ def _rope(config: dict[str, Any], where: str) -> RopeScaling:
 
 def _require_int(config: dict[str, Any], field: str, where: str) -> int:
     value = config.get(field)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not is_positive_int(value):
         raise ConfigError(f"{where}: {field} must be a positive integer, got {value!r}")
     return value
 

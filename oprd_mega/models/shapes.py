@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from oprd_mega.errors import is_positive_int
+
 TP_DIVIDES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 VOCAB_DIVISOR = "make_vocab_size_divisible_by"
 # The unpadded vocabulary a built model carries (oprd_mega.models.builder sets it): ids at or
@@ -42,9 +44,7 @@ class PipelineSplit:
     def __post_init__(self) -> None:
         for field in ("first", "last"):
             value = getattr(self, field)
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 1
-            ):
+            if value is not None and not is_positive_int(value):
                 raise ValueError(
                     f"pipeline_split.{field} must be a positive number of layers, got {value!r}"
                 )

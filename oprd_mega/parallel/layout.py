@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from oprd_mega.errors import is_positive_int
+
 
 @dataclass(frozen=True)
 class TeacherLayout:
@@ -20,9 +22,7 @@ class TeacherLayout:
     def __post_init__(self) -> None:
         for field in ("tp", "pp"):
             value = getattr(self, field)
-            if value is not None and (
-                not isinstance(value, int) or isinstance(value, bool) or value < 1
-            ):
+            if value is not None and not is_positive_int(value):
                 raise ValueError(
                     f"TeacherLayout.{field} must be a positive integer or None (the student's), "
                     f"got {value!r}"
@@ -46,7 +46,7 @@ class ParallelLayout:
     def __post_init__(self) -> None:
         for field in ("tp", "pp", "cp"):
             value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_positive_int(value):
                 raise ValueError(
                     f"ParallelLayout.{field} must be a positive integer, got {value!r}"
                 )
