@@ -83,10 +83,10 @@ class TeacherPlacement:
             teacher_dp=teacher_dp,
         )
 
-    def teacher_rank(self, replica: int, stage: int) -> int:
-        """The global rank of teacher replica ``replica``'s TP0 rank on pipeline ``stage``."""
-        wanted = Coordinates(replica, stage, 0)
-        return self.teacher.index(wanted)
+    def teacher_rank(self, replica: int, stage: int, tp: int = 0) -> int:
+        """The global rank of teacher replica ``replica``'s TP rank ``tp`` on pipeline
+        ``stage``."""
+        return self.teacher.index(Coordinates(replica, stage, tp))
 
     def last_stages(self) -> tuple[int, int]:
         """The last pipeline stage of the teacher's layout and of the student's."""
@@ -247,7 +247,7 @@ def teacher_head_shard(
             start, stop = max(low, j * teacher_rows), min(high, (j + 1) * teacher_rows)
             if start >= stop:
                 continue
-            source = placement.teacher.index(Coordinates(0, teacher_last, j))
+            source = placement.teacher_rank(0, teacher_last, j)
             if source == me:
                 rows = local[start - j * teacher_rows : stop - j * teacher_rows]  # type: ignore[index]
                 if destination == me:
