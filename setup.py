@@ -1,7 +1,8 @@
 """Packaging for oprd-mega.
 
-The folder ``kernels/`` installs under the import name ``oprd_kernels``: a top-level module
-named ``kernels`` would clash with the PyPI package of that name, which transformers can load.
+The package ``oprd_kernels`` lives in ``kernels/oprd_kernels/``. ``kernels/`` itself has no
+``__init__.py``, so nothing at the repository root imports as ``kernels``: that name belongs to the
+PyPI package transformers requires (a namespace portion never wins over an installed package).
 """
 
 from pathlib import Path
@@ -63,7 +64,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=[*find_packages(include=["oprd_mega", "oprd_mega.*"]), "oprd_kernels"],
-    package_dir={"oprd_kernels": "kernels"},
+    package_dir={"oprd_kernels": "kernels/oprd_kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
     entry_points={

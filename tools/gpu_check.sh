@@ -5,7 +5,7 @@
 #   tools/gpu_check.sh [OUT_DIR]          (default: $OUT, else ./gpu_results)
 #
 # Works on a bare GPU machine that has torch + triton but not this project installed:
-# oprd_kernels is made importable through a link to kernels/. The wheels under .whl/
+# oprd_kernels is importable from kernels/ on PYTHONPATH. The wheels under .whl/
 # (tools/fetch_gpu_wheels.sh: megatron-core, pydantic and its dependencies, msgspec) are
 # installed into /tmp/site first. Stages (limit in seconds), each with its log:
 #   bench (170)         kernel benchmark, bf16, d_s=2048, d_t=4096, N in {32768, 8192},
@@ -34,9 +34,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     --upgrade --target /tmp/site .whl/*.whl >"$out/wheels.log" 2>&1 \
     && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-shim="$(mktemp -d)"
-ln -s "$root/kernels" "$shim/oprd_kernels"
-export PYTHONPATH="$shim:$root${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$root/kernels:$root${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 

@@ -1,7 +1,7 @@
 """oprd_kernels: fused projection + (normalized) MSE for On-Policy Representation Distillation.
 
-Installed from the repository folder ``kernels/`` under this import name (a top-level module
-called ``kernels`` would clash with an unrelated PyPI package that transformers can load).
+Lives in ``kernels/oprd_kernels/``; ``kernels/`` has no ``__init__.py``, so the repository root
+never shadows the PyPI package ``kernels`` that transformers imports.
 """
 
 from .api import projected_mse, resolve_impl, triton_available
