@@ -5,8 +5,11 @@ folders of a process that died are recognised and removed by a later run.
   ``prctl(PR_SET_PDEATHSIG)``; elsewhere a watchdog thread polling the parent pid). Ranks call it
   under torchrun, so a killed torchrun does not leave ranks training.
 - :func:`child_dies_with_launcher`: a ``preexec_fn`` for ``subprocess.Popen`` (rollout servers).
+- :func:`forked_children_die_with_this_process`: every child a process forks (``os.fork``,
+  multiprocessing's fork context: Megatron's checkpoint writers) dies with it. A writer left
+  behind can block forever on a queue lock its dead parent held.
 - Megatron's checkpoint writer's ``Manager`` process runs :func:`die_with_parent` as its
-  initializer (``oprd_mega.parallel.writer_process``).
+  initializer, with the parent's pid taken before the start (``oprd_mega.parallel.writer_process``).
 - :func:`exit_on_sigterm`: SIGTERM raises ``SystemExit``, so ``finally`` blocks (temporary
   folders) run, as they do on Ctrl-C; :func:`raise_if_terminated` before publishing a result
   catches a SIGTERM whose exception a finalizer swallowed.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import shutil
@@ -35,15 +39,22 @@ _PR_SET_PDEATHSIG = 1
 _WATCHDOG_INTERVAL_S = 1.0
 
 
+@functools.cache
+def _prctl() -> Callable[..., int] | None:
+    """libc's ``prctl``, looked up once: a forked child must not ``dlopen`` (another thread of
+    its parent may have held the loader's lock at the fork)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
 def _set_parent_death_signal(sig: int) -> bool:
     """``prctl(PR_SET_PDEATHSIG, sig)``; False where it is not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    prctl = _prctl()
+    return prctl is not None and prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
 def _watch_parent(parent: int, sig: int) -> None:
@@ -64,6 +75,42 @@ def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> Non
         ).start()
     if os.getppid() != parent:  # it died before the signal was armed
         os.kill(os.getpid(), sig)
+
+
+_forking: dict[str, int | bool] = {}  # what the parent knew at fork time, read in the child
+_fork_hook_installed = False
+
+
+def _before_fork() -> None:
+    _forking["pid"] = os.getpid()
+    _forking["from_main_thread"] = threading.current_thread() is threading.main_thread()
+
+
+def _after_fork_in_child() -> None:
+    parent, from_main_thread = int(_forking["pid"]), bool(_forking["from_main_thread"])
+    # Linux ties the parent-death signal to the forking *thread*: a child forked from a thread
+    # that ends first would be killed with it, so such children watch the parent pid instead.
+    if not (from_main_thread and _set_parent_death_signal(signal.SIGKILL)):
+        threading.Thread(
+            target=_watch_parent, args=(parent, signal.SIGKILL), name="parent-watchdog", daemon=True
+        ).start()
+    if os.getppid() != parent:  # it died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def forked_children_die_with_this_process() -> None:
+    """From now on, every child this process forks gets SIGKILL when it dies (idempotent).
+
+    Covers ``os.fork`` and multiprocessing's fork context, e.g. the writer processes Megatron's
+    ``FileSystemWriterAsync`` forks per checkpoint save. SIGKILL: a writer whose parent died was
+    seen blocked on a queue lock, where it would never act on a SIGTERM. The hook is inherited,
+    so grandchildren die with their own parent in turn.
+    """
+    global _fork_hook_installed
+    if not _fork_hook_installed:
+        _prctl()
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+        _fork_hook_installed = True
 
 
 def child_dies_with_launcher(sig: int = signal.SIGTERM) -> Callable[[], None]:

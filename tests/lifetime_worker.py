@@ -1,12 +1,14 @@
 """Processes for the lifetime kill tests; each prints ``PIDS <json>`` once its children are up,
 then sleeps until it is killed.
 
-Usage: lifetime_worker.py rank | server MODEL_DIR PORT LOG_DIR
+Usage: lifetime_worker.py rank | server MODEL_DIR PORT LOG_DIR | writer | thread-fork
 """
 
 import json
+import multiprocessing
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +20,26 @@ import oprd_mega  # noqa: F401  (the package a spawned child re-imports)
 def report(**pids: object) -> None:
     print("PIDS " + json.dumps(pids), flush=True)
     time.sleep(600)
+
+
+def _finish_task(count_queue: multiprocessing.JoinableQueue) -> None:
+    """What Megatron's forked checkpoint writer does last: mark its task done. Its parent waits
+    in ``count_queue.join()``; if that parent is dead, ``task_done``'s notify waits forever for
+    the dead waiter to wake."""
+    time.sleep(2)
+    count_queue.get()
+    count_queue.task_done()
+    time.sleep(600)
+
+
+def _fork_writer() -> multiprocessing.Process:
+    context = multiprocessing.get_context("fork")
+    count_queue = context.JoinableQueue()
+    count_queue.put(0)
+    writer = context.Process(target=_finish_task, args=(count_queue,))
+    writer.start()
+    threading.Thread(target=count_queue.join, daemon=True).start()
+    return writer
 
 
 def main() -> None:
@@ -39,6 +61,27 @@ def main() -> None:
         )
         group = ServerGroup.launch(config)
         report(servers=[p.pid for p in group.processes])
+    elif mode == "writer":  # forks as Megatron's FileSystemWriterAsync does, from the main thread
+        from oprd_mega.parallel.writer_process import install
+
+        install()
+        report(writers=[_fork_writer().pid])
+    elif mode == "thread-fork":  # forked from a thread that ends at once
+        from oprd_mega.lifetime import forked_children_die_with_this_process
+
+        forked_children_die_with_this_process()
+        writers: list[int] = []
+        thread = threading.Thread(target=lambda: writers.append(_fork_writer().pid))
+        thread.start()
+        thread.join()
+        time.sleep(3)  # the forking thread is gone: its children must still be alive
+        report(writers=writers, alive=[pid for pid in writers if _alive(pid)])
+
+
+def _alive(pid: int) -> bool:
+    from oprd_mega.lifetime import pid_alive
+
+    return pid_alive(pid)
 
 
 if __name__ == "__main__":
