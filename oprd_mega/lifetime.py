@@ -10,6 +10,9 @@ folders of a process that died are recognised and removed by a later run.
   behind can block forever on a queue lock its dead parent held.
 - Megatron's checkpoint writer's ``Manager`` process runs :func:`die_with_parent` as its
   initializer, with the parent's pid taken before the start (``oprd_mega.parallel.writer_process``).
+- :func:`exit_within_after_signal`: once SIGTERM arrives, the process has a bounded time to exit
+  by itself, then a watchdog thread ends it: a main thread blocked in C (a gloo collective whose
+  peer is gone) never runs its Python signal handler.
 - :func:`exit_on_sigterm`: SIGTERM raises ``SystemExit``, so ``finally`` blocks (temporary
   folders) run, as they do on Ctrl-C; :func:`raise_if_terminated` before publishing a result
   catches a SIGTERM whose exception a finalizer swallowed.
@@ -32,6 +35,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -126,6 +130,63 @@ def child_dies_with_launcher(sig: int = signal.SIGTERM) -> Callable[[], None]:
     return arm
 
 
+_exit_watchdog_installed = False
+
+
+def exit_within_after_signal(grace_s: float, sig: int = signal.SIGTERM) -> bool:
+    """After ``sig`` reaches a Python handler of this process, give the process ``grace_s``
+    seconds to exit by itself (handlers, ``finally`` blocks), then exit it with ``128 + sig``.
+
+    Python runs signal handlers in the main thread between bytecodes, so a main thread blocked
+    in C, e.g. in a gloo barrier waiting for a dead peer, never runs them, and the rank stays
+    (with the rollout servers it launched holding their ports). The interpreter's C-level
+    handler still writes the signal's number to the wakeup fd, from any thread; a watchdog
+    thread reads it. Children set to die with this process (:func:`die_with_parent` /
+    :func:`child_dies_with_launcher`) follow it. Only signals with a Python handler are seen:
+    under ``SIG_DFL`` the kernel ends the process at once anyway.
+
+    Call from the main thread; returns False where the wakeup fd is taken or cannot be set.
+    """
+    global _exit_watchdog_installed
+    if _exit_watchdog_installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    receiver, sender = socket.socketpair()
+    sender.setblocking(False)
+    try:
+        previous = signal.set_wakeup_fd(sender.fileno(), warn_on_full_buffer=False)
+    except (ValueError, OSError):
+        receiver.close(), sender.close()
+        return False
+    if previous != -1:  # someone else's (an event loop's): leave it theirs
+        signal.set_wakeup_fd(previous)
+        receiver.close(), sender.close()
+        return False
+    _exit_watchdog_installed = True
+
+    def watch() -> None:
+        while True:
+            received = receiver.recv(64)
+            if not received:
+                return
+            if int(sig) in received:
+                time.sleep(grace_s)
+                print(
+                    f"[oprd-mega] pid {os.getpid()}: still running {grace_s:g} s after signal "
+                    f"{int(sig)} (blocked in C, e.g. a collective whose peer is gone): exiting",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                os._exit(128 + int(sig))
+
+    # The sending end stays open for the process's life: the C handler writes to it.
+    threading.Thread(target=watch, name="signal-exit-watchdog", daemon=True).start()
+    _keep_open.append(sender)
+    return True
+
+
+_keep_open: list[socket.socket] = []
 _terminated_by: int | None = None  # the signal exit_on_sigterm's handler received
 
 

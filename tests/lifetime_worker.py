@@ -1,7 +1,7 @@
 """Processes for the lifetime kill tests; each prints ``PIDS <json>`` once its children are up,
 then sleeps until it is killed.
 
-Usage: lifetime_worker.py rank | server MODEL_DIR PORT LOG_DIR | writer | thread-fork
+Usage: lifetime_worker.py rank | barrier | server MODEL_DIR PORT LOG_DIR | writer | thread-fork
 """
 
 import json
@@ -45,10 +45,30 @@ def _fork_writer() -> multiprocessing.Process:
 def main() -> None:
     mode = sys.argv[1]
     if mode == "rank":  # under torchrun
+        from oprd_mega import lifetime
         from oprd_mega.parallel import init_distributed
 
         init_distributed()
-        report(rank=os.getpid())
+        report(rank=os.getpid(), exit_watchdog=lifetime._exit_watchdog_installed)
+    elif mode == "barrier":  # under torchrun: rank 0 waits in a barrier rank 1 never joins
+        import signal
+
+        import torch.distributed as dist
+
+        from oprd_mega.lifetime import exit_within_after_signal
+        from oprd_mega.parallel import init_distributed
+
+        exit_within_after_signal(3.0)  # init_distributed's own call (30 s) then keeps this one
+        init_distributed()
+        if dist.get_rank() == 0:
+            # A Python handler, as rank 0's rollout-server group installs: Python runs it only
+            # between bytecodes, never while the barrier blocks in C.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+            print("PIDS " + json.dumps({"rank": os.getpid(), "blocked": True}), flush=True)
+            dist.barrier()
+            print("barrier returned", flush=True)
+        else:
+            report(rank=os.getpid(), blocked=False)
     elif mode == "server":
         from oprd_mega.rollout.servers import LaunchConfig, ServerGroup
 

@@ -89,13 +89,30 @@ def test_ranks_stop_when_torchrun_is_killed() -> None:
     command = torchrun_command(WORKER, "rank", nproc=2)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=torchrun_env(env=ENV))
     try:
-        ranks = [r["rank"] for r in _read_pids(proc, 2, timeout_s=240)]
+        reported = _read_pids(proc, 2, timeout_s=240)
     except BaseException:
         _kill_tree(proc)
         raise
+    ranks = [r["rank"] for r in reported]
+    assert all(r["exit_watchdog"] for r in reported)  # init_distributed set it under torchrun
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert _gone(ranks, within_s=20) == []
+
+
+def test_a_rank_blocked_in_a_collective_acts_on_sigterm_within_the_grace() -> None:
+    """Rank 0 waits in a barrier its live peer never joins, with a Python SIGTERM handler (as
+    rank 0 has for its servers): the handler cannot run there, so without the watchdog the rank
+    stays until gloo's timeout (30 minutes). The worker sets the grace to 3 s."""
+    command = torchrun_command(WORKER, "barrier", nproc=2)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=torchrun_env(env=ENV))
+    try:
+        [blocked] = [r["rank"] for r in _read_pids(proc, 2, timeout_s=240) if r["blocked"]]
+        time.sleep(2)  # in the barrier by now
+        os.kill(blocked, signal.SIGTERM)
+        assert _gone([blocked], within_s=3 + 15) == []
+    finally:
+        _kill_tree(proc)
 
 
 @pytest.mark.usefixtures("cpu_hog")

@@ -16,11 +16,14 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from oprd_mega.lifetime import die_with_parent
+from oprd_mega.lifetime import die_with_parent, exit_within_after_signal
 from oprd_mega.parallel.cpu_patches import apply_cpu_patches
 from oprd_mega.parallel.layout import ParallelLayout
 
 T = TypeVar("T")
+# A rank's time, after SIGTERM (torchrun died or stops it), to exit through its handlers (rank 0
+# stops its rollout servers) before a watchdog ends it: enough for the servers' own grace.
+SIGTERM_GRACE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,8 @@ def init_distributed(
 
     if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: stop when it dies
         die_with_parent()
+        # ... within a bounded time, even from inside a collective whose peer is gone.
+        exit_within_after_signal(SIGTERM_GRACE_S)
     install_writer_process()  # Megatron's checkpoint writer's helper dies with this process
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain process: a world of one on loopback
