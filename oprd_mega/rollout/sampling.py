@@ -43,6 +43,7 @@ _NEUTRAL = {
     "choice": [],
 }
 _TOP_K_ALL = 1 << 30
+_SAMPLING_EPS = 1e-6  # SGLang's: a temperature below it is greedy
 
 
 class SamplingParamsError(ValueError):
@@ -124,7 +125,11 @@ def parse_sampling_params(params: Any) -> SamplingConfig:
     min_new = _integer(params, "min_new_tokens", 0)
     n = _integer(params, "n", 1)
     assert top_k is not None and min_new is not None and n is not None
-    if top_k >= _TOP_K_ALL or top_k == 0:
+    # As SGLang's SamplingParams: top_k must be -1 (all) or at least 1, except that a temperature
+    # below its epsilon is greedy, top_k set to 1 before the check.
+    if top_k == 0 and 0 <= temperature < _SAMPLING_EPS:
+        top_k = 1
+    if top_k >= _TOP_K_ALL:
         top_k = -1
     if max_new is not None and max_new < 0:
         raise SamplingParamsError(f"sampling_params.max_new_tokens must be >= 0, got {max_new}")
@@ -132,8 +137,10 @@ def parse_sampling_params(params: Any) -> SamplingConfig:
         raise SamplingParamsError(f"sampling_params.temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise SamplingParamsError(f"sampling_params.top_p must be in (0, 1], got {top_p}")
-    if top_k < -1:
-        raise SamplingParamsError(f"sampling_params.top_k must be -1 or >= 1, got {top_k}")
+    if top_k < -1 or top_k == 0:
+        raise SamplingParamsError(
+            f"sampling_params.top_k must be -1 (disable) or at least 1, got {top_k}"
+        )
     if not 0 <= min_p <= 1:
         raise SamplingParamsError(f"sampling_params.min_p must be in [0, 1], got {min_p}")
     if min_new < 0:

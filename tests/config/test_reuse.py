@@ -47,9 +47,11 @@ def test_fields_hold_the_existing_dataclasses() -> None:
 
 
 def test_sampling_goes_through_sglangs_checks() -> None:
-    config = minimal("rollout.sampling.top_k=0", "rollout.sampling.stop=[END]")
-    assert config.rollout.sampling.top_k == -1  # SGLang's "all"
+    config = minimal("rollout.sampling.top_k=1073741824", "rollout.sampling.stop=[END]")
+    assert config.rollout.sampling.top_k == -1  # SGLang's TOP_K_ALL is its "all", -1
     assert config.rollout.sampling.stop == ("END",)
+    with pytest.raises(ConfigError, match=r"rollout\.sampling\.top_k = 0: .*-1 \(disable\) or at"):
+        minimal("rollout.sampling.top_k=0")  # SGLang refuses 0 (unless greedy)
 
 
 def test_kernel_options_share_the_normalize_switch() -> None:

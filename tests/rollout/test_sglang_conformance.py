@@ -152,3 +152,52 @@ def test_info_endpoints_validate(schema, server):
     info = httpx.get(server.url + "/get_model_info").json()
     check_same_after_roundtrip(info, schema.GetModelInfoResponse, schema)
     schema.GetServerInfoResponse.from_json_value(httpx.get(server.url + "/get_server_info").json())
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k"),
+    [(1.0, 0), (1.0, -1), (1.0, 1), (1.0, 20), (1.0, -2), (0.0, 0), (0.5, 0), (1e-7, 0)],
+)
+def test_top_k_is_accepted_exactly_where_sglangs_own_sampling_params_accept_it(
+    schema, temperature: float, top_k: int
+) -> None:
+    """SGLang's ``SamplingParams`` from the pinned wheel, run as it is: 0 is refused (issue: the
+    config once took ``top_k: 0``), except under a greedy temperature."""
+    import logging
+    import math
+    import re
+    from typing import Optional, Union
+
+    from oprd_mega.rollout.sampling import SamplingParamsError, parse_sampling_params
+
+    from .sglang_source import sglang_function
+
+    member = "sglang/srt/sampling/sampling_params.py"
+    namespace = {
+        "msgspec": msgspec, "math": math, "logging": logging, "re": re,
+        "logger": logging.getLogger("sglang_pinned"),
+        "Dict": dict, "List": list, "Optional": Optional, "Set": set, "Union": Union,
+        "TOP_K_ALL": 1 << 30, "_SAMPLING_EPS": 1e-6, "MAX_STOP_COUNT": 32,
+        "MAX_STOP_REGEX_LEN": 256, "MAX_STOP_REGEX_COUNT": 32,
+        "REQUEST_REASONING_END_TOKEN_IDS_KEY": "__sglang_reasoning_end_token_ids",
+        "MAX_REQUEST_REASONING_END_TOKEN_IDS": 32,
+        "REQUEST_REASONING_IN_GRAMMAR_KEY": "__sglang_reasoning_in_grammar",
+        "CustomParamValue": object, "WatermarkRequestConfig": object,
+        "normalize_watermark_request": lambda watermark: watermark,
+    }  # fmt: skip
+    for helper in ("get_request_reasoning_end_token_ids", "get_request_reasoning_in_grammar"):
+        namespace[helper] = sglang_function(member, helper, namespace)
+    sglang_params = sglang_function(member, "SamplingParams", namespace)
+    try:
+        sglang_params(temperature=temperature, top_k=top_k).verify(vocab_size=32)
+        sglang_accepts = True
+    except ValueError as exc:
+        sglang_accepts = False
+        assert "top_k" in str(exc)
+    try:
+        parse_sampling_params({"temperature": temperature, "top_k": top_k})
+        ours_accepts = True
+    except SamplingParamsError as exc:
+        ours_accepts = False
+        assert "sampling_params.top_k" in str(exc)
+    assert ours_accepts == sglang_accepts
