@@ -423,13 +423,24 @@ def launch_ports(config: LaunchConfig) -> list[int]:
             try:
                 sock.bind((config.host, port))
             except OSError as exc:
-                owner = port_owner(port)
-                raise ServerLaunchError(
-                    f"rollout.launch.base_port: port {port} on {config.host} is taken"
-                    f"{f' by {owner}' if owner else ''} ({exc.strerror}); choose another "
-                    "base_port, or null for free ports"
-                ) from exc
+                raise PortTakenError(port, config.host, port_owner(port), exc.strerror) from None
     return ports
+
+
+class PortTakenError(ServerLaunchError):
+    """A fixed port is taken; the message names the config key, :meth:`naming` another flag."""
+
+    def __init__(self, port: int, host: str, owner: str, reason: str | None) -> None:
+        self.port, self.host, self.owner, self.reason = port, host, owner, reason
+        super().__init__(self.naming("rollout.launch.base_port", "or null for free ports"))
+
+    def naming(self, setting: str, alternative: str = "") -> str:
+        """The message with ``setting`` (a key or flag) as what to change."""
+        by = f" by {self.owner}" if self.owner else ""
+        return (
+            f"{setting}: port {self.port} on {self.host} is taken{by} ({self.reason}); "
+            f"choose another {setting}{f', {alternative}' if alternative else ''}"
+        )
 
 
 def port_owner(port: int) -> str:
@@ -439,7 +450,8 @@ def port_owner(port: int) -> str:
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
                 if conn.pid is None:
                     return ""
-                command = " ".join(psutil.Process(conn.pid).cmdline())
+                # One line, whatever the command line holds (``python -c`` scripts do).
+                command = " ".join(" ".join(psutil.Process(conn.pid).cmdline()).split())
                 return f"pid {conn.pid} ({command[:200]})"
     except (psutil.Error, OSError):
         return ""

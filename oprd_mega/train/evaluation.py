@@ -239,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
     from oprd_mega.rollout.client import RolloutClient
     from oprd_mega.rollout.sampling import sample_groups
-    from oprd_mega.rollout.servers import LaunchConfig, ServerGroup
+    from oprd_mega.rollout.servers import LaunchConfig, PortTakenError, ServerGroup
 
     # Logs on standard error: standard output holds the result (--json is read by scripts).
     setup_logging(getattr(args, "log_level", "INFO"), stream=sys.stderr)
@@ -264,7 +264,14 @@ def run(args: argparse.Namespace) -> int:
             ids = [p.prompt_ids for p in prompts]
             return await sample_groups(client, ids, sampling, on_prompt_done=progress.update)
 
-    with ServerGroup.launch(launch) as servers:
+    try:
+        servers = ServerGroup.launch(launch)
+    except PortTakenError as exc:
+        print(
+            f"oprd-mega evaluate: error: {exc.naming('--port', 'or leave it out')}", file=sys.stderr
+        )
+        return 2
+    with servers:
         logger.info(f"evaluating {args.model} on {len(prompts)} prompts x {args.k} samples")
         with Progress(len(prompts), "evaluation", "prompt") as progress:
             groups = asyncio.run(main(servers.urls))

@@ -223,3 +223,26 @@ def test_evaluate_prints_json_and_logs_apart(
     assert {"eval/avg_at_k", "eval/best_at_k", "eval/pass_at_1", "eval/pass_at_2"} <= set(metrics)
     assert metrics["eval/pass_at_1"] == pytest.approx(metrics["eval/avg_at_k"])
     assert "INFO [oprd-mega] evaluating" in captured.err
+
+
+def test_evaluate_on_a_taken_port_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    model = make_tiny_model_dir(tmp_path / "model")
+    path = _write(tmp_path / "held.jsonl", [{"prompt": "a b", "answer": "1"}])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "oprd_mega.cli", "evaluate", "--model", str(model),
+             "--prompts", str(path), "--port", str(port), "--log-level", "WARNING"],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"oprd-mega evaluate: error: --port: port {port} on 127.0.0.1 ")
+    assert "is taken by pid" in lines[0] and "base_port" not in lines[0]
