@@ -11,6 +11,14 @@ def is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def cannot_write(setting: str, path: object, exc: OSError) -> str:
+    """One line for an output path that cannot be written: the flag or key that named it, the
+    path and the system's reason (e.g. "No space left on device")."""
+    reason = exc.strerror or str(exc)
+    where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+    return f"{setting} {path}: cannot write it: {reason}{where}"
+
+
 class ConfigError(ValueError):
     """One or more configuration problems, one line each.
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from oprd_mega.cli_args import positive_int
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.loader import dump_config, load_config, to_yaml
+from oprd_mega.errors import cannot_write
 
 
 def build_parser(prog: str = "oprd-mega config") -> argparse.ArgumentParser:
@@ -40,7 +41,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if args.dump:
-        dump_config(config, args.dump)
+        try:
+            dump_config(config, args.dump)
+        except OSError as exc:
+            print(
+                f"oprd-mega config: error: {cannot_write('--dump', args.dump, exc)}",
+                file=sys.stderr,
+            )
+            return 2
     else:
         sys.stdout.write(to_yaml(config))
     return 0

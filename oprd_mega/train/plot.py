@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from oprd_mega.errors import cannot_write
 from oprd_mega.train.metrics import JSONL_NAME, MetricsFileError, read_metrics
 
 if TYPE_CHECKING:
@@ -337,6 +338,9 @@ def run(args: argparse.Namespace) -> int:
         path = save_figure(figure, args.output, args.force)
     except (PlotInputError, FileExistsError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the output's folder cannot be made or written
+        print(f"error: {cannot_write('-o', args.output, exc)}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

@@ -31,3 +31,10 @@ def test_errors_exit_2_and_name_the_key(capsys: pytest.CaptureFixture[str]) -> N
     assert "optimizer.lr = -1: Input should be greater than 0" in capsys.readouterr().err
     assert main([EXAMPLE, "--world-size", "3"]) == 2
     assert "must divide the world size 3" in capsys.readouterr().err
+
+
+def test_an_unwritable_dump_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([EXAMPLE, "--dump", "/proc/x.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("oprd-mega config: error: --dump /proc/x.yaml: cannot write it: ")
+    assert err.count("\n") == 1

@@ -191,3 +191,11 @@ def test_bad_inputs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
         build_figure([tmp_path / "run", bench])
     with pytest.raises(PlotInputError, match=r"nowhere.json: no such file"):
         build_figure([tmp_path / "nowhere.json"])
+
+
+def test_an_unwritable_output_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _write_run(tmp_path / "run" / "logs", 0.0, layers=False)
+    assert main(["plot", str(tmp_path / "run"), "-o", "/proc/oprd-plot/x.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: -o /proc/oprd-plot/x.png: cannot write it: ")
+    assert err.count("\n") == 1 and "Traceback" not in err
