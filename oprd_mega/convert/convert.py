@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from oprd_mega.convert.dcp_files import tensors_metadata
 from oprd_mega.convert.hf_io import HFCheckpointReader, write_hf_directory
 from oprd_mega.convert.mcore_io import HF_SUBDIR, export_hf_from_checkpoint, read_mcore_args
 from oprd_mega.convert.mcore_stream import save_hf_as_mcore_checkpoint
@@ -95,9 +96,7 @@ def mcore_to_hf(
 
 def checkpoint_dtype(mcore_dir: Path) -> torch.dtype:
     """The dtype of the stored embedding tensor (all tensors share it)."""
-    from megatron.core import dist_checkpointing
-
-    metadata = dist_checkpointing.load_tensors_metadata(str(mcore_dir))
+    metadata = tensors_metadata(mcore_dir)
     key = "embedding.word_embeddings.weight"
     if key not in metadata:
         raise FileNotFoundError(f"{mcore_dir}: tensor {key} missing from the checkpoint")

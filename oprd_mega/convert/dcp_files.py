@@ -8,6 +8,25 @@ from pathlib import Path
 
 from torch.distributed.checkpoint import FileSystemReader
 
+from oprd_mega.errors import CheckpointError
+
+
+def tensors_metadata(directory: str | Path) -> dict:
+    """Megatron's ``load_tensors_metadata`` of ``directory``; an unreadable ``.metadata`` (a
+    truncated pickle, garbage) is a :class:`CheckpointError` naming the file, not torch's
+    traceback."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load_tensors_metadata(str(directory))
+    except (FileNotFoundError, CheckpointError):
+        raise
+    except Exception as exc:  # torch raises several types for a bad index (pickle, EOF, ...)
+        raise CheckpointError(
+            f"{Path(directory) / '.metadata'} is not a readable checkpoint index "
+            f"({type(exc).__name__}: {exc}): the checkpoint is damaged; write it again"
+        ) from None
+
 
 def damaged_files(directory: str | Path) -> list[str]:
     """One line per missing, truncated or unreadable file of the DCP checkpoint in

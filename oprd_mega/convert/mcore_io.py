@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
+from oprd_mega.convert.dcp_files import tensors_metadata
 from oprd_mega.convert.hf_io import AUX_FILES, CheckpointError, HFCheckpointReader
 from oprd_mega.convert.mapping import (
     get_mapping,
@@ -128,7 +129,7 @@ def read_checkpoint_layers(
     at a time (model-level tensors first, as ``layer=None``), without building a model."""
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    metadata = dist_checkpointing.load_tensors_metadata(str(directory))
+    metadata = tensors_metadata(directory)
     for layer in [None, *range(args.num_layers)]:
         request = {}
         for name in mcore_names(args, layer):

@@ -153,6 +153,20 @@ def test_a_truncated_distcp_file_is_named(converted, tmp_path: Path) -> None:
     assert not (tmp_path / "hf").exists()
 
 
+def test_a_truncated_metadata_index_is_named(converted, tmp_path: Path) -> None:
+    _, mcore = converted
+    damaged = tmp_path / "mcore"
+    shutil.copytree(mcore, damaged)
+    index = damaged / ".metadata"
+    index.write_bytes(index.read_bytes()[: index.stat().st_size // 2])
+    result = console("mcore-to-hf", "--mcore", str(damaged), "--hf", str(tmp_path / "hf"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"{index} is not a readable checkpoint index (UnpicklingError" in lines[0]
+    assert not (tmp_path / "hf").exists()
+
+
 def test_verify_against_a_deeper_hf_model_is_one_line(converted, tmp_path: Path) -> None:
     _, mcore = converted
     deeper = make_tiny_model("qwen2", tmp_path / "deeper", tied=False, num_hidden_layers=5)
