@@ -21,7 +21,10 @@ def build_parser(prog: str = "oprd-mega config") -> argparse.ArgumentParser:
     parser.add_argument("config", help="YAML configuration file")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value (a YAML value)")
     parser.add_argument(
-        "--world-size", type=positive_int, help="also check the layout for this many ranks"
+        "--world-size",
+        type=positive_int,
+        help="also run train's checks for this many ranks: the layout, the input files and the "
+        "model directories (shapes, pipeline split, recompute, tokenizers)",
     )
     parser.add_argument("--dump", help="write the resolved configuration here")
     return parser
@@ -34,9 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         if args.world_size is not None:
-            from oprd_mega.config.schema import data_parallel_size
+            from oprd_mega.config.model_files import check_launch
 
-            data_parallel_size(config, args.world_size)
+            check_launch(config, args.world_size)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

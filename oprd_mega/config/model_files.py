@@ -8,7 +8,7 @@ from dataclasses import replace
 from oprd_mega.config.against_models import check_models
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.models import ModelSection
-from oprd_mega.config.schema import TrainConfig
+from oprd_mega.config.schema import TrainConfig, check_paths, data_parallel_size
 from oprd_mega.models.hf_config import ConfigError as HFConfigError
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
 from oprd_mega.models.tokenizers import first_difference, has_tokenizer, token_map
@@ -60,3 +60,14 @@ def check_model_files(config: TrainConfig) -> list[tuple[int, int]]:
     pairs = check_models(config, models[0], models[1])
     check_tokenizers(config)
     return pairs
+
+
+def check_launch(config: TrainConfig, world_size: int) -> list[tuple[int, int]]:
+    """All that ``train`` checks before any process group starts, for ``world_size`` ranks:
+    the layout against the world size, the input files, both models' shapes against the
+    layout (pipeline splits, recompute chunks, heads) and the tokenizers; returns the layer
+    pairs. ``oprd-mega train`` and ``oprd-mega config --world-size N`` both run it, so the one
+    refuses exactly what the other does."""
+    data_parallel_size(config, world_size)
+    check_paths(config)
+    return check_model_files(config)

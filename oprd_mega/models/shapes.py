@@ -93,9 +93,13 @@ def split_problem(num_layers: int, pp: int, split: PipelineSplit) -> str | None:
     if middle_stages == 0 and rest != 0:
         return f"first + last must add up to the {num_layers} layer(s) run on {pp} stages"
     if middle_stages and (rest < middle_stages or rest % middle_stages):
+        # With one end set by hand the unset end stage shares the rest: not a "middle" one.
+        others = "middle" if len(ends) == 2 else ("last" if split.first is not None else "first")
+        if len(ends) < 2 and middle_stages > 1:
+            others = f"{others} and middle"
         return (
-            f"it leaves {rest} of the {num_layers} layer(s) run for {middle_stages} middle "
-            "stage(s), which need equal numbers and at least one layer each"
+            f"it leaves {rest} of the {num_layers} layer(s) run for the {middle_stages} "
+            f"{others} stage(s), which need equal numbers and at least one layer each"
         )
     return None
 

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config and train; a config or run error is one clear message and exit code."""
-    from oprd_mega.config import ConfigError, data_parallel_size, load_config
+    from oprd_mega.config import ConfigError, load_config
+    from oprd_mega.config.model_files import check_launch
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -49,8 +50,9 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(getattr(args, "log_level", "INFO"), rank)
     try:
         config = load_config(args.config, overrides)
-        # The layout against torchrun's world size, before any process group exists.
-        data_parallel_size(config, int(os.environ.get("WORLD_SIZE", "1")))
+        # What `oprd-mega config --world-size N` checks, against torchrun's world size, before
+        # any process group exists.
+        check_launch(config, int(os.environ.get("WORLD_SIZE", "1")))
     except ConfigError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -123,8 +123,8 @@ def test_hand_set_pipeline_splits_are_checked_per_model_under_their_dotted_keys(
         _split(config, _model(6, 64), _model(6, 64))
     assert info.value.problems == [
         "student.pipeline_split = {first: 2, last: 1}: the student runs 6 layer(s): it leaves 3 "
-        "of the 6 layer(s) run for 2 middle stage(s), which need equal numbers and at least one "
-        "layer each"
+        "of the 6 layer(s) run for the 2 middle stage(s), which need equal numbers and at least "
+        "one layer each"
     ]
     # student layers 1, 2 of 5 -> teacher layers 1, 3 of 10: the teacher runs 3 layers
     truncated = minimal(

@@ -38,3 +38,46 @@ def test_an_unwritable_dump_is_one_line(capsys: pytest.CaptureFixture[str]) -> N
     err = capsys.readouterr().err
     assert err.startswith("oprd-mega config: error: --dump /proc/x.yaml: cannot write it: ")
     assert err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """A config's required keys pointing at real (tiny, 3-layer) model directories and data."""
+    from tools.tiny_hf import make_tiny_model_dir
+
+    root = tmp_path_factory.mktemp("models")
+    student = make_tiny_model_dir(root / "student", layers=3)
+    teacher = make_tiny_model_dir(root / "teacher", layers=3, seed=1)
+    data = root / "prompts.jsonl"
+    data.write_text('{"prompt": "a b"}\n', encoding="utf-8")
+    return [EXAMPLE, f"student.path={student}", f"teacher.path={teacher}", f"data.path={data}"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # 3 layers over 2 stages hold 2 | 1: chunks of 2 do not divide the last stage
+        ["parallel.tp=1", "parallel.pp=2", "training.recompute.granularity=full",
+         "training.recompute.method=uniform", "training.recompute.num_layers=2"],
+        # all 3 layers on the first of 2 stages leaves the last one empty
+        ["parallel.tp=1", "parallel.pp=2", "student.pipeline_split={first: 3}"],
+    ],
+    ids=["recompute-chunk", "empty-stage"],
+)  # fmt: skip
+def test_config_with_world_size_refuses_exactly_what_train_refuses(
+    model_run: list[str],
+    layout: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from oprd_mega.train.cli import main as train_main
+
+    assert main([*model_run, *layout, "--world-size", "2"]) == 2
+    checked = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - ")]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    config, *overrides = model_run
+    assert train_main(["--config", config, *overrides, *layout]) == 2  # before any process group
+    refused = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  - ")]
+    assert checked and checked == refused
+    assert "middle" not in " ".join(checked)  # pp = 2 has no middle stage

@@ -197,7 +197,7 @@ def test_a_hand_set_split_that_does_not_fit_is_refused_naming_the_flags(converte
     assert len(lines) == 1 and "Traceback" not in result.stderr
     assert lines[0].endswith(
         "--decoder-first-pipeline-num-layers 3 with --pp 2: the model has 3 layers; it leaves 0 "
-        "of the 3 layer(s) run for 1 middle stage(s), which need equal numbers and at least one "
+        "of the 3 layer(s) run for the 1 last stage(s), which need equal numbers and at least one "
         "layer each"
     )
     zero = console("verify", "--hf", str(hf), "--mcore", str(mcore), "--pp", "2", *flags[2:3], "0")

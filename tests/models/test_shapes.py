@@ -74,7 +74,7 @@ def test_a_hand_set_split_is_accepted_exactly_when_megatron_builds_every_stage(
 def test_hand_set_split_refusals_say_why() -> None:
     five = _model(num_layers=5, pipeline_split=PipelineSplit(first=2, last=2))
     (middle,) = shape_problems(five, tp=1, pp=4)
-    assert "leaves 1 of the 5 layer(s) run for 2 middle stage(s)" in middle.detail
+    assert "leaves 1 of the 5 layer(s) run for the 2 middle stage(s)" in middle.detail
     assert shape_problems(five, tp=1, pp=3) == []  # 2 | 1 | 2
     (alone,) = shape_problems(five, tp=1, pp=1, name="student")
     assert (alone.knob, alone.value) == ("pipeline_split", PipelineSplit(2, 2))
