@@ -16,6 +16,8 @@ folders of a process that died are recognised and removed by a later run.
 - :func:`exit_on_sigterm`: SIGTERM raises ``SystemExit``, so ``finally`` blocks (temporary
   folders) run, as they do on Ctrl-C; :func:`raise_if_terminated` before publishing a result
   catches a SIGTERM whose exception a finalizer swallowed.
+- :func:`publishing`: the atomic rename that publishes a result, after which a SIGTERM exits at
+  once saying the result is complete (no cleanup, no traceback from an exit-time finalizer).
 - :func:`make_owned_temp_dir` / :func:`remove_stale_temp_dirs`: temporary folders whose names
   carry host and pid, so a later run can prove their owner dead and remove them.
 
@@ -36,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
@@ -198,7 +200,12 @@ def exit_on_sigterm() -> None:
         _terminated_by = signum
         raise SystemExit(128 + signum)
 
+    global _exit_on_sigterm_handler
+    _exit_on_sigterm_handler = handler
     signal.signal(signal.SIGTERM, handler)
+
+
+_exit_on_sigterm_handler: Callable[[int, object], None] | None = None
 
 
 def raise_if_terminated() -> None:
@@ -210,6 +217,38 @@ def raise_if_terminated() -> None:
     """
     if _terminated_by is not None:
         raise SystemExit(128 + _terminated_by)
+
+
+@contextlib.contextmanager
+def publishing(what: str) -> Iterator[None]:
+    """Publish a result (an atomic rename) with SIGTERM held back; from then on a SIGTERM ends
+    the process at once with ``128 + SIGTERM`` and one line saying ``what`` is complete.
+
+    Without it the timing decided: a SIGTERM between the rename and the end of the program
+    raised ``SystemExit`` after the output was whole (its cleanup then ran for nothing), or in
+    an exit-time finalizer, which printed a traceback and exited 0. Only where
+    :func:`exit_on_sigterm` handles SIGTERM, in the main thread; elsewhere a plain ``yield``.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) is not _exit_on_sigterm_handler
+        or _exit_on_sigterm_handler is None
+    ):  # another program's handler (the trainer's, for its servers) stays in charge
+        yield
+        return
+    held = {signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+        signal.signal(signal.SIGTERM, functools.partial(_exit_after_publishing, what))
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # a held SIGTERM arrives here
+
+
+def _exit_after_publishing(what: str, signum: int, frame: object) -> None:
+    print(f"[oprd-mega] signal {signum} after {what} was complete: exiting", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def pid_alive(pid: int) -> bool:

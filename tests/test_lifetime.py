@@ -256,3 +256,39 @@ def test_a_sigterm_swallowed_by_a_finalizer_still_stops_before_publishing() -> N
     assert "Exception ignored" in done.stderr  # the handler's own SystemExit was lost
     assert done.stdout.split() == ["carried", "on"]
     assert done.returncode == 128 + signal.SIGTERM
+
+
+_SIGTERM_AROUND_PUBLISHING = """
+import atexit, os, signal, sys
+from pathlib import Path
+from oprd_mega.lifetime import exit_on_sigterm, publishing
+exit_on_sigterm()
+tmp, out = Path(sys.argv[1]) / "tmp", Path(sys.argv[1]) / "out"
+tmp.mkdir()
+when = sys.argv[2]
+if when == "finalizer":  # as a multiprocessing finalizer runs at exit
+    atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), sum(range(100_000))))
+with publishing(f"the folder {out}"):
+    if when == "rename":
+        os.kill(os.getpid(), signal.SIGTERM)  # held until the result is published
+    os.replace(tmp, out)
+print("published", flush=True)
+"""
+
+
+@pytest.mark.parametrize("when", ["rename", "finalizer"])
+def test_a_sigterm_after_publishing_exits_143_saying_the_output_is_complete(
+    when: str, tmp_path: Path
+) -> None:
+    """The same outcome whatever the timing: the output is whole, one line says so, exit 143
+    (a SIGTERM in an exit-time finalizer once printed a traceback and exited 0)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AROUND_PUBLISHING, str(tmp_path), when],
+        capture_output=True, text=True, env=ENV, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert (tmp_path / "out").is_dir() and not (tmp_path / "tmp").exists()
+    assert done.stderr.splitlines() == [
+        f"[oprd-mega] signal 15 after the folder {tmp_path / 'out'} was complete: exiting"
+    ]
+    assert done.stdout.split() == ([] if when == "rename" else ["published"])

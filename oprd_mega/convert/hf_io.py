@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from oprd_mega.convert.mapping import all_hf_names
 from oprd_mega.errors import CheckpointError
-from oprd_mega.lifetime import make_owned_temp_dir, raise_if_terminated
+from oprd_mega.lifetime import make_owned_temp_dir, publishing, raise_if_terminated
 from oprd_mega.models.hf_config import HFModelArgs
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -201,7 +201,8 @@ def write_hf_directory(
         write_safetensors_shards(tensors, tmp, max_shard_bytes=max_shard_bytes)
         copy_aux_files(aux_source, tmp)
         raise_if_terminated()
-        os.replace(tmp, target)
+        with publishing(f"the Hugging Face directory {target}"):
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -27,7 +27,7 @@ from oprd_mega.convert.mapping import (
     mcore_names,
     mcore_to_hf_state,
 )
-from oprd_mega.lifetime import make_owned_temp_dir, raise_if_terminated
+from oprd_mega.lifetime import make_owned_temp_dir, publishing, raise_if_terminated
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
 from oprd_mega.models.running import unwrap
 from oprd_mega.parallel.distributed import barrier, global_rank
@@ -180,7 +180,8 @@ def checkpoint_in_temp_dir(
         if global_rank() == 0:
             _write_oprd_files(tmp, args, hf_source)
             raise_if_terminated()
-            os.replace(tmp, directory)
+            with publishing(f"the checkpoint {directory}"):
+                os.replace(tmp, directory)
     except BaseException:
         if global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
