@@ -73,7 +73,13 @@ def load_state_dict_from_dir(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(str(file)))
+        try:
+            state.update(load_file(str(file)))
+        except Exception as exc:  # safetensors' own error type: truncated, bad header, ...
+            raise WeightCheckError(
+                f"{file}: not a readable safetensors file ({type(exc).__name__}: {exc}); the "
+                "weights being served are unchanged"
+            ) from None
     return state
 
 

@@ -176,7 +176,7 @@ def test_update_from_tensor_checks_every_tensor(
     assert_serves(srv, greedy_ids["old"], "default")
 
 
-@pytest.mark.parametrize("damage", ["missing", "nan"])
+@pytest.mark.parametrize("damage", ["missing", "nan", "truncated"])
 def test_update_from_disk_needs_every_finite_tensor(
     srv, tmp_path, other_model_dir, greedy_ids, damage
 ):
@@ -188,10 +188,14 @@ def test_update_from_disk_needs_every_finite_tensor(
     if damage == "missing":
         del tensors[name]
         message = f"1 of the model's tensors are missing, e.g. {name}"
-    else:
+    elif damage == "nan":
         tensors[name][0, 0] = float("nan")
         message = f"tensor {name} has 1 non-finite value"
+    else:
+        message = f"{file}: not a readable safetensors file"
     save_file(tensors, str(file), metadata={"format": "pt"})
+    if damage == "truncated":  # a copy cut short: 400 naming the file, never a 500
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     body = {"model_path": str(target), "weight_version": "v-disk"}
     answer = post(srv, "/update_weights_from_disk", body, status=400)
     assert answer["success"] is False and message in answer["message"]
