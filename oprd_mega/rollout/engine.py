@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from oprd_mega.lifetime import make_owned_temp_dir, remove_stale_temp_dirs
 from oprd_mega.rollout.sampling import SamplingConfig, select_tokens
 
 
@@ -56,6 +57,8 @@ class SequenceJob:
 
 
 PAUSE_MODES = ("abort", "retract", "in_place")
+# Name of the owned temporary folders (oprd_mega.lifetime) holding released weights.
+RELEASED_WEIGHTS = "oprd-released-weights"
 
 
 def abort_finish(message: str) -> dict[str, Any]:
@@ -115,6 +118,8 @@ class GenerationEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_path = str(model_path)
+        # Copies released by servers that were killed since (SIGKILL runs no cleanup).
+        remove_stale_temp_dirs(Path(tempfile.gettempdir()), RELEASED_WEIGHTS)
         torch_dtype = getattr(torch, dtype, None)
         if not isinstance(torch_dtype, torch.dtype):
             raise ValueError(f"dtype {dtype!r} is not a torch dtype")
@@ -721,7 +726,8 @@ class GenerationEngine:
         batch here, is simply not allocated again until resumed."""
         with self.lock:
             if "weights" in tags and "weights" not in self.released:
-                folder = Path(tempfile.mkdtemp(prefix="oprd-released-weights-"))
+                # Owned by this process: the next server removes it if this one was killed.
+                folder = make_owned_temp_dir(Path(tempfile.gettempdir()), RELEASED_WEIGHTS)
                 path = folder / "weights.safetensors"
                 params = dict(self.model.named_parameters())  # tied weights once
                 save_file({n: p.detach().contiguous() for n, p in params.items()}, str(path))

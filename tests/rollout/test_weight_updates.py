@@ -231,3 +231,37 @@ def test_memory_tags_are_checked(srv):
     assert "tags: unknown memory tag 'gpu'" in answer["error"]["message"]
     answer = post(srv, "/resume_memory_occupation", {"tags": "weights"}, status=400)
     assert "tags must be a list of strings" in answer["error"]["message"]
+
+
+_RELEASE_THEN_DIE = """
+import os, signal, sys
+from oprd_mega.rollout.engine import GenerationEngine
+engine = GenerationEngine(sys.argv[1])
+engine.release_memory(["weights"])
+print(engine._spilled_weights.parent, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs
+"""
+
+
+def test_a_killed_servers_released_weights_are_removed_by_the_next(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from oprd_mega.rollout.engine import GenerationEngine
+
+    done = subprocess.run(
+        [sys.executable, "-c", _RELEASE_THEN_DIE, str(tiny_model_dir)],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "TMPDIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
+    assert done.returncode == -9, done.stderr[-2000:]
+    left = Path(done.stdout.strip())
+    assert left.parent == tmp_path and (left / "weights.safetensors").is_file()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    GenerationEngine(tiny_model_dir)  # the next server on this host
+    assert not left.exists()
