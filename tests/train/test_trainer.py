@@ -7,6 +7,7 @@ NaN weights, missing files and columns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -20,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from oprd_mega.lifetime import pid_alive
 from oprd_mega.train.checkpoint import find_latest, read_state
 from oprd_mega.train.metrics import read_metrics
 from tests.torchrun_utils import free_port
@@ -222,6 +224,47 @@ def _listening_pid(port: int) -> int | None:
         if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
             return conn.pid
     return None
+
+
+def test_sigkill_of_torchrun_during_a_save_leaves_no_process_and_resume_starts(
+    task: Path, tmp_path: Path
+) -> None:
+    """torchrun SIGKILLed while the ranks write a checkpoint (Megatron forks writer
+    processes, rank 0 holds a Python SIGTERM handler for its servers and may wait in the save's
+    barrier): every process of the run ends within the ranks' SIGTERM grace, the server's port
+    is free, and the next launch resumes."""
+    from oprd_mega.parallel.distributed import SIGTERM_GRACE_S
+
+    config = task_config(task, tmp_path / "run", schedule={"steps": 4, "warmup_steps": 1})
+    checkpoints = tmp_path / "run" / "ckpt"
+    proc = subprocess.Popen(
+        launch_command(config, nproc=2),
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    run: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(checkpoints.glob(".step-*.tmp-*/*")):  # a save is being written
+                run = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+        assert run, f"no save seen (torchrun exit {proc.poll()})"
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + SIGTERM_GRACE_S + 20
+        while time.monotonic() < deadline and any(pid_alive(pid) for pid in run):
+            time.sleep(0.2)
+        left = [p for p in run if pid_alive(p)]
+        assert left == [], [" ".join(psutil.Process(p).cmdline())[:120] for p in left]
+    finally:
+        for pid in run:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()
+    resumed = require_success(train(config))  # same base_port: it must be free again
+    assert "done: " in resumed
 
 
 def _kill_server_after_step(
