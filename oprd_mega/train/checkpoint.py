@@ -181,9 +181,45 @@ def _gather_errors(error: str | None) -> list[str]:
 
 
 def _one_line(exc: BaseException) -> str:
-    """``exc`` as one line: its type and first line (DCP puts a traceback per rank in it)."""
+    """``exc`` as one line: its type and first line (DCP puts a traceback per rank in it), plus
+    the system's reason when an OS error lies inside (a full disk: "No space left on device")."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    line = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    reason = _system_reason(exc)
+    if reason and reason not in line:
+        line += f" ({reason})"
+    return line
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno \d+\] ([^\n\]\[']+)")
+
+
+def _system_reason(exc: object, depth: int = 0) -> str | None:
+    """The strerror of the first OS error in ``exc``, its causes, or what torch DCP's
+    CheckpointException collected per rank (``failures``: (exception, traceback) pairs). A
+    writer process's OSError reaches here only as text (Megatron: "Worker failure: [Errno 28]
+    No space left on device"), so the text is read too."""
+    if depth > 6 or exc is None:
+        return None
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    inner: list[object] = []
+    if isinstance(exc, BaseException):
+        match = _ERRNO_TEXT.search(str(exc))
+        if match:
+            return match.group(1).strip()
+        inner += [exc.__cause__, exc.__context__]
+        failures = getattr(exc, "failures", None)
+        if isinstance(failures, dict):
+            inner += list(failures.values())
+    elif isinstance(exc, tuple | list):
+        inner += list(exc)
+    for item in inner:
+        if isinstance(item, BaseException | tuple | list):
+            found = _system_reason(item, depth + 1)
+            if found:
+                return found
+    return None
 
 
 def _mkdir(tmp: Path) -> Path:

@@ -58,6 +58,7 @@ def test_failed_and_crashed_saves_leave_the_previous_checkpoint(tmp_path: Path) 
     limit = out["limit_message"]
     assert limit is not None and "step-00000002" in limit and "intact" in limit
     assert "\n" not in limit and "CheckpointException" in limit
+    assert "(File too large" in limit  # the system's reason, from inside DCP's exception
     assert out["limited_entries"] == ["latest", "step-00000001"]
     # A truncated shard in the newest checkpoint: the resume falls back to step 1 and says so.
     assert out["fallback"] == "step-00000001" and out["fallback_equal"]
