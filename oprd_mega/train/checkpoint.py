@@ -12,8 +12,9 @@ Layout of ``checkpoint.dir``::
 
 A save writes everything into a hidden temporary directory, renames it into place, then
 replaces ``latest`` (both renames are atomic), so a crash or a full disk at any point leaves the
-previous checkpoint and pointer intact. Older checkpoints beyond ``keep_last`` are deleted only
-after the new one is in place, and never the one ``latest`` names or a newer one.
+previous checkpoint and pointer intact. Checkpoints beyond ``keep_last`` are deleted only
+after the new one is in place, never the one ``latest`` names; those after it (left when
+``latest`` was moved back before a resume) go before this run's own older ones.
 
 A directory belongs to one run: a run that starts fresh refuses a directory that already holds
 checkpoints (:func:`check_fresh_start`). A resume falls back from a damaged checkpoint to the
@@ -283,10 +284,16 @@ def step_of(path: Path) -> int:
 
 
 def _prune(root: Path, keep_last: int, latest: Path) -> None:
-    """Keep ``latest`` (just saved, named by the pointer), everything newer, and the
-    ``keep_last - 1`` newest before it; delete the older ones."""
-    older = [p for p in complete_checkpoints(root) if step_of(p) < step_of(latest)]
-    for old in older[: max(0, len(older) - (keep_last - 1))]:
+    """Keep ``latest`` (just saved, named by the pointer) and the ``keep_last - 1`` newest
+    steps before it; delete the rest. Steps after ``latest`` are left by a run whose ``latest``
+    was moved back before it resumed: that timeline was abandoned, so they count toward
+    ``keep_last`` after this run's own and go first (kept, they were more than ``keep_last``,
+    and a resume without the pointer would pick one of them)."""
+    complete = complete_checkpoints(root)
+    before = sorted((p for p in complete if step_of(p) < step_of(latest)), key=step_of)
+    after = sorted((p for p in complete if step_of(p) > step_of(latest)), key=step_of)
+    preferred = [*reversed(before), *reversed(after)]  # this run's newest first
+    for old in preferred[max(0, keep_last - 1) :]:
         shutil.rmtree(old, ignore_errors=True)
     for leftover in root.glob(".step-*.tmp-*"):  # temp dirs of saves that crashed
         shutil.rmtree(leftover, ignore_errors=True)

@@ -98,20 +98,24 @@ def _fake_step(root: Path, step: int, config: Any = None) -> Path:
     return path
 
 
-def test_pruning_keeps_latest_and_everything_newer(tmp_path: Path) -> None:
-    # An earlier run's steps 5 and 6 beside this run's steps 1..3 (the probe: the new step-1
-    # was pruned right after it was saved because names sorted the old run's after it).
+def test_pruning_keeps_latest_and_counts_an_abandoned_timeline(tmp_path: Path) -> None:
+    # A run resumed after its `latest` was moved back to step 3: steps 5 and 6 of the abandoned
+    # timeline beside this run's 1..3. The just-saved step is never pruned (a probe once saw the
+    # new step 1 pruned at once because names sorted the old run's after it), and keep_last
+    # counts every checkpoint, the abandoned ones going first.
     for step in (1, 2, 3, 5, 6):
         _fake_step(tmp_path, step)
-    _prune(tmp_path, keep_last=2, latest=tmp_path / "step-00000003")
+    _prune(tmp_path, keep_last=4, latest=tmp_path / "step-00000003")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step-00000001",
         "step-00000002",
         "step-00000003",
-        "step-00000005",
         "step-00000006",
     ]
+    _prune(tmp_path, keep_last=2, latest=tmp_path / "step-00000003")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002", "step-00000003"]
     _prune(tmp_path, keep_last=1, latest=tmp_path / "step-00000002")
-    assert (tmp_path / "step-00000002").is_dir() and (tmp_path / "step-00000003").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000002"]
 
 
 def test_a_fresh_run_refuses_a_directory_with_checkpoints(tmp_path: Path) -> None:
