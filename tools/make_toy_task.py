@@ -398,6 +398,17 @@ def is_complete(out: Path, options: Options) -> bool:
     )
 
 
+def build_environment() -> dict[str, Any]:
+    """What decides the SFT's float rounding on this machine: torch, its CPU kernel set, threads."""
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def build(out: Path, options: Options) -> dict[str, float]:
     """Write data, both models and their accuracies to ``out``; return the accuracies."""
     from transformers.utils import logging as hf_logging
@@ -419,7 +430,12 @@ def build(out: Path, options: Options) -> dict[str, float]:
     model = make_model(options.seed)
     train(model, encode_examples(train_records), options, checkpoints)
     save_model_dir(model, models / "teacher")
-    print(f"SFT: {options.teacher_steps} steps in {time.monotonic() - start:.1f} s")
+    built_with = build_environment()
+    print(
+        f"SFT: {options.teacher_steps} steps in {time.monotonic() - start:.1f} s (torch "
+        f"{built_with['torch']}, CPU kernels {built_with['cpu_capability']}, "
+        f"{built_with['threads']} thread(s))"
+    )
 
     scores = {name: saved_accuracy(models / name, held_records) for name in ("student", "teacher")}
     report = {
@@ -427,6 +443,9 @@ def build(out: Path, options: Options) -> dict[str, float]:
         "num_problems": len(held_records),
         "student": {"steps": options.student_steps, "accuracy": scores["student"]},
         "teacher": {"steps": options.teacher_steps, "accuracy": scores["teacher"]},
+        # The float path of the SFT: other CPU kernels (AVX-512 vs AVX2) or thread counts
+        # round differently, and the weak student's accuracy moves by a few points.
+        "built_with": built_with,
     }
     _write_text_atomic(models / "accuracy.json", json.dumps(report, indent=2) + "\n")
     manifest = {"format": MANIFEST_FORMAT, "options": asdict(options), "accuracy": scores}
