@@ -16,7 +16,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,10 +98,14 @@ class RolloutClient:
         urls: Sequence[str],
         config: ClientConfig | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        exit_code: Callable[[str], int | None] | None = None,
     ) -> None:
         if not urls:
             raise ValueError("RolloutClient needs at least one server URL")
         self.config = config or ClientConfig()
+        # The exit code of the process serving a URL, None while it runs (launched servers):
+        # a failed request to a server whose process exited is not retried.
+        self._exit_code = exit_code
         self.servers = [ServerState(url.rstrip("/")) for url in urls]
         timeout = httpx.Timeout(self.config.timeout_s, connect=self.config.connect_timeout_s)
         limits = httpx.Limits(
@@ -256,6 +260,7 @@ class RolloutClient:
                 tried.add(state.url)
             finally:
                 await self._release(state, error, time.monotonic() - start)
+            self._raise_if_exited(state.url, error)
             limit = self.config.max_consecutive_failures
             if limit is not None and state.failures >= limit:
                 raise ServerGoneError(
@@ -267,6 +272,17 @@ class RolloutClient:
         raise ServerGoneError(
             f"/generate for group {group_id} failed {len(errors)} time(s): " + " | ".join(errors)
         )
+
+    def _raise_if_exited(self, url: str, error: str | None) -> None:
+        """After a failed attempt: ServerGoneError at once when ``url``'s process has exited,
+        instead of retrying a dead server for the whole backoff (~20 s seen)."""
+        if error is None or self._exit_code is None:
+            return
+        code = self._exit_code(url)
+        if code is not None:
+            raise ServerGoneError(
+                f"rollout server {url} exited with code {code}; last error: {error}"
+            )
 
     async def _aborting(self, state: ServerState, rid: str, body: dict[str, Any]) -> Any:
         """POST /generate; abort ``rid`` on the server when the attempt times out or is
@@ -330,6 +346,7 @@ class RolloutClient:
                 return await self._request(url, method, path, body)
             except _Transient as exc:
                 errors.append(str(exc))
+                self._raise_if_exited(url.rstrip("/"), str(exc))
             if attempt < self.config.max_retries:
                 await asyncio.sleep(self._backoff(attempt))
         raise ServerGoneError(f"{url}{path} failed {len(errors)} time(s): " + " | ".join(errors))

@@ -319,6 +319,16 @@ class ServerGroup:
                 f"{self._log_tail(index)}"
             )
 
+    def exit_code(self, url: str) -> int | None:
+        """The exit code of the launched server behind ``url`` (or its control URL), None while
+        it runs or when it was not launched here."""
+        url = url.rstrip("/")
+        for index, proc in enumerate(self.processes):
+            names = {urls[index] for urls in (self.urls, self.control_urls) if index < len(urls)}
+            if url in names:
+                return proc.poll()
+        return None
+
     def _log_tail(self, index: int, lines: int = 20) -> str:
         try:
             text = self.logs[index].read_text(errors="replace")

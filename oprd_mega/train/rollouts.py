@@ -53,7 +53,9 @@ class RolloutService:
                 attach.urls, attach.router_url, health_timeout_s=attach.health_timeout_s
             )
         try:
-            self.client = RolloutClient(self.servers.urls, rollout.client)
+            self.client = RolloutClient(
+                self.servers.urls, rollout.client, exit_code=self.servers.exit_code
+            )
             self.weight_sync = self._weight_sync()
         except BaseException:
             self.servers.shutdown()

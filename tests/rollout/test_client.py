@@ -159,6 +159,28 @@ def test_server_gone_for_good_names_it():
     assert "failed 4 time(s)" in str(info.value)
 
 
+def test_a_server_whose_process_exited_is_not_retried():
+    """A launched server killed mid-run: its process's exit code (the launcher's ``exit_code``)
+    ends the retries at the first failure, instead of ~20 s of backoff and down-time."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there: the process is gone
+    slow = ClientConfig(max_retries=3, backoff_initial_s=2.0, down_for_s=5.0)
+    asked: list[str] = []
+
+    def exit_code(server: str) -> int | None:
+        asked.append(server)
+        return -9
+
+    async def main():
+        async with RolloutClient([url], slow, exit_code=exit_code) as client:
+            await client.generate([1, 2], {"max_new_tokens": 1})
+
+    start = time.monotonic()
+    with pytest.raises(ServerGoneError, match=f"rollout server {url} exited with code -9"):
+        run(main())
+    assert time.monotonic() - start < 2.0  # one attempt, no backoff
+    assert asked == [url]
+
+
 def test_server_failing_in_a_row_is_gone_for_good():
     with FakeServer(lambda i, body: (503, "down")) as dead, FakeServer() as ok:
         config = ClientConfig(
