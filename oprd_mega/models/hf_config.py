@@ -8,13 +8,13 @@ naming the field (and the file when read from disk).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from oprd_mega.errors import ConfigError, is_positive_int
 from oprd_mega.models.rope import RopeConfigError, RopeScaling, parse_rope
-from oprd_mega.models.shapes import PipelineSplit
+from oprd_mega.models.shapes import PipelineSplit, padded_vocab, vocab_multiple
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -71,9 +71,21 @@ class HFModelArgs:
     @property
     def padded_vocab_size(self) -> int:
         """The Megatron vocabulary: ``vocab_size`` rounded up to a multiple of
-        ``make_vocab_size_divisible_by`` (independent of TP, so checkpoints reshard freely)."""
-        divisor = self.make_vocab_size_divisible_by
-        return -(-self.vocab_size // divisor) * divisor
+        ``make_vocab_size_divisible_by`` (the rows a checkpoint stores; a model built at a TP
+        that does not divide it has :meth:`at_tp`'s rows instead)."""
+        return padded_vocab(self.vocab_size, self.make_vocab_size_divisible_by)
+
+    def at_tp(self, tp: int) -> HFModelArgs:
+        """These arguments as a model built over ``tp`` tensor-parallel ranks holds them: the
+        divisor becomes :func:`~oprd_mega.models.shapes.vocab_multiple` (``x tp`` where ``tp``
+        does not divide :attr:`padded_vocab_size`, as Megatron-LM pads). The padding rows are
+        zeros, added or dropped when a checkpoint stored with another padding loads
+        (:func:`oprd_mega.convert.mcore_io.load_mcore_checkpoint`)."""
+        try:
+            multiple = vocab_multiple(self.vocab_size, self.make_vocab_size_divisible_by, tp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return replace(self, make_vocab_size_divisible_by=multiple)
 
     @property
     def qkv_bias(self) -> bool:
