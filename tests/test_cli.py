@@ -20,7 +20,7 @@ from oprd_mega.train.cli import main as train_module_main
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_cpu.yaml"
 COMMANDS = ("train", "serve", "evaluate", "convert", "bridge", "bench", "config", "plot",
-            "prepare-model")  # fmt: skip
+            "prepare-model", "prune")  # fmt: skip
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -36,10 +36,12 @@ def _all_parsers() -> Iterator[tuple[str, argparse.ArgumentParser]]:
     from oprd_mega.bridge.build import build_parser as bridge_parser
     from oprd_mega.convert.cli import _parser as convert_parser
     from oprd_mega.convert.packaged import _parser as packaged_parser
+    from oprd_mega.convert.prune import _parser as prune_parser
 
     stack = [("oprd-mega", build_parser())]
     own = {"convert": convert_parser(), "bridge": bridge_parser(), "bench": bench_parser(),
-           "config": config_parser(), "prepare-model": packaged_parser()}  # fmt: skip
+           "config": config_parser(), "prepare-model": packaged_parser(),
+           "prune": prune_parser()}  # fmt: skip
     while stack:
         name, parser = stack.pop()
         yield name, parser
@@ -49,7 +51,7 @@ def _all_parsers() -> Iterator[tuple[str, argparse.ArgumentParser]]:
 
 def test_every_subcommand_is_there() -> None:
     assert sorted(_subparsers(build_parser())) == sorted(COMMANDS)
-    assert set(DELEGATED) == {"convert", "bridge", "bench", "config", "prepare-model"}
+    assert set(DELEGATED) == {"convert", "bridge", "bench", "config", "prepare-model", "prune"}
 
 
 def test_every_flag_has_help() -> None:

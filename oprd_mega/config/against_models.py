@@ -7,7 +7,7 @@ from typing import Protocol
 
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.schema import TrainConfig
-from oprd_mega.distill.layers import layer_pairs, teacher_depth
+from oprd_mega.distill.layers import layer_pairs, source_layers, teacher_depth
 from oprd_mega.models.shapes import (
     PipelineSplit,
     ShapeProblem,
@@ -39,7 +39,9 @@ def check_models(
     distill = config.distillation
     pairs: list[tuple[int, int]] = []
     try:
-        pairs = layer_pairs(distill.layers, student.num_layers, teacher.num_layers)
+        pairs = layer_pairs(
+            distill.layers, student.num_layers, teacher.num_layers, source_layers(student, teacher)
+        )
     except ValueError as exc:
         layers = distill.layers if isinstance(distill.layers, str) else list(distill.layers)
         problems.append(
