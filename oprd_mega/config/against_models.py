@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.schema import TrainConfig
-from oprd_mega.distill.layers import layer_pairs, teacher_depth
-from oprd_mega.models.shapes import PipelineSplit, ShapeProblem, layers_per_stage, shape_problems
+from oprd_mega.distill.layers import layer_pairs, source_layers, teacher_depth
+from oprd_mega.models.shapes import (
+    PipelineSplit,
+    ShapeProblem,
+    layers_per_stage,
+    padded_vocab,
+    shape_problems,
+)
 
 
 class ModelShape(Protocol):
@@ -32,7 +39,9 @@ def check_models(
     distill = config.distillation
     pairs: list[tuple[int, int]] = []
     try:
-        pairs = layer_pairs(distill.layers, student.num_layers, teacher.num_layers)
+        pairs = layer_pairs(
+            distill.layers, student.num_layers, teacher.num_layers, source_layers(student, teacher)
+        )
     except ValueError as exc:
         layers = distill.layers if isinstance(distill.layers, str) else list(distill.layers)
         problems.append(
@@ -53,17 +62,9 @@ def check_models(
             f"distillation.method = {distill.method!r}: OPD needs one vocabulary, but the "
             f"student has {student.vocab_size} tokens and the teacher {teacher.vocab_size}"
         )
-    elif (
-        distill.opd_term is not None
-        and student.make_vocab_size_divisible_by != teacher.make_vocab_size_divisible_by
-    ):
-        problems.append(
-            f"student.make_vocab_size_divisible_by = {student.make_vocab_size_divisible_by} and "
-            f"teacher.make_vocab_size_divisible_by = {teacher.make_vocab_size_divisible_by}: "
-            "OPD splits both output layers alike over tensor-parallel ranks, so both vocabularies "
-            "need the same padding"
-        )
     layout = config.parallel
+    if distill.opd_term is not None and student.vocab_size == teacher.vocab_size:
+        problems += _opd_padding_problems(student, teacher, layout.tp, layout.teacher_layout().tp)
     student_keys = {"tp": "parallel.tp", "pp": "parallel.pp", "cp": "parallel.cp"}
     # A teacher size left unset is the student's: its problems name the key that set it.
     teacher_keys = {
@@ -100,6 +101,31 @@ def check_models(
     if problems:
         raise ConfigError(problems)
     return pairs
+
+
+def _opd_padding_problems(
+    student: ModelShape, teacher: ModelShape, tp: int, teacher_tp: int
+) -> list[str]:
+    """OPD splits both output layers alike over tensor-parallel ranks, so the student and the
+    teacher must hold one padded vocabulary at their TPs; the fix names one value for both."""
+    if tp < 1 or teacher_tp < 1:
+        return []  # named by the shape checks
+    ours = padded_vocab(student.vocab_size, student.make_vocab_size_divisible_by, tp)
+    theirs = padded_vocab(teacher.vocab_size, teacher.make_vocab_size_divisible_by, teacher_tp)
+    if ours == theirs:
+        return []
+    both = math.lcm(
+        student.make_vocab_size_divisible_by, teacher.make_vocab_size_divisible_by, tp, teacher_tp
+    )
+    return [
+        f"student.make_vocab_size_divisible_by = {student.make_vocab_size_divisible_by} and "
+        f"teacher.make_vocab_size_divisible_by = {teacher.make_vocab_size_divisible_by}: "
+        f"the student holds a vocabulary padded to {ours} rows at tp = {tp}, the teacher "
+        f"{theirs} at tp = {teacher_tp}; OPD splits both output layers alike over "
+        "tensor-parallel ranks, so both need one padding: set both keys to "
+        f"{both} (student.make_vocab_size_divisible_by={both} "
+        f"teacher.make_vocab_size_divisible_by={both})"
+    ]
 
 
 def _shape_message(

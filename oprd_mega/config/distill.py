@@ -137,7 +137,9 @@ class DistillationSection(Section):
     parallelism; elsewhere the teacher pass runs first, as with false."""
     layers: LayerSpec = "all"
     """Supervised student layers: last, all, even, odd (authors' parity) or a list of 1-based
-    layers (paper: all)."""
+    layers (paper: all). Each is paired with teacher layer phi(l) (first and last aligned),
+    or, for a student made by `oprd-mega prune` from a teacher this deep, with the teacher
+    layer it was copied from (recorded in its config.json)."""
     positions: Positions = PositionSpec()
     """Supervised response positions."""
     normalize: bool = False

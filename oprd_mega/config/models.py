@@ -40,10 +40,10 @@ class ModelSection(Section):
     SDPA attention) or ``auto`` (TE when it imports on CUDA, local otherwise). With TE, the fused
     RoPE and gradient-accumulation paths are on whenever their requirements hold."""
     make_vocab_size_divisible_by: int = Field(128, ge=1)
-    """Megatron pads the vocabulary with zero rows to a multiple of this (parallel.tp must
-    divide it); padding rows are never sampled, stay out of OPD and are dropped from weight
-    sync and export. Unlike Megatron-LM (this times TP) the padded size does not depend on TP,
-    so checkpoints load and resume at any TP."""
+    """Megatron pads the vocabulary with zero rows to a multiple of this; where the TP does not
+    divide that padded size, to a multiple of this x TP, as Megatron-LM pads. Padding rows are
+    never sampled, stay out of OPD and are dropped from weight sync and export; a checkpoint
+    stored with another padding loads at any TP (rows added or dropped, zero)."""
     pipeline_split: Split | None = None
     """Uneven pipeline stages set by hand: layers on the first and/or last stage, the stages
     between share the rest equally (at least one layer each). It counts the layers this model

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         "--make-vocab-size-divisible-by",
         type=int,
         default=128,
-        help="pad the vocabulary with zero rows to a multiple of this (TP must divide it)",
+        help="pad the vocabulary with zero rows to a multiple of this (128); the checkpoint "
+        "loads at any TP: where TP does not divide the padded size, the model pads to a "
+        "multiple of this x TP at load, as Megatron-LM does",
     )
     m2h = sub.add_parser("mcore-to-hf", help="Megatron torch_dist -> HF safetensors")
     m2h.add_argument("--mcore", required=True, help="Megatron checkpoint directory")

@@ -39,8 +39,9 @@ def hf_to_mcore(
     A tensor holding NaN or infinity stops the conversion (naming file and tensor, nothing
     written) unless ``allow_nonfinite``. The vocabulary is padded with zero rows to a multiple of
     ``make_vocab_size_divisible_by`` (recorded in the checkpoint). The result loads at any TP/PP
-    layout whose TP divides it. No model is built: the HF tensors are read, fused and saved one
-    layer at a time, so memory stays around one layer (or the embedding, if larger).
+    layout the heads allow (the loader re-pads the vocabulary for a TP that needs it). No model
+    is built: the HF tensors are read, fused and saved one layer at a time, so memory stays
+    around one layer (or the embedding, if larger).
     Under torchrun every rank takes part and rank 0 reads and writes.
     """
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)

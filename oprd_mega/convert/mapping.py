@@ -143,12 +143,13 @@ def _pad_vocab_rows(tensor: torch.Tensor, args: HFModelArgs) -> torch.Tensor:
 
 
 def _strip_vocab_rows(tensor: torch.Tensor, args: HFModelArgs, name: str) -> torch.Tensor:
-    """``[padded_vocab, ...]`` -> ``[vocab, ...]`` (the real rows only)."""
-    if tensor.shape[0] != args.padded_vocab_size:
+    """``[padded_vocab, ...]`` -> ``[vocab, ...]`` (the real rows only). A model built at a TP
+    that does not divide ``args.padded_vocab_size`` holds more rows (``HFModelArgs.at_tp``):
+    every row past the vocabulary is padding."""
+    if tensor.shape[0] < args.vocab_size:
         raise ValueError(
-            f"Megatron tensor {name}: {tensor.shape[0]} rows, expected the padded vocabulary "
-            f"{args.padded_vocab_size} ({args.vocab_size} tokens padded to a multiple of "
-            f"make_vocab_size_divisible_by={args.make_vocab_size_divisible_by})"
+            f"Megatron tensor {name}: {tensor.shape[0]} rows, fewer than the vocabulary's "
+            f"{args.vocab_size} tokens"
         )
     return tensor[: args.vocab_size]
 
@@ -180,8 +181,8 @@ def hf_to_mcore_state(
                 )
             tensors.append(tensor)
         full = _combine(rule, tensors, args)
-        if rule.vocab_rows:
-            full = _pad_vocab_rows(full, args)
+        if rule.vocab_rows:  # padded as a model built at this TP holds it
+            full = _pad_vocab_rows(full, args.at_tp(tp_size))
         out[_fill(rule.mcore, layer)] = layout.shard(rule.tp, full, tp_rank, tp_size)
     return out
 

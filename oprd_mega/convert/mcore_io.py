@@ -42,6 +42,8 @@ def _sharded_metadata() -> dict:
 
 
 FORMAT_FILE = "oprd_checkpoint.json"
+# The tensors with one row per token (padded vocabulary): canonical Megatron names.
+VOCAB_ROW_TENSORS = ("embedding.word_embeddings.weight", "output_layer.weight")
 FORMAT_VERSION = 1
 HF_SUBDIR = "hf"
 _TE_TO_LOCAL = {
@@ -216,6 +218,8 @@ def save_mcore_checkpoint(
     Everything is written into a temporary sibling folder, renamed at the end; a failure leaves
     nothing at ``directory``. ``hf_source``'s config and tokenizer files are kept in ``hf/``.
     """
+    # the padding as built: a model at a TP that needed a larger multiple stores that one
+    args = args.at_tp(unwrap(model).config.tensor_model_parallel_size)
     with checkpoint_in_temp_dir(directory, args, hf_source) as tmp:
         sharded = unwrap(model).sharded_state_dict(metadata=_sharded_metadata())
         dist_checkpointing.save(sharded, str(tmp), content_metadata=content_metadata())
@@ -250,21 +254,31 @@ def read_mcore_args(directory: str | Path) -> HFModelArgs:
 def load_mcore_checkpoint(model: torch.nn.Module, directory: str | Path) -> None:
     """Load a checkpoint into ``model`` at this process's TP/PP layout (Megatron reshards).
 
-    The checkpoint's padded vocabulary must be the model's: a different
-    ``make_vocab_size_divisible_by`` is refused by name, before Megatron's shape errors."""
+    The checkpoint may store another padded vocabulary than the model holds (a TP that needs a
+    larger multiple, see ``HFModelArgs.at_tp``, or another ``make_vocab_size_divisible_by``):
+    Megatron reads the rows both have (its embedding and output layer allow the shape mismatch)
+    and every row past the real vocabulary is then set to zero."""
     model = unwrap(model)
-    stored = read_mcore_args(directory).padded_vocab_size
+    stored_args = read_mcore_args(directory)
     built = getattr(model, "vocab_size", None)
-    if built is not None and stored != built:
-        raise CheckpointError(
-            f"{directory}: the checkpoint holds a vocabulary padded to {stored} rows, the model "
-            f"was built with {built}; set make_vocab_size_divisible_by as when it was saved "
-            f"(recorded in {Path(directory) / FORMAT_FILE})"
-        )
     sharded = model.sharded_state_dict(metadata=_sharded_metadata())
     state = dist_checkpointing.load(sharded, str(directory))
     state.pop("content_metadata", None)
     model.load_state_dict(state, strict=True)
+    if built is not None and built != stored_args.padded_vocab_size:
+        zero_padding_rows(model, stored_args.vocab_size)
+
+
+@torch.no_grad()
+def zero_padding_rows(model: torch.nn.Module, vocab_size: int) -> None:
+    """Set this rank's rows of the embedding and output layer past ``vocab_size`` to zero
+    (each TP rank holds an equal, contiguous share of the padded rows)."""
+    model = unwrap(model)
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, param in global_parameters(model).items():
+        if name in VOCAB_ROW_TENSORS:
+            first = tp_rank * param.shape[0]
+            param[max(vocab_size - first, 0) :].zero_()
 
 
 def check_family(args: HFModelArgs) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from fractions import Fraction
+from typing import Any
 
 LAYER_MODES = ("last", "all", "even", "odd")
 
@@ -74,13 +75,41 @@ def teacher_layer_for(student_layer: int, num_student_layers: int, num_teacher_l
 
 
 def layer_pairs(
-    spec: str | Sequence[int], num_student_layers: int, num_teacher_layers: int
+    spec: str | Sequence[int],
+    num_student_layers: int,
+    num_teacher_layers: int,
+    source_layers: Sequence[int] | None = None,
 ) -> list[tuple[int, int]]:
-    """``(student layer, teacher layer)`` for every supervised student layer, ascending."""
+    """``(student layer, teacher layer)`` for every supervised student layer, ascending.
+
+    ``source_layers``: a student pruned from this teacher (``oprd-mega prune``) pairs student
+    layer ``l`` with the teacher layer it was copied from, ``source_layers[l - 1]``; otherwise
+    :func:`teacher_layer_for`'s uniform map."""
+    if source_layers is not None:
+        if len(source_layers) != num_student_layers or not all(
+            1 <= t <= num_teacher_layers for t in source_layers
+        ):
+            raise ValueError(
+                f"layer map: {list(source_layers)} does not give one teacher layer in "
+                f"1..{num_teacher_layers} for each of the {num_student_layers} student layers"
+            )
+        return [
+            (layer, source_layers[layer - 1]) for layer in select_layers(spec, num_student_layers)
+        ]
     return [
         (layer, teacher_layer_for(layer, num_student_layers, num_teacher_layers))
         for layer in select_layers(spec, num_student_layers)
     ]
+
+
+def source_layers(student: Any, teacher: Any) -> tuple[int, ...] | None:
+    """The teacher layer each student layer was copied from, when the student was pruned
+    (``oprd-mega prune``) from a model as deep as this teacher; None otherwise (the uniform
+    map)."""
+    layer_map = getattr(student, "layer_map", None)
+    if layer_map is None or layer_map.source_num_layers != teacher.num_layers:
+        return None
+    return layer_map.source_layers
 
 
 def teacher_depth(

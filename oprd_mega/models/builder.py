@@ -147,7 +147,8 @@ def _build(
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(args, num_to_build, use_te),
-        vocab_size=args.padded_vocab_size,
+        # the padded vocabulary this TP splits evenly (checkpoints may store another padding)
+        vocab_size=args.at_tp(config.tensor_model_parallel_size).padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=post_process and parallel_state.is_pipeline_last_stage(),

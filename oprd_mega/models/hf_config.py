@@ -8,13 +8,13 @@ naming the field (and the file when read from disk).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from oprd_mega.errors import ConfigError, is_positive_int
 from oprd_mega.models.rope import RopeConfigError, RopeScaling, parse_rope
-from oprd_mega.models.shapes import PipelineSplit
+from oprd_mega.models.shapes import PipelineSplit, padded_vocab, vocab_multiple
 
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -35,6 +35,41 @@ _MUST_BE: tuple[tuple[tuple[str, ...], str, tuple[Any, ...]], ...] = (
 
 # transformers' defaults for fields a config.json may omit.
 _DEFAULTS = {"hidden_act": "silu"}
+
+
+# The key of config.json under which ``oprd-mega prune`` records the layers it kept.
+LAYER_MAP_KEY = "oprd_layer_map"
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """Which layers of its source a depth-pruned model kept: student layer ``l`` (1-based) is
+    the source's layer ``source_layers[l - 1]`` (1-based) of ``source_num_layers``."""
+
+    source_layers: tuple[int, ...]
+    source_num_layers: int
+
+    @classmethod
+    def parse(cls, value: Any, num_layers: int, where: str) -> LayerMap:
+        """Validate config.json's record: as many kept layers as the model has, ascending,
+        each within the source's depth."""
+        what = f"{where}: {LAYER_MAP_KEY}"
+        if not isinstance(value, dict):
+            raise ConfigError(f"{what} must be an object, got {value!r}")
+        layers, depth = value.get("source_layers"), value.get("source_num_layers")
+        if not is_positive_int(depth):
+            raise ConfigError(f"{what}.source_num_layers must be a positive integer, got {depth!r}")
+        if (
+            not isinstance(layers, list)
+            or len(layers) != num_layers
+            or not all(is_positive_int(n) and n <= depth for n in layers)
+            or layers != sorted(set(layers))
+        ):
+            raise ConfigError(
+                f"{what}.source_layers must list {num_layers} ascending layer numbers in "
+                f"1..{depth} (one per layer of this model), got {layers!r}"
+            )
+        return cls(tuple(layers), depth)
 
 
 @dataclass(frozen=True)
@@ -60,6 +95,9 @@ class HFModelArgs:
     # Layers on the first/last pipeline stage when set by hand (the config's
     # <model>.pipeline_split); None: chosen by oprd_mega.models.shapes.pipeline_split.
     pipeline_split: PipelineSplit | None = None
+    # A model made by ``oprd-mega prune``: the layers of its source it kept (config.json's
+    # LAYER_MAP_KEY); None for any other model.
+    layer_map: LayerMap | None = None
 
     def __post_init__(self) -> None:
         if self.make_vocab_size_divisible_by < 1:
@@ -71,9 +109,21 @@ class HFModelArgs:
     @property
     def padded_vocab_size(self) -> int:
         """The Megatron vocabulary: ``vocab_size`` rounded up to a multiple of
-        ``make_vocab_size_divisible_by`` (independent of TP, so checkpoints reshard freely)."""
-        divisor = self.make_vocab_size_divisible_by
-        return -(-self.vocab_size // divisor) * divisor
+        ``make_vocab_size_divisible_by`` (the rows a checkpoint stores; a model built at a TP
+        that does not divide it has :meth:`at_tp`'s rows instead)."""
+        return padded_vocab(self.vocab_size, self.make_vocab_size_divisible_by)
+
+    def at_tp(self, tp: int) -> HFModelArgs:
+        """These arguments as a model built over ``tp`` tensor-parallel ranks holds them: the
+        divisor becomes :func:`~oprd_mega.models.shapes.vocab_multiple` (``x tp`` where ``tp``
+        does not divide :attr:`padded_vocab_size`, as Megatron-LM pads). The padding rows are
+        zeros, added or dropped when a checkpoint stored with another padding loads
+        (:func:`oprd_mega.convert.mcore_io.load_mcore_checkpoint`)."""
+        try:
+            multiple = vocab_multiple(self.vocab_size, self.make_vocab_size_divisible_by, tp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        return replace(self, make_vocab_size_divisible_by=multiple)
 
     @property
     def qkv_bias(self) -> bool:
@@ -98,6 +148,7 @@ class HFModelArgs:
         # layout choices, not architecture (checkpoints record the padding beside the model)
         data.pop("make_vocab_size_divisible_by")
         data.pop("pipeline_split")
+        data.pop("layer_map")
         if self.rope.rope_type == "default":
             data.pop("rope_scaling")
         return data
@@ -155,12 +206,16 @@ def parse_hf_config(config: dict[str, Any], where: str = "config.json") -> HFMod
         head_dim = hidden // heads
     dtype = config.get("dtype", config.get("torch_dtype"))
     rope = _rope(config, where)
+    num_layers = _require_int(config, "num_hidden_layers", where)
+    layer_map = config.get(LAYER_MAP_KEY)
+    if layer_map is not None:
+        layer_map = LayerMap.parse(layer_map, num_layers, where)
     return HFModelArgs(
         family=family,
         vocab_size=_require_int(config, "vocab_size", where),
         hidden_size=hidden,
         intermediate_size=_require_int(config, "intermediate_size", where),
-        num_layers=_require_int(config, "num_hidden_layers", where),
+        num_layers=num_layers,
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=_require_int({"head_dim": head_dim}, "head_dim", where),
@@ -171,6 +226,7 @@ def parse_hf_config(config: dict[str, Any], where: str = "config.json") -> HFMod
         initializer_range=float(config.get("initializer_range", 0.02)),
         dtype=dtype if isinstance(dtype, str) else None,
         rope_scaling=rope,
+        layer_map=layer_map,
     )
 
 

@@ -1,18 +1,19 @@
 """The one rule for how a model's shapes split over tensor, pipeline and context parallelism.
 
 Megatron needs the tensor-parallel size to divide the attention heads, the KV heads (query
-groups), the FFN width and the vocabulary (``VocabParallelEmbedding`` splits it evenly), and
-every pipeline stage to hold at least one layer, the stages between the first and the last
+groups), the FFN width and the padded vocabulary (``VocabParallelEmbedding`` splits it evenly),
+and every pipeline stage to hold at least one layer, the stages between the first and the last
 equally many (an uneven split is chosen automatically, or set by hand as a
 :class:`PipelineSplit`). Context parallelism splits every sequence into ``2 x cp`` equal chunks
 (two per rank, load-balanced for causal attention); with sequence parallelism each rank's ``2``
 chunks split again over ``tp``, so a padded sequence length must be a multiple of
-:func:`sequence_multiple`. The vocabulary is padded to a multiple of
-``make_vocab_size_divisible_by`` alone (not times TP as in Megatron-LM, so the padded size, and
-with it every checkpoint, is the same at every TP); TP must divide that multiple. The config
-checks, the model builder and the bridge builder all ask :func:`shape_problems`; each names the
-knob in its own words (the dotted config key, the command-line flag), so a layout that one
-accepts the others accept too.
+:func:`sequence_multiple`. The vocabulary never limits TP: it is padded to a multiple of
+``make_vocab_size_divisible_by``, and where TP does not divide that, to a multiple of
+``make_vocab_size_divisible_by x tp`` as in Megatron-LM (``HFModelArgs.at_tp``); a checkpoint
+loads at any TP, the loader adding or dropping zero rows. The config checks, the model builder
+and the bridge builder all ask :func:`shape_problems`; each names the knob in its own words
+(the dotted config key, the command-line flag), so a layout that one accepts the others accept
+too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any, Literal, Protocol
 from oprd_mega.errors import is_positive_int
 
 TP_DIVIDES = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-VOCAB_DIVISOR = "make_vocab_size_divisible_by"
 # The unpadded vocabulary a built model carries (oprd_mega.models.builder sets it): ids at or
 # above it are padding rows, never sampled and kept out of every softmax (OPD, the weight-sync
 # probe, verify).
@@ -67,7 +67,6 @@ class ModelShape(Protocol):
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
-    make_vocab_size_divisible_by: int
     num_layers: int
     pipeline_split: PipelineSplit | None
 
@@ -148,6 +147,29 @@ def layers_per_stage(num_layers: int, pp: int, split: PipelineSplit | None = Non
     return ([first] if first is not None else []) + middle + ([last] if last is not None else [])
 
 
+def vocab_multiple(vocab_size: int, divisor: int, tp: int = 1) -> int:
+    """What a vocabulary of ``vocab_size`` tokens is padded to a multiple of at ``tp``:
+    ``divisor`` (``make_vocab_size_divisible_by``) where ``tp`` divides that padding, otherwise
+    ``divisor x tp`` as Megatron-LM pads, so every tensor-parallel rank holds an equal share."""
+    if tp < 1 or divisor < 1:
+        raise ValueError(f"tp ({tp}) and the vocabulary divisor ({divisor}) must be positive")
+    return divisor if padded_vocab(vocab_size, divisor) % tp == 0 else divisor * tp
+
+
+def padded_vocab(vocab_size: int, divisor: int, tp: int = 1) -> int:
+    """``vocab_size`` rounded up to a multiple of :func:`vocab_multiple` (rows of the embedding
+    and the output layer a model built at ``tp`` holds)."""
+    multiple = divisor if tp == 1 else vocab_multiple(vocab_size, divisor, tp)
+    return -(-vocab_size // multiple) * multiple
+
+
+def tp_sizes(model: ModelShape, limit: int = 64) -> list[int]:
+    """Every tensor-parallel size up to ``limit`` that the model's heads, KV heads and FFN width
+    allow (the vocabulary is padded to fit any)."""
+    counts = [getattr(model, field) for field in TP_DIVIDES]
+    return [tp for tp in range(1, limit + 1) if all(count % tp == 0 for count in counts)]
+
+
 def sequence_multiple(*, tp: int = 1, cp: int = 1, sp: bool = False) -> int:
     """What every padded sequence length must be a multiple of: ``2 * cp`` chunks under context
     parallelism, each rank's ``s / cp`` tokens split over ``tp`` under sequence parallelism."""
@@ -189,20 +211,18 @@ def shape_problems(
                     f"{what} ({length}) must be a multiple of {multiple} ({chunks})",
                 )
             )
+    allowed = ", ".join(str(size) for size in tp_sizes(model))
     for field in TP_DIVIDES:
         count = getattr(model, field)
         if tp < 1 or count % tp:
-            problems.append(ShapeProblem("tp", tp, f"must divide the {name}'s {field} ({count})"))
-    divisor = model.make_vocab_size_divisible_by
-    if tp < 1 or divisor % tp:
-        problems.append(
-            ShapeProblem(
-                "tp",
-                tp,
-                f"must divide {name}.{VOCAB_DIVISOR} ({divisor}): the vocabulary is padded to "
-                "a multiple of it and split evenly over tensor-parallel ranks",
+            problems.append(
+                ShapeProblem(
+                    "tp",
+                    tp,
+                    f"must divide the {name}'s {field} ({count}); the tensor-parallel sizes "
+                    f"the {name} allows: {allowed}",
+                )
             )
-        )
     depth = model.num_layers if num_layers is None else num_layers
     if pp < 1 or pp > depth:
         problems.append(

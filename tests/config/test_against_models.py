@@ -68,10 +68,10 @@ def test_the_teacher_is_truncated_at_the_deepest_tap() -> None:
         check_models(config, _model(2, 64), _model(4, 64))
 
 
-def test_tensor_parallel_size_must_divide_ffn_width_and_vocabulary_padding() -> None:
+def test_tensor_parallel_size_must_divide_ffn_width_never_the_vocabulary() -> None:
     """The config check applies the builder's full rule (it used to check heads only, and a TP
     not dividing intermediate_size failed after the rollout servers had started). The vocabulary
-    is padded, so an odd vocabulary fits; TP must divide the padding multiple."""
+    is padded for the TP, so an odd vocabulary or padding multiple always fits."""
     student = replace(_model(4, 64, heads=8, kv=4, vocab=517), intermediate_size=250)
     with pytest.raises(ConfigError) as info:
         check_models(minimal("parallel.tp=4"), student, _model(4, 64))
@@ -81,13 +81,10 @@ def test_tensor_parallel_size_must_divide_ffn_width_and_vocabulary_padding() -> 
     fitting = replace(student, intermediate_size=256)
     check_models(minimal("parallel.tp=4"), fitting, fitting)
     padded = replace(fitting, make_vocab_size_divisible_by=6)
-    with pytest.raises(ConfigError) as info:
-        check_models(minimal("parallel.tp=4"), padded, _model(4, 64))
-    (problem,) = info.value.problems
-    assert problem.startswith("parallel.tp = 4: must divide student.make_vocab_size_divisible_by")
+    check_models(minimal("parallel.tp=4"), padded, _model(4, 64))
 
 
-def test_opd_needs_one_vocabulary_padding() -> None:
+def test_opd_needs_one_vocabulary_padding_at_both_tensor_parallel_sizes() -> None:
     config = minimal("distillation.method=opd-top1")
     student, teacher = _model(4, 64, vocab=517), _model(4, 64, vocab=517)
     check_models(config, student, teacher)
@@ -96,6 +93,31 @@ def test_opd_needs_one_vocabulary_padding() -> None:
     (problem,) = info.value.problems
     assert problem.startswith(
         "student.make_vocab_size_divisible_by = 128 and teacher.make_vocab_size_divisible_by = 64"
+        ": the student holds a vocabulary padded to 640 rows at tp = 1, the teacher 576"
+    )
+    assert problem.endswith(
+        "set both keys to 128 (student.make_vocab_size_divisible_by=128 "
+        "teacher.make_vocab_size_divisible_by=128)"
+    )
+    # at TP3 the student needs 768 rows (a multiple of 128 x 3), the teacher at TP1 holds 640:
+    # the message names one value for both keys that fits both sizes
+    odd_heads = _model(4, 96, heads=6, kv=3, vocab=517)
+    tp3 = ("distillation.method=opd-top1", "parallel.tp=3", "parallel.teacher.tp=1")
+    with pytest.raises(ConfigError) as info:
+        check_models(minimal(*tp3), odd_heads, odd_heads)
+    (problem,) = info.value.problems
+    assert "padded to 768 rows at tp = 3, the teacher 640 at tp = 1" in problem
+    assert problem.endswith(
+        "set both keys to 384 (student.make_vocab_size_divisible_by=384 "
+        "teacher.make_vocab_size_divisible_by=384)"
+    )
+    both = {"make_vocab_size_divisible_by": 384}
+    check_models(minimal(*tp3), replace(odd_heads, **both), replace(odd_heads, **both))
+    # 640 rows split over 2 and 4 alike: a teacher at TP1 and a student at TP2 agree
+    check_models(
+        minimal("distillation.method=opd-top1", "parallel.teacher.tp=1", "parallel.tp=2"),
+        student,
+        teacher,
     )
 
 

@@ -63,12 +63,14 @@ def test_teacher_shapes_are_checked_at_the_teacher_layout_and_name_its_keys() ->
     with pytest.raises(ConfigError) as info:  # 6 KV heads do not split over 4
         check_models(minimal(full, "parallel.tp=4"), student, teacher)
     assert info.value.problems == [
-        "parallel.tp = 4: must divide the teacher's num_key_value_heads (6)"
+        "parallel.tp = 4: must divide the teacher's num_key_value_heads (6); the "
+        "tensor-parallel sizes the teacher allows: 1, 2, 3, 6"
     ]
     with pytest.raises(ConfigError) as info:
         check_models(minimal(full, "parallel.teacher.tp=4"), student, teacher)
     assert info.value.problems == [
-        "parallel.teacher.tp = 4: must divide the teacher's num_key_value_heads (6)"
+        "parallel.teacher.tp = 4: must divide the teacher's num_key_value_heads (6); the "
+        "tensor-parallel sizes the teacher allows: 1, 2, 3, 6"
     ]
     shallow = replace(teacher, num_layers=2)  # student layers 1, 2 -> teacher layer 1
     with pytest.raises(ConfigError) as info:

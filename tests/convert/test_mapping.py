@@ -80,8 +80,9 @@ def test_tied_models_have_no_output_layer_rule(hf_model) -> None:
 
 
 def test_vocabulary_rows_are_padded_with_zeros_and_stripped_again(hf_model) -> None:
-    """1000 tokens: 1024 Megatron rows (512 per TP2 shard), the last 24 zero; the HF side keeps
-    1000 rows, and a Megatron tensor of another row count is refused naming it."""
+    """1000 tokens: 1024 Megatron rows (512 per TP2 shard), the last 24 zero; at TP3, which
+    does not divide 1024, 1152 rows (384 per shard, a multiple of 128 x 3); the HF side keeps
+    1000 rows from either, and a Megatron tensor short of the vocabulary is refused naming it."""
     args, tensors = hf_model
     assert args.padded_vocab_size == 1024
     shards = [hf_to_mcore_state(args, tensors, None, tp_rank=r, tp_size=2) for r in range(2)]
@@ -93,6 +94,13 @@ def test_vocabulary_rows_are_padded_with_zeros_and_stripped_again(hf_model) -> N
     full = {name: torch.cat([s[name] for s in shards]) for name in shards[0]}
     for name, hf in hf_name.items():
         assert torch.equal(full[name][:1000], tensors[hf])
-    full["output_layer.weight"] = full["output_layer.weight"][:1000]
-    with pytest.raises(ValueError, match="Megatron tensor output_layer.weight: 1000 rows"):
+    thirds = [hf_to_mcore_state(args, tensors, None, tp_rank=r, tp_size=3) for r in range(3)]
+    for name, hf in hf_name.items():
+        assert [tuple(s[name].shape) for s in thirds] == [(384, args.hidden_size)] * 3
+        joined = torch.cat([s[name] for s in thirds])
+        assert torch.equal(joined[:1000], tensors[hf]) and torch.count_nonzero(joined[1000:]) == 0
+        exported = mcore_to_hf_state(args, {**full, name: [s[name] for s in thirds]}, None)
+        assert torch.equal(exported[hf], tensors[hf])
+    full["output_layer.weight"] = full["output_layer.weight"][:999]
+    with pytest.raises(ValueError, match="Megatron tensor output_layer.weight: 999 rows, fewer"):
         mcore_to_hf_state(args, full, None)

@@ -10,10 +10,13 @@ from oprd_mega.models.shapes import (
     TP_DIVIDES,
     PipelineSplit,
     layers_per_stage,
+    padded_vocab,
     pipeline_split,
     sequence_multiple,
     shape_problems,
     split_problem,
+    tp_sizes,
+    vocab_multiple,
 )
 
 
@@ -142,21 +145,65 @@ def test_pipeline_depth_counts_only_the_layers_that_run() -> None:
     assert "the teacher runs 3 layer(s)" in problem.detail
 
 
-def test_the_vocabulary_is_padded_to_the_multiple_alone_and_tp_must_divide_it() -> None:
-    """Padded sizes as the issue states them, the same at every TP (so checkpoints reshard)."""
+def test_the_vocabulary_is_padded_to_the_multiple_and_never_limits_tp() -> None:
+    """Padded sizes at TP1 as the issue states them; at a TP that does not divide that padding,
+    Megatron-LM's multiple of ``divisible_by x tp``; TP is never refused for the vocabulary."""
     for vocab, padded in [(151_936, 151_936), (50_257, 50_304), (32_001, 32_128), (517, 640)]:
         assert _model(vocab_size=vocab).padded_vocab_size == padded
-        for tp in (1, 2, 4, 8):
-            wide = _model(vocab_size=vocab, num_key_value_heads=8)
+        assert padded_vocab(vocab, 128) == padded
+        for tp in (1, 2, 3, 4, 6, 8):
+            wide = _model(
+                vocab_size=vocab,
+                num_attention_heads=24,
+                num_key_value_heads=24,
+                intermediate_size=240,
+            )
             assert shape_problems(wide, tp=tp, pp=1) == []
+    # the issue's figures: SmolLM2's 49,152 tokens split over 3 as they are; Qwen's 151,936
+    # need 152,064 rows at TP3 (a multiple of 128 x 3, Megatron-LM's _vocab_size_with_padding)
+    assert _model(vocab_size=49_152).at_tp(3).padded_vocab_size == 49_152
+    assert _model(vocab_size=151_936).at_tp(3).padded_vocab_size == 152_064
+    assert _model(vocab_size=517).at_tp(3).padded_vocab_size == 768
+    assert _model(vocab_size=517).at_tp(3).make_vocab_size_divisible_by == 384
+    assert _model(vocab_size=517).at_tp(4) == _model(vocab_size=517)  # 640 splits over 4
     assert _model(vocab_size=517, make_vocab_size_divisible_by=1).padded_vocab_size == 517
     odd = _model(vocab_size=517, make_vocab_size_divisible_by=3)
     assert odd.padded_vocab_size == 519
-    (problem,) = shape_problems(odd, tp=2, pp=1, name="student")
-    assert (problem.knob, problem.value) == ("tp", 2)
-    assert problem.detail.startswith("must divide student.make_vocab_size_divisible_by (3)")
+    assert shape_problems(odd, tp=2, pp=1, name="student") == []
+    assert odd.at_tp(2).padded_vocab_size == 522
     with pytest.raises(ValueError, match="make_vocab_size_divisible_by must be a positive"):
         _model(make_vocab_size_divisible_by=0)
+
+
+@pytest.mark.parametrize("vocab", [1, 2, 517, 1000, 32_001, 49_152, 151_936])
+@pytest.mark.parametrize("divisor", [1, 3, 64, 128])
+@pytest.mark.parametrize("tp", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_padded_vocabulary_splits_evenly_and_adds_less_than_one_multiple(
+    vocab: int, divisor: int, tp: int
+) -> None:
+    """Brute force against the definition: the least multiple of the chosen multiple that holds
+    the vocabulary, divisible by tp, equal to the TP-free padding where tp divides that."""
+    multiple = vocab_multiple(vocab, divisor, tp)
+    padded = padded_vocab(vocab, divisor, tp)
+    least = next(n for n in range(vocab, vocab + multiple + 1) if n % multiple == 0)
+    assert padded == least and padded % tp == 0
+    free = padded_vocab(vocab, divisor)
+    assert (padded, multiple) == ((free, divisor) if free % tp == 0 else (padded, divisor * tp))
+
+
+def test_a_head_count_tp_cannot_split_names_the_numbers_and_the_sizes_allowed() -> None:
+    """SmolLM2-135M: 9 heads, 3 KV heads, FFN 1536: TP 1 and 3 only."""
+    smol = _model(
+        num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536, vocab_size=49_152
+    )
+    assert tp_sizes(smol) == [1, 3]
+    assert shape_problems(smol, tp=3, pp=1) == []
+    problems = shape_problems(smol, tp=2, pp=1, name="student")
+    assert [p.detail for p in problems] == [
+        f"must divide the student's {field} ({count}); the tensor-parallel sizes the student "
+        "allows: 1, 3"
+        for field, count in (("num_attention_heads", 9), ("num_key_value_heads", 3))
+    ]
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])

@@ -4,7 +4,7 @@ Usage: parity_worker.py WORKDIR PLAN_JSON. Writes WORKDIR/results.json on rank 0
 PLAN_JSON: [{"family": ..., "tied": bool, "layouts": [[tp, pp, sp], ...], "extra": bool}, ...]
 a layout may add a hand-set pipeline split: [tp, pp, sp, {"first": a, "last": b}];
 optional per item: "name", "dtype", "config" (make_tiny_model overrides, e.g. shapes and rope),
-"padding" (check the stored padded vocabulary: zero rows, recorded size, a mismatch refused),
+"padding" (check the stored padded vocabulary: zero rows, recorded size, another padding loads),
 "split_checks" (gather and save at the last layout's hand-set split, see split_checks).
 """
 
@@ -66,11 +66,12 @@ tick.last = __import__("time").monotonic()
 def padding_checks(base: Path, args) -> dict:
     """What the converted checkpoint holds beyond the real vocabulary, read without the mapping:
     the stored rows, the padding rows' values, the recorded size; and that a model built with
-    another padding is refused by name (at TP2: the checkpoint was converted without a TP)."""
+    another padding (64: 576 rows, at TP2) loads it with the real rows and zero padding."""
     from megatron.core import dist_checkpointing
 
     from oprd_mega.convert.mcore_io import (
         FORMAT_FILE,
+        VOCAB_ROW_TENSORS,
         load_mcore_checkpoint,
         read_checkpoint_layers,
     )
@@ -84,18 +85,23 @@ def padding_checks(base: Path, args) -> dict:
     rows = {
         name: [int(tensor.shape[0]), bool(torch.count_nonzero(tensor[vocab:]) == 0)]
         for name, tensor in tensors.items()
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight")
+        if name in VOCAB_ROW_TENSORS
     }
     recorded = json.loads((base / "mcore" / FORMAT_FILE).read_text())["padded_vocab_size"]
     use_layout(ParallelLayout(tp=2))
     other = build_gpt_model(replace(args, make_vocab_size_divisible_by=64))
-    try:
-        load_mcore_checkpoint(other, base / "mcore")
-        refused = ""
-    except ValueError as exc:
-        refused = str(exc)
+    load_mcore_checkpoint(other, base / "mcore")
+    tp_rank = dist.get_rank() % 2
+    fits = True
+    for name, param in params_of(other).items():
+        if name in VOCAB_ROW_TENSORS:
+            first = tp_rank * param.shape[0]
+            real = max(min(vocab - first, param.shape[0]), 0)
+            fits = fits and param.shape[0] == 288
+            fits = fits and torch.equal(param[:real], tensors[name][first : first + real])
+            fits = fits and bool(torch.count_nonzero(param[real:]) == 0)
     stored = list(metadata["embedding.word_embeddings.weight"].global_shape)
-    return {"rows": rows, "recorded": recorded, "stored": stored, "refused": refused}
+    return {"rows": rows, "recorded": recorded, "stored": stored, "repadded": all_ranks_true(fits)}
 
 
 def layout_name(layout, split) -> str:

@@ -1,8 +1,10 @@
 """torchrun worker (4 processes): one distillation step at several layouts vs a float64 oracle.
 
 Usage: step_worker.py WORKDIR PLAN_JSON; rank 0 writes WORKDIR/results.json.
-PLAN_JSON: {"cases": [...], "models": {name: {"family", "tied", "config"}}} (models optional:
-extra model directories, used by a case's "student" / "teacher"). A layout is [tp, pp, sp], or
+PLAN_JSON: {"cases": [...], "models": {name: {"family", "tied", "config"}}, "dirs": {name:
+path}} (models and dirs optional: extra model directories, made here or elsewhere, used by a
+case's "student" / "teacher"; a student made by ``oprd-mega prune`` pairs with its source
+layers). A layout is [tp, pp, sp], or
 [tp, pp, sp, {"student": {"first": a, "last": b}, "teacher": {...}}] with hand-set splits.
 
 The oracle runs the transformers versions of the same student and teacher in float64 and
@@ -94,6 +96,16 @@ def phi(layer: int, n_student: int, n_teacher: int) -> int:
     return int((layer - 1) * (n_teacher - 1) / (n_student - 1) + 0.5) + 1
 
 
+def paired(work: Path, case: dict, layer: int, n_student: int, n_teacher: int) -> int:
+    """The teacher layer of a student layer: the source layer recorded by ``oprd-mega prune``
+    in the student's config.json (read here directly) when the teacher is that deep, else phi."""
+    config = json.loads((work / case.get("student", "student") / "config.json").read_text())
+    record = config.get("oprd_layer_map")
+    if record is not None and record["source_num_layers"] == n_teacher:
+        return record["source_layers"][layer - 1]
+    return phi(layer, n_student, n_teacher)
+
+
 def projection_init(case: dict, layer: int, d_s: int, d_t: int) -> torch.Tensor:
     """The documented seeded init of a ``full`` map (d_T x d_S, std 1/sqrt(d_S))."""
     key = layer if case["per_layer"] else 0
@@ -105,9 +117,14 @@ def oracle(case: dict, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     def load(name):
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             str(work / name), dtype=torch.float64, attn_implementation="eager"
         )
+        # transformers builds the embedding with padding_idx=pad_token_id, whose row never
+        # gets a gradient; the loss has no such rule (SmolLM2's pad token is its EOS, a real
+        # token of every response), and Megatron's embedding updates every row
+        model.model.embed_tokens.padding_idx = None
+        return model
 
     student = load(case.get("student", "student"))
     teacher = load(case.get("teacher", "teacher")).eval()
@@ -158,16 +175,16 @@ def oracle(case: dict, work: Path) -> dict:
                     hs = (0.5 * pre * (1 + torch.erf(pre / 2**0.5))) @ w_out.T
                 else:
                     hs = s_hidden[layer][supervised] @ p_s.double().T
-                ht = (t_hidden[phi(layer, n_s, n_t)][supervised] - mu_t) @ p_t.T
+                ht = (t_hidden[paired(work, case, layer, n_s, n_t)][supervised] - mu_t) @ p_t.T
             elif case["projection"] == "identity":
                 hs = s_hidden[layer][supervised]
-                ht = t_hidden[phi(layer, n_s, n_t)][supervised]
+                ht = t_hidden[paired(work, case, layer, n_s, n_t)][supervised]
             else:
                 key = layer if case["per_layer"] else 0
                 if key not in maps:
                     maps[key] = projection_init(case, layer, d_s, d_t).double().requires_grad_()
                 hs = s_hidden[layer][supervised] @ maps[key].T
-                ht = t_hidden[phi(layer, n_s, n_t)][supervised]
+                ht = t_hidden[paired(work, case, layer, n_s, n_t)][supervised]
             if case["normalize"]:
                 hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
             per_token = ((hs - ht) ** 2).sum(-1) / ht.shape[-1]
@@ -316,7 +333,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.convert.mcore_io import global_parameters, load_hf_weights
     from oprd_mega.distill.batch import make_microbatch, make_packed_microbatch
     from oprd_mega.distill.build import build_step, build_teacher
-    from oprd_mega.distill.layers import layer_pairs
+    from oprd_mega.distill.layers import layer_pairs, source_layers
     from oprd_mega.distill.options import OptimizerOptions
     from oprd_mega.distill.positions import PositionSpec
     from oprd_mega.distill.projection import PROJECTION_ATTR, ProjectionSpec, is_projection_param
@@ -339,7 +356,9 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         replace(load_hf_config(work / case.get(k, k)), pipeline_split=splits.get(k))
         for k in ("student", "teacher")
     )
-    pairs = layer_pairs(case["layers"], s_args.num_layers, t_args.num_layers)
+    pairs = layer_pairs(
+        case["layers"], s_args.num_layers, t_args.num_layers, source_layers(s_args, t_args)
+    )
     recompute = RecomputeOptions(**case.get("recompute", {}))
     student = build_gpt_model(s_args, sequence_parallel=sp, recompute=recompute)
     load_hf_weights(student, s_args, HFCheckpointReader(work / case.get("student", "student")))
@@ -684,6 +703,8 @@ def main() -> None:
         make_tiny_model("llama", work / "teacher", seed=2, **COMMON, **TEACHER)
         same_width = {**TEACHER, "hidden_size": 32, "head_dim": 8}
         make_tiny_model("llama", work / "teacher32", seed=3, **COMMON, **same_width)
+        for name, path in plan.get("dirs", {}).items():  # model directories made elsewhere
+            (work / name).symlink_to(path, target_is_directory=True)
         for seed, (name, spec) in enumerate(plan.get("models", {}).items(), start=4):
             make_tiny_model(
                 spec["family"], work / name, tied=spec["tied"], seed=seed, **spec["config"]
