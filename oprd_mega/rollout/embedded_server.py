@@ -81,6 +81,8 @@ class ServerConfig:
     seed: int | None = None
     weight_version: str = "default"
     batch_wait_s: float = 0.005
+    # False: a new request starts only when the running batch has ended (for benchmarks).
+    continuous_batching: bool = True
     request_timeout_s: float = 3600.0
     # Bounds of one /generate request: samples per prompt, sequences in all, top log-probs.
     max_n: int = 1024
@@ -225,6 +227,7 @@ class EmbeddedServer:
             seed=config.seed,
             weight_version=config.weight_version,
             batch_wait_s=config.batch_wait_s,
+            continuous=config.continuous_batching,
         )
         handler = type("Handler", (_Handler,), {"server_state": self})
         self.httpd = _HTTPServer((config.host, config.port), handler)

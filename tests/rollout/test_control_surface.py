@@ -158,6 +158,13 @@ def fresh_server(tiny_model_dir):
         yield paced(srv)
 
 
+@pytest.fixture
+def one_slot_server(tiny_model_dir):
+    """A paced server that decodes one sequence at a time, so a second one waits."""
+    with EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0, seed=5, max_batch_size=1)) as srv:
+        yield paced(srv)
+
+
 @pytest.fixture(scope="module")
 def other_model(other_model_dir):
     from transformers import AutoModelForCausalLM
@@ -169,12 +176,12 @@ def other_model(other_model_dir):
 
 
 def test_abort_all_ends_running_and_queued_requests_keeping_their_tokens(
-    fresh_server, reference_model, schema
+    one_slot_server, reference_model, schema
 ):
-    url = fresh_server.url
+    url = one_slot_server.url
     running = start(url, long_body("a", sampling_seed=3))
-    wait_generated(fresh_server, 3, 2)
-    queued = start(url, long_body("b"))  # waits: the running batch holds the engine
+    wait_generated(one_slot_server, 3, 2)
+    queued = start(url, long_body("b"))  # waits: the one batch slot is taken
     wait_until(lambda: loads(url)["num_waiting_reqs"] == 1)
     body = {"abort_all": True}
     schema.AbortRequest.from_json_value(body)
@@ -201,14 +208,14 @@ def test_abort_by_rid_matches_its_samples_only(fresh_server, schema):
     wait_generated(fresh_server, 6, 2)  # two sequences of 3 prompt tokens
     post(url, "/abort_request", {"rid": "nothing"})  # no such request: no effect
     post(url, "/abort_request", {"rid": ""})  # SGLang ignores an empty rid without abort_all
-    other = start(url, long_body("keep", max_new_tokens=4))
-    wait_until(lambda: loads(url)["num_waiting_reqs"] == 1)
+    other = start(url, long_body("keep", max_new_tokens=40))
+    wait_until(lambda: fresh_server.engine.load()["num_running_reqs"] == 3)  # joined the batch
     post(url, "/abort_request", {"rid": "grp"})  # SGLang names n samples rid_k; prefix match
     answers = group.result(timeout=60)
     assert [a["meta_info"]["id"] for a in answers] == ["grp_0", "grp_1"]
     assert all(a["meta_info"]["finish_reason"]["type"] == "abort" for a in answers)
     kept = other.result(timeout=60)
-    assert kept["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+    assert kept["meta_info"]["finish_reason"] == {"type": "length", "length": 40}
     schema.GenerateResponse.from_json_value(kept)
 
 

@@ -155,7 +155,7 @@ def test_concurrent_requests_are_batched_and_agree(server):
     for i, out in enumerate(results):
         assert out["output_ids"] == alone[i % 4]
     assert after["sequences"] - before["sequences"] == 16
-    # 16 single-sequence requests decoded in fewer than 16 batches: some shared a batch.
+    # 16 single-sequence requests prefilled in fewer than 16 batches: some shared a batch.
     assert after["batches"] - before["batches"] < 16
 
 
