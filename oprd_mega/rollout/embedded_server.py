@@ -83,6 +83,8 @@ class ServerConfig:
     batch_wait_s: float = 0.005
     # False: a new request starts only when the running batch has ended (for benchmarks).
     continuous_batching: bool = True
+    # SGLang's --enable-memory-saver: /release_memory_occupation really frees the weights.
+    enable_memory_saver: bool = False
     request_timeout_s: float = 3600.0
     # Bounds of one /generate request: samples per prompt, sequences in all, top log-probs.
     max_n: int = 1024
@@ -228,6 +230,7 @@ class EmbeddedServer:
             weight_version=config.weight_version,
             batch_wait_s=config.batch_wait_s,
             continuous=config.continuous_batching,
+            memory_saver=config.enable_memory_saver,
         )
         handler = type("Handler", (_Handler,), {"server_state": self})
         self.httpd = _HTTPServer((config.host, config.port), handler)
@@ -328,11 +331,11 @@ class EmbeddedServer:
             "nnodes": 1,
             "node_rank": 0,
             "enable_dp_attention": False,
-            "enable_memory_saver": True,  # release/resume_memory_occupation are served
+            "enable_memory_saver": self.engine.memory_saver,
             "device": "cpu",
             "base_gpu_id": 0,
             "dtype": self.config.dtype,
-            "random_seed": self.config.seed,
+            "random_seed": self.engine.seed,  # the one drawn when none was given
             "max_running_requests": self.engine.max_batch_size,
             "context_length": self.engine.max_context,
             "disaggregation_mode": "null",
@@ -457,13 +460,19 @@ class EmbeddedServer:
 
     def release_memory(self, body: dict[str, Any]) -> None:
         tags = _memory_tags(body)
-        self.engine.release_memory(tags)
-        log.info("released memory: %s", ", ".join(tags))
+        if self.engine.release_memory(tags):
+            log.info("released memory: %s", ", ".join(tags))
+        else:  # SGLang's words when its memory saver is off
+            log.warning(
+                "release_memory_occupation will not save memory because the server was "
+                "started without --enable-memory-saver"
+            )
 
     def resume_memory(self, body: dict[str, Any]) -> None:
         tags = _memory_tags(body)
         self.engine.resume_memory(tags)
-        log.info("resumed memory: %s", ", ".join(tags))
+        if self.engine.memory_saver:
+            log.info("resumed memory: %s", ", ".join(tags))
 
 
 def _memory_tags(body: dict[str, Any]) -> list[str]:

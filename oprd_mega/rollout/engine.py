@@ -191,6 +191,7 @@ class GenerationEngine:
         weight_version: str = "default",
         batch_wait_s: float = 0.005,
         continuous: bool = True,
+        memory_saver: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.cache_utils import DynamicLayer
@@ -215,6 +216,8 @@ class GenerationEngine:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.continuous = continuous
+        # SGLang's --enable-memory-saver: without it /release_memory_occupation frees nothing.
+        self.memory_saver = memory_saver
         self.weight_version = weight_version
         # Held by the worker while any sequence runs, and by weight updates and memory release.
         self.lock = threading.Lock()
@@ -237,8 +240,9 @@ class GenerationEngine:
             "tokens": 0,
         }
         # Without a seed, draw one: two servers must not sample the same streams.
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1
         self._rng = torch.Generator()
-        self._rng.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1)
+        self._rng.manual_seed(self.seed)
         self._stop = threading.Event()
         self._groups: dict[str, Any] = {}
         self.released: set[str] = set()  # memory tags given up by /release_memory_occupation
@@ -865,10 +869,13 @@ class GenerationEngine:
                 "/resume_memory_occupation first"
             )
 
-    def release_memory(self, tags: list[str]) -> None:
+    def release_memory(self, tags: list[str]) -> bool:
         """Give up the memory of ``tags`` once the running sequences end. The weights go to a
         temporary safetensors file and their tensors are freed; the KV cache, allocated per
-        batch here, is simply not allocated again until resumed."""
+        batch here, is simply not allocated again until resumed. Without ``memory_saver``
+        nothing is freed, as SGLang's no-op memory saver does; returns whether it was."""
+        if not self.memory_saver:
+            return False
         with self.exclusive():
             if "weights" in tags and "weights" not in self.released:
                 folder = Path(tempfile.mkdtemp(prefix="oprd-released-weights-"))
@@ -879,9 +886,12 @@ class GenerationEngine:
                     param.data = torch.empty(0, dtype=param.dtype)
                 self._spilled_weights = path
             self.released |= set(tags)
+        return True
 
     def resume_memory(self, tags: list[str]) -> None:
         """Take back the memory of ``tags``; the weights come back exactly as released."""
+        if not self.memory_saver:
+            return
         with self.exclusive():
             if "weights" in tags and self._spilled_weights is not None:
                 stored = load_file(str(self._spilled_weights))

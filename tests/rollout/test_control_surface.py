@@ -345,7 +345,26 @@ def test_server_info_reports_sglangs_server_arguments(server, schema):
     assert ours <= server_args, ours - server_args
     for key in ("tp_size", "dp_size", "pp_size", "ep_size"):
         assert info[key] == 1
-    assert info["enable_memory_saver"] is True  # release and resume are served
+    assert info["enable_memory_saver"] is False  # not started with --enable-memory-saver
+    assert info["random_seed"] == 1234 and info["max_running_requests"] == 32
+    assert info["context_length"] == info["max_context_length"] == 512
+
+
+def test_memory_saver_is_reported_and_only_it_frees_memory(tiny_model_dir, reference_model):
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    for saver in (False, True):
+        config = ServerConfig(str(tiny_model_dir), port=0, enable_memory_saver=saver)
+        with EmbeddedServer(config) as srv:
+            assert httpx.get(srv.url + "/server_info").json()["enable_memory_saver"] is saver
+            post(srv.url, "/release_memory_occupation", {})
+            freed = all(p.numel() == 0 for p in srv.engine.model.parameters())
+            assert freed is saver
+            if not saver:  # as SGLang without the saver: nothing freed, generation goes on
+                answer = post(srv.url, "/generate", body).json()
+                _, argmax = model_logprobs(reference_model, [5, 6, 7], answer["output_ids"])
+                assert answer["output_ids"] == argmax
+            post(srv.url, "/resume_memory_occupation", {})
+            assert all(p.numel() > 0 for p in srv.engine.model.parameters())
 
 
 def test_loads_answer_sglangs_fields(server):

@@ -94,6 +94,9 @@ def test_slime_rollout_runs_against_the_embedded_server(
     info.raise_for_status()
     for key in ("tp_size", "dp_size", "pp_size", "ep_size"):
         assert int(info.json()[key]) == 1
+    # SGLangEngine._init_external asserts enable_memory_saver == args.offload_rollout (False
+    # by default): a server started without --enable-memory-saver must say False.
+    assert info.json()["enable_memory_saver"] is False
 
     # One group under deterministic inference: sample i is seeded rollout_seed + i.
     samples = []

@@ -43,7 +43,8 @@ def new_state(other_model_dir):
 
 @pytest.fixture
 def srv(tiny_model_dir):
-    with EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0)) as server:
+    config = ServerConfig(str(tiny_model_dir), port=0, enable_memory_saver=True)
+    with EmbeddedServer(config) as server:
         yield server
 
 
