@@ -33,6 +33,7 @@ from oprd_mega.rollout.engine import (
 )
 from oprd_mega.rollout.sampling import SamplingParamsError, parse_sampling_params
 from oprd_mega.rollout.tensor_payload import decode_named_tensors
+from oprd_mega.rollout.weight_checker import SELECTORS
 
 log = logging.getLogger(__name__)
 
@@ -421,13 +422,19 @@ class EmbeddedServer:
         ]
         if missing:
             raise RequestError(f"init_weights_update_group is missing {', '.join(missing)}")
+        backend = body.get("backend") or "gloo"
+        if backend != "gloo":  # the weights live in CPU memory: only gloo can receive them
+            raise ValueError(
+                f"init_weights_update_group: backend {backend!r} is not available on this CPU "
+                "server (its weights are in CPU memory); use backend 'gloo' on both sides"
+            )
         self.engine.init_group(
             str(body["master_address"]),
             int(body["master_port"]),
             int(body["rank_offset"]),
             int(body["world_size"]),
             str(body["group_name"]),
-            str(body.get("backend") or "gloo"),
+            backend,
         )
         return {"success": True, "message": "Succeeded to initialize custom process group."}
 
@@ -443,6 +450,30 @@ class EmbeddedServer:
             _version(body),
         )
         return {"success": True, "message": "Succeeded to update parameter online."}
+
+    def weights_checker(self, body: dict[str, Any]) -> dict[str, Any]:
+        """SGLang's /weights_checker: ``checksum`` (the default), ``snapshot``, ``compare``,
+        ``reset_tensors`` of the served model; there is no draft model."""
+        selector = body.get("selector") or "all"
+        if selector not in SELECTORS:
+            raise ValueError(
+                f"weights_checker: selector must be one of {', '.join(SELECTORS)}, got {selector!r}"
+            )
+        if selector == "draft":  # no speculative draft model: nothing to check, as SGLang
+            return {"success": True, "message": "Success."}
+        return self.engine.weights_checker(
+            body.get("action") or "checksum", body.get("skip_tensor_list")
+        )
+
+    def post_process_weights(self, body: dict[str, Any]) -> dict[str, Any]:
+        """SGLang's /post_process_weights (newer than 0.5.23; slime calls it around updates of
+        quantized models): restore the layout before a load, or requantize after it. This
+        server holds no quantized weights, so both are done by doing nothing."""
+        return {
+            "success": True,
+            "message": "Success: the embedded server holds no quantized weights, so there is "
+            "nothing to restore or post-process.",
+        }
 
     # ----- tensor updates and memory release (SGLang's colocated RL calls) -----
 
@@ -552,8 +583,30 @@ BODY_FIELDS: dict[str, dict[str, str]] = {
     },
     "/destroy_weights_update_group": {"group_name": "str"},
     "/update_weight_version": {"new_version": "str!", "abort_all_requests": "bool"},
+    "/weights_checker": {
+        "action": "str",
+        "allow_quant_error": "bool",
+        "skip_tensor_list": "str_list",
+        "selector": "str",
+    },
+}
+# Endpoints of SGLang releases after the pinned 0.5.23 that RL frameworks call (slime).
+NEWER_BODY_FIELDS: dict[str, dict[str, str]] = {
+    "/post_process_weights": {
+        "restore_weights_before_load": "bool",
+        "post_process_quantization": "bool",
+    },
 }
 
+
+# Calls that answer ``{"success": false, "message": ...}`` with HTTP 400 when refused.
+_SUCCESS_ANSWERS = (
+    "/update_weights",
+    "/init_weights",
+    "/destroy_weights",
+    "/weights_checker",
+    "/post_process_weights",
+)
 
 # Calls whose ``abort_all_requests: true`` ends every request first (SGLang's tokenizer manager).
 _ABORTING_CALLS = frozenset({"/update_weights_from_disk", "/update_weight_version"})
@@ -561,7 +614,7 @@ _ABORTING_CALLS = frozenset({"/update_weights_from_disk", "/update_weight_versio
 
 def check_body(path: str, body: Any) -> None:
     """Reject a POST body whose fields have the wrong JSON kind, naming the field (HTTP 400)."""
-    fields = BODY_FIELDS.get(path)
+    fields = BODY_FIELDS.get(path) or NEWER_BODY_FIELDS.get(path)
     if fields is None:
         return
     if not isinstance(body, dict):
@@ -659,10 +712,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, state.release_memory(body))
             elif path == "/resume_memory_occupation":
                 self._send(HTTPStatus.OK, state.resume_memory(body))
+            elif path == "/weights_checker":  # GET or POST, as SGLang
+                self._send(HTTPStatus.OK, state.weights_checker(body))
             elif method != "POST":
                 self._error(HTTPStatus.NOT_FOUND, f"no GET endpoint {path}")
             elif path == "/update_weights_from_tensor":
                 self._send(HTTPStatus.OK, state.update_from_tensor(body))
+            elif path == "/post_process_weights":
+                self._send(HTTPStatus.OK, state.post_process_weights(body))
             elif path == "/generate":
                 self._send(HTTPStatus.OK, state.generate(body, self._client_gone))
             elif path == "/abort_request":
@@ -697,7 +754,7 @@ class _Handler(BaseHTTPRequestHandler):
         except MemoryReleasedError as exc:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
         except (ValueError, FileNotFoundError) as exc:
-            if path.startswith(("/update_weights", "/init_weights", "/destroy_weights")):
+            if path.startswith(_SUCCESS_ANSWERS):
                 self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": str(exc)})
             else:
                 self._error(HTTPStatus.BAD_REQUEST, str(exc))

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from oprd_mega.rollout.sampling import SamplingConfig, select_tokens
+from oprd_mega.rollout.weight_checker import WeightChecker
 
 
 @dataclass(eq=False)
@@ -247,6 +248,7 @@ class GenerationEngine:
         self._groups: dict[str, Any] = {}
         self.released: set[str] = set()  # memory tags given up by /release_memory_occupation
         self._spilled_weights: Path | None = None
+        self._weight_checker = WeightChecker()
         self._worker = threading.Thread(target=self._loop, name="oprd-engine", daemon=True)
         self._worker.start()
 
@@ -787,6 +789,17 @@ class GenerationEngine:
                 self.weight_version = weight_version
 
     # ----- weight checks -----
+
+    def weights_checker(self, action: str, skip_tensor_list: list[str] | None) -> dict[str, Any]:
+        """SGLang's /weights_checker (see :mod:`oprd_mega.rollout.weight_checker`), between
+        decoding steps as any weight access."""
+        with self.exclusive():
+            if "weights" in self.released:
+                raise ValueError(
+                    "weights_checker: the weights are released; call /resume_memory_occupation "
+                    "first"
+                )
+            return self._weight_checker.handle(self.model, action, skip_tensor_list)
 
     def _weight_tensors(self) -> dict[str, torch.Tensor]:
         """Every loadable tensor by HF name, tied weights under each of their names."""

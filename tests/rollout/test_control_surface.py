@@ -42,6 +42,7 @@ REQUEST_CLASSES = {
     "/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
     "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
     "/update_weight_version": "UpdateWeightVersionReqInput",
+    "/weights_checker": "CheckWeightsReqInput",
 }
 LONG = 200  # max_new_tokens of a request that is still decoding when the test acts on it
 STEP_S = 0.02  # the least time of one forward in the paced servers below
@@ -163,13 +164,6 @@ def one_slot_server(tiny_model_dir):
     """A paced server that decodes one sequence at a time, so a second one waits."""
     with EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0, seed=5, max_batch_size=1)) as srv:
         yield paced(srv)
-
-
-@pytest.fixture(scope="module")
-def other_model(other_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(other_model_dir), dtype=torch.float32).eval()
 
 
 # ----- /abort_request -----
