@@ -32,7 +32,7 @@ from oprd_mega.rollout.engine import (
     SequenceJob,
 )
 from oprd_mega.rollout.sampling import SamplingParamsError, parse_sampling_params
-from oprd_mega.rollout.tensor_payload import decode_named_tensors
+from oprd_mega.rollout.tensor_payload import decode_flattened_bucket, decode_named_tensors
 from oprd_mega.rollout.weight_checker import SELECTORS
 
 log = logging.getLogger(__name__)
@@ -480,12 +480,16 @@ class EmbeddedServer:
     def update_from_tensor(self, body: dict[str, Any]) -> dict[str, Any]:
         """SGLang's UpdateWeightsFromTensorReqInput; this server is tensor-parallel rank 0."""
         load_format = body.get("load_format")
-        if load_format not in (None, "direct"):
+        if load_format in (None, "direct"):
+            named = decode_named_tensors(body.get("serialized_named_tensors"))
+        elif load_format == "flattened_bucket":
+            named = decode_flattened_bucket(body.get("serialized_named_tensors"))
+        else:
             raise ValueError(
                 f"update_weights_from_tensor: load_format {load_format!r} is not supported by "
-                "the embedded server (null or 'direct': a list of (name, tensor) pairs)"
+                "the embedded server (null or 'direct': a list of (name, tensor) pairs; "
+                "'flattened_bucket': SGLang's FlattenedTensorBucket)"
             )
-        named = decode_named_tensors(body.get("serialized_named_tensors"))
         self.engine.update_from_tensor(named, _version(body))
         return {"success": True, "message": "Success"}
 
