@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import select
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,6 +51,8 @@ _UNSUPPORTED_REQUEST_FIELDS = (
     "bootstrap_host",
 )
 SERVER_VERSION = "oprd-embedded-0.1"
+# SGLang's server-sent events framing of a streamed /generate (http_server.py stream_results).
+SSE_PREFIX, SSE_END, SSE_DONE = b"data: ", b"\n\n", b"data: [DONE]\n\n"
 # The sections SGLang's /v1/loads accepts in ``include`` (this server fills only ``core``).
 _LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
 
@@ -144,8 +147,6 @@ def build_jobs(
     for name in _UNSUPPORTED_REQUEST_FIELDS:
         if body.get(name) not in (None, False, [], {}):
             raise RequestError(f"{name} is not supported by the embedded server")
-    if body.get("stream"):
-        raise RequestError("stream=true is not supported by the embedded server")
     ids = body.get("input_ids")
     text = body.get("text")
     if ids is None and text is None:
@@ -294,6 +295,67 @@ class EmbeddedServer:
         for i, result in enumerate(results):
             result["index"] = i
         return results
+
+    def prepare_stream(self, body: Any) -> tuple[list[SequenceJob], bool, queue.Queue]:
+        """Queue a ``stream: true`` /generate body; its jobs report every token to the queue.
+        Raises before anything is sent (a bad request is a plain HTTP 400)."""
+        jobs, single = build_jobs(body, self.engine, self.config)
+        events: queue.Queue[tuple[SequenceJob, int]] = queue.Queue()
+        for job in jobs:
+            job.on_token = lambda job, count: events.put((job, count))
+        self.engine.submit(jobs)
+        return jobs, single, events
+
+    def stream_chunks(
+        self,
+        jobs: list[SequenceJob],
+        single: bool,
+        events: queue.Queue,
+        client_gone: Callable[[], bool] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """SGLang's streamed /generate objects: per new token a cumulative ``text``,
+        ``output_ids`` and ``meta_info`` (``finish_reason`` null, log-probs so far when asked;
+        tokens that came faster than the client reads are coalesced into one object, as
+        SGLang does), then each sequence's full answer; ``index`` names the sequence of a
+        batch or ``n`` > 1 request. A failure ends the stream with SGLang's error object."""
+        pending = dict(enumerate(jobs))
+        deadline = time.monotonic() + self.config.request_timeout_s
+        while pending:
+            latest: dict[int, tuple[SequenceJob, int]] = {}  # as SGLang, the newest state only
+            try:
+                job, count = events.get(timeout=0.1)
+                while True:
+                    latest[id(job)] = (job, count)
+                    job, count = events.get_nowait()
+            except queue.Empty:
+                pass
+            for job, count in latest.values():
+                if not job.future.done():
+                    chunk = self.engine.partial_response(job, count)
+                    yield chunk if single else dict(chunk, index=jobs.index(job))
+            for k, job in list(pending.items()):
+                if not job.future.done():
+                    continue
+                del pending[k]
+                failure = job.future.exception()
+                if failure is not None:
+                    self.engine.abort(jobs=jobs)
+                    yield _stream_error(failure)
+                    return
+                answer = job.future.result()
+                yield answer if single else dict(answer, index=k)
+            if client_gone is not None and client_gone():
+                self.engine.abort(jobs=jobs)
+                raise ClientGoneError("the client closed the connection")
+            if time.monotonic() > deadline:
+                self.engine.abort(jobs=jobs)
+                yield _stream_error(
+                    TimeoutError(
+                        f"/generate did not finish within request_timeout_s="
+                        f"{self.config.request_timeout_s}s; its sequences were aborted"
+                    )
+                )
+                return
 
     def model_info(self) -> dict[str, Any]:
         return {
@@ -510,6 +572,18 @@ class EmbeddedServer:
             log.info("resumed memory: %s", ", ".join(tags))
 
 
+def _stream_error(error: BaseException) -> dict[str, Any]:
+    """The object SGLang streams when a request fails after its stream began."""
+    return {
+        "error": {
+            "message": str(error),
+            "type": "invalid_request_error",
+            "code": 400 if isinstance(error, ValueError) else 500,
+            "retryable": False,
+        }
+    }
+
+
 def _memory_tags(body: dict[str, Any]) -> list[str]:
     """``tags`` of /release_memory_occupation and /resume_memory_occupation; none: all."""
     tags = body.get("tags")
@@ -660,6 +734,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _stream(self, jobs: list[SequenceJob], single: bool, events: queue.Queue) -> None:
+        """Send SGLang's server-sent events: ``data: <json>`` per object, then
+        ``data: [DONE]`` (HTTP/1.1 chunked, so the connection stays usable)."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        state = self.server_state
+        try:
+            for chunk in state.stream_chunks(jobs, single, events, self._client_gone):
+                self._write_chunk(SSE_PREFIX + json.dumps(chunk).encode() + SSE_END)
+            self._write_chunk(SSE_DONE)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (ClientGoneError, OSError):  # the client left: nothing decodes for nobody
+            state.engine.abort(jobs=jobs)
+            self.close_connection = True
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": {"message": message, "code": status}})
 
@@ -724,6 +821,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, state.update_from_tensor(body))
             elif path == "/post_process_weights":
                 self._send(HTTPStatus.OK, state.post_process_weights(body))
+            elif path == "/generate" and body.get("stream"):
+                self._stream(*state.prepare_stream(body))
             elif path == "/generate":
                 self._send(HTTPStatus.OK, state.generate(body, self._client_gone))
             elif path == "/abort_request":

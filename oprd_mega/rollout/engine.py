@@ -49,8 +49,9 @@ class SequenceJob:
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
-    # Called from the worker after every new token (streaming); must not block.
-    on_token: Callable[[SequenceJob], None] | None = None
+    # Called from the worker with the job and its token count after every token that does
+    # not finish it (streaming: the answer brings the last one); must not block.
+    on_token: Callable[[SequenceJob, int], None] | None = None
     # Set by GenerationEngine.abort; the decoding loop ends the sequence at its next step.
     abort_message: str | None = None
     running: bool = False
@@ -615,8 +616,8 @@ class GenerationEngine:
             reason = self._finish(job, job.output_ids, token, job.limit)
             if reason is not None:
                 finished[k] = reason
-            if job.on_token is not None:
-                job.on_token(job)
+            elif job.on_token is not None:
+                job.on_token(job, len(job.output_ids))
         self.stats["max_batch"] = max(self.stats["max_batch"], len(jobs))
         rest = self._retire(batch, finished)
         if rest is None:
@@ -687,9 +688,19 @@ class GenerationEngine:
         self, job: SequenceJob, finish: dict[str, Any], now: float | None = None
     ) -> dict[str, Any]:
         """SGLang's answer for one sequence, from the progress kept on ``job``."""
-        output = job.output_ids
+        answer = self.partial_response(job, len(job.output_ids), finish)
+        now = now if now is not None else time.perf_counter()
+        answer["meta_info"]["e2e_latency"] = now - job.submitted
+        return answer
+
+    def partial_response(
+        self, job: SequenceJob, count: int, finish: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The answer for the first ``count`` output tokens of ``job`` (a streaming chunk
+        while ``finish`` is None: cumulative text, ids and log-probs, as SGLang streams)."""
+        output = job.output_ids[:count]
         text = self._decode(output, job.config.skip_special_tokens)
-        matched = finish.get("matched")
+        matched = (finish or {}).get("matched")
         if isinstance(matched, str) and not job.config.no_stop_trim:
             text = text[: text.find(matched)] if matched in text else text
         meta: dict[str, Any] = {
@@ -699,16 +710,15 @@ class GenerationEngine:
             "completion_tokens": len(output),
             "cached_tokens": 0,
             "weight_version": self.weight_version,
-            "e2e_latency": (now if now is not None else time.perf_counter()) - job.submitted,
         }
         if job.return_logprob:
             meta["output_token_logprobs"] = [
                 [lp, tok, self._token_text(tok, job.return_text_in_logprobs)]
-                for lp, tok in zip(job.output_logprobs, output, strict=True)
+                for lp, tok in zip(job.output_logprobs[:count], output, strict=True)
             ]
             meta["input_token_logprobs"] = job.input_logprobs or []
             if job.top_logprobs_num > 0:
-                meta["output_top_logprobs"] = job.output_tops
+                meta["output_top_logprobs"] = job.output_tops[:count]
         return {"text": text, "output_ids": output, "meta_info": meta}
 
     # ----- weights -----
