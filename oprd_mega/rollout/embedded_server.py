@@ -854,6 +854,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ClientGoneError:
             log.info("client of %s disconnected; its sequences were aborted", path)
             self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError):  # gone before its answer was written
+            log.info("client of %s disconnected before the answer was sent", path)
+            self.close_connection = True
         except MemoryReleasedError as exc:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
         except (ValueError, FileNotFoundError) as exc:

@@ -494,6 +494,9 @@ class GenerationEngine:
                 for job in failed:
                     self._answer(job, exc)
                 batch = None
+        if batch is not None:  # closing: the running sequences end as aborted, tokens kept
+            reason = abort_finish("server shutting down")
+            self._retire(batch, dict.fromkeys(range(len(batch.jobs)), reason))
 
     def _running_jobs(self) -> list[SequenceJob]:
         with self._jobs_lock:
@@ -801,8 +804,8 @@ class GenerationEngine:
     # ----- weight checks -----
 
     def weights_checker(self, action: str, skip_tensor_list: list[str] | None) -> dict[str, Any]:
-        """SGLang's /weights_checker (see :mod:`oprd_mega.rollout.weight_checker`), between
-        decoding steps as any weight access."""
+        """SGLang's /weights_checker (see :mod:`oprd_mega.rollout.weight_checker`), once no
+        sequence decodes, as every weight access here."""
         with self.exclusive():
             if "weights" in self.released:
                 raise ValueError(

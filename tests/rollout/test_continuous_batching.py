@@ -156,3 +156,14 @@ def test_64_concurrent_requests_of_mixed_lengths_equal_transformers(
         assert srv.engine.stats["max_batch"] <= 16
     for (prompt, tokens), answer in zip(cases, answers, strict=True):
         check_against_reference(reference_model, prompt, tokens, answer)
+
+
+def test_closing_ends_running_sequences_as_aborted_with_their_tokens(tiny_model_dir):
+    srv = paced(EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0)).start())
+    running = start(srv.url, greedy_body([5, 6, 7], 400))
+    wait_generated(srv, 3, 3)
+    srv.stop()
+    answer = running.result(timeout=60)
+    assert answer["meta_info"]["finish_reason"]["type"] == "abort"
+    assert answer["meta_info"]["finish_reason"]["message"] == "server shutting down"
+    assert 3 <= len(answer["output_ids"]) < 400
