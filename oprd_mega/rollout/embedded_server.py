@@ -188,6 +188,11 @@ def build_jobs(
         except SamplingParamsError as exc:
             raise RequestError(str(exc)) from exc
         _int_field(sampling.n, "sampling_params.n", 1, config.max_n)
+        raw = params_list[i] if isinstance(params_list[i], dict) else {}
+        interval = raw.get("stream_interval")
+        interval = (
+            1 if interval is None else _int_field(interval, "sampling_params.stream_interval", 1)
+        )
         if not isinstance(return_logprob[i], bool):
             raise RequestError(f"return_logprob must be true or false, got {return_logprob[i]!r}")
         start = -1 if start_len[i] is None else _int_field(start_len[i], "logprob_start_len", -1)
@@ -211,6 +216,7 @@ def build_jobs(
                 top_logprobs_num=top,
                 return_text_in_logprobs=text_in,
                 seed=seed,
+                stream_interval=interval,
             )
             rid = rids[i]
             if rid is not None:  # as SGLang names them: R alone, R_k for n > 1 samples

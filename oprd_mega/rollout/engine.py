@@ -52,6 +52,7 @@ class SequenceJob:
     # Called from the worker with the job and its token count after every token that does
     # not finish it (streaming: the answer brings the last one); must not block.
     on_token: Callable[[SequenceJob, int], None] | None = None
+    stream_interval: int = 1  # call on_token every this many tokens (sampling_params)
     # Set by GenerationEngine.abort; the decoding loop ends the sequence at its next step.
     abort_message: str | None = None
     running: bool = False
@@ -619,7 +620,7 @@ class GenerationEngine:
             reason = self._finish(job, job.output_ids, token, job.limit)
             if reason is not None:
                 finished[k] = reason
-            elif job.on_token is not None:
+            elif job.on_token is not None and len(job.output_ids) % job.stream_interval == 0:
                 job.on_token(job, len(job.output_ids))
         self.stats["max_batch"] = max(self.stats["max_batch"], len(jobs))
         rest = self._retire(batch, finished)

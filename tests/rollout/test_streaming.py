@@ -168,6 +168,20 @@ def test_an_aborted_stream_ends_with_its_partial_tokens(fresh_server):
     assert raw.endswith(SSE_DONE)
 
 
+def test_stream_interval_spaces_the_chunks(fresh_server):
+    body = {
+        "input_ids": [5, 6, 7],
+        "sampling_params": {"max_new_tokens": 10, "ignore_eos": True, "stream_interval": 4},
+        "stream": True,
+    }
+    _, chunks = read_stream(fresh_server.url, body)
+    lengths = [len(c["output_ids"]) for c in chunks]
+    assert lengths[-1] == 10 and set(lengths[:-1]) <= {4, 8}  # never between two intervals
+    bad = dict(body, sampling_params={"stream_interval": 0})
+    response = httpx.post(fresh_server.url + "/generate", json=bad, timeout=30)
+    assert response.status_code == 400 and "sampling_params.stream_interval" in response.text
+
+
 def test_stream_requests_are_checked_before_streaming(server):
     response = httpx.post(
         server.url + "/generate", json={"input_ids": [], "stream": True}, timeout=30
