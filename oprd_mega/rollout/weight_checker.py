@@ -109,7 +109,7 @@ class WeightChecker:
             for name, tensor in checked_tensors(model, skip_tensor_list):
                 want = expected.get(name)
                 if want is not None and not torch.equal(want, tensor):
-                    error = (tensor.double() - want.double()).abs()
+                    error = (tensor.detach().double() - want.double()).abs()
                     differing.append(
                         f"name={name} max_abs_err={float(error.max())} "
                         f"mean_abs_err={float(error.mean())}"
