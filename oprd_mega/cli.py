@@ -92,6 +92,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--weight-version", default="default", help="weight version reported before any update"
     )
+    parser.add_argument(
+        "--enable-memory-saver",
+        action="store_true",
+        help="let /release_memory_occupation free the weights (as SGLang's flag; without it "
+        "release and resume are accepted and free nothing)",
+    )
     parser.set_defaults(func=_run_serve)
 
 
@@ -111,6 +117,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             seed=args.seed,
             weight_version=args.weight_version,
+            enable_memory_saver=args.enable_memory_saver,
         )
     )
     return 0

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import select
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +33,8 @@ from oprd_mega.rollout.engine import (
     SequenceJob,
 )
 from oprd_mega.rollout.sampling import SamplingParamsError, parse_sampling_params
-from oprd_mega.rollout.tensor_payload import decode_named_tensors
+from oprd_mega.rollout.tensor_payload import decode_flattened_bucket, decode_named_tensors
+from oprd_mega.rollout.weight_checker import SELECTORS
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ _UNSUPPORTED_REQUEST_FIELDS = (
     "bootstrap_host",
 )
 SERVER_VERSION = "oprd-embedded-0.1"
+# SGLang's server-sent events framing of a streamed /generate (http_server.py stream_results).
+SSE_PREFIX, SSE_END, SSE_DONE = b"data: ", b"\n\n", b"data: [DONE]\n\n"
 # The sections SGLang's /v1/loads accepts in ``include`` (this server fills only ``core``).
 _LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
 
@@ -81,6 +85,10 @@ class ServerConfig:
     seed: int | None = None
     weight_version: str = "default"
     batch_wait_s: float = 0.005
+    # False: a new request starts only when the running batch has ended (for benchmarks).
+    continuous_batching: bool = True
+    # SGLang's --enable-memory-saver: /release_memory_occupation really frees the weights.
+    enable_memory_saver: bool = False
     request_timeout_s: float = 3600.0
     # Bounds of one /generate request: samples per prompt, sequences in all, top log-probs.
     max_n: int = 1024
@@ -139,8 +147,6 @@ def build_jobs(
     for name in _UNSUPPORTED_REQUEST_FIELDS:
         if body.get(name) not in (None, False, [], {}):
             raise RequestError(f"{name} is not supported by the embedded server")
-    if body.get("stream"):
-        raise RequestError("stream=true is not supported by the embedded server")
     ids = body.get("input_ids")
     text = body.get("text")
     if ids is None and text is None:
@@ -182,6 +188,11 @@ def build_jobs(
         except SamplingParamsError as exc:
             raise RequestError(str(exc)) from exc
         _int_field(sampling.n, "sampling_params.n", 1, config.max_n)
+        raw = params_list[i] if isinstance(params_list[i], dict) else {}
+        interval = raw.get("stream_interval")
+        interval = (
+            1 if interval is None else _int_field(interval, "sampling_params.stream_interval", 1)
+        )
         if not isinstance(return_logprob[i], bool):
             raise RequestError(f"return_logprob must be true or false, got {return_logprob[i]!r}")
         start = -1 if start_len[i] is None else _int_field(start_len[i], "logprob_start_len", -1)
@@ -205,6 +216,7 @@ def build_jobs(
                 top_logprobs_num=top,
                 return_text_in_logprobs=text_in,
                 seed=seed,
+                stream_interval=interval,
             )
             rid = rids[i]
             if rid is not None:  # as SGLang names them: R alone, R_k for n > 1 samples
@@ -225,6 +237,8 @@ class EmbeddedServer:
             seed=config.seed,
             weight_version=config.weight_version,
             batch_wait_s=config.batch_wait_s,
+            continuous=config.continuous_batching,
+            memory_saver=config.enable_memory_saver,
         )
         handler = type("Handler", (_Handler,), {"server_state": self})
         self.httpd = _HTTPServer((config.host, config.port), handler)
@@ -288,6 +302,67 @@ class EmbeddedServer:
             result["index"] = i
         return results
 
+    def prepare_stream(self, body: Any) -> tuple[list[SequenceJob], bool, queue.Queue]:
+        """Queue a ``stream: true`` /generate body; its jobs report every token to the queue.
+        Raises before anything is sent (a bad request is a plain HTTP 400)."""
+        jobs, single = build_jobs(body, self.engine, self.config)
+        events: queue.Queue[tuple[SequenceJob, int]] = queue.Queue()
+        for job in jobs:
+            job.on_token = lambda job, count: events.put((job, count))
+        self.engine.submit(jobs)
+        return jobs, single, events
+
+    def stream_chunks(
+        self,
+        jobs: list[SequenceJob],
+        single: bool,
+        events: queue.Queue,
+        client_gone: Callable[[], bool] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """SGLang's streamed /generate objects: per new token a cumulative ``text``,
+        ``output_ids`` and ``meta_info`` (``finish_reason`` null, log-probs so far when asked;
+        tokens that came faster than the client reads are coalesced into one object, as
+        SGLang does), then each sequence's full answer; ``index`` names the sequence of a
+        batch or ``n`` > 1 request. A failure ends the stream with SGLang's error object."""
+        pending = dict(enumerate(jobs))
+        deadline = time.monotonic() + self.config.request_timeout_s
+        while pending:
+            latest: dict[int, tuple[SequenceJob, int]] = {}  # as SGLang, the newest state only
+            try:
+                job, count = events.get(timeout=0.1)
+                while True:
+                    latest[id(job)] = (job, count)
+                    job, count = events.get_nowait()
+            except queue.Empty:
+                pass
+            for job, count in latest.values():
+                if not job.future.done():
+                    chunk = self.engine.partial_response(job, count)
+                    yield chunk if single else dict(chunk, index=jobs.index(job))
+            for k, job in list(pending.items()):
+                if not job.future.done():
+                    continue
+                del pending[k]
+                failure = job.future.exception()
+                if failure is not None:
+                    self.engine.abort(jobs=jobs)
+                    yield _stream_error(failure)
+                    return
+                answer = job.future.result()
+                yield answer if single else dict(answer, index=k)
+            if client_gone is not None and client_gone():
+                self.engine.abort(jobs=jobs)
+                raise ClientGoneError("the client closed the connection")
+            if time.monotonic() > deadline:
+                self.engine.abort(jobs=jobs)
+                yield _stream_error(
+                    TimeoutError(
+                        f"/generate did not finish within request_timeout_s="
+                        f"{self.config.request_timeout_s}s; its sequences were aborted"
+                    )
+                )
+                return
+
     def model_info(self) -> dict[str, Any]:
         return {
             "model_path": self.engine.model_path,
@@ -325,11 +400,11 @@ class EmbeddedServer:
             "nnodes": 1,
             "node_rank": 0,
             "enable_dp_attention": False,
-            "enable_memory_saver": True,  # release/resume_memory_occupation are served
+            "enable_memory_saver": self.engine.memory_saver,
             "device": "cpu",
             "base_gpu_id": 0,
             "dtype": self.config.dtype,
-            "random_seed": self.config.seed,
+            "random_seed": self.engine.seed,  # the one drawn when none was given
             "max_running_requests": self.engine.max_batch_size,
             "context_length": self.engine.max_context,
             "disaggregation_mode": "null",
@@ -415,13 +490,19 @@ class EmbeddedServer:
         ]
         if missing:
             raise RequestError(f"init_weights_update_group is missing {', '.join(missing)}")
+        backend = body.get("backend") or "gloo"
+        if backend != "gloo":  # the weights live in CPU memory: only gloo can receive them
+            raise ValueError(
+                f"init_weights_update_group: backend {backend!r} is not available on this CPU "
+                "server (its weights are in CPU memory); use backend 'gloo' on both sides"
+            )
         self.engine.init_group(
             str(body["master_address"]),
             int(body["master_port"]),
             int(body["rank_offset"]),
             int(body["world_size"]),
             str(body["group_name"]),
-            str(body.get("backend") or "gloo"),
+            backend,
         )
         return {"success": True, "message": "Succeeded to initialize custom process group."}
 
@@ -438,29 +519,75 @@ class EmbeddedServer:
         )
         return {"success": True, "message": "Succeeded to update parameter online."}
 
+    def weights_checker(self, body: dict[str, Any]) -> dict[str, Any]:
+        """SGLang's /weights_checker: ``checksum`` (the default), ``snapshot``, ``compare``,
+        ``reset_tensors`` of the served model; there is no draft model."""
+        selector = body.get("selector") or "all"
+        if selector not in SELECTORS:
+            raise ValueError(
+                f"weights_checker: selector must be one of {', '.join(SELECTORS)}, got {selector!r}"
+            )
+        if selector == "draft":  # no speculative draft model: nothing to check, as SGLang
+            return {"success": True, "message": "Success."}
+        return self.engine.weights_checker(
+            body.get("action") or "checksum", body.get("skip_tensor_list")
+        )
+
+    def post_process_weights(self, body: dict[str, Any]) -> dict[str, Any]:
+        """SGLang's /post_process_weights (newer than 0.5.23; slime calls it around updates of
+        quantized models): restore the layout before a load, or requantize after it. This
+        server holds no quantized weights, so both are done by doing nothing."""
+        return {
+            "success": True,
+            "message": "Success: the embedded server holds no quantized weights, so there is "
+            "nothing to restore or post-process.",
+        }
+
     # ----- tensor updates and memory release (SGLang's colocated RL calls) -----
 
     def update_from_tensor(self, body: dict[str, Any]) -> dict[str, Any]:
         """SGLang's UpdateWeightsFromTensorReqInput; this server is tensor-parallel rank 0."""
         load_format = body.get("load_format")
-        if load_format not in (None, "direct"):
+        if load_format in (None, "direct"):
+            named = decode_named_tensors(body.get("serialized_named_tensors"))
+        elif load_format == "flattened_bucket":
+            named = decode_flattened_bucket(body.get("serialized_named_tensors"))
+        else:
             raise ValueError(
                 f"update_weights_from_tensor: load_format {load_format!r} is not supported by "
-                "the embedded server (null or 'direct': a list of (name, tensor) pairs)"
+                "the embedded server (null or 'direct': a list of (name, tensor) pairs; "
+                "'flattened_bucket': SGLang's FlattenedTensorBucket)"
             )
-        named = decode_named_tensors(body.get("serialized_named_tensors"))
         self.engine.update_from_tensor(named, _version(body))
         return {"success": True, "message": "Success"}
 
     def release_memory(self, body: dict[str, Any]) -> None:
         tags = _memory_tags(body)
-        self.engine.release_memory(tags)
-        log.info("released memory: %s", ", ".join(tags))
+        if self.engine.release_memory(tags):
+            log.info("released memory: %s", ", ".join(tags))
+        else:  # SGLang's words when its memory saver is off
+            log.warning(
+                "release_memory_occupation will not save memory because the server was "
+                "started without --enable-memory-saver"
+            )
 
     def resume_memory(self, body: dict[str, Any]) -> None:
         tags = _memory_tags(body)
         self.engine.resume_memory(tags)
-        log.info("resumed memory: %s", ", ".join(tags))
+        if self.engine.memory_saver:
+            log.info("resumed memory: %s", ", ".join(tags))
+
+
+def _stream_error(error: BaseException) -> dict[str, Any]:
+    """The object SGLang streams when a request fails after its stream began."""
+    return {
+        "error": {
+            "message": str(error),
+            "type": "invalid_request_error",
+            "code": 400 if isinstance(error, ValueError) else 500,
+            "retryable": False,
+        }
+    }
 
 
 def _memory_tags(body: dict[str, Any]) -> list[str]:
@@ -540,8 +667,30 @@ BODY_FIELDS: dict[str, dict[str, str]] = {
     },
     "/destroy_weights_update_group": {"group_name": "str"},
     "/update_weight_version": {"new_version": "str!", "abort_all_requests": "bool"},
+    "/weights_checker": {
+        "action": "str",
+        "allow_quant_error": "bool",
+        "skip_tensor_list": "str_list",
+        "selector": "str",
+    },
+}
+# Endpoints of SGLang releases after the pinned 0.5.23 that RL frameworks call (slime).
+NEWER_BODY_FIELDS: dict[str, dict[str, str]] = {
+    "/post_process_weights": {
+        "restore_weights_before_load": "bool",
+        "post_process_quantization": "bool",
+    },
 }
 
+
+# Calls that answer ``{"success": false, "message": ...}`` with HTTP 400 when refused.
+_SUCCESS_ANSWERS = (
+    "/update_weights",
+    "/init_weights",
+    "/destroy_weights",
+    "/weights_checker",
+    "/post_process_weights",
+)
 
 # Calls whose ``abort_all_requests: true`` ends every request first (SGLang's tokenizer manager).
 _ABORTING_CALLS = frozenset({"/update_weights_from_disk", "/update_weight_version"})
@@ -549,7 +698,7 @@ _ABORTING_CALLS = frozenset({"/update_weights_from_disk", "/update_weight_versio
 
 def check_body(path: str, body: Any) -> None:
     """Reject a POST body whose fields have the wrong JSON kind, naming the field (HTTP 400)."""
-    fields = BODY_FIELDS.get(path)
+    fields = BODY_FIELDS.get(path) or NEWER_BODY_FIELDS.get(path)
     if fields is None:
         return
     if not isinstance(body, dict):
@@ -590,6 +739,29 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def _stream(self, jobs: list[SequenceJob], single: bool, events: queue.Queue) -> None:
+        """Send SGLang's server-sent events: ``data: <json>`` per object, then
+        ``data: [DONE]`` (HTTP/1.1 chunked, so the connection stays usable)."""
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        state = self.server_state
+        try:
+            for chunk in state.stream_chunks(jobs, single, events, self._client_gone):
+                self._write_chunk(SSE_PREFIX + json.dumps(chunk).encode() + SSE_END)
+            self._write_chunk(SSE_DONE)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (ClientGoneError, OSError):  # the client left: nothing decodes for nobody
+            state.engine.abort(jobs=jobs)
+            self.close_connection = True
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
 
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": {"message": message, "code": status}})
@@ -647,10 +819,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(HTTPStatus.OK, state.release_memory(body))
             elif path == "/resume_memory_occupation":
                 self._send(HTTPStatus.OK, state.resume_memory(body))
+            elif path == "/weights_checker":  # GET or POST, as SGLang
+                self._send(HTTPStatus.OK, state.weights_checker(body))
             elif method != "POST":
                 self._error(HTTPStatus.NOT_FOUND, f"no GET endpoint {path}")
             elif path == "/update_weights_from_tensor":
                 self._send(HTTPStatus.OK, state.update_from_tensor(body))
+            elif path == "/post_process_weights":
+                self._send(HTTPStatus.OK, state.post_process_weights(body))
+            elif path == "/generate" and body.get("stream"):
+                self._stream(*state.prepare_stream(body))
             elif path == "/generate":
                 self._send(HTTPStatus.OK, state.generate(body, self._client_gone))
             elif path == "/abort_request":
@@ -682,10 +860,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ClientGoneError:
             log.info("client of %s disconnected; its sequences were aborted", path)
             self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError):  # gone before its answer was written
+            log.info("client of %s disconnected before the answer was sent", path)
+            self.close_connection = True
         except MemoryReleasedError as exc:
             self._error(HTTPStatus.SERVICE_UNAVAILABLE, str(exc))
         except (ValueError, FileNotFoundError) as exc:
-            if path.startswith(("/update_weights", "/init_weights", "/destroy_weights")):
+            if path.startswith(_SUCCESS_ANSWERS):
                 self._send(HTTPStatus.BAD_REQUEST, {"success": False, "message": str(exc)})
             else:
                 self._error(HTTPStatus.BAD_REQUEST, str(exc))

@@ -1,26 +1,29 @@
-"""The embedded server's generation engine: a transformers model, batched decoding on CPU.
+"""The embedded server's generation engine: a transformers model, continuous batching on CPU.
 
-Requests queue up; a worker thread takes whatever is waiting (up to ``max_batch_size``
-sequences), decodes them together with a shared KV cache, and answers each. Weight updates hold
-the same lock as decoding, so they happen between batches, never inside one, unless generation
-is paused (SGLang's /pause_generation): ``abort`` ends every sequence, ``retract`` puts running
-sequences back in the queue with their tokens so far (re-prefilled after /continue_generation),
-``in_place`` holds them, KV cache and all, between two decoding steps.
+Requests wait in a queue; a worker thread decodes the running sequences together, one token
+per step, with a shared left-padded KV cache. At every step, sequences that arrived meanwhile
+join the running batch (their prefill runs then, and their KV cache is merged into the
+batch's), and finished sequences leave it at once, so a short request never waits for a long
+one and a health check is answered within a step. Weight updates wait until no sequence runs
+(new ones are held meanwhile, as SGLang's update lock does), unless generation is paused (SGLang's
+/pause_generation): ``abort`` ends every sequence, ``retract`` puts running sequences back in
+the queue with their tokens so far (re-prefilled after /continue_generation), ``in_place``
+holds them, KV cache and all, between two decoding steps. While paused nothing new starts.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-import queue
 import shutil
 import tempfile
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from oprd_mega.lifetime import make_owned_temp_dir, remove_stale_temp_dirs
 from oprd_mega.rollout.sampling import SamplingConfig, select_tokens
+from oprd_mega.rollout.weight_checker import WeightChecker
 
 
 @dataclass(eq=False)
@@ -46,14 +50,92 @@ class SequenceJob:
     rid: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future = field(default_factory=Future)
     submitted: float = field(default_factory=time.perf_counter)
+    # Called from the worker with the job and its token count after every token that does
+    # not finish it (streaming: the answer brings the last one); must not block.
+    on_token: Callable[[SequenceJob, int], None] | None = None
+    stream_interval: int = 1  # call on_token every this many tokens (sampling_params)
     # Set by GenerationEngine.abort; the decoding loop ends the sequence at its next step.
     abort_message: str | None = None
     running: bool = False
+    first_token_at: float | None = None  # perf_counter() when the first output token came
     # Progress so far, kept on the job so that a retracted sequence resumes where it stopped.
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     output_tops: list[list[list[Any]]] = field(default_factory=list)
     input_logprobs: list[list[Any]] | None = None
+    # Set when the sequence joins a batch: its sampling stream and its token limit.
+    generator: torch.Generator | None = None
+    limit: int = 0
+
+
+@dataclass
+class _Batch:
+    """The sequences decoding together; row ``r`` of every tensor belongs to ``jobs[r]``.
+
+    ``mask`` is ``[rows, width]`` (1 at tokens, 0 at left padding), matching the KV cache's
+    ``width`` positions; ``positions`` ``[rows]`` is each row's last position id; ``logits``
+    ``[rows, vocab]`` are the next-token logits (float32).
+    """
+
+    jobs: list[SequenceJob]
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+
+
+def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``tensor`` with zeros prepended along ``dim`` up to ``width``."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def merge_batches(a: _Batch, b: _Batch) -> _Batch:
+    """One batch of ``a``'s rows then ``b``'s: both left-padded to the wider KV cache.
+
+    Padding is masked out, and rotary positions are already applied to the cached keys, so
+    every row attends exactly as before. ``a``'s cache is updated in place and kept.
+    """
+    width = max(a.mask.shape[1], b.mask.shape[1])
+    for layer_a, layer_b in zip(a.cache.layers, b.cache.layers, strict=True):
+        layer_a.keys = torch.cat(
+            [_left_pad(layer_a.keys, width, -2), _left_pad(layer_b.keys, width, -2)], dim=0
+        )
+        layer_a.values = torch.cat(
+            [_left_pad(layer_a.values, width, -2), _left_pad(layer_b.values, width, -2)], dim=0
+        )
+    return _Batch(
+        jobs=a.jobs + b.jobs,
+        cache=a.cache,
+        mask=torch.cat([_left_pad(a.mask, width, 1), _left_pad(b.mask, width, 1)], dim=0),
+        positions=torch.cat([a.positions, b.positions]),
+        logits=torch.cat([a.logits, b.logits]),
+    )
+
+
+def select_rows(batch: _Batch, keep: list[int], trim: bool) -> _Batch:
+    """The rows ``keep`` of ``batch`` (its cache reordered in place); with ``trim``, the left
+    columns that are padding in every remaining row are cut from the mask and the cache."""
+    index = torch.tensor(keep, dtype=torch.long)
+    batch.cache.reorder_cache(index)
+    mask = batch.mask[index]
+    start = int(mask.any(dim=0).int().argmax()) if trim else 0
+    if start:
+        mask = mask[:, start:]
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[:, :, start:]
+            layer.values = layer.values[:, :, start:]
+    return _Batch(
+        jobs=[batch.jobs[k] for k in keep],
+        cache=batch.cache,
+        mask=mask,
+        positions=batch.positions[index],
+        logits=batch.logits[index],
+    )
 
 
 PAUSE_MODES = ("abort", "retract", "in_place")
@@ -104,7 +186,13 @@ MEMORY_TAGS = ("kv_cache", "weights", "cuda_graph")
 
 
 class GenerationEngine:
-    """Holds the model and tokenizer; generates batches; applies weight updates."""
+    """Holds the model and tokenizer; decodes with continuous batching; applies weight updates.
+
+    ``continuous=False`` admits new sequences only when the running batch is empty (one batch
+    at a time, as before continuous batching; kept for benchmarks). Models whose KV cache is
+    not transformers' plain ``DynamicLayer`` (sliding windows, quantised caches) always run
+    one batch at a time, since their caches cannot be merged.
+    """
 
     def __init__(
         self,
@@ -114,8 +202,11 @@ class GenerationEngine:
         seed: int | None = None,
         weight_version: str = "default",
         batch_wait_s: float = 0.005,
+        continuous: bool = True,
+        memory_saver: bool = False,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.cache_utils import DynamicLayer
 
         self.model_path = str(model_path)
         # Copies released by servers that were killed since (SIGKILL runs no cleanup).
@@ -133,30 +224,44 @@ class GenerationEngine:
         # transformers >= 5.2x names the KV cache argument `cache`; earlier `past_key_values`.
         forward_args = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
+        self._keep_arg = "logits_to_keep" if "logits_to_keep" in forward_args else None
+        self._mergeable_layer = DynamicLayer
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 1 << 20))
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.continuous = continuous
+        # SGLang's --enable-memory-saver: without it /release_memory_occupation frees nothing.
+        self.memory_saver = memory_saver
         self.weight_version = weight_version
+        # Held by the worker while any sequence runs, and by weight updates and memory release.
         self.lock = threading.Lock()
-        # Pause state (set without ``lock``, which a decoding batch holds; the decoding loop
-        # polls it, and its waits on ``_cond`` release ``lock`` for weight updates).
+        # The in_place hold waits on ``_cond``, which releases ``lock`` for weight updates.
         self._cond = threading.Condition(self.lock)
         self.paused: str | None = None
-        # The jobs not yet answered; ``_idle`` is notified whenever one stops running.
+        # ``_jobs_lock`` guards the job lists, the pause mode and the writer count; ``_changed``
+        # is notified on every change of them (a job queued or answered, pause, continue).
         self._jobs_lock = threading.Lock()
-        self._idle = threading.Condition(self._jobs_lock)
-        self._jobs: list[SequenceJob] = []
+        self._changed = threading.Condition(self._jobs_lock)
+        self._jobs: list[SequenceJob] = []  # every job not answered yet
+        self._waiting: deque[SequenceJob] = deque()  # not running, in admission order
+        self._writers = 0  # weight updates waiting for the running sequences to end
         self._held = False  # the decoding loop waits in an in_place pause
-        self._retracted: deque[SequenceJob] = deque()
-        self.stats = {"batches": 0, "sequences": 0, "max_batch": 0, "tokens": 0}
+        self.stats = {
+            "batches": 0,  # prefill forwards (each admits one or more sequences)
+            "steps": 0,  # decoding forwards
+            "sequences": 0,
+            "max_batch": 0,  # the most sequences decoded in one step
+            "tokens": 0,
+        }
         # Without a seed, draw one: two servers must not sample the same streams.
+        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1
         self._rng = torch.Generator()
-        self._rng.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8)) >> 1)
-        self._queue: queue.Queue[SequenceJob] = queue.Queue()
+        self._rng.manual_seed(self.seed)
         self._stop = threading.Event()
         self._groups: dict[str, Any] = {}
         self.released: set[str] = set()  # memory tags given up by /release_memory_occupation
         self._spilled_weights: Path | None = None
+        self._weight_checker = WeightChecker()
         self._worker = threading.Thread(target=self._loop, name="oprd-engine", daemon=True)
         self._worker.start()
 
@@ -200,13 +305,11 @@ class GenerationEngine:
         self.raise_if_released()
         for job in jobs:
             self.validate(job)
-        futures = []
-        with self._jobs_lock:
+        with self._changed:
             self._jobs.extend(jobs)
-        for job in jobs:
-            self._queue.put(job)
-            futures.append(job.future)
-        return futures
+            self._waiting.extend(jobs)
+            self._changed.notify_all()
+        return [job.future for job in jobs]
 
     # ----- abort and pause (SGLang's /abort_request, /pause_generation, /continue_generation) --
 
@@ -226,7 +329,7 @@ class GenerationEngine:
         """
         chosen = {id(j) for j in jobs}
         answered = []
-        with self._jobs_lock:
+        with self._changed:
             for job in self._jobs:
                 if not (abort_all or id(job) in chosen or (rid and job.rid.startswith(rid))):
                     continue
@@ -234,8 +337,8 @@ class GenerationEngine:
                 if not job.running:
                     answered.append(job)
             for job in answered:
-                self._jobs.remove(job)
-            count = len(answered) + sum(1 for j in self._jobs if j.abort_message)
+                self._waiting.remove(job)
+            count = len(answered) + sum(1 for j in self._jobs if j.abort_message and j.running)
         for job in answered:
             self._answer(job, self._response(job, abort_finish(job.abort_message or message)))
         return count
@@ -243,27 +346,32 @@ class GenerationEngine:
     def pause(self, mode: str = "abort") -> None:
         """Stop decoding until :meth:`resume`; ``mode`` is one of SGLang's :data:`PAUSE_MODES`.
 
-        Returns once no sequence is decoding any more: with ``abort`` and ``retract`` none
-        runs, with ``in_place`` the running ones wait between two steps. A weight update that
-        follows never meets a decoding step.
+        From the moment this is called no sequence starts, whenever it arrives, until
+        :meth:`resume`. Returns once no sequence is decoding any more: with ``abort`` and
+        ``retract`` none runs, with ``in_place`` the running ones wait between two steps. A
+        weight update that follows never meets a decoding step.
         """
         if mode not in PAUSE_MODES:
             raise ValueError(f"mode must be one of {', '.join(PAUSE_MODES)}, got {mode!r}")
-        self.paused = mode
+        with self._changed:
+            self.paused = mode
+            self._changed.notify_all()
         if mode == "abort":
             self.abort(abort_all=True)
-        with self._idle:
+        with self._changed:
             while (
                 any(j.running for j in self._jobs)
                 and not (mode == "in_place" and self._held)
                 and self.paused == mode
                 and not self._stop.is_set()
             ):
-                self._idle.wait(timeout=0.05)
+                self._changed.wait(timeout=0.05)
 
     def resume(self) -> None:
         """Continue decoding after :meth:`pause` (retracted sequences go first)."""
-        self.paused = None
+        with self._changed:
+            self.paused = None
+            self._changed.notify_all()
 
     def load(self) -> dict[str, int]:
         """Running and waiting sequences and the tokens the running ones hold (prompt and
@@ -276,12 +384,27 @@ class GenerationEngine:
                 "num_used_tokens": sum(len(j.input_ids) + len(j.output_ids) for j in running),
             }
 
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the engine with no sequence decoding: wait until the running ones end (or are
+        held by an in_place pause), admitting no new one meanwhile, as SGLang's update lock
+        makes a weight update wait for the requests in flight and hold the ones after it."""
+        with self._changed:
+            self._writers += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._changed:
+                self._writers -= 1
+                self._changed.notify_all()
+
     def _answer(self, job: SequenceJob, result: dict[str, Any] | BaseException) -> None:
-        with self._idle:
+        with self._changed:
             if job in self._jobs:
                 self._jobs.remove(job)
             job.running = False
-            self._idle.notify_all()
+            self._changed.notify_all()
         if job.future.done():
             return
         if isinstance(result, BaseException):
@@ -290,78 +413,248 @@ class GenerationEngine:
             job.future.set_result(result)
 
     def _set_held(self, held: bool) -> None:
-        with self._idle:
+        with self._changed:
             self._held = held
-            self._idle.notify_all()
-
-    def _claim(self, batch: list[SequenceJob]) -> list[SequenceJob]:
-        """The jobs of ``batch`` still to decode (not answered by an abort), marked running."""
-        with self._jobs_lock:
-            claimed = [j for j in batch if j in self._jobs]  # an abort removed the others
-            for job in claimed:
-                job.running = True
-        return claimed
+            self._changed.notify_all()
 
     def close(self) -> None:
         """Stop the worker; every sequence not answered yet ends as aborted."""
         self.abort(abort_all=True, message="server shutting down")
         self._stop.set()
         self._worker.join(timeout=10)
-        while self._retracted:
-            self._answer(self._retracted.popleft(), RuntimeError("server shutting down"))
+        with self._changed:
+            left = list(self._jobs)
+        for job in left:
+            self._answer(job, RuntimeError("server shutting down"))
         if self._spilled_weights is not None:
             shutil.rmtree(self._spilled_weights.parent, ignore_errors=True)
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._answer(job, RuntimeError("server shutting down"))
 
-    def _next_batch(self) -> list[SequenceJob]:
-        """Retracted sequences first, then whatever waits (up to ``max_batch_size``)."""
-        batch: list[SequenceJob] = []
-        while self._retracted and len(batch) < self.max_batch_size:
-            batch.append(self._retracted.popleft())
-        if batch:
-            return batch
-        try:
-            batch.append(self._queue.get(timeout=0.05))
-        except queue.Empty:
-            return batch
-        deadline = time.perf_counter() + self.batch_wait_s
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
-            try:
-                batch.append(
-                    self._queue.get(timeout=remaining)
-                    if remaining > 0
-                    else self._queue.get_nowait()
-                )
-            except queue.Empty:
-                break
-        return batch
+    # ----- the worker: admission and the decoding loop -----
+
+    def _admissible(self) -> bool:
+        """Whether a waiting sequence may start now (call with ``_jobs_lock`` held)."""
+        return (
+            bool(self._waiting)
+            and self.paused is None
+            and self._writers == 0
+            and not self._stop.is_set()
+        )
+
+    def _admit(self, slots: int, gather: bool) -> list[SequenceJob]:
+        """Take up to ``slots`` waiting sequences and mark them running; with ``gather``, wait
+        up to ``batch_wait_s`` for more to arrive, so that a burst is prefilled together."""
+        with self._changed:
+            if gather and self._admissible():
+                deadline = time.perf_counter() + self.batch_wait_s
+                while len(self._waiting) < slots and self._admissible():
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(timeout=remaining)
+            jobs: list[SequenceJob] = []
+            while len(jobs) < slots and self._admissible():
+                job = self._waiting.popleft()
+                job.running = True
+                jobs.append(job)
+            return jobs
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            with self._cond:
-                if self.paused is not None:
-                    self._cond.wait(timeout=0.05)
+            with self._changed:
+                if not self._admissible():
+                    self._changed.wait(timeout=0.05)
                     continue
-            batch = self._claim(self._next_batch())
-            if not batch:
-                continue
+            with self.lock:
+                self._run()
+
+    def _mergeable(self, cache: Any) -> bool:
+        layers = getattr(cache, "layers", None)
+        return layers is not None and all(type(x) is self._mergeable_layer for x in layers)
+
+    def _run(self) -> None:
+        """Decode until no sequence runs (called with ``lock`` held): each step ends aborted
+        sequences, honours a pause, admits waiting sequences, then picks every row's token."""
+        batch: _Batch | None = None
+        while not self._stop.is_set():
             try:
-                with self.lock:
-                    results = self._generate(batch)
-            except Exception as exc:  # a failed batch fails its requests, not the server
-                for job in batch:
+                if batch is not None and self.paused == "in_place":
+                    self._set_held(True)
+                    while self.paused == "in_place" and not self._stop.is_set():
+                        self._cond.wait(timeout=0.05)  # hold the KV cache; updates may run
+                    self._set_held(False)
+                if batch is not None:
+                    aborted = {
+                        r: abort_finish(job.abort_message)
+                        for r, job in enumerate(batch.jobs)
+                        if job.abort_message is not None
+                    }
+                    batch = self._retire(batch, aborted)
+                if batch is not None and self.paused == "retract":
+                    self._retract(batch.jobs)
+                    batch = None
+                if batch is None or (self.continuous and self._mergeable(batch.cache)):
+                    rows = 0 if batch is None else len(batch.jobs)
+                    joining = self._admit(self.max_batch_size - rows, gather=batch is None)
+                    if joining:
+                        batch = self._join(batch, joining)
+                if batch is None:
+                    return
+                batch = self._step(batch)
+            except Exception as exc:  # a failed step fails its sequences, not the server
+                failed = [] if batch is None else list(batch.jobs)
+                failed += [j for j in self._running_jobs() if j not in failed]
+                for job in failed:
                     self._answer(job, exc)
-                continue
-            for job, result in results:
-                self._answer(job, result)
+                batch = None
+        if batch is not None:  # closing: the running sequences end as aborted, tokens kept
+            reason = abort_finish("server shutting down")
+            self._retire(batch, dict.fromkeys(range(len(batch.jobs)), reason))
+
+    def _running_jobs(self) -> list[SequenceJob]:
+        with self._jobs_lock:
+            return [j for j in self._jobs if j.running]
+
+    def _retract(self, jobs: list[SequenceJob]) -> None:
+        """Put running sequences back at the head of the queue, their tokens kept."""
+        with self._changed:
+            for job in reversed(jobs):
+                job.running = False
+                self._waiting.appendleft(job)
+            self._changed.notify_all()
+
+    def _join(self, batch: _Batch | None, jobs: list[SequenceJob]) -> _Batch | None:
+        """Prefill ``jobs`` and add them to ``batch``; jobs with nothing left to generate
+        (``max_new_tokens`` 0) are answered at once."""
+        joined = self._prefill(jobs)
+        done = {
+            r: {"type": "length", "length": len(job.output_ids)}
+            for r, job in enumerate(joined.jobs)
+            if len(job.output_ids) >= job.limit
+        }
+        joined = self._retire(joined, done)
+        if joined is None:
+            return batch
+        return joined if batch is None else merge_batches(batch, joined)
+
+    def _retire(self, batch: _Batch, finished: dict[int, dict[str, Any]]) -> _Batch | None:
+        """Answer the rows in ``finished`` (row -> finish reason) and drop them from the batch;
+        None when no row is left."""
+        if not finished:
+            return batch
+        now = time.perf_counter()
+        for r, reason in finished.items():
+            job = batch.jobs[r]
+            self.stats["tokens"] += len(job.output_ids)
+            self._answer(job, self._response(job, reason, now))
+        keep = [r for r in range(len(batch.jobs)) if r not in finished]
+        if not keep:
+            return None
+        return select_rows(batch, keep, trim=self._mergeable(batch.cache))
 
     # ----- decoding -----
+
+    @torch.inference_mode()
+    def _prefill(self, jobs: list[SequenceJob]) -> _Batch:
+        """One forward over the jobs' contexts (prompt plus any tokens kept from a retract),
+        left-padded to the longest; sets each job's generator and token limit."""
+        self.raise_if_released()  # queued before a release
+        self.stats["batches"] += 1
+        self.stats["sequences"] += len(jobs)
+        contexts = [j.input_ids + j.output_ids for j in jobs]
+        lengths = [len(c) for c in contexts]
+        width = max(lengths)
+        input_ids = torch.zeros((len(jobs), width), dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for r, context in enumerate(contexts):
+            input_ids[r, width - lengths[r] :] = torch.tensor(context)
+            mask[r, width - lengths[r] :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for job in jobs:
+            # A resumed job draws from its generator past the tokens it already has.
+            job.generator = torch.Generator().manual_seed(job.seed + len(job.output_ids))
+            max_new = job.config.max_new_tokens
+            job.limit = min(
+                max_new if max_new is not None else 1 << 30, self.max_context - len(job.input_ids)
+            )
+        wants_input = any(
+            j.return_logprob and j.logprob_start_len >= 0 and not j.input_logprobs for j in jobs
+        )
+        keep = {self._keep_arg: 1} if self._keep_arg and not wants_input else {}
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep
+        )
+        all_logits = out.logits.float()
+        if wants_input:
+            self._input_logprobs(jobs, all_logits, lengths, width)
+        return _Batch(
+            jobs=list(jobs),
+            cache=_output_cache(out),
+            mask=mask,
+            positions=positions[:, -1],
+            logits=all_logits[:, -1, :],
+        )
+
+    @torch.inference_mode()
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Pick every row's next token, answer the rows that finish, and run one decoding
+        forward for the others; None when no row is left."""
+        jobs = batch.jobs
+        logits = batch.logits.clone()
+        for k, job in enumerate(jobs):
+            if len(job.output_ids) < job.config.min_new_tokens:
+                blocked = set(job.config.stop_token_ids)
+                if not job.config.ignore_eos:
+                    blocked |= self.eos_ids
+                if blocked:
+                    logits[k, list(blocked)] = float("-inf")
+        generators = [j.generator for j in jobs]
+        tokens, chosen = select_tokens(logits, [j.config for j in jobs], generators)  # type: ignore[arg-type]
+        if any(j.top_logprobs_num > 0 for j in jobs):
+            temps = [1.0 if j.config.greedy else j.config.temperature for j in jobs]
+            full = torch.log_softmax(logits / torch.tensor(temps)[:, None], dim=-1)
+        now = time.perf_counter()
+        finished: dict[int, dict[str, Any]] = {}
+        for k, job in enumerate(jobs):
+            token = int(tokens[k])
+            job.output_ids.append(token)
+            job.output_logprobs.append(float(chosen[k]))
+            if job.first_token_at is None:
+                job.first_token_at = now
+            if job.top_logprobs_num > 0:
+                values, ids = full[k].topk(job.top_logprobs_num)
+                job.output_tops.append(
+                    [
+                        [float(v), int(i), self._token_text(int(i), job.return_text_in_logprobs)]
+                        for v, i in zip(values, ids, strict=True)
+                    ]
+                )
+            reason = self._finish(job, job.output_ids, token, job.limit)
+            if reason is not None:
+                finished[k] = reason
+            elif job.on_token is not None and len(job.output_ids) % job.stream_interval == 0:
+                job.on_token(job, len(job.output_ids))
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(jobs))
+        rest = self._retire(batch, finished)
+        if rest is None:
+            return None
+        mask = torch.cat([rest.mask, torch.ones((len(rest.jobs), 1), dtype=torch.long)], dim=1)
+        positions = rest.positions + 1
+        next_tokens = torch.tensor([j.output_ids[-1] for j in rest.jobs], dtype=torch.long)
+        out = self.model(
+            input_ids=next_tokens[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            use_cache=True,
+            **{self._cache_arg: rest.cache},
+        )
+        self.stats["steps"] += 1
+        return _Batch(
+            jobs=rest.jobs,
+            cache=_output_cache(out),
+            mask=mask,
+            positions=positions,
+            logits=out.logits[:, -1, :].float(),
+        )
 
     def _decode(self, ids: list[int], skip_special: bool = True) -> str:
         if self.tokenizer is None or not ids:
@@ -372,132 +665,6 @@ class GenerationEngine:
         if not wanted or self.tokenizer is None:
             return None
         return self.tokenizer.decode([token])
-
-    @torch.inference_mode()
-    def _generate(self, batch: list[SequenceJob]) -> list[tuple[SequenceJob, dict[str, Any]]]:
-        """Decode ``batch`` (called with ``lock`` held); return the finished jobs' answers.
-
-        A job resumes from its own ``output_ids`` (after a retract the prompt and those tokens
-        are prefilled again). Jobs retracted by a pause go back to ``_retracted`` unanswered.
-        """
-        self.raise_if_released()  # queued before a release
-        size = len(batch)
-        self.stats["batches"] += 1
-        self.stats["sequences"] += size
-        self.stats["max_batch"] = max(self.stats["max_batch"], size)
-        contexts = [j.input_ids + j.output_ids for j in batch]
-        lengths = [len(c) for c in contexts]
-        width = max(lengths)
-        pad = 0
-        input_ids = torch.full((size, width), pad, dtype=torch.long)
-        mask = torch.zeros((size, width), dtype=torch.long)
-        for r, context in enumerate(contexts):
-            input_ids[r, width - lengths[r] :] = torch.tensor(context)
-            mask[r, width - lengths[r] :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # A resumed job draws from its generator past the tokens it already has.
-        generators = [torch.Generator().manual_seed(j.seed + len(j.output_ids)) for j in batch]
-        limits = [
-            min(
-                j.config.max_new_tokens if j.config.max_new_tokens is not None else 1 << 30,
-                self.max_context - len(j.input_ids),
-            )
-            for j in batch
-        ]
-        finish: list[dict[str, Any] | None] = [
-            {"type": "length", "length": len(j.output_ids)} if len(j.output_ids) >= limit else None
-            for j, limit in zip(batch, limits, strict=True)
-        ]
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
-        )
-        all_logits = out.logits.float()
-        self._input_logprobs(batch, all_logits, lengths, width)
-        logits = all_logits[:, -1, :]
-        past = _output_cache(out)
-        rows = list(range(size))  # the original index of each row still being decoded
-        retracted: list[SequenceJob] = []
-        while True:
-            if self.paused == "in_place":
-                self._set_held(True)
-                while self.paused == "in_place" and not self._stop.is_set():
-                    self._cond.wait(timeout=0.05)  # hold the KV cache; weight updates may run
-                self._set_held(False)
-            for r in rows:
-                message = batch[r].abort_message
-                if finish[r] is None and message is not None:
-                    finish[r] = abort_finish(message)
-            if self.paused == "retract":
-                retracted = [batch[r] for r in rows if finish[r] is None]
-                break
-            keep = [k for k, r in enumerate(rows) if finish[r] is None]
-            if not keep:
-                break
-            if len(keep) < len(rows):  # drop finished rows from the batch and the KV cache
-                index = torch.tensor(keep)
-                logits, mask, positions = logits[index], mask[index], positions[index]
-                past.reorder_cache(index)
-                rows = [rows[k] for k in keep]
-            jobs = [batch[r] for r in rows]
-            logits = logits.clone()
-            for k, job in enumerate(jobs):
-                if len(job.output_ids) < job.config.min_new_tokens:
-                    blocked = set(job.config.stop_token_ids)
-                    if not job.config.ignore_eos:
-                        blocked |= self.eos_ids
-                    if blocked:
-                        logits[k, list(blocked)] = float("-inf")
-            tokens, chosen = select_tokens(
-                logits, [j.config for j in jobs], [generators[r] for r in rows]
-            )
-            if any(j.top_logprobs_num > 0 for j in jobs):
-                temps = [1.0 if j.config.greedy else j.config.temperature for j in jobs]
-                full = torch.log_softmax(logits / torch.tensor(temps)[:, None], dim=-1)
-            for k, (r, job) in enumerate(zip(rows, jobs, strict=True)):
-                token = int(tokens[k])
-                job.output_ids.append(token)
-                job.output_logprobs.append(float(chosen[k]))
-                if job.top_logprobs_num > 0:
-                    values, ids = full[k].topk(job.top_logprobs_num)
-                    job.output_tops.append(
-                        [
-                            [
-                                float(v),
-                                int(i),
-                                self._token_text(int(i), job.return_text_in_logprobs),
-                            ]
-                            for v, i in zip(values, ids, strict=True)
-                        ]
-                    )
-                finish[r] = self._finish(job, job.output_ids, token, limits[r])
-            if all(finish[r] is not None for r in rows):
-                break
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                **{self._cache_arg: past},
-            )
-            past = _output_cache(out)
-            logits = out.logits[:, -1, :].float()
-        if retracted:
-            self._retracted.extend(retracted)
-            with self._idle:
-                for job in retracted:
-                    job.running = False
-                self._idle.notify_all()
-        now = time.perf_counter()
-        results = []
-        for r, job in enumerate(batch):
-            reason = finish[r]
-            if reason is None:
-                continue
-            self.stats["tokens"] += len(job.output_ids)
-            results.append((job, self._response(job, reason, now)))
-        return results
 
     def _input_logprobs(
         self, batch: list[SequenceJob], logits: torch.Tensor, lengths: list[int], width: int
@@ -536,9 +703,19 @@ class GenerationEngine:
         self, job: SequenceJob, finish: dict[str, Any], now: float | None = None
     ) -> dict[str, Any]:
         """SGLang's answer for one sequence, from the progress kept on ``job``."""
-        output = job.output_ids
+        answer = self.partial_response(job, len(job.output_ids), finish)
+        now = now if now is not None else time.perf_counter()
+        answer["meta_info"]["e2e_latency"] = now - job.submitted
+        return answer
+
+    def partial_response(
+        self, job: SequenceJob, count: int, finish: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The answer for the first ``count`` output tokens of ``job`` (a streaming chunk
+        while ``finish`` is None: cumulative text, ids and log-probs, as SGLang streams)."""
+        output = job.output_ids[:count]
         text = self._decode(output, job.config.skip_special_tokens)
-        matched = finish.get("matched")
+        matched = (finish or {}).get("matched")
         if isinstance(matched, str) and not job.config.no_stop_trim:
             text = text[: text.find(matched)] if matched in text else text
         meta: dict[str, Any] = {
@@ -548,16 +725,15 @@ class GenerationEngine:
             "completion_tokens": len(output),
             "cached_tokens": 0,
             "weight_version": self.weight_version,
-            "e2e_latency": (now if now is not None else time.perf_counter()) - job.submitted,
         }
         if job.return_logprob:
             meta["output_token_logprobs"] = [
                 [lp, tok, self._token_text(tok, job.return_text_in_logprobs)]
-                for lp, tok in zip(job.output_logprobs, output, strict=True)
+                for lp, tok in zip(job.output_logprobs[:count], output, strict=True)
             ]
             meta["input_token_logprobs"] = job.input_logprobs or []
             if job.top_logprobs_num > 0:
-                meta["output_top_logprobs"] = job.output_tops
+                meta["output_top_logprobs"] = job.output_tops[:count]
         return {"text": text, "output_ids": output, "meta_info": meta}
 
     # ----- weights -----
@@ -576,7 +752,7 @@ class GenerationEngine:
     def update_from_disk(self, model_path: str, weight_version: str | None) -> None:
         """Reload every safetensors tensor from ``model_path``, then set the version."""
         tensors = load_state_dict_from_dir(model_path)
-        with self.lock:
+        with self.exclusive():
             self.load_weights(tensors, source=model_path, complete=True)
             if weight_version is not None:
                 self.weight_version = weight_version
@@ -624,7 +800,7 @@ class GenerationEngine:
             raise ValueError(f"no weight update group {group_name!r}; call init first")
         if not len(names) == len(dtypes) == len(shapes):
             raise ValueError("names, dtypes and shapes must have the same length")
-        with self.lock:
+        with self.exclusive():
             received: dict[str, torch.Tensor] = {}
             for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
                 torch_dtype = getattr(torch, str(dtype).removeprefix("torch."), None)
@@ -638,6 +814,17 @@ class GenerationEngine:
                 self.weight_version = weight_version
 
     # ----- weight checks -----
+
+    def weights_checker(self, action: str, skip_tensor_list: list[str] | None) -> dict[str, Any]:
+        """SGLang's /weights_checker (see :mod:`oprd_mega.rollout.weight_checker`), once no
+        sequence decodes, as every weight access here."""
+        with self.exclusive():
+            if "weights" in self.released:
+                raise ValueError(
+                    "weights_checker: the weights are released; call /resume_memory_occupation "
+                    "first"
+                )
+            return self._weight_checker.handle(self.model, action, skip_tensor_list)
 
     def _weight_tensors(self) -> dict[str, torch.Tensor]:
         """Every loadable tensor by HF name, tied weights under each of their names."""
@@ -705,7 +892,7 @@ class GenerationEngine:
             if name in tensors:
                 raise WeightCheckError(f"update_weights_from_tensor: tensor {name} sent twice")
             tensors[name] = tensor
-        with self.lock:
+        with self.exclusive():
             self.load_weights(tensors, source="update_weights_from_tensor")
             if weight_version is not None:
                 self.weight_version = weight_version
@@ -720,11 +907,14 @@ class GenerationEngine:
                 "/resume_memory_occupation first"
             )
 
-    def release_memory(self, tags: list[str]) -> None:
-        """Give up the memory of ``tags`` once the running batch ends. The weights go to a
+    def release_memory(self, tags: list[str]) -> bool:
+        """Give up the memory of ``tags`` once the running sequences end. The weights go to a
         temporary safetensors file and their tensors are freed; the KV cache, allocated per
-        batch here, is simply not allocated again until resumed."""
-        with self.lock:
+        batch here, is simply not allocated again until resumed. Without ``memory_saver``
+        nothing is freed, as SGLang's no-op memory saver does; returns whether it was."""
+        if not self.memory_saver:
+            return False
+        with self.exclusive():
             if "weights" in tags and "weights" not in self.released:
                 # Owned by this process: the next server removes it if this one was killed.
                 folder = make_owned_temp_dir(Path(tempfile.gettempdir()), RELEASED_WEIGHTS)
@@ -735,10 +925,13 @@ class GenerationEngine:
                     param.data = torch.empty(0, dtype=param.dtype)
                 self._spilled_weights = path
             self.released |= set(tags)
+        return True
 
     def resume_memory(self, tags: list[str]) -> None:
         """Take back the memory of ``tags``; the weights come back exactly as released."""
-        with self.lock:
+        if not self.memory_saver:
+            return
+        with self.exclusive():
             if "weights" in tags and self._spilled_weights is not None:
                 stored = load_file(str(self._spilled_weights))
                 for name, param in self.model.named_parameters():

@@ -147,6 +147,8 @@ class LaunchConfig:
         else:
             prefix = list(self.command or (sys.executable, "-m", "oprd_mega.cli", "serve"))
             args = ["--model", self.model_path, "--host", self.host, "--port", str(port)]
+        if self.colocate:  # the trainer releases the servers' memory around each step
+            args.append("--enable-memory-saver")
         if token is not None:
             args += ["--weight-version", token]
         return [*prefix, *args, *self.extra_args]

@@ -40,3 +40,13 @@ def reference_model(tiny_model_dir: Path):
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def other_model(other_model_dir: Path):
+    """transformers' model for the second directory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(other_model_dir), dtype=torch.float32)
+    return model.eval()

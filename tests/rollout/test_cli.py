@@ -24,3 +24,10 @@ def test_serve_needs_a_model(capsys):
 def test_serve_accepts_sglangs_model_path(tmp_path):
     args = build_parser().parse_args(["serve", "--model-path", str(tmp_path)])
     assert args.model == str(tmp_path)
+
+
+def test_serve_enable_memory_saver_is_sglangs_flag(tmp_path):
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--model", str(tmp_path)]).enable_memory_saver is False
+    args = parser.parse_args(["serve", "--model", str(tmp_path), "--enable-memory-saver"])
+    assert args.enable_memory_saver is True

@@ -42,6 +42,7 @@ REQUEST_CLASSES = {
     "/update_weights_from_distributed": "UpdateWeightsFromDistributedReqInput",
     "/destroy_weights_update_group": "DestroyWeightsUpdateGroupReqInput",
     "/update_weight_version": "UpdateWeightVersionReqInput",
+    "/weights_checker": "CheckWeightsReqInput",
 }
 LONG = 200  # max_new_tokens of a request that is still decoding when the test acts on it
 STEP_S = 0.02  # the least time of one forward in the paced servers below
@@ -158,23 +159,23 @@ def fresh_server(tiny_model_dir):
         yield paced(srv)
 
 
-@pytest.fixture(scope="module")
-def other_model(other_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(other_model_dir), dtype=torch.float32).eval()
+@pytest.fixture
+def one_slot_server(tiny_model_dir):
+    """A paced server that decodes one sequence at a time, so a second one waits."""
+    with EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0, seed=5, max_batch_size=1)) as srv:
+        yield paced(srv)
 
 
 # ----- /abort_request -----
 
 
 def test_abort_all_ends_running_and_queued_requests_keeping_their_tokens(
-    fresh_server, reference_model, schema
+    one_slot_server, reference_model, schema
 ):
-    url = fresh_server.url
+    url = one_slot_server.url
     running = start(url, long_body("a", sampling_seed=3))
-    wait_generated(fresh_server, 3, 2)
-    queued = start(url, long_body("b"))  # waits: the running batch holds the engine
+    wait_generated(one_slot_server, 3, 2)
+    queued = start(url, long_body("b"))  # waits: the one batch slot is taken
     wait_until(lambda: loads(url)["num_waiting_reqs"] == 1)
     body = {"abort_all": True}
     schema.AbortRequest.from_json_value(body)
@@ -201,14 +202,14 @@ def test_abort_by_rid_matches_its_samples_only(fresh_server, schema):
     wait_generated(fresh_server, 6, 2)  # two sequences of 3 prompt tokens
     post(url, "/abort_request", {"rid": "nothing"})  # no such request: no effect
     post(url, "/abort_request", {"rid": ""})  # SGLang ignores an empty rid without abort_all
-    other = start(url, long_body("keep", max_new_tokens=4))
-    wait_until(lambda: loads(url)["num_waiting_reqs"] == 1)
+    other = start(url, long_body("keep", max_new_tokens=40))
+    wait_until(lambda: fresh_server.engine.load()["num_running_reqs"] == 3)  # joined the batch
     post(url, "/abort_request", {"rid": "grp"})  # SGLang names n samples rid_k; prefix match
     answers = group.result(timeout=60)
     assert [a["meta_info"]["id"] for a in answers] == ["grp_0", "grp_1"]
     assert all(a["meta_info"]["finish_reason"]["type"] == "abort" for a in answers)
     kept = other.result(timeout=60)
-    assert kept["meta_info"]["finish_reason"] == {"type": "length", "length": 4}
+    assert kept["meta_info"]["finish_reason"] == {"type": "length", "length": 40}
     schema.GenerateResponse.from_json_value(kept)
 
 
@@ -338,7 +339,26 @@ def test_server_info_reports_sglangs_server_arguments(server, schema):
     assert ours <= server_args, ours - server_args
     for key in ("tp_size", "dp_size", "pp_size", "ep_size"):
         assert info[key] == 1
-    assert info["enable_memory_saver"] is True  # release and resume are served
+    assert info["enable_memory_saver"] is False  # not started with --enable-memory-saver
+    assert info["random_seed"] == 1234 and info["max_running_requests"] == 32
+    assert info["context_length"] == info["max_context_length"] == 512
+
+
+def test_memory_saver_is_reported_and_only_it_frees_memory(tiny_model_dir, reference_model):
+    body = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    for saver in (False, True):
+        config = ServerConfig(str(tiny_model_dir), port=0, enable_memory_saver=saver)
+        with EmbeddedServer(config) as srv:
+            assert httpx.get(srv.url + "/server_info").json()["enable_memory_saver"] is saver
+            post(srv.url, "/release_memory_occupation", {})
+            freed = all(p.numel() == 0 for p in srv.engine.model.parameters())
+            assert freed is saver
+            if not saver:  # as SGLang without the saver: nothing freed, generation goes on
+                answer = post(srv.url, "/generate", body).json()
+                _, argmax = model_logprobs(reference_model, [5, 6, 7], answer["output_ids"])
+                assert answer["output_ids"] == argmax
+            post(srv.url, "/resume_memory_occupation", {})
+            assert all(p.numel() > 0 for p in srv.engine.model.parameters())
 
 
 def test_loads_answer_sglangs_fields(server):

@@ -155,7 +155,7 @@ def test_concurrent_requests_are_batched_and_agree(server):
     for i, out in enumerate(results):
         assert out["output_ids"] == alone[i % 4]
     assert after["sequences"] - before["sequences"] == 16
-    # 16 single-sequence requests decoded in fewer than 16 batches: some shared a batch.
+    # 16 single-sequence requests prefilled in fewer than 16 batches: some shared a batch.
     assert after["batches"] - before["batches"] < 16
 
 
@@ -168,7 +168,7 @@ def test_concurrent_requests_are_batched_and_agree(server):
         ({"input_ids": [1, 2], "sampling_params": {"frequency_penalty": 0.5}}, "frequency_penalty"),
         ({"input_ids": []}, "input_ids"),
         ({"sampling_params": {}}, "input_ids or text"),
-        ({"input_ids": [1], "stream": True}, "stream"),
+        ({"input_ids": [1], "stream": "yes"}, "field stream must be true or false"),
         ({"input_ids": [1, 99999]}, "token id 99999 outside"),
         ({"input_ids": list(range(1, 200)) * 3}, "does not fit the context length 512"),
     ],

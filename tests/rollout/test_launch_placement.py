@@ -112,6 +112,16 @@ def test_servers_never_share_gpus_with_each_other_or_the_trainer():
         LaunchConfig(model_path="/m", num_servers=2, base_port=65535)
 
 
+def test_colocated_servers_start_with_the_memory_saver():
+    for backend in ("sglang", "embedded"):
+        colocated = LaunchConfig(model_path="/m", backend=backend, colocate=True)
+        assert "--enable-memory-saver" in colocated.for_trainer(2, None).argv(0, port=1)
+        apart = LaunchConfig(model_path="/m", backend=backend)
+        assert "--enable-memory-saver" not in apart.for_trainer(2, None).argv(0, port=1)
+    argv = LaunchConfig(model_path="/m", backend="sglang", colocate=True).argv(0, port=1)
+    check_against_sglang(argv[3:], sglang_flags())  # SGLang's own flag of that name
+
+
 def test_a_sampling_seed_makes_sglang_deterministic():
     base = LaunchConfig(model_path="/m", backend="sglang")
     assert "--enable-deterministic-inference" in base.for_trainer(0, 7).argv(0, port=1)

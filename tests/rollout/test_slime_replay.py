@@ -19,6 +19,8 @@ the response fields it reads, written out as test data from slime's source (THUD
 
 from __future__ import annotations
 
+import sys
+
 import httpx
 import pytest
 
@@ -94,6 +96,9 @@ def test_slime_rollout_runs_against_the_embedded_server(
     info.raise_for_status()
     for key in ("tp_size", "dp_size", "pp_size", "ep_size"):
         assert int(info.json()[key]) == 1
+    # SGLangEngine._init_external asserts enable_memory_saver == args.offload_rollout (False
+    # by default): a server started without --enable-memory-saver must say False.
+    assert info.json()["enable_memory_saver"] is False
 
     # One group under deterministic inference: sample i is seeded rollout_seed + i.
     samples = []
@@ -142,3 +147,87 @@ def test_slime_rollout_runs_against_the_embedded_server(
     payload = {"sampling_params": slime_sampling_params(4), "return_logprob": True}
     output = slime_post(url, "/generate", dict(payload, input_ids=PROMPT))
     assert output["meta_info"]["weight_version"] == "2"
+
+
+def test_slimes_four_failing_calls_now_work(
+    tiny_model_dir,
+    other_model_dir,
+    other_model,
+    reference_model,
+    schema,  # noqa: F811
+    monkeypatch,
+):
+    """The calls of issue 25 that failed against the server: attach with slime's defaults
+    (checked above), health_generate while rollouts decode (slime's 30 s health timeout),
+    a streamed /generate read as SGLang's SSE (`data: {...}` lines, then `data: [DONE]`), and
+    /update_weights_from_tensor with load_format flattened_bucket (one bucket per dtype)."""
+    import json
+    import time
+
+    import torch
+
+    from .sglang_source import (
+        sglang_flattened_tensor_bucket,
+        sglang_multiprocessing_serializer,
+        tensor_bucket_modules,
+    )
+
+    with EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0, seed=9)) as srv:
+        url = paced(srv).url
+        # Health while two rollouts decode: answered within a step or two, not after them.
+        payload = {"sampling_params": slime_sampling_params(300), "return_logprob": True}
+        rollouts = [start(url, dict(payload, input_ids=PROMPT)) for _ in range(2)]
+        wait_until(lambda: srv.engine.load()["num_running_reqs"] == 2)
+        began = time.monotonic()
+        httpx.get(url + "/health_generate", timeout=30).raise_for_status()
+        assert time.monotonic() - began < 5
+        slime_post(url, "/abort_request", {"abort_all": True})
+        for rollout in rollouts:
+            assert read_like_slime(rollout.result(timeout=60))[2] == "abort"
+
+        # A streamed rollout: the last object before [DONE] is the answer slime reads.
+        payload = dict(payload, input_ids=PROMPT, stream=True)
+        payload["sampling_params"] = dict(slime_sampling_params(6), sampling_seed=ROLLOUT_SEED)
+        schema.GenerateRequest.from_json_value(payload)
+        last = None
+        with httpx.stream("POST", url + "/generate", json=payload, timeout=60) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                    last = json.loads(line[5:])
+        tokens, logprobs, finish = read_like_slime(last)
+        assert finish in ("length", "stop")
+        want, _ = model_logprobs(reference_model, PROMPT, tokens)
+        assert logprobs == pytest.approx(want, abs=2e-4)
+        unstreamed = slime_post(url, "/generate", dict(payload, stream=False))
+        assert unstreamed["output_ids"] == tokens  # same seed, same sample
+
+        # update_weights_from_tensor as slime sends it: pause, a bucket per dtype, continue.
+        for name, module in tensor_bucket_modules().items():
+            monkeypatch.setitem(sys.modules, name, module)
+        bucket_class = sglang_flattened_tensor_bucket()
+        previous = torch.multiprocessing.get_sharing_strategy()
+        torch.multiprocessing.set_sharing_strategy("file_system")
+        try:
+            bucket = bucket_class(named_tensors=list(other_model.state_dict().items()))
+            data = {
+                "flattened_tensor": bucket.get_flattened_tensor(),
+                "metadata": bucket.get_metadata(),
+            }
+            serialized = sglang_multiprocessing_serializer().serialize(data, output_str=True)
+        finally:
+            torch.multiprocessing.set_sharing_strategy(previous)
+        slime_post(url, "/pause_generation", {})
+        update = {
+            "serialized_named_tensors": [serialized],
+            "load_format": "flattened_bucket",
+            "flush_cache": False,
+            "weight_version": "3",
+        }
+        assert slime_post(url, "/update_weights_from_tensor", update)["success"] is True
+        slime_post(url, "/continue_generation", {})
+        greedy = {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}
+        output = slime_post(url, "/generate", {"input_ids": PROMPT, "sampling_params": greedy})
+        assert output["meta_info"]["weight_version"] == "3"
+        _, new_argmax = model_logprobs(other_model, PROMPT, output["output_ids"])
+        assert output["output_ids"] == new_argmax

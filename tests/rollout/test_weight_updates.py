@@ -11,6 +11,7 @@ import io
 import pickle
 import re
 import shutil
+import sys
 from multiprocessing.reduction import ForkingPickler
 
 import httpx
@@ -23,7 +24,11 @@ from transformers import AutoModelForCausalLM
 from oprd_mega.rollout.embedded_server import EmbeddedServer, ServerConfig
 
 from .greedy_reference import transformers_greedy
-from .sglang_source import sglang_multiprocessing_serializer
+from .sglang_source import (
+    sglang_flattened_tensor_bucket,
+    sglang_multiprocessing_serializer,
+    tensor_bucket_modules,
+)
 
 PROMPT, TOKENS = [3, 9, 27, 81, 200], 8
 
@@ -43,7 +48,8 @@ def new_state(other_model_dir):
 
 @pytest.fixture
 def srv(tiny_model_dir):
-    with EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0)) as server:
+    config = ServerConfig(str(tiny_model_dir), port=0, enable_memory_saver=True)
+    with EmbeddedServer(config) as server:
         yield server
 
 
@@ -119,7 +125,11 @@ def test_update_from_tensor_accepts_a_subset_and_inline_tensors(srv, new_state):
         ),
         (
             {"serialized_named_tensors": [""], "load_format": "flattened_bucket"},
-            "load_format 'flattened_bucket' is not supported",
+            r"serialized_named_tensors\[0\] must be a base64 string|cannot be read",
+        ),
+        (
+            {"serialized_named_tensors": ["eA=="], "load_format": "safetensors"},
+            "load_format 'safetensors' is not supported",
         ),
     ],
 )
@@ -127,6 +137,78 @@ def test_update_from_tensor_rejects_malformed_payloads(srv, greedy_ids, body, me
     answer = post(srv, "/update_weights_from_tensor", body, status=400)
     assert answer["success"] is False
     assert re.search(message, answer["message"])
+    assert_serves(srv, greedy_ids["old"], "default")
+
+
+@pytest.fixture
+def sglang_bucket(monkeypatch):
+    """SGLang's FlattenedTensorBucket from the pinned wheel, picklable under its own name."""
+    for name, module in tensor_bucket_modules().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return sglang_flattened_tensor_bucket()
+
+
+def bucket_payload(bucket_class, named_tensors, **fields):
+    """What slime's update_weights_from_tensor posts: SGLang's bucket of the tensors, its
+    MultiprocessingSerializer, load_format flattened_bucket."""
+    bucket = bucket_class(named_tensors=named_tensors)
+    data = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": bucket.get_metadata()}
+    serializer = sglang_multiprocessing_serializer()
+    return {
+        "serialized_named_tensors": [serializer.serialize(data, output_str=True)],
+        "load_format": "flattened_bucket",
+        "flush_cache": True,
+        **fields,
+    }
+
+
+def test_update_from_flattened_bucket_as_slime_sends_it(
+    srv, new_state, greedy_ids, file_system_sharing, sglang_bucket
+):
+    named = list(new_state.items())
+    half = len(named) // 2  # two requests, as slime sends one bucket per dtype group
+    post(srv, "/update_weights_from_tensor", bucket_payload(sglang_bucket, named[:half]))
+    assert srv.engine.weight_version == "default"
+    body = bucket_payload(sglang_bucket, named[half:], weight_version="v-bucket")
+    assert post(srv, "/update_weights_from_tensor", body) == {"success": True, "message": "Success"}
+    assert_serves(srv, greedy_ids["new"], "v-bucket")
+    served = dict(srv.engine.model.named_parameters(remove_duplicate=False))
+    assert all(torch.equal(served[n], t) for n, t in named if n in served)
+
+
+def test_a_damaged_flattened_bucket_is_400_and_leaves_the_old_weights(
+    srv, new_state, greedy_ids, file_system_sharing, sglang_bucket
+):
+    bucket = sglang_bucket(named_tensors=list(new_state.items()))
+    metadata = bucket.get_metadata()
+    name = metadata[2].name
+    metadata[2].end_idx += 4  # one float more than its shape holds
+    data = {"flattened_tensor": bucket.get_flattened_tensor(), "metadata": metadata}
+    serialized = sglang_multiprocessing_serializer().serialize(data, output_str=True)
+    body = {"serialized_named_tensors": [serialized], "load_format": "flattened_bucket"}
+    answer = post(srv, "/update_weights_from_tensor", body, status=400)
+    assert answer["success"] is False and f"tensor {name}: bytes [" in answer["message"]
+    assert_serves(srv, greedy_ids["old"], "default")
+    body["serialized_named_tensors"] = [
+        sglang_multiprocessing_serializer().serialize(list(new_state.items()), output_str=True)
+    ]  # a plain list sent as a bucket
+    answer = post(srv, "/update_weights_from_tensor", body, status=400)
+    assert "a dict of flattened_tensor and metadata" in answer["message"]
+
+
+def test_a_cuda_ipc_bucket_is_400_saying_why(srv, greedy_ids):
+    class CudaHandle:  # pickles as torch's CUDA IPC rebuild, as a GPU trainer's bucket does
+        def __reduce__(self):
+            return (torch.multiprocessing.reductions.rebuild_cuda_tensor, ())
+
+    buffer = io.BytesIO()
+    ForkingPickler(buffer).dump({"flattened_tensor": CudaHandle(), "metadata": []})
+    body = {
+        "serialized_named_tensors": [base64.b64encode(buffer.getvalue()).decode()],
+        "load_format": "flattened_bucket",
+    }
+    answer = post(srv, "/update_weights_from_tensor", body, status=400)
+    assert "CUDA IPC handles, which a CPU server cannot open" in answer["message"]
     assert_serves(srv, greedy_ids["old"], "default")
 
 
