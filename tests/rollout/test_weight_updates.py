@@ -318,7 +318,7 @@ def test_memory_tags_are_checked(srv):
 _RELEASE_THEN_DIE = """
 import os, signal, sys
 from oprd_mega.rollout.engine import GenerationEngine
-engine = GenerationEngine(sys.argv[1])
+engine = GenerationEngine(sys.argv[1], memory_saver=True)
 engine.release_memory(["weights"])
 print(engine._spilled_weights.parent, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)  # no cleanup runs
