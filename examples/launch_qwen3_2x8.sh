@@ -29,8 +29,9 @@ case "$ROLE" in
       http://rollout-head:30003 http://rollout-head:30004
     ;;
   train)
+    # --log-dir: without it torchrun leaves a /tmp/torchelastic_* folder per launch.
     torchrun --nnodes 2 --node-rank "${NODE_RANK:?set NODE_RANK=0 or 1}" --nproc-per-node 8 \
-      --master-addr "$HEAD" --master-port 29500 \
+      --master-addr "$HEAD" --master-port 29500 --log-dir "${LOG_DIR:-runs/torchrun-logs}" \
       -m oprd_mega.train --config "$CONFIG" "$@"
     ;;
   *)

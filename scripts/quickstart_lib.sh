@@ -16,8 +16,9 @@ run() {  # run NAME [overrides...]: one fresh training run under torchrun, outpu
   shift
   echo "[quickstart] training: $name"
   rm -rf "${out:?}/$name"
+  # --log-dir: torchrun otherwise leaves a /tmp/torchelastic_* folder per launch.
   "$py" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
-    --master-addr 127.0.0.1 --master-port "$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
+    --log-dir "$out/$name/logs/torchrun" --master-addr 127.0.0.1 --master-port "$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
     -m oprd_mega.train --config "$root/examples/tiny_cpu.yaml" --resume never \
     "student.path=$out/models/student" "teacher.path=$out/models/teacher" \
     "data.path=$out/data/train.jsonl" "evaluation.prompts=$out/data/heldout.jsonl" \

@@ -8,10 +8,14 @@ worker (see :data:`FAULTHANDLER_PREAMBLE`).
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +88,18 @@ def torchrun_command(
         "--nnodes", str(nnodes), "--node-rank", str(node_rank),
         "--nproc-per-node", str(nproc),
         "--master-addr", "127.0.0.1", "--master-port", str(port or free_port()),
+        "--log-dir", str(_torchrun_logs()),
         *(["-m"] if module else []), str(script), *args,
     ]  # fmt: skip
+
+
+@functools.cache
+def _torchrun_logs() -> Path:
+    """One folder for every launch of this test process, removed at its exit: without
+    ``--log-dir`` torchrun leaves a ``/tmp/torchelastic_*`` folder per launch (dozens a day)."""
+    folder = Path(tempfile.mkdtemp(prefix="oprd-tests-torchrun-"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def run_torchrun(
