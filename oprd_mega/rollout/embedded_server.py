@@ -282,15 +282,7 @@ class EmbeddedServer:
             done, pending = wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION)
             if not pending or any(f.exception() is not None for f in done):
                 break
-            if client_gone is not None and client_gone():
-                self.engine.abort(jobs=jobs)
-                raise ClientGoneError("the client closed the connection")
-            if time.monotonic() > deadline:
-                self.engine.abort(jobs=jobs)
-                raise TimeoutError(
-                    f"/generate did not finish within request_timeout_s="
-                    f"{self.config.request_timeout_s}s; its sequences were aborted"
-                )
+            self._abort_if_abandoned(jobs, deadline, client_gone)
         failed = [f.exception() for f in futures if f.done() and f.exception() is not None]
         if failed:
             self.engine.abort(jobs=jobs)
@@ -350,18 +342,29 @@ class EmbeddedServer:
                     return
                 answer = job.future.result()
                 yield answer if single else dict(answer, index=k)
-            if client_gone is not None and client_gone():
-                self.engine.abort(jobs=jobs)
-                raise ClientGoneError("the client closed the connection")
-            if time.monotonic() > deadline:
-                self.engine.abort(jobs=jobs)
-                yield _stream_error(
-                    TimeoutError(
-                        f"/generate did not finish within request_timeout_s="
-                        f"{self.config.request_timeout_s}s; its sequences were aborted"
-                    )
-                )
+            try:
+                self._abort_if_abandoned(jobs, deadline, client_gone)
+            except TimeoutError as exc:
+                yield _stream_error(exc)
                 return
+
+    def _abort_if_abandoned(
+        self,
+        jobs: list[SequenceJob],
+        deadline: float,
+        client_gone: Callable[[], bool] | None,
+    ) -> None:
+        """Abort ``jobs`` and raise when their client left (ClientGoneError) or
+        ``request_timeout_s`` passed (TimeoutError): nothing keeps decoding for nobody."""
+        if client_gone is not None and client_gone():
+            self.engine.abort(jobs=jobs)
+            raise ClientGoneError("the client closed the connection")
+        if time.monotonic() > deadline:
+            self.engine.abort(jobs=jobs)
+            raise TimeoutError(
+                f"/generate did not finish within request_timeout_s="
+                f"{self.config.request_timeout_s}s; its sequences were aborted"
+            )
 
     def model_info(self) -> dict[str, Any]:
         return {
