@@ -71,11 +71,14 @@ def _watch_parent(parent: int, sig: int) -> None:
             return
 
 
-def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None) -> None:
+def die_with_parent(
+    sig: int = signal.SIGTERM, parent: int | None = None, *, use_prctl: bool = True
+) -> None:
     """Have this process receive ``sig`` when its parent (pid ``parent``, default the current
-    one) dies. If the parent is already gone, the signal is sent at once."""
+    one) dies. If the parent is already gone, the signal is sent at once. ``use_prctl=False``:
+    only the watchdog thread (for a child whose forking thread may end before its parent)."""
     parent = os.getppid() if parent is None else parent
-    if not _set_parent_death_signal(sig):
+    if not (use_prctl and _set_parent_death_signal(sig)):
         threading.Thread(
             target=_watch_parent, args=(parent, sig), name="parent-watchdog", daemon=True
         ).start()
@@ -93,15 +96,11 @@ def _before_fork() -> None:
 
 
 def _after_fork_in_child() -> None:
-    parent, from_main_thread = int(_forking["pid"]), bool(_forking["from_main_thread"])
     # Linux ties the parent-death signal to the forking *thread*: a child forked from a thread
     # that ends first would be killed with it, so such children watch the parent pid instead.
-    if not (from_main_thread and _set_parent_death_signal(signal.SIGKILL)):
-        threading.Thread(
-            target=_watch_parent, args=(parent, signal.SIGKILL), name="parent-watchdog", daemon=True
-        ).start()
-    if os.getppid() != parent:  # it died before the signal was armed
-        os.kill(os.getpid(), signal.SIGKILL)
+    die_with_parent(
+        signal.SIGKILL, int(_forking["pid"]), use_prctl=bool(_forking["from_main_thread"])
+    )
 
 
 def forked_children_die_with_this_process() -> None:
