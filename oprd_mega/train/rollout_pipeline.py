@@ -1,0 +1,298 @@
+"""The rollouts of the coming steps, generated while the current step trains (rank 0).
+
+A pool holds ``(max_staleness + 1) * prompts_per_step`` prompt groups. Each step:
+
+1. :meth:`RolloutPipeline.fill` tops the pool up with new prompts and sends every unfinished
+   response to the servers under the current weights (their step number is the version);
+2. :meth:`RolloutPipeline.take` hands over ``prompts_per_step`` complete groups: the oldest
+   ones, waited for (so a run is reproducible), or with ``partial`` the first ones to finish;
+3. the step trains while the rest of the pool generates;
+4. :meth:`RolloutPipeline.settle` runs before the weight sync: it waits for what is in flight,
+   or with ``partial`` aborts it (SGLang keeps the aborted tokens) to continue it under the
+   new weights at the next :meth:`fill`. Nothing is in flight during a sync, an evaluation or
+   a checkpoint, so every token was sampled by one known version.
+
+With ``max_staleness`` 0 the pool is one step's groups and this is the synchronous loop. A
+group whose oldest token would lag the student by more than ``max_staleness`` steps when trained
+has its stale responses dropped and sampled again from the prompt. Groups stay whole: a group
+is taken only when all its ``n`` samples are complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from oprd_mega.rollout.samples import Sample, StaleRolloutError
+from oprd_mega.rollout.sampling import SamplingConfig, prompt_seed, request_params
+
+Submit = Callable[[Sequence[int], dict[str, Any], int], cf.Future]
+
+
+@dataclass
+class Draft:
+    """One sample of a group: its response so far and the version of each token's weights."""
+
+    response_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # optimizer step of the weights
+    finish_reason: str | None = None  # None: unfinished (not sent yet, or aborted)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def reset(self) -> None:
+        """Drop the response: it is sampled again from the prompt."""
+        self.response_ids, self.logprobs, self.versions = [], [], []
+        self.finish_reason = None
+
+
+@dataclass
+class Group:
+    """The ``n`` samples of one prompt. ``step`` and ``index`` (the step the group was first
+    drawn for and its place among that step's prompts) seed its sampling."""
+
+    uid: int
+    step: int
+    index: int
+    prompt_ids: list[int]
+    drafts: list[Draft]
+
+    @property
+    def complete(self) -> bool:
+        return all(d.done for d in self.drafts)
+
+    def samples(self) -> list[tuple[list[int], int]]:
+        """``(prompt + response ids, prompt length)`` of every sample."""
+        return [(self.prompt_ids + d.response_ids, len(self.prompt_ids)) for d in self.drafts]
+
+
+@dataclass
+class TakenBatch:
+    """One step's groups and what the step records about them."""
+
+    groups: list[Group]
+    stats: dict[str, float]
+
+
+class RolloutPipeline:
+    """The pool of one run's training rollouts (rank 0; every method runs on the caller's
+    thread, the requests on the rollout service's generation thread)."""
+
+    def __init__(
+        self,
+        submit: Submit,
+        abort_all: Callable[[], None],
+        take_prompts: Callable[[int], list[Sequence[int]]],
+        sampling: SamplingConfig,
+        prompts_per_step: int,
+        max_staleness: int = 0,
+        partial: bool = False,
+    ) -> None:
+        if partial and max_staleness < 1:
+            raise ValueError("partial rollouts need max_staleness >= 1")
+        self.submit = submit
+        self.abort_all = abort_all
+        self.take_prompts = take_prompts
+        self.sampling = sampling
+        self.prompts_per_step = prompts_per_step
+        self.max_staleness = max_staleness
+        self.partial = partial
+        self.pool: list[Group] = []
+        self.next_uid = 0
+        # (group uid, draft index or -1 for the whole group) -> (future, version, version name)
+        self.inflight: dict[tuple[int, int], tuple[cf.Future, int, str]] = {}
+        self.restarted_samples = 0
+
+    # ------------------------------------------------------------------ a step's calls
+
+    def fill(self, version: int, version_name: str) -> None:
+        """Top the pool up with new prompts and send every unfinished response under weights
+        ``version`` (served as ``version_name``)."""
+        target = (self.max_staleness + 1) * self.prompts_per_step
+        while len(self.pool) < target:
+            count = min(self.prompts_per_step, target - len(self.pool))
+            for prompt in self.take_prompts(count):
+                uid = self.next_uid
+                self.next_uid += 1
+                n = self.sampling.n
+                step, index = divmod(uid, self.prompts_per_step)
+                group = Group(uid, step, index, list(prompt), [Draft() for _ in range(n)])
+                self.pool.append(group)
+        for group in self.pool:
+            self._send(group, version, version_name)
+
+    def take(self, version: int, version_name: str) -> TakenBatch:
+        """``prompts_per_step`` complete groups for the student at ``version`` (waits)."""
+        start = time.perf_counter()
+        while True:
+            self._collect(block=False)
+            chosen = self._choose(version, version_name)
+            if chosen is not None:
+                break
+            pending = [f for f, _, _ in self.inflight.values()]
+            if not pending:
+                raise RuntimeError(
+                    "rollout pipeline: no request is in flight but fewer than "
+                    f"{self.prompts_per_step} groups are complete"
+                )
+            cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+        taken = {g.uid for g in chosen}
+        self.pool = [g for g in self.pool if g.uid not in taken]
+        lags = [version - min(d.versions, default=version) for g in chosen for d in g.drafts]
+        stats = {
+            "rollout/staleness_mean": sum(lags) / len(lags),
+            "rollout/staleness_max": float(max(lags)),
+            "rollout/restarted_samples": float(self.restarted_samples),
+            "time/rollout_wait": time.perf_counter() - start,
+        }
+        self.restarted_samples = 0
+        return TakenBatch(chosen, stats)
+
+    def settle(self, next_version: int) -> float:
+        """Before a weight sync: nothing may be in flight. Waits for the requests (aborts them
+        first with ``partial``) and drops responses too old for a student at
+        ``next_version``; returns the seconds waited."""
+        start = time.perf_counter()
+        if self.partial and self.inflight:
+            self.abort_all()
+        self._collect(block=True)
+        for group in self.pool:
+            self._drop_stale(group, next_version)
+        return time.perf_counter() - start
+
+    def cancel(self) -> None:
+        """Forget the requests in flight (servers lost, or shutting down): what came back is
+        kept, the rest is sent again by the next :meth:`fill`."""
+        self._collect(block=False)
+        for future, _, _ in self.inflight.values():
+            future.cancel()
+        self.inflight.clear()
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pool (call after :meth:`settle`: nothing is in flight)."""
+        if self.inflight:
+            raise RuntimeError("rollout pipeline: state_dict() with requests in flight")
+        return {"next_uid": self.next_uid, "pool": [asdict(g) for g in self.pool]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_uid = int(state["next_uid"])
+        self.pool = [
+            Group(
+                uid=g["uid"],
+                step=g["step"],
+                index=g["index"],
+                prompt_ids=list(g["prompt_ids"]),
+                drafts=[Draft(**d) for d in g["drafts"]],
+            )
+            for g in state["pool"]
+        ]
+
+    # ------------------------------------------------------------------ internals
+
+    def _choose(self, version: int, version_name: str) -> list[Group] | None:
+        """The groups to take now, or None to wait. Oldest first; with ``partial`` the first
+        complete ones. A complete group with a response too old is restarted, not taken."""
+        if self.partial:
+            candidates = [g for g in self.pool if g.complete]
+        else:
+            candidates = self.pool[: self.prompts_per_step]
+            if not all(g.complete for g in candidates):
+                return None
+        fresh = []
+        for group in candidates:
+            if self._drop_stale(group, version):
+                self._send(group, version, version_name)
+            else:
+                fresh.append(group)
+        if self.partial and len(fresh) >= self.prompts_per_step:
+            return fresh[: self.prompts_per_step]
+        if not self.partial and len(fresh) == len(candidates):
+            return fresh
+        return None
+
+    def _drop_stale(self, group: Group, version: int) -> bool:
+        """Reset the responses of ``group`` whose oldest token lags ``version`` by more than
+        ``max_staleness``; whether any was."""
+        dropped = False
+        for draft in group.drafts:
+            if draft.versions and version - draft.versions[0] > self.max_staleness:
+                draft.reset()
+                self.restarted_samples += 1
+                dropped = True
+        return dropped
+
+    def _send(self, group: Group, version: int, version_name: str) -> None:
+        """Request every unfinished response of ``group`` that is not in flight: the whole
+        group in one request when none has tokens (seeded as the synchronous loop seeds it),
+        otherwise each response on its own, continued from its tokens."""
+        if any(key[0] == group.uid for key in self.inflight):
+            return
+        todo = [j for j, d in enumerate(group.drafts) if not d.done]
+        if not todo:
+            return
+        base = self.sampling.sampling_seed
+        if len(todo) == len(group.drafts) and not any(d.response_ids for d in group.drafts):
+            seed = None if base is None else prompt_seed(base, group.step, group.index)
+            params = request_params(self.sampling, seed)
+            future = self.submit(group.prompt_ids, params, group.uid)
+            self.inflight[(group.uid, -1)] = (future, version, version_name)
+            return
+        for j in todo:
+            draft = group.drafts[j]
+            params = request_params(self._continuation(len(draft.response_ids)))
+            if base is not None:  # a stream of its own for every (version, sample)
+                params["sampling_seed"] = prompt_seed(base, version, group.uid) + 1 + j
+            future = self.submit(group.prompt_ids + draft.response_ids, params, group.uid)
+            self.inflight[(group.uid, j)] = (future, version, version_name)
+
+    def _continuation(self, generated: int) -> SamplingConfig:
+        """One more sample of this config for a response with ``generated`` tokens so far."""
+        s = self.sampling
+        max_new = None if s.max_new_tokens is None else max(s.max_new_tokens - generated, 0)
+        return SamplingConfig(
+            **{
+                **asdict(s),
+                "n": 1,
+                "max_new_tokens": max_new,
+                "min_new_tokens": max(s.min_new_tokens - generated, 0),
+            }
+        )
+
+    def _collect(self, block: bool) -> None:
+        """Move finished requests' tokens into their groups (all of them with ``block``);
+        the first failed request raises its error."""
+        futures = [f for f, _, _ in self.inflight.values()]
+        if block and futures:
+            cf.wait(futures)
+        groups = {g.uid: g for g in self.pool}
+        for key, (future, version, version_name) in list(self.inflight.items()):
+            if not future.done():
+                continue
+            del self.inflight[key]
+            samples: list[Sample] = future.result()  # raises the request's error
+            stale = [s for s in samples if s.weight_version != version_name]
+            if stale:
+                raise StaleRolloutError(
+                    f"{len(stale)} response(s) from {stale[0].server} came from weight version "
+                    f"{stale[0].weight_version!r}, not {version_name!r}"
+                )
+            group = groups.get(key[0])
+            if group is None:
+                continue
+            indices = range(len(samples)) if key[1] < 0 else [key[1]]
+            for j, sample in zip(indices, samples, strict=True):
+                self._extend(group.drafts[j], sample, version)
+
+    def _extend(self, draft: Draft, sample: Sample, version: int) -> None:
+        draft.response_ids += sample.response_ids
+        draft.logprobs += sample.response_logprobs
+        draft.versions += [version] * sample.response_length
+        aborted = sample.finish_reason == "abort"
+        draft.finish_reason = None if aborted and self.partial else sample.finish_reason
