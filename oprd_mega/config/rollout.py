@@ -173,6 +173,32 @@ class RolloutSection(Section):
     max_restarts: int = Field(1, ge=0)
     """Times launched servers that die mid-run are restarted and re-synced before the run
     stops (attached servers are never restarted); 0: stop at once."""
+    max_staleness: int = Field(0, ge=0, le=8)
+    """How many optimizer steps the weights that sampled a trained token may lag behind the
+    student (AReaL's staleness bound). 0: each step samples with the current weights and waits
+    for its rollouts (servers and trainer take turns). 1: one-step-off: the rollouts of step
+    k+1 are generated, with the weights step k's rollouts came from, while step k trains; the
+    weight sync after step k waits for them. s: s steps' rollouts are in flight at once. A
+    response whose oldest token would lag more than s steps is never trained on: it is dropped
+    and sampled again from its prompt (counted in rollout/restarted_samples)."""
+    partial: bool = False
+    """Partial rollouts (slime's --partial-rollout): a step takes the first
+    batch.prompts_per_step prompt groups to complete; at the weight sync the unfinished ones
+    are aborted with their tokens kept and continued after it (prompt plus partial response,
+    the remaining max_new_tokens) under the new weights, so one long response never holds up a
+    step. Needs max_staleness >= 1. Which groups finish first depends on the servers' speed, so
+    two runs with partial rollouts differ (docs/rollout.md)."""
+
+    @model_validator(mode="after")
+    def _partial_needs_staleness(self) -> RolloutSection:
+        if self.partial and self.max_staleness < 1:
+            raise invalid(
+                "partial",
+                True,
+                "partial rollouts continue responses under newer weights, so they need "
+                "rollout.max_staleness >= 1",
+            )
+        return self
 
     @model_validator(mode="after")
     def _servers_given(self) -> RolloutSection:

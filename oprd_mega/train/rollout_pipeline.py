@@ -128,7 +128,6 @@ class RolloutPipeline:
 
     def take(self, version: int, version_name: str) -> TakenBatch:
         """``prompts_per_step`` complete groups for the student at ``version`` (waits)."""
-        start = time.perf_counter()
         while True:
             self._collect(block=False)
             chosen = self._choose(version, version_name)
@@ -148,7 +147,6 @@ class RolloutPipeline:
             "rollout/staleness_mean": sum(lags) / len(lags),
             "rollout/staleness_max": float(max(lags)),
             "rollout/restarted_samples": float(self.restarted_samples),
-            "time/rollout_wait": time.perf_counter() - start,
         }
         self.restarted_samples = 0
         return TakenBatch(chosen, stats)

@@ -14,7 +14,7 @@ from tests.torchrun_utils import free_port, run_torchrun, torchrun_command, torc
 from tools.tiny_hf import make_tiny_model_dir
 
 # Keys that differ between two runs of the same config (wall clock, memory, throughput).
-TIMING_KEYS = ("time", "tokens_per_s", "memory/peak_mib")
+TIMING_KEYS = ("time", "tokens_per_s", "tokens_per_s_e2e", "memory/peak_mib")
 # Trainer launches run on CPU with one thread per process even where this process sets
 # otherwise, and keep library warnings out of the output the tests read.
 TRAINER_ENV = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONWARNINGS": "ignore"}

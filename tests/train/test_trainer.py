@@ -114,6 +114,39 @@ def test_resume_reproduces_the_uninterrupted_run(task: Path, tmp_path: Path) -> 
     assert (exported / "tokenizer.json").is_file() and (exported / "config.json").is_file()
 
 
+@pytest.mark.parametrize("staleness", [1, 2])
+def test_rollouts_ahead_resume_like_the_uninterrupted_run(
+    task: Path, tmp_path: Path, staleness: int
+) -> None:
+    """max_staleness 1 (one-step-off) and 2: the rollouts in flight at a checkpoint are saved
+    with it, so the resumed run trains on what the uninterrupted one did."""
+    ahead = (f"rollout.max_staleness={staleness}", "schedule.steps=4")
+    whole = task_config(task, tmp_path / "whole")
+    require_success(train(whole, *ahead))
+    split = task_config(task, tmp_path / "split")
+    require_success(train(split, *ahead, "--stop-at-step", "2"))
+    second = require_success(train(split, *ahead))
+    assert "resumed from" in second and "step-00000002" in second
+    reference = read_metrics(tmp_path / "whole" / "logs")
+    assert comparable(read_metrics(tmp_path / "split" / "logs")) == comparable(reference)
+    lags = [r["rollout/staleness_max"] for r in reference if r["kind"] == "train"]
+    assert lags == [min(step, staleness) for step in range(4)]
+    state = read_state(tmp_path / "split" / "ckpt" / "step-00000002")
+    assert state.rollouts is not None and len(state.rollouts["pool"]) == 4 * staleness
+
+
+def test_partial_rollouts_keep_the_bound_and_resume(task: Path, tmp_path: Path) -> None:
+    """Partial rollouts with a response budget the servers cut: groups may continue across
+    steps, every trained token is at most one step old, and a stopped run resumes."""
+    partial = ("rollout.max_staleness=1", "rollout.partial=true", "schedule.steps=4")
+    config = task_config(task, tmp_path / "run")
+    require_success(train(config, *partial, "--stop-at-step", "2"))
+    require_success(train(config, *partial))
+    records = [r for r in read_metrics(tmp_path / "run" / "logs") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["rollout/staleness_max"] <= 1 for r in records)
+
+
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
