@@ -14,7 +14,14 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 
-from oprd_mega.cli_args import DTYPES, existing_dir, port, port_in_use_error, positive_int
+from oprd_mega.cli_args import (
+    DTYPES,
+    existing_dir,
+    non_negative_float,
+    port,
+    port_in_use_error,
+    positive_int,
+)
 
 # Subcommands whose modules add their arguments to our parser: name -> (module, help).
 MODULE_COMMANDS: dict[str, tuple[str, str]] = {
@@ -98,6 +105,14 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         help="let /release_memory_occupation free the weights (as SGLang's flag; without it "
         "release and resume are accepted and free nothing)",
     )
+    parser.add_argument(
+        "--decode-step-delay",
+        type=non_negative_float,
+        default=0.0,
+        metavar="SECONDS",
+        help="sleep this long per decoding step, the CPU left free (benchmarks: a server on "
+        "other hardware, whose generation takes a set time; tools/bench_pipeline.py)",
+    )
     parser.set_defaults(func=_run_serve)
 
 
@@ -118,6 +133,7 @@ def _run_serve(args: argparse.Namespace) -> int:
             seed=args.seed,
             weight_version=args.weight_version,
             enable_memory_saver=args.enable_memory_saver,
+            decode_step_delay_s=args.decode_step_delay,
         )
     )
     return 0

@@ -89,6 +89,8 @@ class ServerConfig:
     continuous_batching: bool = True
     # SGLang's --enable-memory-saver: /release_memory_occupation really frees the weights.
     enable_memory_saver: bool = False
+    # Seconds slept per decoding step, the CPU free (benchmarks: generation of a set duration).
+    decode_step_delay_s: float = 0.0
     request_timeout_s: float = 3600.0
     # Bounds of one /generate request: samples per prompt, sequences in all, top log-probs.
     max_n: int = 1024
@@ -239,6 +241,7 @@ class EmbeddedServer:
             batch_wait_s=config.batch_wait_s,
             continuous=config.continuous_batching,
             memory_saver=config.enable_memory_saver,
+            decode_step_delay_s=config.decode_step_delay_s,
         )
         handler = type("Handler", (_Handler,), {"server_state": self})
         self.httpd = _HTTPServer((config.host, config.port), handler)

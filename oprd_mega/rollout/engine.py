@@ -204,6 +204,7 @@ class GenerationEngine:
         batch_wait_s: float = 0.005,
         continuous: bool = True,
         memory_saver: bool = False,
+        decode_step_delay_s: float = 0.0,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.cache_utils import DynamicLayer
@@ -230,6 +231,7 @@ class GenerationEngine:
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.continuous = continuous
+        self.decode_step_delay_s = decode_step_delay_s
         # SGLang's --enable-memory-saver: without it /release_memory_occupation frees nothing.
         self.memory_saver = memory_saver
         self.weight_version = weight_version
@@ -648,6 +650,8 @@ class GenerationEngine:
             **{self._cache_arg: rest.cache},
         )
         self.stats["steps"] += 1
+        if self.decode_step_delay_s > 0:
+            time.sleep(self.decode_step_delay_s)
         return _Batch(
             jobs=rest.jobs,
             cache=_output_cache(out),

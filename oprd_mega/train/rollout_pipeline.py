@@ -110,10 +110,16 @@ class RolloutPipeline:
 
     # ------------------------------------------------------------------ a step's calls
 
-    def fill(self, version: int, version_name: str) -> None:
+    def fill(self, version: int, version_name: str, steps_left: int | None = None) -> None:
         """Top the pool up with new prompts and send every unfinished response under weights
-        ``version`` (served as ``version_name``)."""
-        target = (self.max_staleness + 1) * self.prompts_per_step
+        ``version`` (served as ``version_name``); ``steps_left`` (this one included) keeps
+        the pool from sampling for steps the run will not take."""
+        ahead = (
+            self.max_staleness + 1
+            if steps_left is None
+            else min(self.max_staleness + 1, steps_left)
+        )
+        target = ahead * self.prompts_per_step
         while len(self.pool) < target:
             count = min(self.prompts_per_step, target - len(self.pool))
             for prompt in self.take_prompts(count):

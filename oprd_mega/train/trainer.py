@@ -500,7 +500,8 @@ class Trainer:
     def _rollout(self, step: int) -> tuple[list[StepSample], dict[str, float]]:
         """Rank 0: send what the pool lacks under the current weights, take this step's
         groups (waiting for them)."""
-        self.pipeline.fill(self.version_step, self.weight_version)
+        steps_left = self.config.schedule.steps - step
+        self.pipeline.fill(self.version_step, self.weight_version, steps_left)
         batch = self.pipeline.take(self.version_step, self.weight_version)
         drafts = [d for group in batch.groups for d in group.drafts]
         lengths = [len(d.response_ids) for d in drafts]

@@ -132,3 +132,20 @@ def test_transformer_engine_request_fails_before_servers_on_cpu() -> None:
         _transformer_impls(minimal("teacher.transformer_impl=transformer_engine"))
     with pytest.raises(ConfigError, match=r"student\.transformer_impl"):
         minimal("student.transformer_impl=te")
+
+
+def test_busy_clock_counts_only_time_with_no_request_in_flight() -> None:
+    from oprd_mega.train.rollouts import BusyClock
+
+    now = [0.0]
+    clock = BusyClock(clock=lambda: now[0])
+    now[0] = 2.0
+    clock.begin()  # idle 0..2
+    now[0] = 3.0
+    clock.begin()  # two in flight
+    now[0] = 5.0
+    clock.end()
+    now[0] = 6.0
+    clock.end()  # idle again from 6
+    now[0] = 6.5
+    assert clock.idle_seconds() == 2.5
