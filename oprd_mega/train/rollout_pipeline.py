@@ -172,10 +172,12 @@ class RolloutPipeline:
     def cancel(self) -> None:
         """Forget the requests in flight (servers lost, or shutting down): what came back is
         kept, the rest is sent again by the next :meth:`fill`."""
-        self._collect(block=False)
-        for future, _, _ in self.inflight.values():
+        for key, (future, _, _) in list(self.inflight.items()):
+            if future.done() and not future.cancelled() and future.exception() is None:
+                continue  # answered: collected below
             future.cancel()
-        self.inflight.clear()
+            del self.inflight[key]
+        self._collect(block=False)
 
     # ------------------------------------------------------------------ checkpoint
 

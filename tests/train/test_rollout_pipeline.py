@@ -189,3 +189,31 @@ def test_partial_responses_older_than_the_bound_start_again() -> None:
 def test_partial_needs_a_staleness_bound() -> None:
     with pytest.raises(ValueError, match="max_staleness >= 1"):
         make(FakeServer(), stream(), staleness=0, partial=True)
+
+
+def test_after_a_lost_server_the_failed_requests_are_sent_again() -> None:
+    from oprd_mega.rollout.client import ServerGoneError
+
+    server = FakeServer()
+    real_submit = server.submit
+    failing = {"on": True}
+
+    def submit(prompt_ids: Sequence[int], params: dict[str, Any], group: int) -> cf.Future:
+        if failing["on"] and prompt_ids[0] % 2:
+            future: cf.Future = cf.Future()
+            future.set_exception(ServerGoneError("server gone"))
+            return future
+        return real_submit(prompt_ids, params, group)
+
+    prompts = PromptStream([[100 + i, 5, 6] for i in range(10)], seed=0, shuffle=False)
+    pipeline = make(server, prompts, staleness=1)
+    pipeline.submit = submit
+    pipeline.fill(0, "v0")
+    with pytest.raises(ServerGoneError):
+        pipeline.take(0, "v0")
+    pipeline.cancel()  # the trainer restarts the servers
+    failing["on"] = False
+    pipeline.fill(0, "v0")
+    batch = pipeline.take(0, "v0")
+    assert [g.prompt_ids[0] for g in batch.groups] == [100, 101, 102]  # the same prompts
+    assert all(g.complete for g in batch.groups)

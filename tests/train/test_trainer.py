@@ -135,6 +135,32 @@ def test_rollouts_ahead_resume_like_the_uninterrupted_run(
     assert state.rollouts is not None and len(state.rollouts["pool"]) == 4 * staleness
 
 
+def test_one_step_off_with_distributed_sync_teacher_layout_and_evaluation(
+    task: Path, tmp_path: Path
+) -> None:
+    """max_staleness 1 with the NCCL-style (gloo here) weight-update group, the teacher on its
+    own layout (TP1 x DP2 beside the student's TP2) and an evaluation after every step."""
+    layout = {"tp": 2, "pp": 1, "teacher": {"tp": 1}}
+    config = task_config(task, tmp_path / "run", parallel=layout)
+    out = require_success(
+        train(
+            config,
+            "rollout.max_staleness=1",
+            "rollout.weight_sync.method=distributed",
+            "schedule.steps=3",
+            "evaluation.interval=1",
+        )
+    )
+    assert "done: 3 steps" in out
+    records = read_metrics(tmp_path / "run" / "logs")
+    assert [(r["step"], r["kind"]) for r in records] == [
+        (0, "eval"), (1, "train"), (1, "eval"), (2, "train"), (2, "eval"), (3, "train"),
+        (3, "eval"),
+    ]  # fmt: skip
+    lags = [r["rollout/staleness_max"] for r in records if r["kind"] == "train"]
+    assert lags == [0.0, 1.0, 1.0]
+
+
 def test_partial_rollouts_keep_the_bound_and_resume(task: Path, tmp_path: Path) -> None:
     """Partial rollouts with a response budget the servers cut: groups may continue across
     steps, every trained token is at most one step old, and a stopped run resumes."""
@@ -337,15 +363,24 @@ def _kill_server_after_step(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the server by its listening socket")
-def test_dead_server_is_restarted_and_resynced(task: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_dead_server_is_restarted_and_resynced(task: Path, tmp_path: Path, staleness: int) -> None:
+    """At max_staleness 1 the server dies with the next step's rollouts in flight: they are
+    sent again to the restarted server."""
     config = task_config(task, tmp_path / "run")
     code, stdout, stderr = _kill_server_after_step(
-        config, 2, "evaluation.interval=0", "schedule.steps=5", nproc=2
+        config,
+        2,
+        "evaluation.interval=0",
+        "schedule.steps=5",
+        f"rollout.max_staleness={staleness}",
+        nproc=2,
     )  # TP2
     assert code == 0, f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr[-6000:]}"
     assert "restarting the rollout servers" in stdout
-    steps = [r["step"] for r in read_metrics(tmp_path / "run" / "logs", kind="train")]
-    assert steps == [1, 2, 3, 4, 5]
+    records = read_metrics(tmp_path / "run" / "logs", kind="train")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(r["rollout/staleness_max"] <= staleness for r in records)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the server by its listening socket")
