@@ -161,6 +161,66 @@ def test_one_step_off_with_distributed_sync_teacher_layout_and_evaluation(
     assert lags == [0.0, 1.0, 1.0]
 
 
+def test_sigterm_with_rollouts_in_flight_leaves_an_attached_server_idle(
+    task: Path, tmp_path: Path
+) -> None:
+    """The next step's rollouts generate (slowly: 1 s per decoding step) on a server the run
+    attached to; SIGTERM to torchrun mid-step must not leave them decoding for nobody."""
+    from oprd_mega.rollout.embedded_server import EmbeddedServer, ServerConfig
+
+    server = EmbeddedServer(
+        ServerConfig(str(task / "student"), port=0, seed=0, decode_step_delay_s=1.0)
+    )
+    server.start()
+    try:
+        url = server.url
+        rollout = {
+            "mode": "attach",
+            "attach": {"urls": [url]},
+            "max_staleness": 1,
+            "sampling": {"n": 2, "temperature": 1.0, "max_new_tokens": 6, "sampling_seed": 0},
+            "weight_sync": {
+                "disk": {"directory": str(tmp_path / "weights")},
+                "probe": {"max_new_tokens": 1},
+            },
+        }
+        config = task_config(task, tmp_path / "run", rollout=rollout)
+        metrics = tmp_path / "run" / "logs" / "metrics.jsonl"
+        proc = subprocess.Popen(
+            launch_command(config, "evaluation.interval=0", nproc=2),
+            env=child_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and proc.poll() is None:
+                if metrics.is_file() and '"train"' in metrics.read_text():
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            time.sleep(2.0)  # step 2 trains (or waits) while step 3's rollouts generate
+            assert _sequences(server) > 0
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        # Left alone, the six 1-second decoding steps would run on for seconds.
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and _sequences(server):
+            time.sleep(0.1)
+        assert _sequences(server) == 0
+    finally:
+        server.stop()
+
+
+def _sequences(server) -> int:  # type: ignore[no-untyped-def]
+    load = server.engine.load()
+    return load["num_running_reqs"] + load["num_waiting_reqs"]
+
+
 def test_partial_rollouts_keep_the_bound_and_resume(task: Path, tmp_path: Path) -> None:
     """Partial rollouts with a response budget the servers cut: groups may continue across
     steps, every trained token is at most one step old, and a stopped run resumes."""
