@@ -30,6 +30,7 @@ from oprd_mega.rollout.samples import Sample, StaleRolloutError
 from oprd_mega.rollout.sampling import SamplingConfig, prompt_seed, request_params
 
 Submit = Callable[[Sequence[int], dict[str, Any], int], cf.Future]
+_ABORT_RETRY_S = 1.0
 
 
 @dataclass
@@ -162,8 +163,11 @@ class RolloutPipeline:
         first with ``partial``) and drops responses too old for a student at
         ``next_version``; returns the seconds waited."""
         start = time.perf_counter()
-        if self.partial and self.inflight:
+        while self.partial and self.inflight:
+            # A request still on its way when the abort came runs on: abort again until none.
             self.abort_all()
+            cf.wait([f for f, _, _ in self.inflight.values()], timeout=_ABORT_RETRY_S)
+            self._collect(block=False)
         self._collect(block=True)
         for group in self.pool:
             self._drop_stale(group, next_version)

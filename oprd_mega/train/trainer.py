@@ -679,8 +679,9 @@ class Trainer:
             if self.metrics is not None:
                 self.metrics.close()
         if self.rollouts is not None:
-            if self.pipeline is not None:
-                self.pipeline.cancel()
+            if self.pipeline is not None:  # its requests are aborted on the servers
+                with contextlib.suppress(Exception):
+                    self.pipeline.cancel()
             self.rollouts.shutdown()
         self.loop.close()
 
