@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from oprd_mega.train.trainer import TrainingError, train
 
     try:
-        summary = train(config, stop_at=args.stop_at_step)
+        summary = train(config, stop_at=args.stop_at_step, launch_checked=True)
     except (TrainingError, CheckpointError, ConfigError) as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)

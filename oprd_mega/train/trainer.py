@@ -719,12 +719,17 @@ def _pad_id(model_path: str) -> int:
     return int(pad) if isinstance(pad, int) else 0
 
 
-def train(config: TrainConfig, stop_at: int | None = None) -> TrainSummary:
+def train(
+    config: TrainConfig, stop_at: int | None = None, *, launch_checked: bool = False
+) -> TrainSummary:
     """Run ``config`` on this process (under torchrun: every rank calls it); ``stop_at``: see
-    :meth:`Trainer.run`."""
+    :meth:`Trainer.run`. ``launch_checked``: the caller ran
+    :func:`oprd_mega.config.model_files.check_launch` on this config already (the train CLI),
+    so the files and both models' tokenizers are not read a second time."""
     ensure_logging()
-    check_paths(config)
-    check_model_files(config)  # shapes, layout and tokenizers before any process group starts
+    if not launch_checked:
+        check_paths(config)
+        check_model_files(config)  # shapes, layout, tokenizers before any process group starts
     init_distributed(config.parallel, seed=config.seed)
     torch.manual_seed(config.seed)
     trainer = Trainer(config)
