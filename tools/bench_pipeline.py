@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,14 +43,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from oprd_mega.parallel.distributed import free_port  # noqa: E402
 from oprd_mega.train.metrics import read_metrics  # noqa: E402
 from tools.tiny_hf import make_tiny_model_dir  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def make_task(root: Path, args: argparse.Namespace) -> Path:

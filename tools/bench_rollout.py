@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,17 +35,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from oprd_mega.parallel.distributed import free_port  # noqa: E402
 from oprd_mega.rollout.client import ClientConfig, RolloutClient  # noqa: E402
 from oprd_mega.rollout.engine import GenerationEngine, SequenceJob  # noqa: E402
 from oprd_mega.rollout.sampling import SamplingConfig  # noqa: E402
 from oprd_mega.rollout.weight_sync import DiskWeightSync, DistributedWeightSync  # noqa: E402
 from tools.tiny_hf import make_tiny_model_dir  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def bench(args: argparse.Namespace, model_dir: Path, new_dir: Path, url: str) -> dict:
