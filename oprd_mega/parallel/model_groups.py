@@ -66,28 +66,36 @@ def is_last_stage(groups: ProcessGroupCollection) -> bool:
     return groups.pp.rank() == groups.pp.size() - 1
 
 
+def group_ranks(layout: ParallelLayout, world_size: int) -> dict[str, list[list[int]]]:
+    """Every group of each kind (a ``ProcessGroupCollection`` field) for ``layout`` over
+    ``world_size`` ranks, from Megatron's ``RankGenerator``. Raises if tp * pp * cp does not
+    divide the world size."""
+    dp = layout.data_parallel_size(world_size)
+    ranks = parallel_state.RankGenerator(
+        tp=layout.tp, ep=1, dp=dp, pp=layout.pp, cp=layout.cp, order=_ORDER
+    )
+    out = {name: ranks.get_ranks(span) for name, span in _SPANS.items()}
+    # Megatron's default_embedding_ranks / default_position_embedding_ranks: the word
+    # embeddings live on the first and last stage, the position embeddings on the first.
+    out["embd"] = [[pp[0], pp[-1]] if len(pp) > 1 else [pp[0]] for pp in out["pp"]]
+    out["pos_embd"] = [[pp[0]] for pp in out["pp"]]
+    return out
+
+
 def init_model_groups(
     layout: ParallelLayout, *, timeout_minutes: int = 30
 ) -> ProcessGroupCollection:
     """A collection for ``layout`` (tp, pp, cp) over every rank (collective over the world);
     ``parallel_state`` is left as it is. Raises if tp * pp * cp does not divide the world size.
-    """
-    world = dist.get_world_size()
-    dp = layout.data_parallel_size(world)
-    ranks = parallel_state.RankGenerator(
-        tp=layout.tp, ep=1, dp=dp, pp=layout.pp, cp=layout.cp, order=_ORDER
-    )
+    A rank outside every embedding group holds ``embd`` None, as in ``parallel_state``."""
     me = dist.get_rank()
     timeout = timedelta(minutes=timeout_minutes)
-    groups = {name: _create(ranks.get_ranks(span), me, timeout) for name, span in _SPANS.items()}
-    stages = ranks.get_ranks("pp")
-    # Megatron's default_embedding_ranks / default_position_embedding_ranks: the word
-    # embeddings live on the first and last stage, the position embeddings on the first (a
-    # rank outside them holds None, as in parallel_state).
-    embd = [[pp[0], pp[-1]] if len(pp) > 1 else [pp[0]] for pp in stages]
-    groups["embd"] = _create(embd, me, timeout)
-    groups["pos_embd"] = _create([[pp[0]] for pp in stages], me, timeout)
-    return ProcessGroupCollection(**groups)
+    return ProcessGroupCollection(
+        **{
+            name: _create(rank_lists, me, timeout)
+            for name, rank_lists in group_ranks(layout, dist.get_world_size()).items()
+        }
+    )
 
 
 def _create(rank_lists: list[list[int]], me: int, timeout: timedelta) -> dist.ProcessGroup | None:
