@@ -38,9 +38,9 @@ def test_no_import_runs_back_up(folder: str, forbidden: str) -> None:
     assert wrong == []
 
 
-# The code that builds, loads and runs a model that may not be the student (the teacher on its
-# own layout): it takes the model's process groups (Megatron's pg_collection), never
-# parallel_state's globals.
+# The code that builds, loads, runs, gathers or checkpoints a model that may not be the student
+# (the teacher on its own layout): it takes the model's process groups (Megatron's
+# pg_collection), never parallel_state's globals.
 RUNS_ANY_MODEL = [
     "oprd_mega/models/builder.py",
     "oprd_mega/models/running.py",
@@ -48,6 +48,9 @@ RUNS_ANY_MODEL = [
     "oprd_mega/distill/teacher.py",
     "oprd_mega/distill/teacher_layout.py",
     "oprd_mega/convert/mcore_io.py",
+    "oprd_mega/convert/gather.py",
+    "oprd_mega/rollout/megatron_sync.py",
+    "oprd_mega/distill/projection.py",
 ]
 
 

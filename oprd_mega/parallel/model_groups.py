@@ -10,8 +10,9 @@ pp), and ``parallel_state`` is neither read nor changed.
 A collection is handed to the builder (:func:`oprd_mega.models.build_gpt_model`), which gives
 it to ``GPTModel`` (embedding, layers, attention, linears and output layer compute in its
 groups) and keeps it on the model (``model.pg_collection``). The code that runs a built model
-(the forward-only schedule, the teacher pass, layer placement, weight loading) reads the
-groups from there (:func:`groups_of`); no code swaps ``parallel_state``'s globals.
+(the forward-only schedule, the teacher pass, layer placement, weight loading, the weight
+sync's gather and probe, the projection's checkpoint shards) reads the groups from there
+(:func:`groups_of`); no code swaps ``parallel_state``'s globals.
 """
 
 from __future__ import annotations
