@@ -296,10 +296,14 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     student = build_gpt_model(
         s_args, params_dtype=dtype, sequence_parallel=args.sp, recompute=recompute
     )
-    with teacher_groups.active() if teacher_groups else contextlib.nullcontext():
-        teacher = build_teacher(
-            t_args, pairs, options, params_dtype=dtype, sequence_parallel=args.sp and not own
-        )
+    teacher = build_teacher(
+        t_args,
+        pairs,
+        options,
+        params_dtype=dtype,
+        sequence_parallel=args.sp and not own,
+        pg_collection=teacher_groups,
+    )
     # Widths that differ (the Qwen3 presets) go through a learned map, as the paper's runs do.
     projection = (
         ProjectionSpec("full", normalize=True) if s_args.hidden_size != t_args.hidden_size else None
@@ -311,7 +315,7 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
         options,
         OptimizerOptions(lr=1e-5),
         projection=projection,
-        teacher_groups=teacher_groups,
+        teacher_own_layout=own,
     )
     vocab = min(s_args.vocab_size, t_args.vocab_size)
     generator = torch.Generator().manual_seed(1)

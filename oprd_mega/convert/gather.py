@@ -20,6 +20,7 @@ from oprd_mega.convert import layout
 from oprd_mega.convert.mapping import get_mapping, mcore_to_hf_state, tp_kind
 from oprd_mega.convert.mcore_io import global_parameters
 from oprd_mega.models.hf_config import HFModelArgs
+from oprd_mega.parallel.model_groups import groups_of
 
 TIED_OUTPUT = "output_layer.weight"
 Include = Callable[[str], bool]
@@ -47,14 +48,13 @@ class _RankInfo:
 
 
 def _local_info(model: torch.nn.Module, args: HFModelArgs, include: Include) -> _RankInfo:
-    from megatron.core import parallel_state as ps
-
+    groups = groups_of(model)  # the model's own layout
     mapped = {n for _, names in mapping_units(args) for n in names}
-    tp = ps.get_tensor_model_parallel_rank()
+    tp = groups.tp.rank()
     info = _RankInfo(
         rank=dist.get_rank(),
-        replica=(ps.get_data_parallel_rank(), ps.get_context_parallel_rank()),
-        pp=ps.get_pipeline_model_parallel_rank(),
+        replica=(groups.dp.rank(), groups.cp.rank()),
+        pp=groups.pp.rank(),
         tp=tp,
     )
     if tp != 0:
@@ -115,8 +115,6 @@ def gather_hf_weights(
             raise ValueError(f"dst_rank={dst_rank} without torch.distributed")
         yield from _local_gather(model, args)
         return
-    from megatron.core import parallel_state as ps
-
     world = dist.get_world_size()
     if not 0 <= dst_rank < world:
         raise ValueError(f"dst_rank={dst_rank} is not a rank of the world of {world}")
@@ -152,7 +150,7 @@ def gather_hf_weights(
         return
     params = {n: p for n, p in global_parameters(model).items() if n in owner}
     device = next(iter(global_parameters(model).values())).device
-    tp_group = ps.get_tensor_model_parallel_group()
+    tp_group = groups_of(model).tp
     for layer, names in units:
         full: dict[str, torch.Tensor] = {}
         for name in names:

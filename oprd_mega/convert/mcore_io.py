@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 
 from oprd_mega.convert.dcp_files import tensors_metadata
 from oprd_mega.convert.hf_io import AUX_FILES, CheckpointError, HFCheckpointReader
@@ -31,6 +31,7 @@ from oprd_mega.lifetime import make_owned_temp_dir, publishing, raise_if_termina
 from oprd_mega.models.hf_config import HFModelArgs, load_hf_config
 from oprd_mega.models.running import unwrap
 from oprd_mega.parallel.distributed import barrier, global_rank
+from oprd_mega.parallel.model_groups import groups_of
 
 # How the model's sharded state dict is built, on save and on load alike (Megatron adds keys
 # to the dict it is given, so every call gets a fresh copy).
@@ -81,10 +82,11 @@ def _stage_layers(model: torch.nn.Module) -> list[int]:
 def load_hf_weights(
     model: torch.nn.Module, args: HFModelArgs, reader: HFCheckpointReader, *, progress=None
 ) -> None:
-    """Copy HF weights into this rank's shards of a live model (any TP/PP), via the mapping."""
+    """Copy HF weights into this rank's shards of a live model (any TP/PP, the layout of the
+    model's own groups), via the mapping."""
     params = global_parameters(model)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp = groups_of(model).tp
+    tp_rank, tp_size = tp.rank(), tp.size()
     filled: set[str] = set()
     for layer in [None, *_stage_layers(model)]:
         if layer is None:  # only the model-level tensors this stage owns
@@ -274,7 +276,7 @@ def zero_padding_rows(model: torch.nn.Module, vocab_size: int) -> None:
     """Set this rank's rows of the embedding and output layer past ``vocab_size`` to zero
     (each TP rank holds an equal, contiguous share of the padded rows)."""
     model = unwrap(model)
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_rank = groups_of(model).tp.rank()
     for name, param in global_parameters(model).items():
         if name in VOCAB_ROW_TENSORS:
             first = tp_rank * param.shape[0]

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -203,14 +204,18 @@ def sequence_major(mask: torch.Tensor) -> torch.Tensor:
     return mask.t().reshape(-1)
 
 
-def local_rows(mask: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+def local_rows(
+    mask: torch.Tensor, sequence_parallel: bool, tp_group: dist.ProcessGroup | None = None
+) -> torch.Tensor:
     """Row indices into this rank's flattened ``[s_local * b, h]`` hidden state for ``mask``.
 
-    Without sequence parallelism every tensor-parallel rank holds the whole sequence.
+    Without sequence parallelism every tensor-parallel rank holds the whole sequence; with it,
+    this rank holds its shard in ``tp_group`` (default: ``parallel_state``'s, the student's).
     """
     if sequence_parallel:
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        rank = parallel_state.get_tensor_model_parallel_rank()
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp, rank = tp_group.size(), tp_group.rank()
         seq = mask.shape[1]
         if seq % tp:
             raise ValueError(

@@ -8,7 +8,7 @@ exercise the product's own set-up. Weights are loaded by the caller (it knows th
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from oprd_mega.distill.layers import teacher_depth
 from oprd_mega.distill.options import OptimizerOptions
@@ -18,7 +18,7 @@ from oprd_mega.distill.teacher import layer_stages
 from oprd_mega.distill.teacher_layout import TeacherPlacement
 from oprd_mega.models import HFModelArgs, build_gpt_model, build_truncated_model
 from oprd_mega.models.running import unwrap
-from oprd_mega.parallel.model_groups import ModelGroups
+from oprd_mega.parallel.model_groups import groups_of
 
 
 def build_teacher(
@@ -29,10 +29,13 @@ def build_teacher(
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     use_te: bool | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
 ) -> torch.nn.Module:
     """This rank's stage of the frozen teacher: the full model when an OPD term needs its
     logits, otherwise truncated at the deepest tapped teacher layer (no final norm, no head).
-    ``use_te``: Transformer Engine layers (default: when TE can run)."""
+    ``use_te``: Transformer Engine layers (default: when TE can run); ``pg_collection``: the
+    teacher's own process groups (``parallel.teacher``,
+    :func:`~oprd_mega.parallel.model_groups.init_model_groups`; default: the student's)."""
     if options.opd_kind is not None:
         teacher = build_gpt_model(
             args,
@@ -40,6 +43,7 @@ def build_teacher(
             sequence_parallel=sequence_parallel,
             use_te=use_te,
             trainable=False,
+            pg_collection=pg_collection,
         )
     else:
         depth = teacher_depth(pairs, args.num_layers, needs_logits=False)
@@ -49,6 +53,7 @@ def build_teacher(
             params_dtype=params_dtype,
             sequence_parallel=sequence_parallel,
             use_te=use_te,
+            pg_collection=pg_collection,
         )
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -58,7 +63,7 @@ def build_teacher(
 def stage_layers(model: torch.nn.Module, pairs: list[tuple[int, int]]) -> list[int]:
     """The tapped student layers this pipeline stage owns (collective over the pipeline group)."""
     stages = layer_stages(model)
-    stage = parallel_state.get_pipeline_model_parallel_rank()
+    stage = groups_of(model).pp.rank()
     return [student_layer for student_layer, _ in pairs if stages[student_layer] == stage]
 
 
@@ -71,7 +76,7 @@ def build_step(
     *,
     projection: ProjectionSpec | None = None,
     bridge: BridgeTensors | None = None,
-    teacher_groups: ModelGroups | None = None,
+    teacher_own_layout: bool = False,
     overlap_grad_reduce: bool = False,
     overlap_param_gather: bool = False,
 ) -> DistillStep:
@@ -80,8 +85,9 @@ def build_step(
     With a representation loss, this stage's projection (``projection``, identity when None;
     ``bridge``: the maps of mode ``bridge``, read by :mod:`oprd_mega.bridge.loaded`) is
     attached to the student before Megatron's DDP wraps it; the optimizer covers both. The step
-    holds the wrapped ``student`` and the ``optimizer``. ``teacher_groups``: the teacher was
-    built (and loaded) inside these groups' :meth:`~ModelGroups.active` (``parallel.teacher``).
+    holds the wrapped ``student`` and the ``optimizer``. ``teacher_own_layout``: the teacher was
+    built in process groups of its own (``parallel.teacher``; :func:`build_teacher`'s
+    ``pg_collection``): its pass runs there and routes the targets to the student's ranks.
     ``overlap_grad_reduce`` / ``overlap_param_gather``: see
     :func:`~oprd_mega.distill.step.wrap_student`.
     """
@@ -110,7 +116,5 @@ def build_step(
         pairs,
         options,
         bridge=None if bridge is None else bridge.teacher,
-        teacher_placement=None
-        if teacher_groups is None
-        else TeacherPlacement.gather(teacher_groups),
+        teacher_placement=TeacherPlacement.gather(student, teacher) if teacher_own_layout else None,
     )

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from oprd_mega.distill.options import ProjectionSpec
+from oprd_mega.parallel.model_groups import global_groups, groups_of
 
 PROJECTION_ATTR = "oprd_projection"
 PROJECTION_PREFIX = f"{PROJECTION_ATTR}."
@@ -51,7 +52,8 @@ class FullProjection(torch.nn.Module):
 
     Parameters are replicated across tensor-parallel ranks; under sequence parallelism each rank
     sees a different sequence shard, so they carry ``sequence_parallel`` and Megatron sums their
-    gradients across the tensor-parallel group, as for norm weights.
+    gradients across the tensor-parallel group, as for norm weights. ``groups``: the student's
+    process groups, where its checkpoint shards live (default: ``parallel_state``'s).
     """
 
     def __init__(
@@ -65,9 +67,11 @@ class FullProjection(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         init_std: float | None = None,
         seed: int = 0,
+        groups: ProcessGroupCollection | None = None,
     ) -> None:
         super().__init__()
         self.per_layer = per_layer
+        self.groups = groups
         std = d_student**-0.5 if init_std is None else init_std
         keys = [(_key(layer), layer) for layer in layers] if per_layer else [(SHARED_KEY, 0)]
         self.weights = torch.nn.ParameterDict()
@@ -95,11 +99,11 @@ class FullProjection(torch.nn.Module):
         """Replicated tensors; a shared map held by every pipeline stage is a replica there."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        groups = global_groups() if self.groups is None else self.groups
         replica = (
-            pp_rank if not self.per_layer else 0,
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_data_parallel_rank(with_context_parallel=True),
+            groups.pp.rank() if not self.per_layer else 0,
+            groups.tp.rank(),
+            groups.dp_cp.rank(),
         )
         out = {}
         for key, param in self.weights.items():
@@ -191,6 +195,7 @@ def attach_projection(
             dtype=dtype,
             init_std=spec.init_std,
             seed=spec.seed,
+            groups=groups_of(model),
         )
     else:
         if bridge is None:

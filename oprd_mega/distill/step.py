@@ -216,7 +216,8 @@ class DistillStep:
     ``pairs``: ``(student layer, teacher layer)`` for every tapped layer
     (:func:`oprd_mega.distill.layers.layer_pairs`); ``bridge``: teacher-side ``(P_T, mu_T)``
     per teacher layer with the bridge projection. ``teacher_placement``: the teacher was built
-    in its own groups (``parallel.teacher``); its pass then runs there and routes the targets.
+    in its own groups (``parallel.teacher``, its ``pg_collection``); its pass then runs there
+    and routes the targets. The student runs in ``parallel_state``'s groups.
     """
 
     def __init__(
@@ -260,11 +261,7 @@ class DistillStep:
                 raise ValueError(
                     f"projection.bridge_path: no P_T/mu_T for teacher layer(s) {absent}"
                 )
-        if teacher_placement is None:
-            teacher_stage = layer_stages(teacher)
-        else:
-            with teacher_placement.groups.active():
-                teacher_stage = layer_stages(teacher)
+        teacher_stage = layer_stages(teacher)  # in the teacher's own pipeline
         missing = sorted({t for _, t in self.pairs} - set(teacher_stage))
         if missing and options.oprd_weight:
             raise ValueError(

@@ -1,8 +1,10 @@
 """The teacher pass: forward only, supervised rows of the tapped layers, delivered by stage.
 
-The teacher runs through Megatron's ``get_forward_backward_func(forward_only=True)`` at the
-student's TP/PP layout. For OPRD alone it is the truncated model (no final norm, no output
-layer: :func:`oprd_mega.models.build_truncated_model` up to the deepest tapped teacher layer).
+The teacher runs through Megatron's forward-only schedule in its own process groups (the
+``pg_collection`` it was built with: the student's layout here, its own with
+:mod:`oprd_mega.distill.teacher_layout`). For OPRD alone it is the truncated model (no final
+norm, no output layer: :func:`oprd_mega.models.build_truncated_model` up to the deepest tapped
+teacher layer).
 For OPD it is the full model, run without its output layer: the final-norm states at the OPD
 positions are kept and the student's step forms the logits chunk by chunk with the teacher's
 output-layer shard.
@@ -22,12 +24,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 
 from oprd_kernels import bridge_project
 from oprd_mega.distill.batch import DistillMicrobatch, local_rows, sequence_major
 from oprd_mega.models.running import forward_only, layer_hooks, unwrap
+from oprd_mega.parallel.model_groups import groups_of, is_last_stage
 
 
 @contextlib.contextmanager
@@ -43,13 +45,15 @@ def without_output_layer(model: torch.nn.Module) -> Iterator[None]:
 
 
 def layer_stages(model: torch.nn.Module) -> dict[int, int]:
-    """Global layer number -> pipeline rank that owns it (collective over the pipeline group)."""
+    """Global layer number -> pipeline rank that owns it, in the model's own pipeline
+    (collective over its pipeline group)."""
     mine = [layer.layer_number for layer in unwrap(model).decoder.layers]
-    size = parallel_state.get_pipeline_model_parallel_world_size()
+    group = groups_of(model).pp
+    size = group.size()
     if size == 1:
         return dict.fromkeys(mine, 0)
     gathered: list[list[int]] = [[] for _ in range(size)]
-    dist.all_gather_object(gathered, mine, group=parallel_state.get_pipeline_model_parallel_group())
+    dist.all_gather_object(gathered, mine, group=group)
     return {layer: stage for stage, layers in enumerate(gathered) for layer in layers}
 
 
@@ -84,23 +88,24 @@ def teacher_pass(
 ) -> TeacherOutputs:
     """Run the teacher over ``microbatches`` and deliver the targets (collective over PP)."""
     kept, opd_hidden = run_teacher(teacher, microbatches, plan)
-    targets = _deliver(kept, microbatches, plan, unwrap(teacher).config.hidden_size)
+    targets = _deliver(kept, microbatches, plan, teacher)
     return TeacherOutputs(targets=targets, opd_hidden=opd_hidden)
 
 
 def run_teacher(
     teacher: torch.nn.Module, microbatches: list[DistillMicrobatch], plan: TeacherPlan
 ) -> tuple[dict[tuple[int, int], torch.Tensor], dict[int, torch.Tensor]]:
-    """The teacher's forward over ``microbatches`` (collective over its model-parallel groups):
-    ``(microbatch index, teacher layer) -> rows`` kept on the stage owning that layer, and the
-    OPD states per microbatch index (last stage)."""
+    """The teacher's forward over ``microbatches`` (collective over its own model-parallel
+    groups, ``teacher.pg_collection``): ``(microbatch index, teacher layer) -> rows`` kept on the
+    stage owning that layer, and the OPD states per microbatch index (last stage)."""
     inner = unwrap(teacher)
+    groups = groups_of(teacher)
     if not plan.opd and getattr(inner, "output_layer", None) is not None:
         raise ValueError(
             "teacher: OPRD alone needs the truncated teacher (build_truncated_model): this one "
             "has an output layer"
         )
-    if plan.opd and not inner.post_process and parallel_state.is_pipeline_last_stage():
+    if plan.opd and not inner.post_process and is_last_stage(groups):
         raise ValueError("teacher: OPD needs the teacher's final norm and output layer")
     tapped = {teacher_layer for _, teacher_layer in plan.pairs}
     kept: dict[tuple[int, int], torch.Tensor] = {}
@@ -110,7 +115,7 @@ def run_teacher(
     def keep(module: torch.nn.Module, _inputs: tuple, output) -> None:
         hidden = output[0] if isinstance(output, tuple) else output
         batch = current[-1]
-        rows = local_rows(batch.supervised, plan.sequence_parallel).to(hidden.device)
+        rows = local_rows(batch.supervised, plan.sequence_parallel, groups.tp).to(hidden.device)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
         layer = module.layer_number
         if plan.bridge is not None:
@@ -140,7 +145,9 @@ def run_teacher(
         if plan.opd:
             full = output_tensor
             if plan.sequence_parallel:
-                full = gather_from_sequence_parallel_region(full, tensor_parallel_output_grad=False)
+                full = gather_from_sequence_parallel_region(
+                    full, tensor_parallel_output_grad=False, group=groups.tp
+                )
             rows = sequence_major(batch.predicts).nonzero().squeeze(1).to(full.device)
             opd_hidden[batch.index] = (
                 full.reshape(-1, full.shape[-1]).index_select(0, rows).to(plan.target_dtype)
@@ -168,15 +175,18 @@ def _deliver(
     kept: dict[tuple[int, int], torch.Tensor],
     microbatches: list[DistillMicrobatch],
     plan: TeacherPlan,
-    hidden: int,
+    teacher: torch.nn.Module,
 ) -> dict[int, dict[int, torch.Tensor]]:
-    """Move each teacher layer's rows to the stage of its student layer (same TP/DP rank)."""
-    stage = parallel_state.get_pipeline_model_parallel_rank()
-    group = parallel_state.get_pipeline_model_parallel_group()
+    """Move each teacher layer's rows to the stage of its student layer (same TP/DP rank: the
+    teacher shares the student's layout here, so its pipeline group is the student's)."""
+    hidden = int(unwrap(teacher).config.hidden_size)
+    groups = groups_of(teacher)
+    group = groups.pp
+    stage = group.rank()
     out: dict[int, dict[int, torch.Tensor]] = {batch.index: {} for batch in microbatches}
     requests = []
     for batch in microbatches:
-        count = int(local_rows(batch.supervised, plan.sequence_parallel).numel())
+        count = int(local_rows(batch.supervised, plan.sequence_parallel, groups.tp).numel())
         for student_layer, teacher_layer in plan.pairs:
             source = plan.teacher_stage[teacher_layer]
             destination = plan.student_stage[student_layer]

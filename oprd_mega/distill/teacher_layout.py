@@ -7,8 +7,9 @@ The student's data-parallel ranks each hold their own microbatches; the teacher'
 1. every student replica's microbatches are shared with every rank (one all-gather of the
    token ids and masks, from the student's TP0/PP0 rank of each replica);
 2. the step's microbatches, ordered by (student DP rank, index), are dealt round robin to the
-   teacher replicas: unit ``k`` runs on teacher replica ``k % teacher_dp``, inside the
-   teacher's groups (:class:`~oprd_mega.parallel.model_groups.ModelGroups`);
+   teacher replicas: unit ``k`` runs on teacher replica ``k % teacher_dp``, in the teacher's
+   own process groups (the ``pg_collection`` it was built with,
+   :func:`~oprd_mega.parallel.model_groups.init_model_groups`);
 3. each tapped teacher layer's supervised rows (whole rows: the teacher runs without sequence
    parallelism) go point to point from the teacher's TP0 rank on the stage owning that layer
    to every student rank of the microbatch's DP rank on the stage owning the paired student
@@ -30,13 +31,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from oprd_mega.distill.batch import DistillMicrobatch, context_shard, sequence_major
 from oprd_mega.distill.teacher import TeacherOutputs, TeacherPlan, current_device, run_teacher
 from oprd_mega.models.running import output_weight, unwrap
 from oprd_mega.parallel.context import context_positions
-from oprd_mega.parallel.model_groups import ModelGroups
+from oprd_mega.parallel.model_groups import groups_of
 
 
 @dataclass(frozen=True)
@@ -48,39 +49,34 @@ class Coordinates:
     tp: int
 
     @staticmethod
-    def here() -> Coordinates:
-        """This rank's coordinates in the layout ``parallel_state`` answers for now."""
-        return Coordinates(
-            parallel_state.get_data_parallel_rank(),
-            parallel_state.get_pipeline_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_rank(),
-        )
+    def of(groups: ProcessGroupCollection) -> Coordinates:
+        """This rank's coordinates in the layout of ``groups``."""
+        return Coordinates(groups.dp.rank(), groups.pp.rank(), groups.tp.rank())
 
 
 @dataclass(frozen=True)
 class TeacherPlacement:
-    """Where every global rank sits in the student's and in the teacher's layout."""
+    """Where every global rank sits in the student's and in the teacher's layout, and the
+    student's own groups on this rank (where each student rank keeps its rows)."""
 
-    groups: ModelGroups
+    student_groups: ProcessGroupCollection
     student: tuple[Coordinates, ...]
     teacher: tuple[Coordinates, ...]
     teacher_dp: int
 
     @staticmethod
-    def gather(groups: ModelGroups) -> TeacherPlacement:
-        """Collective over the world (the student's layout is the global one)."""
-        student = Coordinates.here()
-        with groups.active():
-            teacher = Coordinates.here()
-            teacher_dp = parallel_state.get_data_parallel_world_size()
+    def gather(student: torch.nn.Module, teacher: torch.nn.Module) -> TeacherPlacement:
+        """From the process groups each model was built with (collective over the world)."""
+        student_groups, teacher_groups = groups_of(student), groups_of(teacher)
+        mine = (Coordinates.of(student_groups), Coordinates.of(teacher_groups))
         gathered: list[tuple[Coordinates, Coordinates] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (student, teacher))
+        dist.all_gather_object(gathered, mine)
         pairs = [pair for pair in gathered if pair is not None]
         return TeacherPlacement(
-            groups=groups,
+            student_groups=student_groups,
             student=tuple(s for s, _ in pairs),
             teacher=tuple(t for _, t in pairs),
-            teacher_dp=teacher_dp,
+            teacher_dp=teacher_groups.dp.size(),
         )
 
     def teacher_rank(self, replica: int, stage: int, tp: int = 0) -> int:
@@ -124,11 +120,10 @@ def teacher_pass_own_layout(
     for batch in mine:  # Megatron's pipeline exchanges fixed-shape activations
         by_shape[batch.shape].append(batch)
     opd_kept: dict[int, torch.Tensor] = {}
-    with placement.groups.active():
-        for batches in by_shape.values():
-            rows, states = run_teacher(teacher, batches, teacher_plan)
-            kept.update(rows)
-            opd_kept.update(states)
+    for batches in by_shape.values():  # in the teacher's own groups (its pg_collection)
+        rows, states = run_teacher(teacher, batches, teacher_plan)
+        kept.update(rows)
+        opd_kept.update(states)
     hidden = int(unwrap(teacher).config.hidden_size)
     dtype = torch.float32 if plan.bridge is not None else plan.target_dtype
     targets: dict[int, dict[int, torch.Tensor]] = {batch.index: {} for batch in microbatches}
@@ -178,17 +173,19 @@ def teacher_pass_own_layout(
                 opd_hidden[batch.index] = buffer
     for request in requests:
         request.wait()
-    cp = parallel_state.get_context_parallel_world_size()
+    cp_group, tp_group = placement.student_groups.cp, placement.student_groups.tp
+    cp = cp_group.size()
     for batch in microbatches:  # whole rows -> this rank's context chunks and sequence shard
         keep = None
         if cp > 1:
-            keep = _context_rows(batch.supervised, batch.cu_seqlens, cp)
+            keep = _context_rows(batch.supervised, batch.cu_seqlens, cp_group)
             if batch.index in opd_hidden:
                 states = opd_hidden[batch.index]
-                chosen = _context_rows(batch.predicts, batch.cu_seqlens, cp)
+                chosen = _context_rows(batch.predicts, batch.cu_seqlens, cp_group)
                 opd_hidden[batch.index] = states[chosen.to(states.device)]
         if plan.sequence_parallel:
-            shard = _shard_of_rows(context_shard(batch).supervised).nonzero().squeeze(1)
+            shard = context_shard(batch, cp, cp_group.rank()).supervised
+            shard = _shard_of_rows(shard, tp_group).nonzero().squeeze(1)
             keep = shard if keep is None else keep[shard]
         if keep is not None:
             for layer, rows in targets[batch.index].items():
@@ -196,12 +193,15 @@ def teacher_pass_own_layout(
     return TeacherOutputs(targets=targets, opd_hidden=opd_hidden)
 
 
-def _context_rows(mask: torch.Tensor, cu_seqlens: torch.Tensor | None, cp: int) -> torch.Tensor:
+def _context_rows(
+    mask: torch.Tensor, cu_seqlens: torch.Tensor | None, cp_group: dist.ProcessGroup
+) -> torch.Tensor:
     """Indices into a whole microbatch's rows for ``mask`` (sequence-major) of the rows this
-    context-parallel rank holds, in the order of its share (:func:`context_shard`)."""
+    rank holds in the student's context-parallel group ``cp_group``, in the order of its share
+    (:func:`context_shard`)."""
     batch, seq = mask.shape
     bounds = [0, seq] if cu_seqlens is None else cu_seqlens.tolist()
-    positions = context_positions(bounds, cp, parallel_state.get_context_parallel_rank())
+    positions = context_positions(bounds, cp_group.size(), cp_group.rank())
     flat_mask = sequence_major(mask)
     row_of = torch.cumsum(flat_mask.long(), 0) - 1  # whole row index of each masked slot
     slots = (positions[:, None] * batch + torch.arange(batch)[None, :]).reshape(-1)
@@ -232,8 +232,7 @@ def teacher_head_shard(
     teacher_last, student_last = placement.last_stages()
     local = None
     if placement.teacher[me].pp == teacher_last and placement.teacher[me].dp == 0:
-        with placement.groups.active():
-            local = output_weight(teacher).detach()
+        local = output_weight(teacher).detach()
     dtype = inner.config.params_dtype
     shard = None
     requests, pieces = [], []
@@ -285,11 +284,11 @@ def _step_units(
     return [(dp, batch) for dp in sorted(by_dp) for batch in by_dp[dp]]
 
 
-def _shard_of_rows(supervised: torch.Tensor) -> torch.Tensor:
+def _shard_of_rows(supervised: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:
     """Which of a microbatch's supervised rows (sequence-major) fall in this TP rank's sequence
-    shard under the student's sequence parallelism: a boolean mask over those rows."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    rank = parallel_state.get_tensor_model_parallel_rank()
+    shard under the student's sequence parallelism (``tp_group``: the student's): a boolean mask
+    over those rows."""
+    tp, rank = tp_group.size(), tp_group.rank()
     batch, seq = supervised.shape
     positions = sequence_major(supervised).nonzero().squeeze(1)
     shard = (seq // tp) * batch

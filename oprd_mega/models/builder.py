@@ -1,8 +1,10 @@
 """Build a Megatron-Core ``GPTModel`` from validated Hugging Face model arguments.
 
 ``build_gpt_model`` gives the full model (student, conversion); ``build_truncated_model`` the
-teacher's first K layers without final norm and output layer. Both use the current Megatron
-``parallel_state`` (see :func:`oprd_mega.parallel.init_distributed`).
+teacher's first K layers without final norm and output layer. Both build in the process groups
+they are given (``pg_collection``, Megatron-Core's ``ProcessGroupCollection``; default:
+``parallel_state``'s, the student's, see :func:`oprd_mega.parallel.init_distributed`), and the
+model keeps them (``model.pg_collection``).
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -26,6 +28,7 @@ from oprd_mega.models.shapes import (
     shape_problems,
 )
 from oprd_mega.models.specs import block_spec, te_available
+from oprd_mega.parallel.model_groups import global_groups, is_first_stage, is_last_stage
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,14 +81,16 @@ def transformer_config(
     use_te: bool = False,
     trainable: bool = True,
     recompute: RecomputeOptions | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
 ) -> TransformerConfig:
-    """Megatron's ``TransformerConfig`` for ``args`` under the current parallel_state.
+    """Megatron's ``TransformerConfig`` for ``args`` in the layout of ``pg_collection``
+    (default: ``parallel_state``'s).
 
     ``use_te`` and ``trainable`` (the student, not the frozen teacher) decide which fused paths
     are switched on (:func:`fusions`); ``recompute``: activation recompute (none by default).
     """
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    groups = global_groups() if pg_collection is None else pg_collection
+    tp, pp, cp = groups.tp.size(), groups.pp.size(), groups.cp.size()
     num_layers = args.num_layers if num_layers is None else num_layers
     if not 1 <= num_layers <= args.num_layers:
         raise ValueError(f"num_layers={num_layers} must be in [1, {args.num_layers}]")
@@ -125,7 +130,7 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
-        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        context_parallel_size=cp,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=not torch.cuda.is_available(),
         persist_layer_norm=False,
@@ -142,19 +147,21 @@ def _build(
     post_process: bool,
     use_te: bool,
     tied: bool,
+    pg_collection: ProcessGroupCollection,
 ) -> GPTModel:
-    num_to_build = get_num_layers_to_build(config)
+    num_to_build = get_num_layers_to_build(config, pp_rank=pg_collection.pp.rank())
     model = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(args, num_to_build, use_te),
         # the padded vocabulary this TP splits evenly (checkpoints may store another padding)
         vocab_size=args.at_tp(config.tensor_model_parallel_size).padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=post_process and parallel_state.is_pipeline_last_stage(),
+        pre_process=is_first_stage(pg_collection),
+        post_process=post_process and is_last_stage(pg_collection),
         share_embeddings_and_output_weights=tied,
         position_embedding_type="rope",
         rotary_base=args.rope_theta,
+        pg_collection=pg_collection,
     )
     apply_rope_scaling(model, args.rope, args.head_dim)
     setattr(model, REAL_VOCAB_ATTR, args.vocab_size)
@@ -171,14 +178,17 @@ def build_gpt_model(
     use_te: bool | None = None,
     trainable: bool = True,
     recompute: RecomputeOptions | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
 ) -> GPTModel:
     """This rank's pipeline stage of the full model (embedding, layers, final norm, LM head).
 
     ``use_te``: Transformer Engine layers (default: when TE can run, see
     :func:`~oprd_mega.models.specs.resolve_use_te`); ``trainable=False`` for a frozen model;
-    ``recompute``: the student's activation recompute.
+    ``recompute``: the student's activation recompute; ``pg_collection``: the process groups
+    it is built and runs in (default: ``parallel_state``'s).
     """
     use_te = te_available() if use_te is None else use_te
+    pg_collection = global_groups() if pg_collection is None else pg_collection
     config = transformer_config(
         args,
         params_dtype=params_dtype,
@@ -186,8 +196,16 @@ def build_gpt_model(
         use_te=use_te,
         trainable=trainable,
         recompute=recompute,
+        pg_collection=pg_collection,
     )
-    return _build(args, config, post_process=True, use_te=use_te, tied=args.tie_word_embeddings)
+    return _build(
+        args,
+        config,
+        post_process=True,
+        use_te=use_te,
+        tied=args.tie_word_embeddings,
+        pg_collection=pg_collection,
+    )
 
 
 def build_truncated_model(
@@ -197,13 +215,15 @@ def build_truncated_model(
     params_dtype: torch.dtype = torch.float32,
     sequence_parallel: bool = False,
     use_te: bool | None = None,
+    pg_collection: ProcessGroupCollection | None = None,
 ) -> GPTModel:
     """The first ``num_layers`` layers only: no final norm, no output layer (the teacher).
 
     Its forward returns the last kept layer's output ``[seq, batch, hidden]`` (a sequence shard
-    under sequence parallelism).
+    under sequence parallelism). ``pg_collection``: as :func:`build_gpt_model`'s.
     """
     use_te = te_available() if use_te is None else use_te
+    pg_collection = global_groups() if pg_collection is None else pg_collection
     config = transformer_config(
         args,
         num_layers=num_layers,
@@ -211,5 +231,8 @@ def build_truncated_model(
         sequence_parallel=sequence_parallel,
         use_te=use_te,
         trainable=False,
+        pg_collection=pg_collection,
     )
-    return _build(args, config, post_process=False, use_te=use_te, tied=False)
+    return _build(
+        args, config, post_process=False, use_te=use_te, tied=False, pg_collection=pg_collection
+    )

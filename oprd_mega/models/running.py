@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+from oprd_mega.parallel.model_groups import groups_of
 
 LayerHook = Callable[[torch.nn.Module, tuple, Any], None]
 
@@ -52,7 +55,7 @@ def forward_only(
     outputs: Callable[[Any, torch.Tensor], dict] | None = None,
 ) -> list[dict]:
     """Megatron's forward-only schedule over ``batches`` (one microbatch each; collective over
-    the model-parallel groups), without autograd.
+    the model's own model-parallel groups, ``model.pg_collection``), without autograd.
 
     ``forward(model, batch)`` runs one microbatch (default: ``model(batch, None, None)``, the
     batch being the token ids); ``outputs(batch, output)`` gives the dict the last pipeline
@@ -69,8 +72,13 @@ def forward_only(
 
         return output, loss_func
 
+    groups = groups_of(model)
+    pipelined = groups.pp.size() > 1
+    schedule = get_forward_backward_func(pp_size=groups.pp.size(), vp_size=None)
+    # the pipelined schedule takes the groups with a p2p communicator over their pp group
+    p2p = P2PCommunicator(pp_group=groups.pp, config=unwrap(model).config) if pipelined else None
     with torch.no_grad():
-        return get_forward_backward_func()(
+        return schedule(
             forward_step_func=forward_step,
             data_iterator=iter(batches),
             model=[model],
@@ -78,6 +86,8 @@ def forward_only(
             seq_length=seq_length,
             micro_batch_size=micro_batch_size,
             forward_only=True,
+            p2p_communicator=p2p,
+            pg_collection=groups,
         )
 
 

@@ -22,40 +22,37 @@ from oprd_mega.models.running import forward_only, unwrap
 from oprd_mega.models.shapes import real_vocab_size, sequence_multiple
 from oprd_mega.parallel.context import context_positions, gathered_positions
 from oprd_mega.parallel.distributed import broadcast_object
+from oprd_mega.parallel.model_groups import groups_of, is_last_stage
 from oprd_mega.rollout.weight_sync import SyncReport, WeightSync, WeightSyncError
 
 _FORWARD = "forward"
 _DONE = "done"
 
 
-def _replica() -> int:
-    """The data-parallel rank: every rank of one model replica (its tensor, pipeline and
-    context-parallel ranks) runs the probe's forward together."""
-    from megatron.core import parallel_state as ps
-
-    return ps.get_data_parallel_rank()
+def _replica(model: torch.nn.Module) -> int:
+    """The model's data-parallel rank: every rank of one model replica (its tensor, pipeline
+    and context-parallel ranks) runs the probe's forward together."""
+    return groups_of(model).dp.rank()
 
 
 @torch.no_grad()
 def _megatron_logits(model: torch.nn.Module, tokens: Sequence[int]) -> torch.Tensor | None:
     """Forward one sequence through this rank's stage; full logits ``[tokens, vocab]`` on the
     last pipeline stage (vocabulary shards gathered), None elsewhere. Collective over the
-    model-parallel group."""
-    from megatron.core import parallel_state as ps
+    model-parallel groups (the model's own)."""
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
     inner = unwrap(model)
+    groups = groups_of(model)
     device = next(inner.parameters()).device
     length = len(tokens)
-    cp = ps.get_context_parallel_world_size()
-    multiple = sequence_multiple(
-        tp=ps.get_tensor_model_parallel_world_size(), cp=cp, sp=inner.config.sequence_parallel
-    )
+    cp = groups.cp.size()
+    multiple = sequence_multiple(tp=groups.tp.size(), cp=cp, sp=inner.config.sequence_parallel)
     padded = list(tokens) + [0] * (-length % multiple)  # causal: padding after changes nothing
     ids = torch.tensor([padded], dtype=torch.long, device=device)
     bounds = [0, len(padded)]
     if cp > 1:  # this rank's load-balanced chunks (oprd_mega.parallel.context)
-        keep = context_positions(bounds, cp, ps.get_context_parallel_rank()).to(device)
+        keep = context_positions(bounds, cp, groups.cp.rank()).to(device)
         ids = ids.index_select(1, keep)
 
     results = forward_only(
@@ -65,12 +62,12 @@ def _megatron_logits(model: torch.nn.Module, tokens: Sequence[int]) -> torch.Ten
         micro_batch_size=1,
         outputs=lambda _ids, out: {"logits": out.detach()},
     )
-    if not ps.is_pipeline_last_stage():
+    if not is_last_stage(groups):
         return None
-    logits = gather_from_tensor_model_parallel_region(results[0]["logits"])  # [1, s / cp, V]
+    logits = gather_from_tensor_model_parallel_region(results[0]["logits"], group=groups.tp)
     if cp > 1:  # every rank's chunks, back in sequence order
         shares = [torch.empty_like(logits) for _ in range(cp)]
-        dist.all_gather(shares, logits.contiguous(), group=ps.get_context_parallel_group())
+        dist.all_gather(shares, logits.contiguous(), group=groups.cp)
         order = torch.argsort(gathered_positions(bounds, cp)).to(device)
         logits = torch.cat(shares, dim=1).index_select(1, order)
     return logits[0, :length, : real_vocab_size(model)].float()
@@ -79,18 +76,17 @@ def _megatron_logits(model: torch.nn.Module, tokens: Sequence[int]) -> torch.Ten
 def _probe_forward(model: torch.nn.Module, tokens: list[int], dst_rank: int) -> torch.Tensor:
     """Run by every rank in the check loop: Megatron forward in ``dst_rank``'s replica, logits
     sent from the last stage of ``dst_rank``'s pipeline to ``dst_rank``."""
-    from megatron.core import parallel_state as ps
-
     me = dist.get_rank()
     logits = _megatron_logits(model, tokens)
-    last = ps.get_pipeline_model_parallel_last_rank()
+    pp = groups_of(model).pp
+    last = dist.get_global_rank(pp, pp.size() - 1)
     if me == dst_rank:
         if last != me:
             vocab = real_vocab_size(model)
             logits = torch.empty(len(tokens), vocab, device=next(model.parameters()).device)
             dist.recv(logits, src=last)
         return logits  # type: ignore[return-value]
-    pipeline = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+    pipeline = dist.get_process_group_ranks(pp)
     if logits is not None and dst_rank in pipeline:
         dist.send(logits.contiguous(), dst=dst_rank)
     return torch.empty(0)
@@ -111,7 +107,7 @@ async def check_model_weights(
     ``error`` (an earlier failure on ``dst_rank``) skips the probe and is raised everywhere."""
     me = dist.get_rank()
     if me == dst_rank:
-        replica = _replica()
+        replica = _replica(model)
 
         def forward(tokens: Sequence[int]) -> torch.Tensor:
             broadcast_object((_FORWARD, list(tokens), replica), dst_rank)
@@ -133,7 +129,7 @@ async def check_model_weights(
             if kind == _DONE:
                 error = payload
                 break
-            if replica == _replica():
+            if replica == _replica(model):
                 _probe_forward(model, payload, dst_rank)
     if error is not None:
         raise WeightSyncError(error)

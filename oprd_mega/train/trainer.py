@@ -259,19 +259,17 @@ class Trainer:
             load_hf_weights(student, s_args, HFCheckpointReader(config.student.path))
         options = distill.step_options()
         teacher_layout = config.parallel.teacher_layout()
-        teacher_groups = (  # parallel.teacher: built, loaded and run in its own groups
-            init_model_groups(teacher_layout) if config.parallel.teacher_has_own_layout else None
+        own_layout = config.parallel.teacher_has_own_layout
+        teacher = build_teacher(  # parallel.teacher: built, loaded and run in its own groups
+            t_args,
+            self.pairs,
+            options,
+            params_dtype=resolve_dtype(config.teacher.dtype),
+            sequence_parallel=teacher_layout.sp,
+            use_te=self.use_te["teacher"],
+            pg_collection=init_model_groups(teacher_layout) if own_layout else None,
         )
-        with teacher_groups.active() if teacher_groups else contextlib.nullcontext():
-            teacher = build_teacher(
-                t_args,
-                self.pairs,
-                options,
-                params_dtype=resolve_dtype(config.teacher.dtype),
-                sequence_parallel=teacher_layout.sp,
-                use_te=self.use_te["teacher"],
-            )
-            load_hf_weights(teacher, t_args, HFCheckpointReader(config.teacher.path))
+        load_hf_weights(teacher, t_args, HFCheckpointReader(config.teacher.path))
         self.teacher = teacher
         self.step = build_step(
             student,
@@ -281,7 +279,7 @@ class Trainer:
             config.optimizer.options(),
             projection=distill.projection_spec(),
             bridge=None if self.bridge is None else self.bridge.tensors(),
-            teacher_groups=teacher_groups,
+            teacher_own_layout=own_layout,
             overlap_grad_reduce=config.training.overlap_grad_reduce,
             overlap_param_gather=config.training.overlap_param_gather,
         )

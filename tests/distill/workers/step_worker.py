@@ -15,7 +15,6 @@ Every rank compares its own Megatron shards with the oracle mapped to that shard
 first layout's (TP1PP1) float32 result, and reports the max differences.
 """
 
-import contextlib
 import faulthandler
 import functools
 import json
@@ -372,9 +371,14 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         opd_chunk_tokens=5,
         overlap_teacher=case.get("overlap_teacher", False),
     )
-    with teacher_groups.active() if teacher_groups else contextlib.nullcontext():
-        teacher = build_teacher(t_args, pairs, options, sequence_parallel=sp and not teacher_groups)
-        load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
+    teacher = build_teacher(
+        t_args,
+        pairs,
+        options,
+        sequence_parallel=sp and teacher_groups is None,
+        pg_collection=teacher_groups,
+    )
+    load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
     bridge_path = str(work / "bridge.safetensors") if case["projection"] == "bridge" else None
     spec = ProjectionSpec(case["projection"], case["per_layer"], case["normalize"], bridge_path)
     bridge = load_bridge(bridge_path).tensors() if bridge_path else None
@@ -390,7 +394,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         optimizer_options,
         projection=spec,
         bridge=bridge,
-        teacher_groups=teacher_groups,
+        teacher_own_layout=teacher_groups is not None,
         overlap_grad_reduce=case.get("overlap_grad_reduce", False),
         overlap_param_gather=case.get("overlap_param_gather", False),
     )
@@ -515,7 +519,7 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
                 / (
                     f"ckpt-{case['name']}-tp{tp}-pp{pp}-cp{cp}"
                     + ("-split" if hand_set else "")
-                    + ("-own" if teacher_groups else "")
+                    + ("-own" if teacher_groups is not None else "")
                 ),
                 work / case.get("student", "student"),
             )
