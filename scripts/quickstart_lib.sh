@@ -2,16 +2,19 @@
 # the toy task's paths, one training run of examples/tiny_cpu.yaml under torchrun, and the
 # teacher's evaluation, so the quickstart and the baseline sweep train on exactly one recipe.
 #
-# Expects root (the repository root); sets venv and py (VENV, default .venv), out (QUICKSTART_DIR,
-# default runs/quickstart) and nproc (NPROC, default 2), and one thread per process.
+# Expects root (the repository root), and optionally config (the training config, default
+# examples/tiny_cpu.yaml); sets venv and py (VENV, default .venv), out (QUICKSTART_DIR, default
+# runs/quickstart) and nproc (NPROC, default 2), and one thread per process.
 
 venv="${VENV:-$root/.venv}"
 py="$venv/bin/python"
 out="${QUICKSTART_DIR:-runs/quickstart}"
 nproc="${NPROC:-2}"
+config="${config:-$root/examples/tiny_cpu.yaml}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
-run() {  # run NAME [overrides...]: one fresh training run under torchrun, outputs in $out/NAME
+run() {  # run NAME [overrides...]: one fresh training run of $config under torchrun, outputs in
+  # $out/NAME
   local name="$1"
   shift
   echo "[quickstart] training: $name"
@@ -19,7 +22,7 @@ run() {  # run NAME [overrides...]: one fresh training run under torchrun, outpu
   # --log-dir: torchrun otherwise leaves a /tmp/torchelastic_* folder per launch.
   "$py" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
     --log-dir "$out/$name/logs/torchrun" --master-addr 127.0.0.1 --master-port "$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
-    -m oprd_mega.train --config "$root/examples/tiny_cpu.yaml" --resume never \
+    -m oprd_mega.train --config "$config" --resume never \
     "student.path=$out/models/student" "teacher.path=$out/models/teacher" \
     "data.path=$out/data/train.jsonl" "evaluation.prompts=$out/data/heldout.jsonl" \
     "checkpoint.dir=$out/$name/checkpoints" "metrics.dir=$out/$name/logs" \

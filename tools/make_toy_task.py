@@ -42,6 +42,15 @@ even, so tensor parallel 2 splits it without padding). ``encode(prompt)`` prepen
 
 Run: ``python tools/make_toy_task.py [--out DIR] [--seed N] [--narrow] [--force]`` (about 5
 minutes on two idle CPU cores with the defaults; ``--narrow`` adds about a minute).
+
+With ``--chat-task first-word`` it builds no models, only the prompt files of a task for a real
+chat model (the recovery run, docs/recovery.md): "Which word comes first in this list: W1, W2,
+W3?" over three different words of :data:`WORDS`, answered with W1, as chat messages with one
+worked example before the question (the prompt files' ``prompt`` column holds the messages;
+training renders them with the model's chat template). ``--train-prompts`` (default 2000) and
+``--heldout`` (default 200 here) distinct word lists are drawn with the seed; the held-out ones
+come first and no list is in both files. ``data/train.jsonl`` and ``data/heldout.jsonl`` are
+rewritten on every run (the draw is deterministic).
 """
 
 from __future__ import annotations
@@ -79,6 +88,29 @@ NARROW_NAME = "student_narrow"
 HIDDEN = 128  # the teacher's and the default student's width
 NUM_HEADS = 4
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json")
+
+
+CHAT_TASKS = ("first-word",)
+CHAT_HELDOUT = 200
+CHAT_TRAIN = 2000
+# 201 common English nouns, each one or two SmolLM2 tokens: the words of the first-word task.
+_WORD_TEXT = """
+    apple arm baby bag ball bank bed bell bird boat body bone book boot bottle box boy bread
+    bridge brother brush bucket cake camera car card cat chain chair cheese chicken child church
+    city clock cloud coat coffee coin corn cow cup desk dog doll door dress drum duck ear earth
+    egg engine eye face farm father feather field finger fire fish flag floor flower foot forest
+    fork friend frog game garden gate girl glass glove goat gold grass hair hammer hand hat head
+    heart hill horse house ice island jacket jam key king kitten knife lake lamp leaf leg lemon
+    letter lion lip lock map market milk money monkey moon mother mountain mouse mouth nail neck
+    needle nest night nose ocean orange owl paint paper park pen pencil piano pig pillow pipe
+    plane plant plate pocket potato queen rabbit rain ring river road rock roof room rope rose
+    salt sand school sea seed sheep shelf ship shirt shoe sister sky snake snow sock song spoon
+    star stone street sugar sun table tail tea teeth ticket tiger toe tomato tooth town toy train
+    tree truck umbrella uncle violin wall watch water whale wheel window wing winter wolf wood
+    world yard zebra
+"""
+WORDS: tuple[str, ...] = tuple(_WORD_TEXT.split())
+FIRST_WORD_EXAMPLE = ("sun", "cat", "box")  # the worked example before every question
 
 
 @dataclass(frozen=True)
@@ -139,6 +171,46 @@ def problem_records(pairs: Sequence[tuple[int, int]]) -> list[dict[str, str]]:
         prompt, answer = problem(a, b)
         records.append({"prompt": prompt, "answer": answer})
     return records
+
+
+def first_word_question(words: Sequence[str]) -> str:
+    """The question of the first-word task: ``"Which word comes first in this list: a, b, c?"``."""
+    return f"Which word comes first in this list: {', '.join(words)}?"
+
+
+def first_word_records(seed: int, count: int) -> list[dict[str, Any]]:
+    """``count`` first-word problems, ``{"prompt": messages, "answer": first word}``: distinct
+    lists of three different words of :data:`WORDS` drawn with ``random.Random(seed)`` (a list
+    drawn again is skipped), each asked after one worked example (``FIRST_WORD_EXAMPLE``)."""
+    if count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    rng = random.Random(seed)
+    example = [
+        {"role": "user", "content": first_word_question(FIRST_WORD_EXAMPLE)},
+        {"role": "assistant", "content": FIRST_WORD_EXAMPLE[0]},
+    ]
+    seen: set[tuple[str, ...]] = set()
+    records: list[dict[str, Any]] = []
+    while len(records) < count:
+        words = tuple(rng.sample(WORDS, 3))
+        if words in seen:
+            continue
+        seen.add(words)
+        question = {"role": "user", "content": first_word_question(words)}
+        records.append({"prompt": [*example, question], "answer": words[0]})
+    return records
+
+
+def build_chat_task(out: Path, task: str, seed: int, heldout: int, train: int) -> None:
+    """Write ``out/data/heldout.jsonl`` (the first ``heldout`` problems) and
+    ``out/data/train.jsonl`` (the next ``train``) of chat task ``task``."""
+    if task not in CHAT_TASKS:
+        raise ValueError(f"unknown chat task {task!r} (known: {', '.join(CHAT_TASKS)})")
+    if heldout < 1 or train < 1:
+        raise ValueError(f"heldout and train must be positive, got {heldout} and {train}")
+    records = first_word_records(seed, heldout + train)
+    write_jsonl(out / "data" / "heldout.jsonl", records[:heldout])
+    write_jsonl(out / "data" / "train.jsonl", records[heldout:])
 
 
 def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -515,9 +587,9 @@ def build_narrow(out: Path, options: Options, narrow: NarrowOptions) -> float:
 
 def parse_args(
     argv: Sequence[str] | None = None,
-) -> tuple[Path, Options, NarrowOptions | None, bool]:
+) -> tuple[Path, Options, NarrowOptions | None, bool, argparse.Namespace]:
     """The output directory, the build options, the narrow student's options (None without
-    ``--narrow``) and ``--force``."""
+    ``--narrow``), ``--force`` and the parsed arguments (for ``--chat-task``)."""
     defaults = Options()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
@@ -528,7 +600,24 @@ def parse_args(
     parser.add_argument(
         "--teacher-steps", type=int, default=defaults.teacher_steps, help="SFT step of the teacher"
     )
-    parser.add_argument("--heldout", type=int, default=defaults.heldout, help="held-out problems")
+    parser.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        help=f"held-out problems (default {defaults.heldout}; {CHAT_HELDOUT} with --chat-task)",
+    )
+    parser.add_argument(
+        "--chat-task",
+        choices=CHAT_TASKS,
+        default=None,
+        help="write only the prompt files of this task for a real chat model (no models)",
+    )
+    parser.add_argument(
+        "--train-prompts",
+        type=int,
+        default=CHAT_TRAIN,
+        help=f"training problems of --chat-task (default {CHAT_TRAIN})",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
@@ -552,6 +641,8 @@ def parse_args(
         parser.error("need 1 <= --student-steps <= --teacher-steps")
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
+    if args.heldout is None:
+        args.heldout = CHAT_HELDOUT if args.chat_task else defaults.heldout
     options = Options(
         seed=args.seed,
         student_steps=args.student_steps,
@@ -562,7 +653,7 @@ def parse_args(
         warmup_steps=args.warmup_steps,
         grad_clip=args.grad_clip,
     )
-    return args.out, options, _narrow_options(parser, args), args.force
+    return args.out, options, _narrow_options(parser, args), args.force, args
 
 
 def _narrow_options(
@@ -587,7 +678,11 @@ def _narrow_options(
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the toy task (and with ``--narrow`` the narrow student) unless ``--out`` already
     holds it; return the exit status."""
-    out, options, narrow, force = parse_args(argv)
+    out, options, narrow, force, args = parse_args(argv)
+    if args.chat_task is not None:
+        build_chat_task(out, args.chat_task, options.seed, args.heldout, args.train_prompts)
+        print(f"{out / 'data'}: {args.heldout} held-out and {args.train_prompts} training prompts")
+        return 0
     if not force and is_complete(out, options):
         scores = (read_manifest(out) or {}).get("accuracy", {})
         print(f"{out}: already complete with these options ({scores}); --force rebuilds")

@@ -14,6 +14,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 WORLD_SIZES = {
     "tiny_cpu.yaml": 2,
     "tiny_cpu_narrow_full.yaml": 2,
+    "smollm2_recovery_cpu.yaml": 2,
     "qwen3_1.7b_from_8b_2x8.yaml": 16,
 }
 
@@ -34,6 +35,16 @@ def test_tiny_example_is_a_cpu_run() -> None:
     assert config.student.dtype == config.teacher.dtype == "float32"
     assert config.rollout.launch is not None and config.rollout.launch.backend == "embedded"
     assert config.parallel.tp * config.parallel.pp == 2
+
+
+def test_recovery_example_is_a_tp1_cpu_run_on_chat_prompts() -> None:
+    config = load_config(EXAMPLES / "smollm2_recovery_cpu.yaml")
+    assert config.student.dtype == config.teacher.dtype == "float32"
+    assert config.rollout.launch is not None and config.rollout.launch.backend == "embedded"
+    assert config.parallel.tp == 1  # SmolLM2's 9 heads and 3 KV heads allow TP 1 and 3
+    assert data_parallel_size(config, 2) == 2
+    assert config.data.chat_template
+    assert config.distillation.layers == "all"
 
 
 def test_qwen_example_projects_and_attaches() -> None:

@@ -172,7 +172,7 @@ def test_narrow_build_adds_a_narrow_student_without_rebuilding(tmp_path: Path) -
     assert {"student", "teacher"} <= set(report)
     assert not list((out / "models").glob(".*")), "temporary directories left behind"
 
-    _, options, narrow, _ = toy.parse_args(args)
+    _, options, narrow, _, _ = toy.parse_args(args)
     assert narrow == toy.NarrowOptions(hidden=32, steps=2)
     assert toy.is_complete(out, options) and toy.is_narrow_complete(out, options, narrow)
     assert not toy.is_narrow_complete(out, options, toy.NarrowOptions(hidden=32, steps=3))
@@ -199,3 +199,47 @@ def test_narrow_options_need_narrow_and_a_valid_width() -> None:
         toy.parse_args(["--narrow-steps", "5"])
     with pytest.raises(SystemExit):
         toy.parse_args(["--narrow", "--narrow-hidden", "60"])  # head_dim 15: odd
+
+
+def test_first_word_records_answer_the_question_they_ask() -> None:
+    records = toy.first_word_records(seed=3, count=300)
+    lists = set()
+    for record in records:
+        example_q, example_a, question = record["prompt"]
+        assert [example_q["role"], example_a["role"], question["role"]] == [
+            "user",
+            "assistant",
+            "user",
+        ]
+        assert example_q["content"] == "Which word comes first in this list: sun, cat, box?"
+        assert example_a["content"] == "sun"
+        # an independent reading of the question: the words between the colon and the '?'
+        head, _, tail = question["content"].partition(": ")
+        assert head == "Which word comes first in this list"
+        assert tail.endswith("?")
+        words = tail[:-1].split(", ")
+        assert len(words) == len(set(words)) == 3
+        assert all(word.isalpha() and word.islower() for word in words)
+        assert set(words) <= set(toy.WORDS)
+        assert record["answer"] == words[0]
+        lists.add(tuple(words))
+    assert len(lists) == len(records)  # no list twice
+    assert len({record["answer"] for record in records}) > 100  # the answers vary
+    assert toy.first_word_records(seed=3, count=300) == records
+    assert toy.first_word_records(seed=4, count=300) != records
+
+
+def test_chat_task_files_split_without_overlap(tmp_path: Path) -> None:
+    assert toy.main(["--chat-task", "first-word", "--out", str(tmp_path), "--heldout", "20",
+                     "--train-prompts", "50"]) == 0  # fmt: skip
+    read = lambda name: [
+        json.loads(line) for line in (tmp_path / "data" / name).read_text().splitlines()
+    ]
+    heldout, train = read("heldout.jsonl"), read("train.jsonl")
+    assert (len(heldout), len(train)) == (20, 50)
+    assert heldout + train == toy.first_word_records(seed=0, count=70)
+    key = lambda record: record["prompt"][-1]["content"]
+    assert not {key(r) for r in heldout} & {key(r) for r in train}
+    assert not (tmp_path / "models").exists()  # prompt files only
+    with pytest.raises(ValueError, match="unknown chat task"):
+        toy.build_chat_task(tmp_path, "nope", 0, 1, 1)
