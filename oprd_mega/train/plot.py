@@ -184,7 +184,12 @@ def runs_figure(runs: Sequence[Run]) -> Figure:
                     ax.plot(steps, values, label=f"layer {layer}")
     _finish(accuracy, "held-out accuracy", "step", "accuracy (%)")
     _finish(loss, "training loss", "step", "loss")
-    _finish(layer_loss, "alignment loss per layer", "step", "normalized MSE")
+    _finish(
+        layer_loss,
+        "alignment loss per layer",
+        "step",
+        "MSE (plain or normalized: distillation.normalize)",
+    )
     _finish(layer_cosine, "cosine per layer", "step", "cosine similarity")
     return figure
 
