@@ -15,7 +15,7 @@ waiting for rollouts: schedule, teacher, student, optimizer, weight sync) and th
 the model itself takes; then, per balance B, the delay that makes the rollout time about B x T
 is set and the same config trains at max_staleness 0 and 1. Each run is one
 ``torch.distributed.run`` launch (2 processes, TP2, gloo) of ``oprd_mega.train``; the figures
-are means over its steps after the first two, from its metrics.jsonl (``time/wall``: one
+are means over its steps but the first two and the last, from its metrics.jsonl (``time/wall``: one
 step's wall time, ``time/rollout`` + ``time/rollout_settle``: the trainer waiting for rollouts,
 ``time/server_idle``: no request in flight). The last lines are
 ``ratio staleness1/staleness0 balance=B step_time=X``.
@@ -130,8 +130,9 @@ def train(path: Path, run: Path) -> list[dict[str, Any]]:
 
 
 def summary(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Means over the steps after the first two (start-up, the pool filling)."""
-    steady = records[2:] or records
+    """Means over the steady steps: not the first two (start-up, the pool filling) nor the
+    last (the pool no longer samples ahead, so it has nothing to overlap)."""
+    steady = records[2:-1] or records
 
     def mean(key: str) -> float:
         return statistics.fmean(float(r.get(key) or 0.0) for r in steady)
