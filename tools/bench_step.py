@@ -263,7 +263,7 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
 
     from oprd_mega.data.microbatches import model_dims
     from oprd_mega.distill.batch import make_microbatch
-    from oprd_mega.distill.build import build_step, build_teacher
+    from oprd_mega.distill.build import TeacherSetup, build_step, build_teacher
     from oprd_mega.distill.layers import layer_pairs
     from oprd_mega.distill.options import OptimizerOptions
     from oprd_mega.distill.positions import PositionSpec
@@ -310,12 +310,9 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     )
     step = build_step(
         student,
-        teacher,
-        pairs,
+        [TeacherSetup("teacher", teacher, pairs, projection=projection, own_layout=own)],
         options,
         OptimizerOptions(lr=1e-5),
-        projection=projection,
-        teacher_own_layout=own,
     )
     vocab = min(s_args.vocab_size, t_args.vocab_size)
     generator = torch.Generator().manual_seed(1)

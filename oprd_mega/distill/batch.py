@@ -46,6 +46,8 @@ class DistillMicrobatch:
     that next token (0 elsewhere). ``cu_seqlens`` (int32, packed microbatches only): sequence
     boundaries within the single row. ``context_parallel``: the context-parallel size the
     tensors were split for (:func:`context_shard`; ``cu_seqlens`` stays the full row's).
+    ``teachers``: the names of the teachers its samples are routed to (None: every teacher;
+    empty: none, its samples are not supervised).
     """
 
     index: int
@@ -55,6 +57,11 @@ class DistillMicrobatch:
     labels: torch.Tensor
     cu_seqlens: torch.Tensor | None = None
     context_parallel: int = 1
+    teachers: tuple[str, ...] | None = None
+
+    def routed_to(self, teacher: str) -> bool:
+        """Whether teacher ``teacher`` supervises this microbatch."""
+        return self.teachers is None or teacher in self.teachers
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -196,6 +203,7 @@ def context_shard(
         batch.labels.index_select(1, keep),
         batch.cu_seqlens,
         cp,
+        batch.teachers,
     )
 
 

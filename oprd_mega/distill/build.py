@@ -7,13 +7,21 @@ exercise the product's own set-up. Weights are loaded by the caller (it knows th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from oprd_mega.distill.layers import teacher_depth
 from oprd_mega.distill.options import OptimizerOptions
 from oprd_mega.distill.projection import BridgeTensors, ProjectionSpec, attach_projection
-from oprd_mega.distill.step import DistillStep, StepOptions, build_optimizer, wrap_student
+from oprd_mega.distill.step import (
+    DistillStep,
+    StepOptions,
+    StepTeacher,
+    build_optimizer,
+    wrap_student,
+)
 from oprd_mega.distill.teacher import layer_stages
 from oprd_mega.distill.teacher_layout import TeacherPlacement
 from oprd_mega.models import HFModelArgs, build_gpt_model, build_truncated_model
@@ -67,42 +75,59 @@ def stage_layers(model: torch.nn.Module, pairs: list[tuple[int, int]]) -> list[i
     return [student_layer for student_layer, _ in pairs if stages[student_layer] == stage]
 
 
+@dataclass
+class TeacherSetup:
+    """One teacher as :func:`build_step` takes it: ``name``, the model (weights loaded), its
+    ``(student layer, teacher layer)`` pairs, its projection (identity when None; ``bridge``:
+    the maps of mode ``bridge``, read by :mod:`oprd_mega.bridge.loaded`), whether it was built
+    in process groups of its own (``own_layout``: :func:`build_teacher`'s ``pg_collection``;
+    its pass then runs there and routes the targets to the student's ranks) and its loss
+    ``weight``."""
+
+    name: str
+    model: torch.nn.Module
+    pairs: list[tuple[int, int]]
+    projection: ProjectionSpec | None = None
+    bridge: BridgeTensors | None = None
+    own_layout: bool = False
+    weight: float = 1.0
+
+
 def build_step(
     student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    pairs: list[tuple[int, int]],
+    teachers: list[TeacherSetup],
     options: StepOptions,
     optimizer: OptimizerOptions,
     *,
-    projection: ProjectionSpec | None = None,
-    bridge: BridgeTensors | None = None,
-    teacher_own_layout: bool = False,
     overlap_grad_reduce: bool = False,
     overlap_param_gather: bool = False,
 ) -> DistillStep:
-    """The step over an unwrapped student chunk and a teacher chunk (weights loaded).
+    """The step over an unwrapped student chunk and its teachers.
 
-    With a representation loss, this stage's projection (``projection``, identity when None;
-    ``bridge``: the maps of mode ``bridge``, read by :mod:`oprd_mega.bridge.loaded`) is
-    attached to the student before Megatron's DDP wraps it; the optimizer covers both. The step
-    holds the wrapped ``student`` and the ``optimizer``. ``teacher_own_layout``: the teacher was
-    built in process groups of its own (``parallel.teacher``; :func:`build_teacher`'s
-    ``pg_collection``): its pass runs there and routes the targets to the student's ranks.
-    ``overlap_grad_reduce`` / ``overlap_param_gather``: see
-    :func:`~oprd_mega.distill.step.wrap_student`.
+    With a representation loss, this stage's projection of every teacher is attached to the
+    student before Megatron's DDP wraps it (several teachers: each under its name, see
+    :func:`~oprd_mega.distill.projection.attach_projection`); the optimizer covers them all.
+    The step holds the wrapped ``student`` and the ``optimizer``. ``overlap_grad_reduce`` /
+    ``overlap_param_gather``: see :func:`~oprd_mega.distill.step.wrap_student`.
     """
+    several = len(teachers) > 1
     if options.uses_oprd:
-        if projection is not None and projection.mode == "bridge" and bridge is None:
-            raise ValueError("projection.mode 'bridge': the step needs the loaded bridge")
-        attach_projection(
-            student,
-            projection or ProjectionSpec(),
-            stage_layers(student, pairs),
-            student.config.hidden_size,
-            unwrap(teacher).config.hidden_size,
-            sequence_parallel=bool(student.config.sequence_parallel),
-            bridge=bridge,
-        )
+        for teacher in teachers:
+            projection = teacher.projection or ProjectionSpec()
+            if projection.mode == "bridge" and teacher.bridge is None:
+                raise ValueError(
+                    f"teacher {teacher.name!r}: projection.mode 'bridge' needs the loaded bridge"
+                )
+            attach_projection(
+                student,
+                projection,
+                stage_layers(student, teacher.pairs),
+                student.config.hidden_size,
+                unwrap(teacher.model).config.hidden_size,
+                sequence_parallel=bool(student.config.sequence_parallel),
+                bridge=teacher.bridge,
+                name=teacher.name if several else None,
+            )
     model = wrap_student(
         student,
         optimizer.use_distributed_optimizer,
@@ -111,10 +136,19 @@ def build_step(
     )
     return DistillStep(
         model,
-        teacher,
+        [
+            StepTeacher(
+                name=teacher.name,
+                model=teacher.model,
+                pairs=list(teacher.pairs),
+                weight=teacher.weight,
+                bridge=None if teacher.bridge is None else teacher.bridge.teacher,
+                placement=TeacherPlacement.gather(student, teacher.model)
+                if teacher.own_layout
+                else None,
+            )
+            for teacher in teachers
+        ],
         build_optimizer(model, optimizer),
-        pairs,
         options,
-        bridge=None if bridge is None else bridge.teacher,
-        teacher_placement=TeacherPlacement.gather(student, teacher) if teacher_own_layout else None,
     )

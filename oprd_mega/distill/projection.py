@@ -158,6 +158,31 @@ class BridgeTensors:
     teacher: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
+class ProjectionSet(torch.nn.ModuleDict):
+    """The projections of several teachers, by teacher name (``oprd_projection.<name>.``)."""
+
+    def sharded_state_dict(
+        self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None
+    ) -> dict:
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        out = {}
+        for name, module in self.items():
+            out.update(
+                sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata)
+            )
+        return out
+
+
+def projection_of(model: torch.nn.Module, name: str | None = None) -> torch.nn.Module | None:
+    """The projection attached to the (unwrapped) student chunk: the only one (``name`` None),
+    or teacher ``name``'s among several; None for identity."""
+    module = getattr(model, PROJECTION_ATTR, None)
+    if isinstance(module, ProjectionSet):
+        return module[name] if name is not None and name in module else None
+    return module
+
+
 def attach_projection(
     model: torch.nn.Module,
     spec: ProjectionSpec,
@@ -167,12 +192,15 @@ def attach_projection(
     *,
     sequence_parallel: bool,
     bridge: BridgeTensors | None = None,
+    name: str | None = None,
 ) -> torch.nn.Module | None:
     """Add this stage's projection to the (unwrapped) student chunk; call before DDP wrapping.
 
     ``stage_layers``: the tapped student layers this pipeline stage owns. A shared ``full`` map
     lives on every stage (its gradients are summed over the pipeline group by the step).
     ``bridge``: the maps of mode ``bridge`` (read by :func:`oprd_mega.bridge.loaded.load_bridge`).
+    ``name``: the teacher's name when the student learns from several (each projection then
+    lives in a :class:`ProjectionSet` under its teacher's name); None: the only teacher.
     Returns the module, or None for ``identity``.
     """
     if spec.mode == "identity":
@@ -182,8 +210,11 @@ def attach_projection(
                 f"teacher {d_teacher}; use 'full' or 'bridge'"
             )
         return None
-    if hasattr(model, PROJECTION_ATTR):
+    existing = getattr(model, PROJECTION_ATTR, None)
+    if existing is not None and (name is None or not isinstance(existing, ProjectionSet)):
         raise ValueError(f"the student model already has an {PROJECTION_ATTR!r} module")
+    if name is not None and existing is not None and name in existing:
+        raise ValueError(f"the student model already has a projection for teacher {name!r}")
     dtype = next(model.parameters()).dtype
     if spec.mode == "full":
         module: torch.nn.Module = FullProjection(
@@ -204,5 +235,11 @@ def attach_projection(
         module = BridgeProjection(
             {layer: bridge.student[layer] for layer in stage_layers}, device, dtype
         )
-    setattr(model, PROJECTION_ATTR, module)
+    if name is None:
+        setattr(model, PROJECTION_ATTR, module)
+    else:
+        if existing is None:
+            existing = ProjectionSet()
+            setattr(model, PROJECTION_ATTR, existing)
+        existing[name] = module
     return module

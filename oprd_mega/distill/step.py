@@ -40,9 +40,10 @@ from megatron.core.tensor_parallel.mappings import (
 from oprd_mega.distill.batch import DistillMicrobatch, context_shard, local_rows, sequence_major
 from oprd_mega.distill.opd import OPDOptions, opd_loss
 from oprd_mega.distill.options import OptimizerOptions, StepOptions
-from oprd_mega.distill.projection import PROJECTION_ATTR, SHARED_KEY, is_projection_param
-from oprd_mega.distill.taps import StudentTaps, TapInputs
+from oprd_mega.distill.projection import SHARED_KEY, is_projection_param, projection_of
+from oprd_mega.distill.taps import StudentTaps, TapHead, TapInputs
 from oprd_mega.distill.teacher import (
+    TeacherOutputs,
     TeacherPlan,
     current_device,
     layer_stages,
@@ -78,6 +79,10 @@ class StepResult:
     teacher_seconds: float = 0.0
     skipped: bool = False
     """The loss was not finite: no optimizer update was made."""
+    teachers: dict[str, TeacherResult] = field(default_factory=dict)
+    """Each teacher's own share, by name. With several teachers the totals above are their
+    weighted sums (``cosine``: the mean over their supervised tokens) and ``layer_loss`` /
+    ``layer_cosine`` are left empty: per-layer values are per teacher."""
 
 
 class _ZeroAnchor(torch.autograd.Function):
@@ -210,92 +215,161 @@ def build_optimizer(model: DistributedDataParallel, options: OptimizerOptions):
     return optimizer
 
 
-class DistillStep:
-    """The step for one student chunk (DDP-wrapped) and one teacher chunk (same layout).
+@dataclass
+class StepTeacher:
+    """One teacher of the step: its model (weights loaded), ``(student layer, teacher layer)``
+    pairs, loss weight, the teacher-side bridge maps ``(P_T, mu_T)`` per teacher layer with the
+    bridge projection, and its placement when it runs on a layout of its own (its
+    ``pg_collection``; None: the student's groups). Its projection on the student is found by
+    ``name`` (:func:`~oprd_mega.distill.projection.projection_of`)."""
 
-    ``pairs``: ``(student layer, teacher layer)`` for every tapped layer
-    (:func:`oprd_mega.distill.layers.layer_pairs`); ``bridge``: teacher-side ``(P_T, mu_T)``
-    per teacher layer with the bridge projection. ``teacher_placement``: the teacher was built
-    in its own groups (``parallel.teacher``, its ``pg_collection``); its pass then runs there
-    and routes the targets. The student runs in ``parallel_state``'s groups.
+    name: str
+    model: torch.nn.Module
+    pairs: list[tuple[int, int]]
+    weight: float = 1.0
+    bridge: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    placement: TeacherPlacement | None = None
+
+
+@dataclass
+class TeacherResult:
+    """One teacher's share of a step: its own (unweighted) losses and alignment."""
+
+    loss: float = 0.0
+    oprd_loss: float = 0.0
+    cosine: float = 0.0
+    layer_loss: dict[int, float] = field(default_factory=dict)
+    layer_cosine: dict[int, float] = field(default_factory=dict)
+    opd: dict[str, float] = field(default_factory=dict)
+    supervised_tokens: int = 0
+    opd_tokens: int = 0
+    microbatches: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Teacher:
+    """A teacher as the step runs it."""
+
+    spec: StepTeacher
+    plan: TeacherPlan
+    head: torch.Tensor | None  # its output layer re-split at the student's TP (own layout, OPD)
+
+
+class DistillStep:
+    """The step for one student chunk (DDP-wrapped) and one or more teachers.
+
+    Every teacher runs only on the microbatches routed to it (``DistillMicrobatch.teachers``;
+    None: all teachers) and contributes its own token-mean losses times its weight:
+
+        loss = sum_t weight_t * (oprd_weight * L_OPRD_t + L_OPD_t),
+
+    each L_t normalised over teacher ``t``'s supervised tokens in the global batch. With one
+    teacher of weight 1 this is the objective in the module docstring. A teacher with its own
+    ``placement`` runs in its own groups and routes its targets; the student runs in
+    ``parallel_state``'s groups.
     """
 
     def __init__(
         self,
         student: DistributedDataParallel,
-        teacher: torch.nn.Module,
+        teachers: list[StepTeacher],
         optimizer,
-        pairs: list[tuple[int, int]],
         options: StepOptions,
-        *,
-        bridge: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
-        teacher_placement: TeacherPlacement | None = None,
     ) -> None:
-        if not pairs:
-            raise ValueError("distillation.layers: no supervised layer")
-        self.student, self.teacher, self.optimizer = student, teacher, optimizer
-        self.pairs = list(pairs)
+        if not teachers:
+            raise ValueError("step: no teacher")
+        names = [t.name for t in teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"step: teacher names must be distinct, got {names}")
+        self.student, self.optimizer = student, optimizer
         self.options = options
         inner = unwrap(student)
         self.sequence_parallel = bool(inner.config.sequence_parallel)
-        self.teacher_placement = teacher_placement
-        if teacher_placement is not None and unwrap(teacher).config.sequence_parallel:
-            raise ValueError("parallel.teacher: the teacher on its own layout runs without SP")
-        if (
-            teacher_placement is None
-            and bool(unwrap(teacher).config.sequence_parallel) != self.sequence_parallel
-        ):
-            raise ValueError("teacher: sequence_parallel must match the student's")
         self.num_layers = int(inner.config.num_layers)
-        projection = getattr(inner, PROJECTION_ATTR, None)
-        self.taps = StudentTaps(
-            inner,
-            [student_layer for student_layer, _ in self.pairs],
-            projection,
-            options.kernel,
-            scale=options.oprd_weight / len(self.pairs),
-        )
-        if bridge is not None:
-            absent = sorted({t for _, t in self.pairs} - set(bridge))
-            if absent:
+        student_stage = layer_stages(student)
+        self.teachers: list[_Teacher] = []
+        heads = []
+        for spec in teachers:
+            where = f"teachers[{spec.name}]" if len(teachers) > 1 else "teacher"
+            if not spec.pairs:
+                raise ValueError(f"{where}: distillation.layers: no supervised layer")
+            config = unwrap(spec.model).config
+            if spec.placement is not None and config.sequence_parallel:
+                raise ValueError(f"{where}: the teacher on its own layout runs without SP")
+            if spec.placement is None and bool(config.sequence_parallel) != self.sequence_parallel:
+                raise ValueError(f"{where}: sequence_parallel must match the student's")
+            if spec.bridge is not None:
+                absent = sorted({t for _, t in spec.pairs} - set(spec.bridge))
+                if absent:
+                    raise ValueError(
+                        f"{where}: projection.bridge_path: no P_T/mu_T for teacher layer(s) "
+                        f"{absent}"
+                    )
+            teacher_stage = layer_stages(spec.model)  # in the teacher's own pipeline
+            missing = sorted({t for _, t in spec.pairs} - set(teacher_stage))
+            if missing and options.oprd_weight:
                 raise ValueError(
-                    f"projection.bridge_path: no P_T/mu_T for teacher layer(s) {absent}"
+                    f"{where}: tapped teacher layer(s) {missing} are deeper than the teacher "
+                    f"model ({len(teacher_stage)} layers)"
                 )
-        teacher_stage = layer_stages(teacher)  # in the teacher's own pipeline
-        missing = sorted({t for _, t in self.pairs} - set(teacher_stage))
-        if missing and options.oprd_weight:
-            raise ValueError(
-                f"teacher: tapped teacher layer(s) {missing} are deeper than the teacher model "
-                f"({len(teacher_stage)} layers)"
+            # OPD with the teacher on its own layout: its head, re-split at the student's TP,
+            # on the student's last stage (the teacher is frozen: copied once)
+            head = (
+                teacher_head_shard(spec.model, spec.placement)
+                if spec.placement is not None and options.opd_kind is not None
+                else None
             )
-        # OPD with the teacher on its own layout: its head, re-split at the student's TP, on
-        # the student's last stage (the teacher is frozen: copied once)
-        self.teacher_head = (
-            teacher_head_shard(teacher, teacher_placement)
-            if teacher_placement is not None and options.opd_kind is not None
-            else None
-        )
-        self.plan = TeacherPlan(
-            pairs=tuple(self.pairs) if options.oprd_weight else (),
-            student_stage=layer_stages(student),
-            teacher_stage=teacher_stage,
-            sequence_parallel=self.sequence_parallel,
-            target_dtype=options.target_dtype,
-            bridge=bridge,
-            opd=options.opd_kind is not None,
-        )
+            plan = TeacherPlan(
+                pairs=tuple(spec.pairs) if options.oprd_weight else (),
+                student_stage=student_stage,
+                teacher_stage=teacher_stage,
+                sequence_parallel=self.sequence_parallel,
+                target_dtype=options.target_dtype,
+                bridge=spec.bridge,
+                opd=options.opd_kind is not None,
+            )
+            self.teachers.append(_Teacher(spec, plan, head))
+            heads.append(
+                TapHead(
+                    name=spec.name,
+                    layers=tuple(student_layer for student_layer, _ in spec.pairs),
+                    projection=projection_of(inner, spec.name if len(teachers) > 1 else None),
+                    scale=options.oprd_weight * spec.weight / len(spec.pairs),
+                )
+            )
+        self.taps = StudentTaps(inner, heads, options.kernel)
 
-    def _global_count(self, microbatches: list[DistillMicrobatch], name: str) -> int:
-        count = torch.tensor(
-            [float(getattr(batch, name).sum()) for batch in microbatches],
-            dtype=torch.float64,
-            device=current_device(),
-        ).sum()
-        dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
-        return int(count.item())
+    # The first teacher's parts, as a single-teacher step names them.
+    @property
+    def teacher(self) -> torch.nn.Module:
+        return self.teachers[0].spec.model
+
+    @property
+    def plan(self) -> TeacherPlan:
+        return self.teachers[0].plan
+
+    @property
+    def teacher_placement(self) -> TeacherPlacement | None:
+        return self.teachers[0].spec.placement
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return self.teachers[0].spec.pairs
+
+    def _counts(self, microbatches: list[DistillMicrobatch]) -> torch.Tensor:
+        """``[teachers, 2]``: each teacher's supervised and OPD tokens in the global batch."""
+        counts = torch.zeros(len(self.teachers), 2, dtype=torch.float64, device=current_device())
+        for n, teacher in enumerate(self.teachers):
+            for batch in microbatches:
+                if batch.routed_to(teacher.spec.name):
+                    counts[n, 0] += float(batch.supervised.sum())
+                    counts[n, 1] += float(batch.predicts.sum())
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        return counts.cpu()
 
     def run(self, microbatches: list[DistillMicrobatch]) -> StepResult:
-        """Teacher pass, student forward/backward, optimizer step; metrics from every stage."""
+        """Teacher passes, student forward/backward, optimizer step; metrics from every stage."""
         if not microbatches:
             raise ValueError("step: no microbatch")
         shapes = {batch.shape for batch in microbatches}
@@ -305,48 +379,61 @@ class DistillStep:
             )
         start = time.perf_counter()
         options = self.options
-        n_sup = self._global_count(microbatches, "supervised")
-        n_opd = self._global_count(microbatches, "predicts")
-        whole = microbatches  # the teacher on its own layout runs whole sequences
+        counts = self._counts(microbatches)
+        whole = microbatches  # a teacher on its own layout runs whole sequences
         microbatches = [context_shard(batch) for batch in microbatches]  # this CP rank's share
-        self.teacher.eval()
-        teacher_start = time.perf_counter()
-        # distillation.overlap_teacher where the layout allows (same layout, no pipeline)
+        # distillation.overlap_teacher where the layout allows (one teacher on the student's
+        # layout, no pipeline, every microbatch its)
+        first = self.teachers[0]
         ahead = (
-            TeacherAhead(self.teacher, microbatches, self.plan)
+            TeacherAhead(first.spec.model, microbatches, first.plan)
             if options.overlap_teacher
-            and self.teacher_placement is None
+            and len(self.teachers) == 1
+            and first.spec.placement is None
+            and all(batch.teachers is None for batch in microbatches)
             and parallel_state.get_pipeline_model_parallel_world_size() == 1
             else None
         )
-        if ahead is not None:
-            teacher_out = ahead.outputs  # filled microbatch by microbatch in forward_step
-        elif self.teacher_placement is None:
-            teacher_out = teacher_pass(self.teacher, microbatches, self.plan)
-        else:
-            teacher_out = teacher_pass_own_layout(
-                self.teacher, whole, self.plan, self.teacher_placement
-            )
-        teacher_seconds = time.perf_counter() - teacher_start
-        device = next(unwrap(self.student).parameters()).device
-        self.taps.load(
-            {
-                batch.index: TapInputs(
-                    rows=local_rows(batch.supervised, self.sequence_parallel).to(device),
-                    targets=teacher_out.targets[batch.index],
-                    token_weight=1.0 / max(n_sup, 1),
+        outputs, seconds = [], []
+        for teacher in self.teachers:
+            teacher.spec.model.eval()
+            teacher_start = time.perf_counter()
+            name = teacher.spec.name
+            if ahead is not None:
+                out = ahead.outputs  # filled microbatch by microbatch in forward_step
+            elif teacher.spec.placement is None:
+                routed = [batch for batch in microbatches if batch.routed_to(name)]
+                out = (
+                    teacher_pass(teacher.spec.model, routed, teacher.plan)
+                    if routed
+                    else TeacherOutputs({}, {})
                 )
-                for batch in microbatches
-            }
-            if options.oprd_weight
-            else {batch.index: None for batch in microbatches}  # type: ignore[misc]
-        )
-        opd_sums = torch.zeros(len(OPD_METRICS), dtype=torch.float64)
-        teacher_weight = None
+            else:  # collective over the world: every rank joins, routed microbatches or not
+                routed = [batch for batch in whole if batch.routed_to(name)]
+                out = teacher_pass_own_layout(
+                    teacher.spec.model, routed, teacher.plan, teacher.spec.placement
+                )
+            outputs.append(out)
+            seconds.append(time.perf_counter() - teacher_start)
+        device = next(unwrap(self.student).parameters()).device
+        inputs: dict[int, dict[str, TapInputs]] = {batch.index: {} for batch in microbatches}
+        if options.oprd_weight:
+            for n, teacher in enumerate(self.teachers):
+                name = teacher.spec.name
+                for batch in microbatches:
+                    if batch.routed_to(name):
+                        inputs[batch.index][name] = TapInputs(
+                            rows=local_rows(batch.supervised, self.sequence_parallel).to(device),
+                            targets=outputs[n].targets[batch.index],
+                            token_weight=1.0 / max(float(counts[n, 0]), 1.0),
+                        )
+        self.taps.load(inputs)
+        opd_sums = torch.zeros(len(self.teachers), len(OPD_METRICS), dtype=torch.float64)
+        teacher_weights: list[torch.Tensor | None] = [None] * len(self.teachers)
         if options.opd_kind and parallel_state.is_pipeline_last_stage():
-            teacher_weight = (
-                output_weight(self.teacher) if self.teacher_head is None else self.teacher_head
-            )
+            teacher_weights = [
+                output_weight(t.spec.model) if t.head is None else t.head for t in self.teachers
+            ]
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
@@ -367,11 +454,22 @@ class DistillStep:
                 ahead.start_next(batch.index)
 
             def loss_func(output_tensor: torch.Tensor):
-                if options.opd_kind is None:
+                routed = [n for n, t in enumerate(self.teachers) if batch.routed_to(t.spec.name)]
+                if options.opd_kind is None or not routed:
                     loss = _ZeroAnchor.apply(output_tensor)
                 else:
-                    loss = self._opd(batch, output_tensor, teacher_out, teacher_weight, n_opd)
-                    opd_sums.add_(self._last_opd)
+                    loss = 0.0
+                    for n in routed:
+                        term, sums = self._opd(
+                            batch,
+                            output_tensor,
+                            outputs[n].opd_hidden[batch.index],
+                            teacher_weights[n],
+                            float(counts[n, 1]),
+                        )
+                        weight = self.teachers[n].spec.weight
+                        loss = loss + (term if weight == 1.0 else weight * term)
+                        opd_sums[n].add_(sums)
                 return loss, torch.tensor(0, dtype=torch.int), {}
 
             return output, loss_func
@@ -389,7 +487,7 @@ class DistillStep:
             micro_batch_size=batch,
             forward_only=False,
         )
-        result = self._metrics(opd_sums, n_sup, n_opd)
+        result = self._metrics(opd_sums, counts, microbatches)
         if math.isfinite(result.loss):  # the same value on every rank: all skip or none
             _, grad_norm, _ = self.optimizer.step()
             result.grad_norm = None if grad_norm is None else float(grad_norm)
@@ -401,7 +499,11 @@ class DistillStep:
             result.skipped = True
             self.student.zero_grad_buffer()
             self.optimizer.zero_grad()
-        result.teacher_seconds = teacher_seconds + (ahead.seconds if ahead is not None else 0.0)
+        if ahead is not None:
+            seconds[0] += ahead.seconds
+        for teacher, spent in zip(self.teachers, seconds, strict=True):
+            result.teachers[teacher.spec.name].seconds = spent
+        result.teacher_seconds = sum(seconds)
         result.seconds = time.perf_counter() - start
         return result
 
@@ -409,11 +511,12 @@ class DistillStep:
         self,
         batch: DistillMicrobatch,
         hidden: torch.Tensor,
-        teacher_out,
+        teacher_hidden: torch.Tensor,
         teacher_weight: torch.Tensor,
-        n_opd: int,
-    ) -> torch.Tensor:
-        """OPD loss of one microbatch on the last stage (vocabulary-parallel logits)."""
+        n_opd: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One teacher's OPD loss of one microbatch on the last stage (vocabulary-parallel
+        logits) and its metric sums."""
         if self.sequence_parallel:
             full = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
         elif parallel_state.get_tensor_model_parallel_world_size() > 1:
@@ -424,13 +527,13 @@ class DistillStep:
         student_rows = full.reshape(-1, full.shape[-1]).index_select(0, rows)
         labels = sequence_major(batch.labels).to(full.device).index_select(0, rows)
         token_weight = torch.full(
-            (rows.numel(),), 1.0 / max(n_opd, 1), dtype=torch.float32, device=full.device
+            (rows.numel(),), 1.0 / max(n_opd, 1.0), dtype=torch.float32, device=full.device
         )
         group = parallel_state.get_tensor_model_parallel_group()
         result = opd_loss(
             student_rows,
             output_weight(self.student),
-            teacher_out.opd_hidden[batch.index].to(student_rows.dtype),
+            teacher_hidden.to(student_rows.dtype),
             teacher_weight,
             labels,
             token_weight,
@@ -442,52 +545,101 @@ class DistillStep:
                 vocab_size=real_vocab_size(self.student),
             ),
         )
-        self._last_opd = torch.tensor(
+        sums = torch.tensor(
             [float(result.loss.detach())]
             + [float(result.metrics[name]) for name in OPD_METRICS[1:]],
             dtype=torch.float64,
         )
-        return result.loss
+        return result.loss, sums
 
-    def _metrics(self, opd_sums: torch.Tensor, n_sup: int, n_opd: int) -> StepResult:
-        """Per-layer loss and cosine from every stage, OPD metrics from the last stage."""
+    def _metrics(
+        self, opd_sums: torch.Tensor, counts: torch.Tensor, microbatches: list[DistillMicrobatch]
+    ) -> StepResult:
+        """Per-teacher, per-layer loss and cosine from every stage, OPD metrics from the last
+        stage; the totals weighted by the teachers' weights."""
         stats = self.taps.stats
         device = current_device()  # NCCL reduces device tensors only
-        layers = torch.zeros(2, self.num_layers, dtype=torch.float64, device=device)
+        count = len(self.teachers)
+        layers = torch.zeros(count, 2, self.num_layers, dtype=torch.float64, device=device)
         opd_sums = opd_sums.to(device)
-        for layer, value in stats.loss.items():
-            layers[0, layer - 1] = float(value)
-            layers[1, layer - 1] = float(stats.cosine[layer])
+        routed = torch.tensor(
+            [sum(b.routed_to(t.spec.name) for b in microbatches) for t in self.teachers],
+            dtype=torch.float64,
+            device=device,
+        )
+        for n, teacher in enumerate(self.teachers):
+            for student_layer, _ in teacher.spec.pairs:
+                key = (teacher.spec.name, student_layer)
+                if key in stats.loss:
+                    layers[n, 0, student_layer - 1] = float(stats.loss[key])
+                    layers[n, 1, student_layer - 1] = float(stats.cosine[key])
         data_and_context = parallel_state.get_data_parallel_group(with_context_parallel=True)
         dist.all_reduce(layers, group=data_and_context)  # CP ranks summed their own chunks
         if self.sequence_parallel:  # each TP rank summed its own sequence shard
             dist.all_reduce(layers, group=parallel_state.get_tensor_model_parallel_group())
         dist.all_reduce(opd_sums, group=data_and_context)
+        dist.all_reduce(routed, group=parallel_state.get_data_parallel_group())
         if not parallel_state.is_pipeline_last_stage():
             opd_sums.zero_()
-        stacked = torch.cat([layers.reshape(-1), opd_sums])
+        stacked = torch.cat([layers.reshape(-1), opd_sums.reshape(-1)])
         dist.all_reduce(stacked, group=parallel_state.get_pipeline_model_parallel_group())
-        layers = stacked[: layers.numel()].reshape(2, -1)
-        opd_values = stacked[layers.numel() :]
-        tapped = [student_layer for student_layer, _ in self.pairs]
-        layer_loss = {layer: float(layers[0, layer - 1]) for layer in tapped}
-        layer_cosine = {layer: float(layers[1, layer - 1]) for layer in tapped}
-        oprd_loss = sum(layer_loss.values()) / len(tapped)
-        opd = (
-            {name: float(value) for name, value in zip(OPD_METRICS, opd_values, strict=True)}
-            if self.options.opd_kind
-            else {}
-        )
-        total = self.options.oprd_weight * oprd_loss if self.options.oprd_weight else 0.0
-        if opd:
-            total += opd["pg_loss"]
+        layers = stacked[: layers.numel()].reshape(count, 2, -1).cpu()
+        opd_values = stacked[layers.numel() :].reshape(count, -1).cpu()
+        options = self.options
+        per_teacher: dict[str, TeacherResult] = {}
+        for n, teacher in enumerate(self.teachers):
+            tapped = [student_layer for student_layer, _ in teacher.spec.pairs]
+            part = TeacherResult(
+                supervised_tokens=int(counts[n, 0]),
+                opd_tokens=int(counts[n, 1]),
+                microbatches=int(routed[n]),
+            )
+            if options.oprd_weight:
+                part.layer_loss = {layer: float(layers[n, 0, layer - 1]) for layer in tapped}
+                part.layer_cosine = {layer: float(layers[n, 1, layer - 1]) for layer in tapped}
+                part.oprd_loss = sum(part.layer_loss.values()) / len(tapped)
+                part.cosine = sum(part.layer_cosine.values()) / len(tapped)
+                part.loss = options.oprd_weight * part.oprd_loss
+            if options.opd_kind:
+                part.opd = {
+                    name: float(value)
+                    for name, value in zip(OPD_METRICS, opd_values[n], strict=True)
+                }
+                part.loss += part.opd["pg_loss"]
+            per_teacher[teacher.spec.name] = part
+        weights = {t.spec.name: t.spec.weight for t in self.teachers}
+
+        def weighted(values: dict[str, float]) -> float:
+            return sum(weights[name] * value for name, value in values.items())
+
+        if count == 1:
+            only = next(iter(per_teacher.values()))
+            return StepResult(
+                loss=weighted({name: p.loss for name, p in per_teacher.items()}),
+                oprd_loss=only.oprd_loss,
+                cosine=only.cosine,
+                layer_loss=dict(only.layer_loss),
+                layer_cosine=dict(only.layer_cosine),
+                opd=dict(only.opd),
+                supervised_tokens=only.supervised_tokens,
+                opd_tokens=only.opd_tokens,
+                teachers=per_teacher,
+            )
+        supervised = sum(p.supervised_tokens for p in per_teacher.values())
+        opd_names = OPD_METRICS if options.opd_kind else ()
         return StepResult(
-            loss=total,
-            oprd_loss=oprd_loss if self.options.oprd_weight else 0.0,
-            cosine=sum(layer_cosine.values()) / len(tapped) if self.options.oprd_weight else 0.0,
-            layer_loss=layer_loss if self.options.oprd_weight else {},
-            layer_cosine=layer_cosine if self.options.oprd_weight else {},
-            opd=opd,
-            supervised_tokens=n_sup,
-            opd_tokens=n_opd,
+            loss=weighted({name: p.loss for name, p in per_teacher.items()}),
+            oprd_loss=weighted({name: p.oprd_loss for name, p in per_teacher.items()}),
+            # the mean over every teacher's supervised tokens
+            cosine=sum(p.cosine * p.supervised_tokens for p in per_teacher.values())
+            / max(supervised, 1),
+            opd={
+                metric: weighted({name: p.opd[metric] for name, p in per_teacher.items()})
+                for metric in opd_names
+            },
+            supervised_tokens=int(
+                sum(float(b.supervised.sum()) for b in microbatches if b.teachers != ())
+            ),
+            opd_tokens=sum(p.opd_tokens for p in per_teacher.values()),
+            teachers=per_teacher,
         )

@@ -61,15 +61,16 @@ class TapInputs:
 
 @dataclass
 class LayerStats:
-    """Per-layer sums over this rank's tokens (each token weighted by ``token_weight``)."""
+    """Per-(head, layer) sums over this rank's tokens (each token weighted by
+    ``token_weight``)."""
 
-    loss: dict[int, torch.Tensor] = field(default_factory=dict)
-    cosine: dict[int, torch.Tensor] = field(default_factory=dict)
+    loss: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    cosine: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
 
-    def add(self, layer: int, loss: torch.Tensor, cosine: torch.Tensor) -> None:
+    def add(self, key: tuple[str, int], loss: torch.Tensor, cosine: torch.Tensor) -> None:
         """Accumulate one microbatch's weighted sums."""
-        self.loss[layer] = self.loss.get(layer, torch.zeros_like(loss)) + loss
-        self.cosine[layer] = self.cosine.get(layer, torch.zeros_like(cosine)) + cosine
+        self.loss[key] = self.loss.get(key, torch.zeros_like(loss)) + loss
+        self.cosine[key] = self.cosine.get(key, torch.zeros_like(cosine)) + cosine
 
 
 @dataclass(frozen=True)
@@ -82,43 +83,55 @@ class KernelOptions:
     workspace_bytes: int | None = None
 
 
-class StudentTaps:
-    """Hooks on this stage's tapped student layers.
+@dataclass(frozen=True)
+class TapHead:
+    """One teacher's alignment on the student: the student layers it taps, its projection (a
+    module with ``project(layer, rows) -> (inputs, weight)``, :mod:`oprd_mega.distill.
+    projection`, or None for identity) and the gradient each of its layer losses receives
+    (its loss weight x loss coefficient / its number of tapped layers)."""
 
-    ``layers``: tapped global layer numbers (those not on this stage are ignored);
-    ``projection``: a module with ``project(layer, rows) -> (inputs, weight)`` (see
-    :mod:`oprd_mega.distill.projection`) or None (identity); ``scale``: the
-    gradient each layer loss receives (loss coefficient / number of tapped layers).
+    name: str
+    layers: tuple[int, ...]
+    projection: torch.nn.Module | None
+    scale: float
+
+
+# Per microbatch: head name -> what that head aligns (heads the microbatch is not routed to
+# are absent).
+HeadInputs = dict[str, TapInputs]
+
+
+class StudentTaps:
+    """Hooks on this stage's tapped student layers, for one or more heads (teachers).
+
+    A layer tapped by several heads carries the sum of their scaled losses; each head's loss
+    and cosine are recorded under ``(head name, layer)``. Layers not on this stage are ignored.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        layers: list[int],
-        projection: torch.nn.Module | None,
-        kernel: KernelOptions,
-        scale: float,
-    ) -> None:
-        self.projection = projection
+    def __init__(self, model: torch.nn.Module, heads: list[TapHead], kernel: KernelOptions) -> None:
+        names = [head.name for head in heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tap heads must have distinct names, got {names}")
+        self.heads = {head.name: head for head in heads}
         self.kernel = kernel
-        self.scale = scale
         self.stats = LayerStats()
-        self.inputs: dict[int, TapInputs] = {}
-        self.current: TapInputs | None = None
-        wanted = set(layers)
+        self.inputs: dict[int, HeadInputs] = {}
+        self.current: HeadInputs | None = None
+        wanted = {layer for head in heads for layer in head.layers}
         self.layers = [
             layer.layer_number for layer in model.decoder.layers if layer.layer_number in wanted
         ]
+        self.layer_heads = {n: [head for head in heads if n in head.layers] for n in self.layers}
         # Inputs of forwards run without autograd (full recompute), awaiting the rerun.
-        self.recompute_queue: dict[int, deque[TapInputs]] = {n: deque() for n in self.layers}
+        self.recompute_queue: dict[int, deque[HeadInputs]] = {n: deque() for n in self.layers}
         self._handles = [
             layer.register_forward_hook(self._hook)
             for layer in model.decoder.layers
             if layer.layer_number in wanted
         ]
 
-    def load(self, inputs: dict[int, TapInputs]) -> None:
-        """Targets for the coming step, by microbatch index; resets the statistics."""
+    def load(self, inputs: dict[int, HeadInputs]) -> None:
+        """Targets for the coming step, by microbatch index and head; resets the statistics."""
         self.inputs = inputs
         self.stats = LayerStats()
         for queue in self.recompute_queue.values():
@@ -142,31 +155,54 @@ class StudentTaps:
             queue = self.recompute_queue[layer]
             if not (grad and queue):
                 return None
-            loss = self.layer_loss(layer, hidden, queue.popleft(), record=False)
+            parts = self._losses(layer, hidden, queue.popleft(), record=False)
         else:
-            loss = self.layer_loss(layer, hidden, self.current)
+            parts = self._losses(layer, hidden, self.current)
             if not grad:  # inside a checkpoint's forward: backward reruns this layer
                 self.recompute_queue[layer].append(self.current)
-        if loss is None or not (grad and hidden.requires_grad):
+        if not parts or not (grad and hidden.requires_grad):
             return None
-        injected = InjectLoss.apply(hidden, loss, self.scale)
+        if len(parts) == 1:
+            loss, scale = parts[0]
+        else:
+            loss, scale = sum(part * part_scale for part, part_scale in parts), 1.0
+        injected = InjectLoss.apply(hidden, loss, scale)
         return (injected, *output[1:]) if isinstance(output, tuple) else injected
 
+    def _losses(
+        self, layer: int, hidden: torch.Tensor, inputs: HeadInputs, record: bool = True
+    ) -> list[tuple[torch.Tensor, float]]:
+        """``(loss, scale)`` of every head routed here that taps ``layer`` and has rows."""
+        parts = []
+        for head in self.layer_heads[layer]:
+            head_inputs = inputs.get(head.name)
+            if head_inputs is None:
+                continue
+            loss = self.layer_loss(head, layer, hidden, head_inputs, record)
+            if loss is not None:
+                parts.append((loss, head.scale))
+        return parts
+
     def layer_loss(
-        self, layer: int, hidden: torch.Tensor, inputs: TapInputs, record: bool = True
+        self,
+        head: TapHead,
+        layer: int,
+        hidden: torch.Tensor,
+        inputs: TapInputs,
+        record: bool = True,
     ) -> torch.Tensor | None:
-        """Weighted loss sum of ``layer`` on this rank's rows (recorded in ``stats`` when
-        ``record``)."""
+        """Weighted loss sum of ``head`` at ``layer`` on this rank's rows (recorded in
+        ``stats`` when ``record``)."""
         target = inputs.targets[layer]
         rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, inputs.rows)
         if rows.shape[0] != target.shape[0]:
             raise RuntimeError(
-                f"tap layer {layer}: {rows.shape[0]} supervised rows but {target.shape[0]} "
-                "teacher targets (student and teacher masks differ)"
+                f"tap layer {layer} ({head.name}): {rows.shape[0]} supervised rows but "
+                f"{target.shape[0]} teacher targets (student and teacher masks differ)"
             )
         weight = None
-        if self.projection is not None:
-            rows, weight = self.projection.project(layer, rows)
+        if head.projection is not None:
+            rows, weight = head.projection.project(layer, rows)
         token_weight = torch.full(
             (rows.shape[0],), inputs.token_weight, dtype=torch.float32, device=rows.device
         )
@@ -184,7 +220,9 @@ class StudentTaps:
         )
         if record:
             self.stats.add(
-                layer, loss.detach(), weighted_cosine(rows, target, weight, token_weight)
+                (head.name, layer),
+                loss.detach(),
+                weighted_cosine(rows, target, weight, token_weight),
             )
         return loss if rows.shape[0] else None
 

@@ -197,6 +197,52 @@ CASES.append(
         "layouts": [[1, 1, False], *OWN_TEACHER_WIDE],
     }
 )
+# Two teachers of different widths and depths, routed per sample (one sample to each, one to
+# both, one to none): "wide" (6 layers, hidden 48) taps student layers 1-3, "deep" (5 layers,
+# hidden 40, loss weight 0.5) layers 2 and 4, each through its own full map. "deep" runs on its
+# own layout where the layout names one (TP2 under the student's DP4, TP1 under TP2+SP, TP2
+# under PP2), on the student's otherwise; "wide" always on the student's.
+TWO_TEACHERS = {
+    "teachers": [
+        {"name": "wide", "model": "teacher", "layers": [1, 2, 3], "projection": "full"},
+        {
+            "name": "deep",
+            "model": "teacher40",
+            "layers": [2, 4],
+            "projection": "full",
+            "weight": 0.5,
+            "own": True,
+        },
+    ],
+    "routes": [["wide"], ["deep"], ["wide", "deep"], []],
+    "projection": "full",
+}
+TWO_TEACHER_LAYOUTS = [
+    [1, 1, False],
+    [1, 1, False, {"teacher": [2, 1]}],
+    [2, 1, True],
+    [2, 1, True, {"teacher": [1, 1]}],
+    [1, 2, False],
+    [1, 2, False, {"teacher": [2, 1]}],
+]
+NAMES |= {"TP1PP1/teacher-TP2PP1"}
+CASES += [
+    {
+        **BASE,
+        **TWO_TEACHERS,
+        "name": "two-teachers",
+        "method": "oprd",
+        "normalize": True,
+        "layouts": TWO_TEACHER_LAYOUTS,
+    },
+    {
+        **BASE,
+        **COMBINED_TOPK,
+        **TWO_TEACHERS,
+        "name": "two-teachers-combined",
+        "layouts": TWO_TEACHER_LAYOUTS,
+    },
+]
 # Activation recompute and overlapped gradient reduction: the same oracle. Full 'uniform' in
 # chunks of 2 puts tapped layers 1 and 3 inside a checkpointed chunk (not its output).
 CASES += [
@@ -266,6 +312,17 @@ MODELS["teacher7"] = {
         "intermediate_size": 96,
     },
 }
+MODELS["teacher40"] = {
+    "family": "llama",
+    "tied": False,
+    "config": {
+        **SMALL,
+        "num_hidden_layers": 5,
+        "hidden_size": 40,
+        "head_dim": 10,
+        "intermediate_size": 80,
+    },
+}
 MODELS["teacher-kv4"] = {
     "family": "llama",
     "tied": False,
@@ -304,6 +361,8 @@ FAST_LAYOUTS = {
     "recompute-full-block": [[1, 2, False]],
     "recompute-selective-overlap": [[2, 1, True], [1, 2, False]],
     "distributed-optimizer-overlap": [[2, 1, False]],
+    "two-teachers": [TWO_TEACHER_LAYOUTS[i] for i in (0, 1, 3, 5)],
+    "two-teachers-combined": [TWO_TEACHER_LAYOUTS[i] for i in (0, 3, 5)],
 }
 SUITES = {
     "fast": [{**case, "layouts": FAST_LAYOUTS[case["name"]]} for case in CASES],
@@ -342,6 +401,29 @@ def test_loss_grads_and_adamw_step_match_float64_oracle_at_every_layout(suite) -
             assert got["ref_proj_grad_abs"] <= GRAD_REL * got["ref_grad_scale"], where
             assert got["ref_param_abs"] <= PARAM_ABS, where
             assert got["ref_proj_param_abs"] <= PARAM_ABS, where
+
+
+def test_two_routed_teachers_each_match_the_oracle_and_checkpoint_their_maps(suite) -> None:
+    """Each teacher's own loss (over the samples routed to it) equals the oracle's, both
+    teachers' maps are optimised, and a torch_dist round trip at PP2 restores both (the
+    loss, gradient and AdamW checks above cover the combined objective)."""
+    _, results = suite
+    for case in ("two-teachers", "two-teachers-combined"):
+        ref = results[case]["ref"]["teacher_loss"]
+        assert set(ref) == {"wide", "deep"} and ref["wide"] != pytest.approx(ref["deep"])
+        for layout, got in results[case]["layouts"].items():
+            for name, value in ref.items():
+                assert got["teacher_loss"][name] == pytest.approx(value, rel=LOSS_REL), (
+                    case,
+                    layout,
+                    name,
+                )
+            # samples 0 and 2 (wide), 1 and 2 (deep): last_k = 5 positions, 4 in sample 1
+            assert got["teacher_supervised"] == {"wide": 10, "deep": 9}, (case, layout)
+            assert got["projection_in_optimizer"] == 1, (case, layout)
+            assert got["checked_tensors"] >= 16, (case, layout)
+            if "PP2" in layout:
+                assert got["checkpoint_restores_projection"] == 1, (case, layout)
 
 
 def test_every_layout_equals_tp1pp1(suite) -> None:

@@ -26,7 +26,7 @@ from oprd_mega.distill.projection import (
     is_projection_param,
 )
 from oprd_mega.distill.step import StepOptions
-from oprd_mega.distill.taps import InjectLoss, KernelOptions, StudentTaps, TapInputs
+from oprd_mega.distill.taps import InjectLoss, KernelOptions, StudentTaps, TapHead, TapInputs
 from oprd_mega.models.hf_config import HFModelArgs
 
 
@@ -100,9 +100,10 @@ def test_taps_gradient_equals_autograd_of_the_weighted_layer_loss(normalize: boo
     x = torch.randn(4, 2, 3)  # [seq, batch, hidden]
     rows = torch.tensor([1, 4, 6])
     targets = {6: torch.randn(3, 3)}
-    taps = StudentTaps(model, [2, 6], None, KernelOptions(normalize=normalize), scale=0.5)
+    head = TapHead("t", (2, 6), None, scale=0.5)
+    taps = StudentTaps(model, [head], KernelOptions(normalize=normalize))
     assert taps.layers == [6]  # layer 2 lives on another stage
-    taps.load({0: TapInputs(rows=rows, targets=targets, token_weight=1 / 3)})
+    taps.load({0: {"t": TapInputs(rows=rows, targets=targets, token_weight=1 / 3)}})
     taps.select(0)
     model(x).sum().backward()
     taps.remove()
@@ -118,7 +119,55 @@ def test_taps_gradient_equals_autograd_of_the_weighted_layer_loss(normalize: boo
     (out.sum() + 0.5 * loss).backward()
     for a, p in zip(got, model.parameters(), strict=True):
         torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
-    assert taps.stats.loss[6].item() == pytest.approx(loss.item(), rel=1e-5)
+    assert taps.stats.loss[("t", 6)].item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_two_heads_on_one_layer_add_their_scaled_losses_and_skip_unrouted_microbatches() -> None:
+    """Two teachers tap layer 6 (one through a projection to width 5), with their own rows,
+    token weights and scales; a microbatch routed to one teacher only carries its loss alone."""
+    torch.manual_seed(2)
+    model = _Model()
+    x = torch.randn(4, 2, 3)
+    rows_a, rows_b = torch.tensor([1, 4, 6]), torch.tensor([0, 7])
+    targets_a, targets_b = {6: torch.randn(3, 3)}, {6: torch.randn(2, 5)}
+    projection = FullProjection([6], 3, 5, per_layer=True, sequence_parallel=False, seed=3)
+    heads = [TapHead("a", (6,), None, scale=0.5), TapHead("b", (2, 6), projection, scale=2.0)]
+    taps = StudentTaps(model, heads, KernelOptions())
+    both = {
+        "a": TapInputs(rows=rows_a, targets=targets_a, token_weight=1 / 3),
+        "b": TapInputs(rows=rows_b, targets=targets_b, token_weight=1 / 2),
+    }
+    taps.load({0: both, 1: {"b": both["b"]}})
+
+    def reference(routed: tuple[str, ...]):
+        out = model(x)
+        h = model.decoder.layers[1](model.decoder.layers[0](x)[0])[0].reshape(-1, 3)
+        total = out.sum()
+        if "a" in routed:
+            total = total + 0.5 * ((h[rows_a] - targets_a[6]) ** 2).sum(-1).div(3).sum() / 3
+        if "b" in routed:
+            w = projection.weight_for(6)
+            total = total + 2.0 * ((h[rows_b] @ w.t() - targets_b[6]) ** 2).sum(-1).div(5).sum() / 2
+        total.backward()
+        return [p.grad.clone() for p in [*model.parameters(), *projection.parameters()]]
+
+    for index, routed in ((0, ("a", "b")), (1, ("b",))):
+        taps.select(index)
+        model(x).sum().backward()
+        taps.select(None)
+        got = [p.grad.clone() for p in [*model.parameters(), *projection.parameters()]]
+        model.zero_grad()
+        projection.zero_grad()
+        handles, taps._handles = taps._handles, []
+        for handle in handles:
+            handle.remove()
+        want = reference(routed)
+        model.zero_grad()
+        projection.zero_grad()
+        taps = StudentTaps(model, heads, KernelOptions())
+        taps.load({0: both, 1: {"b": both["b"]}})
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_full_projection_is_seeded_per_layer_and_marked_for_tp_reduction() -> None:

@@ -112,6 +112,30 @@ def projection_init(case: dict, layer: int, d_s: int, d_t: int) -> torch.Tensor:
     return torch.randn(d_t, d_s, generator=generator) * d_s**-0.5
 
 
+def teacher_specs(case: dict) -> list[dict]:
+    """The case's teachers: ``case["teachers"]`` (several, routed per sample by
+    ``case["routes"]``), else the one teacher of the case's own keys."""
+    if "teachers" in case:
+        return case["teachers"]
+    return [
+        {
+            "name": "teacher",
+            "model": case.get("teacher", "teacher"),
+            "layers": case["layers"],
+            "projection": case["projection"],
+            "weight": 1.0,
+        }
+    ]
+
+
+def routed_rows(case: dict, name: str) -> torch.Tensor:
+    """Which samples teacher ``name`` supervises (every sample without routes)."""
+    routes = case.get("routes")
+    if routes is None:
+        return torch.ones(SAMPLES, dtype=torch.bool)
+    return torch.tensor([name in route for route in routes])
+
+
 def oracle(case: dict, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -126,7 +150,7 @@ def oracle(case: dict, work: Path) -> dict:
         return model
 
     student = load(case.get("student", "student"))
-    teacher = load(case.get("teacher", "teacher")).eval()
+    teachers = {spec["name"]: load(spec["model"]).eval() for spec in teacher_specs(case)}
     data = samples()
     tokens = torch.zeros(SAMPLES, SEQ, dtype=torch.long)
     supervised = torch.zeros(SAMPLES, SEQ, dtype=torch.bool)
@@ -155,61 +179,83 @@ def oracle(case: dict, work: Path) -> dict:
         return captured, logits
 
     s_hidden, s_logits = run(student, True)
-    t_hidden, t_logits = run(teacher, False)
-    n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-    d_s, d_t = student.config.hidden_size, teacher.config.hidden_size
+    n_s, d_s = student.config.num_hidden_layers, student.config.hidden_size
     maps = {}
     total = torch.zeros((), dtype=torch.float64)
-    layer_loss = {}
-    oprd = torch.zeros((), dtype=torch.float64)
-    if case["method"] in ("oprd", "combined"):
-        count = supervised.sum()
-        for layer in case["layers"]:
-            if case["projection"] == "bridge":
-                p_s, p_t, mu_t = case["_bridge"][layer]
-                p_t, mu_t = p_t.double(), mu_t.double()
-                if isinstance(p_s, tuple):  # MLP: W_out gelu(W_in h + b), erf GELU
-                    w_in, b_in, w_out = (t.double() for t in p_s)
-                    pre = s_hidden[layer][supervised] @ w_in.T + b_in
-                    hs = (0.5 * pre * (1 + torch.erf(pre / 2**0.5))) @ w_out.T
+    layer_loss, teacher_loss = {}, {}
+    oprd_total = torch.zeros((), dtype=torch.float64)
+    opd_total = torch.zeros((), dtype=torch.float64)
+    several = "teachers" in case
+    teacher_hidden = {}
+    for spec in teacher_specs(case):
+        teacher = teachers[spec["name"]]
+        t_hidden, t_logits = run(teacher, False)
+        if not several:
+            teacher_hidden = t_hidden
+        n_t, d_t = teacher.config.num_hidden_layers, teacher.config.hidden_size
+        rows = routed_rows(case, spec["name"])
+        mask = supervised & rows[:, None]
+        oprd = torch.zeros((), dtype=torch.float64)
+        own_layers = {}
+        if case["method"] in ("oprd", "combined"):
+            count = mask.sum()
+            for layer in spec["layers"]:
+                t_layer = paired(work, case, layer, n_s, n_t)
+                if spec["projection"] == "bridge":
+                    p_s, p_t, mu_t = case["_bridge"][layer]
+                    p_t, mu_t = p_t.double(), mu_t.double()
+                    if isinstance(p_s, tuple):  # MLP: W_out gelu(W_in h + b), erf GELU
+                        w_in, b_in, w_out = (t.double() for t in p_s)
+                        pre = s_hidden[layer][mask] @ w_in.T + b_in
+                        hs = (0.5 * pre * (1 + torch.erf(pre / 2**0.5))) @ w_out.T
+                    else:
+                        hs = s_hidden[layer][mask] @ p_s.double().T
+                    ht = (t_hidden[t_layer][mask] - mu_t) @ p_t.T
+                elif spec["projection"] == "identity":
+                    hs = s_hidden[layer][mask]
+                    ht = t_hidden[t_layer][mask]
                 else:
-                    hs = s_hidden[layer][supervised] @ p_s.double().T
-                ht = (t_hidden[paired(work, case, layer, n_s, n_t)][supervised] - mu_t) @ p_t.T
-            elif case["projection"] == "identity":
-                hs = s_hidden[layer][supervised]
-                ht = t_hidden[paired(work, case, layer, n_s, n_t)][supervised]
-            else:
-                key = layer if case["per_layer"] else 0
-                if key not in maps:
-                    maps[key] = projection_init(case, layer, d_s, d_t).double().requires_grad_()
-                hs = s_hidden[layer][supervised] @ maps[key].T
-                ht = t_hidden[paired(work, case, layer, n_s, n_t)][supervised]
-            if case["normalize"]:
-                hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
-            per_token = ((hs - ht) ** 2).sum(-1) / ht.shape[-1]
-            layer_loss[layer] = per_token.sum() / count
-        oprd = sum(layer_loss.values()) / len(layer_loss)
+                    key = layer if case["per_layer"] else 0
+                    key = f"{spec['name']}.{key}" if several else key
+                    if key not in maps:
+                        maps[key] = projection_init(case, layer, d_s, d_t).double().requires_grad_()
+                    hs = s_hidden[layer][mask] @ maps[key].T
+                    ht = t_hidden[t_layer][mask]
+                if case["normalize"]:
+                    hs, ht = F.normalize(hs, dim=-1), F.normalize(ht, dim=-1)
+                per_token = ((hs - ht) ** 2).sum(-1) / ht.shape[-1]
+                own_layers[layer] = per_token.sum() / count
+            oprd = sum(own_layers.values()) / len(own_layers)
         weight = case.get("mu", 1.0) if case["method"] == "combined" else 1.0
-        total = total + weight * oprd
-    opd = torch.zeros((), dtype=torch.float64)
-    if case["method"] != "oprd":
-        kind = case["opd"]
-        predicts = torch.zeros_like(response)
-        predicts[:, :-1] = response[:, 1:]
-        labels = tokens[:, 1:][response[:, 1:]]
-        s_log = s_logits[predicts].log_softmax(-1)
-        t_log = t_logits[predicts].log_softmax(-1)
-        if kind == "top1":
-            lp = s_log.gather(1, labels[:, None])[:, 0]
-            lq = t_log.gather(1, labels[:, None])[:, 0]
-            per_token = (lp - lq).detach() * lp
-        else:
-            chosen = s_logits[predicts].detach().topk(case["top_k"], dim=-1).indices
-            p = s_logits[predicts].gather(1, chosen).log_softmax(-1)
-            q = t_logits[predicts].gather(1, chosen).log_softmax(-1)
-            per_token = (p.exp() * (p - q)).sum(-1)
-        opd = per_token.mean()
-        total = total + opd
+        part = weight * oprd if case["method"] in ("oprd", "combined") else 0.0 * oprd
+        opd = torch.zeros((), dtype=torch.float64)
+        if case["method"] != "oprd":
+            kind = case["opd"]
+            routed_response = response & rows[:, None]
+            predicts = torch.zeros_like(response)
+            predicts[:, :-1] = routed_response[:, 1:]
+            labels = tokens[:, 1:][routed_response[:, 1:]]
+            s_log = s_logits[predicts].log_softmax(-1)
+            t_log = t_logits[predicts].log_softmax(-1)
+            if kind == "top1":
+                lp = s_log.gather(1, labels[:, None])[:, 0]
+                lq = t_log.gather(1, labels[:, None])[:, 0]
+                per_token = (lp - lq).detach() * lp
+            else:
+                chosen = s_logits[predicts].detach().topk(case["top_k"], dim=-1).indices
+                p = s_logits[predicts].gather(1, chosen).log_softmax(-1)
+                q = t_logits[predicts].gather(1, chosen).log_softmax(-1)
+                per_token = (p.exp() * (p - q)).sum(-1)
+            opd = per_token.mean()
+            part = part + opd
+        lam = spec.get("weight", 1.0)
+        total = total + lam * part
+        oprd_total = oprd_total + lam * oprd
+        opd_total = opd_total + lam * opd
+        teacher_loss[spec["name"]] = float(part)
+        if not several:
+            layer_loss = own_layers
+    oprd, opd = oprd_total, opd_total
     params = dict(student.named_parameters())
     for key, value in maps.items():
         params[f"proj.{key}"] = value
@@ -234,9 +280,10 @@ def oracle(case: dict, work: Path) -> dict:
         "oprd": float(oprd),
         "opd": float(opd),
         "layer_loss": {int(k): float(v) for k, v in layer_loss.items()},
+        "teacher_loss": teacher_loss,
         "grads": {n: g.detach().clone() for n, g in grads.items()},
         "params": {n: p.detach().clone() for n, p in params.items()},
-        "teacher_hidden": {n: h.detach() for n, h in t_hidden.items()},
+        "teacher_hidden": {n: h.detach() for n, h in teacher_hidden.items()},
         "student_logits0": s_logits[0, : len(data[0][0])].detach(),
     }
 
@@ -331,11 +378,11 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     from oprd_mega.convert.hf_io import HFCheckpointReader
     from oprd_mega.convert.mcore_io import global_parameters, load_hf_weights
     from oprd_mega.distill.batch import make_microbatch, make_packed_microbatch
-    from oprd_mega.distill.build import build_step, build_teacher
+    from oprd_mega.distill.build import TeacherSetup, build_step, build_teacher
     from oprd_mega.distill.layers import layer_pairs, source_layers
     from oprd_mega.distill.options import OptimizerOptions
     from oprd_mega.distill.positions import PositionSpec
-    from oprd_mega.distill.projection import PROJECTION_ATTR, ProjectionSpec, is_projection_param
+    from oprd_mega.distill.projection import ProjectionSpec, is_projection_param, projection_of
     from oprd_mega.distill.step import StepOptions
     from oprd_mega.distill.taps import KernelOptions
     from oprd_mega.models import build_gpt_model, load_hf_config
@@ -351,12 +398,8 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
     teacher_groups = own_teacher_groups(layout)
     hand_set = layout_extras(layout).get("split", {})
     splits = {k: PipelineSplit(**v) for k, v in hand_set.items()}
-    s_args, t_args = (
-        replace(load_hf_config(work / case.get(k, k)), pipeline_split=splits.get(k))
-        for k in ("student", "teacher")
-    )
-    pairs = layer_pairs(
-        case["layers"], s_args.num_layers, t_args.num_layers, source_layers(s_args, t_args)
+    s_args = replace(
+        load_hf_config(work / case.get("student", "student")), pipeline_split=splits.get("student")
     )
     recompute = RecomputeOptions(**case.get("recompute", {}))
     student = build_gpt_model(s_args, sequence_parallel=sp, recompute=recompute)
@@ -371,30 +414,44 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         opd_chunk_tokens=5,
         overlap_teacher=case.get("overlap_teacher", False),
     )
-    teacher = build_teacher(
-        t_args,
-        pairs,
-        options,
-        sequence_parallel=sp and teacher_groups is None,
-        pg_collection=teacher_groups,
-    )
-    load_hf_weights(teacher, t_args, HFCheckpointReader(work / case.get("teacher", "teacher")))
-    bridge_path = str(work / "bridge.safetensors") if case["projection"] == "bridge" else None
-    spec = ProjectionSpec(case["projection"], case["per_layer"], case["normalize"], bridge_path)
-    bridge = load_bridge(bridge_path).tensors() if bridge_path else None
+    several = "teachers" in case
+    setups, groups_seen = [], None
+    for one in teacher_specs(case):
+        # the layout's own teacher groups go to the one teacher, or to the teacher marked "own"
+        own = teacher_groups if (not several or one.get("own")) else None
+        t_args = replace(load_hf_config(work / one["model"]), pipeline_split=splits.get("teacher"))
+        pairs = layer_pairs(
+            one["layers"], s_args.num_layers, t_args.num_layers, source_layers(s_args, t_args)
+        )
+        teacher = build_teacher(
+            t_args, pairs, options, sequence_parallel=sp and own is None, pg_collection=own
+        )
+        load_hf_weights(teacher, t_args, HFCheckpointReader(work / one["model"]))
+        bridge_path = str(work / "bridge.safetensors") if one["projection"] == "bridge" else None
+        spec = ProjectionSpec(one["projection"], case["per_layer"], case["normalize"], bridge_path)
+        setups.append(
+            TeacherSetup(
+                one["name"],
+                teacher,
+                pairs,
+                projection=spec,
+                bridge=load_bridge(bridge_path).tensors() if bridge_path else None,
+                own_layout=own is not None,
+                weight=one.get("weight", 1.0),
+            )
+        )
+        if groups_seen is None or own is not None:
+            groups_seen = teacher  # the teacher whose groups the layout's name describes
+    teacher = setups[0].model
     distributed = case.get("distributed_optimizer", False)
     optimizer_options = OptimizerOptions(
         lr=LR, weight_decay=WD, betas=BETAS, eps=EPS, use_distributed_optimizer=distributed
     )
     step = build_step(
         student,
-        teacher,
-        pairs,
+        setups,
         options,
         optimizer_options,
-        projection=spec,
-        bridge=bridge,
-        teacher_own_layout=teacher_groups is not None,
         overlap_grad_reduce=case.get("overlap_grad_reduce", False),
         overlap_param_gather=case.get("overlap_param_gather", False),
     )
@@ -429,7 +486,27 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         )
         for i, j in enumerate(range(0, per_rank, mbs))
     ]
-    teacher_checks = check_teacher(step, teacher, microbatches, ref, mine_samples, sp, mbs)
+    if "routes" in case:  # every microbatch's samples share one route
+        first_sample = dp_rank * per_rank
+        routes = [
+            {tuple(case["routes"][first_sample + j + m]) for m in range(mbs)}
+            for j in range(0, per_rank, mbs)
+        ]
+        assert all(len(route) == 1 for route in routes), routes
+        microbatches = [
+            replace(batch, teachers=next(iter(route)))
+            for batch, route in zip(microbatches, routes, strict=True)
+        ]
+    if several:
+        inner_teacher = unwrap(groups_seen)
+        teacher_checks = {
+            "teacher_groups": [
+                inner_teacher.pg_collection.tp.size(),
+                inner_teacher.pg_collection.pp.size(),
+            ]
+        }
+    else:
+        teacher_checks = check_teacher(step, teacher, microbatches, ref, mine_samples, sp, mbs)
     # the weight-sync probe's own forward (full-sequence logits) before the update
     probe = _megatron_logits(model, samples()[0][0])
     probe_abs = 0.0 if probe is None else float((probe - ref["student_logits0"]).abs().max())
@@ -468,19 +545,28 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         "oprd": result.oprd_loss,
         "opd": result.opd.get("pg_loss", 0.0),
         "layer_loss": {str(k): v for k, v in result.layer_loss.items()},
+        "teacher_loss": {name: part.loss for name, part in result.teachers.items()},
+        "teacher_supervised": {
+            name: part.supervised_tokens for name, part in result.teachers.items()
+        },
         "cosine": result.cosine,
         "attention_runs_per_layer": all_max(per_layer),
         **{key: int(all_max(count)) for key, count in overlap.items() if key != "finalizing"},
     }
     want_grads = local_expected(s_args, inner, ref["grads"])
     want_params = local_expected(s_args, inner, ref["params"])
-    projection = getattr(inner, PROJECTION_ATTR, None)
-    proj_grads, proj_params = {}, {}
-    if projection is not None and case["projection"] == "full":
+    # every trainable ``full`` map: (its key here, the parameter, the oracle's key)
+    maps = []
+    for one in teacher_specs(case):
+        projection = projection_of(inner, one["name"] if several else None)
+        if projection is None or one["projection"] != "full":
+            continue
         for key, param in projection.weights.items():
-            ref_key = "proj." + (key.split("_")[1] if case["per_layer"] else "0")
-            proj_grads[key] = (param.main_grad, ref["grads"][ref_key])
-            proj_params[key] = (param.detach(), ref["params"][ref_key])
+            ref_key = key.split("_")[1] if case["per_layer"] else "0"
+            ref_key = f"proj.{one['name']}.{ref_key}" if several else f"proj.{ref_key}"
+            maps.append((f"{one['name']}/{key}" if several else key, param, ref_key))
+    proj_grads = {key: (param.main_grad, ref["grads"][want]) for key, param, want in maps}
+    proj_params = {key: (param.detach(), ref["params"][want]) for key, param, want in maps}
     g_abs, g_scale = max_diff(backbone, want_grads)
     p_abs, _ = max_diff(params, want_params)
     pg_abs = max((float((a - b).abs().max()) for a, b in proj_grads.values()), default=0.0)
@@ -498,23 +584,20 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         out["base_param_abs"] = all_max(
             max_diff(params, local_expected(s_args, inner, base, "p."))[0]
         )
-        pb = [
-            float((param.main_grad - base["proj." + key]).abs().max())
-            for key, param in (projection.weights.items() if proj_grads else [])
-        ]
+        pb = [float((param.main_grad - base["proj." + key]).abs().max()) for key, param, _ in maps]
         out["base_proj_grad_abs"] = all_max(max(pb, default=0.0))
     if pp > 2:  # the layers each stage built, as Megatron placed them
         out["stage_layers"] = {"student": stage_layers(inner), "teacher": stage_layers(teacher)}
-    if projection is not None and case["projection"] == "full":
+    if any(one["projection"] == "full" for one in teacher_specs(case)):  # on every stage
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         out["projection_in_optimizer"] = int(
-            -all_max(-float(all(id(p) in in_optimizer for p in projection.weights.values())))
+            -all_max(-float(all(id(p) in in_optimizer for _, p, _ in maps)))
         )
         if pp > 1:
             out["checkpoint_restores_projection"] = checkpoint_round_trip(
                 inner,
                 s_args,
-                projection,
+                {key: param for key, param, _ in maps},
                 work
                 / (
                     f"ckpt-{case['name']}-tp{tp}-pp{pp}-cp{cp}"
@@ -576,17 +659,17 @@ def overlap_probe(step, microbatches, optimizer_options) -> dict:
     return phase
 
 
-def checkpoint_round_trip(inner, args, projection, directory: Path, hf_dir: Path) -> int:
-    """Save the student (projection included) as torch_dist, clobber, load: same tensors?"""
+def checkpoint_round_trip(inner, args, maps: dict, directory: Path, hf_dir: Path) -> int:
+    """Save the student (projections included) as torch_dist, clobber, load: same tensors?"""
     from oprd_mega.convert.mcore_io import load_mcore_checkpoint, save_mcore_checkpoint
 
-    saved = {k: p.detach().clone() for k, p in projection.weights.items()}
+    saved = {k: p.detach().clone() for k, p in maps.items()}
     save_mcore_checkpoint(inner, args, directory, hf_source=hf_dir)
     with torch.no_grad():
-        for param in projection.weights.values():
+        for param in maps.values():
             param.fill_(7.0)
     load_mcore_checkpoint(inner, directory)
-    same = all(torch.equal(saved[k], p.detach()) for k, p in projection.weights.items())
+    same = all(torch.equal(saved[k], p.detach()) for k, p in maps.items())
     return int(-all_max(-float(same)))
 
 
@@ -722,7 +805,7 @@ def main() -> None:
         ref = oracle(case, work)
         timing[f"{case['name']} oracle"] = time.perf_counter() - clock
         out = {
-            "ref": {k: ref[k] for k in ("loss", "oprd", "opd", "layer_loss")},
+            "ref": {k: ref[k] for k in ("loss", "oprd", "opd", "layer_loss", "teacher_loss")},
             "layouts": {},
         }
         base = None
