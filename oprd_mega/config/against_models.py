@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol
 
 from oprd_mega.config.errors import ConfigError
@@ -33,78 +34,122 @@ class ModelShape(Protocol):
 def check_models(
     config: TrainConfig, student: ModelShape, teacher: ModelShape
 ) -> list[tuple[int, int]]:
-    """The (student layer, teacher layer) pairs, or a ConfigError naming every key that does
-    not fit these models (widths, layer numbers, tensor/pipeline sizes, vocabularies)."""
+    """:func:`check_all_models` for a run with one teacher: its layer pairs."""
+    return check_all_models(config, student, [teacher])[0]
+
+
+def check_all_models(
+    config: TrainConfig, student: ModelShape, teachers: Sequence[ModelShape]
+) -> list[list[tuple[int, int]]]:
+    """Every teacher's (student layer, teacher layer) pairs (``teachers`` in the order of
+    ``config.teacher_list``), or a ConfigError naming every key that does not fit these models
+    (widths, layer numbers, tensor/pipeline sizes, vocabularies)."""
     problems: list[str] = []
     distill = config.distillation
-    pairs: list[tuple[int, int]] = []
-    try:
-        pairs = layer_pairs(
-            distill.layers, student.num_layers, teacher.num_layers, source_layers(student, teacher)
-        )
-    except ValueError as exc:
-        layers = distill.layers if isinstance(distill.layers, str) else list(distill.layers)
-        problems.append(
-            f"distillation.layers = {layers!r}: {exc} (the student has {student.num_layers})"
-        )
-    if (
-        distill.uses_oprd
-        and distill.projection.mode == "identity"
-        and student.hidden_size != teacher.hidden_size
-    ):
-        problems.append(
-            f"distillation.projection.mode = 'identity': the student's width "
-            f"{student.hidden_size} differs from the teacher's {teacher.hidden_size}; use "
-            "'full' or 'bridge'"
-        )
-    if distill.opd_term is not None and student.vocab_size != teacher.vocab_size:
-        problems.append(
-            f"distillation.method = {distill.method!r}: OPD needs one vocabulary, but the "
-            f"student has {student.vocab_size} tokens and the teacher {teacher.vocab_size}"
-        )
     layout = config.parallel
-    if distill.opd_term is not None and student.vocab_size == teacher.vocab_size:
-        problems += _opd_padding_problems(student, teacher, layout.tp, layout.teacher_layout().tp)
+    entries = config.teacher_list
+    if len(entries) != len(teachers):
+        raise ValueError(f"check_all_models: {len(teachers)} teacher shapes for {len(entries)}")
     student_keys = {"tp": "parallel.tp", "pp": "parallel.pp", "cp": "parallel.cp"}
-    # A teacher size left unset is the student's: its problems name the key that set it.
-    teacher_keys = {
-        **student_keys,
-        **{
-            knob: f"parallel.teacher.{knob}"
-            for knob in ("tp", "pp")
-            if getattr(layout.teacher, knob) is not None
-        },
-    }
-    deepest = teacher_depth(pairs, teacher.num_layers, needs_logits=distill.opd_term is not None)
     # the microbatch budget: a full packed row, padded for the context/sequence split, fits it
     budget = ("batch.max_tokens_per_microbatch", config.batch.max_tokens_per_microbatch)
-    for name, model, depth, sizes, keys, seq_length in (
-        ("student", student, student.num_layers, layout, student_keys, budget),
-        # the same sequences: their padding is checked once
-        ("teacher", teacher, deepest, layout.teacher_layout(), teacher_keys, None),
+    for problem in shape_problems(
+        student,
+        tp=layout.tp,
+        pp=layout.pp,
+        num_layers=student.num_layers,
+        name="student",
+        cp=layout.cp,
+        sp=layout.sp,
+        seq_length=budget,
     ):
-        for problem in shape_problems(
-            model,
-            tp=sizes.tp,
-            pp=sizes.pp,
-            num_layers=depth,
-            name=name,
-            cp=sizes.cp,
-            sp=sizes.sp,
-            seq_length=seq_length,
+        problems.append(_shape_message("student", problem, student_keys, truncated=False))
+    all_pairs = []
+    for entry, teacher in zip(entries, teachers, strict=True):
+        pairs: list[tuple[int, int]] = []
+        who = "the teacher" if entry.index is None else f"teacher {entry.name!r}"
+        try:
+            pairs = layer_pairs(
+                entry.layers,
+                student.num_layers,
+                teacher.num_layers,
+                source_layers(student, teacher),
+            )
+        except ValueError as exc:
+            layers = entry.layers if isinstance(entry.layers, str) else list(entry.layers)
+            problems.append(
+                f"{entry.key('layers')} = {layers!r}: {exc} (the student has {student.num_layers})"
+            )
+        all_pairs.append(pairs)
+        if (
+            distill.uses_oprd
+            and entry.projection.mode == "identity"
+            and student.hidden_size != teacher.hidden_size
         ):
-            truncated = depth < model.num_layers
-            problems.append(_shape_message(name, problem, keys, truncated=truncated))
+            problems.append(
+                f"{entry.key('projection.mode')} = 'identity': the student's width "
+                f"{student.hidden_size} differs from {who}'s {teacher.hidden_size}; use "
+                "'full' or 'bridge'"
+            )
+        if distill.opd_term is not None and student.vocab_size != teacher.vocab_size:
+            problems.append(
+                f"distillation.method = {distill.method!r}: OPD needs one vocabulary, but the "
+                f"student has {student.vocab_size} tokens and {who} {teacher.vocab_size} "
+                f"({entry.key('path')})"
+            )
+        teacher_layout = entry.parallel_layout(layout)
+        if distill.opd_term is not None and student.vocab_size == teacher.vocab_size:
+            problems += _opd_padding_problems(
+                student,
+                teacher,
+                layout.tp,
+                teacher_layout.tp,
+                entry.key("make_vocab_size_divisible_by"),
+            )
+        # A teacher size left unset is the student's: its problems name the key that set it.
+        teacher_keys = {
+            **student_keys,
+            **{
+                knob: entry.key(f"parallel.{knob}")
+                for knob in ("tp", "pp")
+                if getattr(entry.layout, knob) is not None
+            },
+        }
+        needs_logits = distill.opd_term is not None
+        deepest = teacher_depth(pairs, teacher.num_layers, needs_logits=needs_logits)
+        for problem in shape_problems(  # the same sequences: their padding is checked once
+            teacher,
+            tp=teacher_layout.tp,
+            pp=teacher_layout.pp,
+            num_layers=deepest,
+            name="teacher",
+            cp=teacher_layout.cp,
+            sp=teacher_layout.sp,
+            seq_length=None,
+        ):
+            truncated = deepest < teacher.num_layers
+            problems.append(
+                _shape_message(
+                    entry.key("pipeline_split").rsplit(".", 1)[0],
+                    problem,
+                    teacher_keys,
+                    truncated=truncated,
+                )
+            )
     if 1 <= layout.pp <= student.num_layers and not any("pipeline_split" in p for p in problems):
         stages = layers_per_stage(student.num_layers, layout.pp, student.pipeline_split)
         problems += config.training.recompute.stage_problems(stages)
     if problems:
         raise ConfigError(problems)
-    return pairs
+    return all_pairs
 
 
 def _opd_padding_problems(
-    student: ModelShape, teacher: ModelShape, tp: int, teacher_tp: int
+    student: ModelShape,
+    teacher: ModelShape,
+    tp: int,
+    teacher_tp: int,
+    teacher_key: str = "teacher.make_vocab_size_divisible_by",
 ) -> list[str]:
     """OPD splits both output layers alike over tensor-parallel ranks, so the student and the
     teacher must hold one padded vocabulary at their TPs; the fix names one value for both."""
@@ -119,12 +164,11 @@ def _opd_padding_problems(
     )
     return [
         f"student.make_vocab_size_divisible_by = {student.make_vocab_size_divisible_by} and "
-        f"teacher.make_vocab_size_divisible_by = {teacher.make_vocab_size_divisible_by}: "
+        f"{teacher_key} = {teacher.make_vocab_size_divisible_by}: "
         f"the student holds a vocabulary padded to {ours} rows at tp = {tp}, the teacher "
         f"{theirs} at tp = {teacher_tp}; OPD splits both output layers alike over "
         "tensor-parallel ranks, so both need one padding: set both keys to "
-        f"{both} (student.make_vocab_size_divisible_by={both} "
-        f"teacher.make_vocab_size_divisible_by={both})"
+        f"{both} (student.make_vocab_size_divisible_by={both} {teacher_key}={both})"
     ]
 
 

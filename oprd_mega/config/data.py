@@ -37,6 +37,9 @@ class PromptsSection(Section):
     """What a prompt over max_prompt_length does: stop with an error naming it, or be skipped."""
     shuffle: bool = True
     """Shuffle prompts each epoch (seeded by the run's seed)."""
+    teacher_field: str | None = None
+    """With several teachers: the column whose value routes a prompt (through routing.routes,
+    or naming a teacher itself); null: every prompt gets routing.default."""
 
     @model_validator(mode="after")
     def _suffix_known(self) -> PromptsSection:

@@ -98,7 +98,13 @@ def children(target: Target) -> list[Child]:
             result.append(Child(field.name, annotation, (), default, target.docs[field.name]))
         return result
     return [
-        Child(name, info.annotation, tuple(info.metadata), info.default, info.description or "")
+        Child(
+            name,
+            info.annotation,
+            tuple(info.metadata),
+            info.default_factory() if info.default_factory is not None else info.default,  # type: ignore[call-arg]
+            info.description or "",
+        )
         for name, info in target.model_fields.items()
     ]
 
@@ -108,6 +114,15 @@ def _mapped_section(annotation: Any) -> Target | None:
     annotation, _ = _flatten(annotation)
     if get_origin(annotation) is dict:
         return section_of(get_args(annotation)[1])
+    return None
+
+
+def listed_section(annotation: Any) -> Target | None:
+    """The entry section of a list-of-sections field (``tuple[Section, ...]``), or None."""
+    annotation, _ = _flatten(annotation)
+    args = get_args(annotation)
+    if get_origin(annotation) in (tuple, list) and args and (len(args) == 1 or args[1] is ...):
+        return section_of(args[0])
     return None
 
 
@@ -129,6 +144,8 @@ def target_at(root: type[BaseModel], path: typing.Sequence[str | int]) -> Target
         if target is None:
             target = _mapped_section(child.annotation)
             name_of_entry = target is not None
+        if target is None:
+            target = listed_section(child.annotation)  # the index that follows is skipped
     return target
 
 
@@ -184,9 +201,14 @@ def _walk(target: Target, prefix: str, leaves: list[Key], result: list[Group]) -
     for child in children(target):
         key = f"{prefix}.{child.name}" if prefix else child.name
         sub = section_of(child.annotation, child.metadata)
+        entry = listed_section(child.annotation) if sub is None else None
         if sub is None:
             default = default_text(key, child.default)
             leaves.append(Key(key, type_name(child.annotation), default, child.description))
+            if entry is not None:  # a list of sections: its entries' keys as KEY[].sub
+                group = Group(f"{key}[]", child.description, False, [])
+                result.append(group)
+                _walk(entry, f"{key}[]", group.keys, result)
             continue
         annotation, _ = _flatten(child.annotation)
         nullable = _is_union(annotation) and type(None) in get_args(annotation)

@@ -14,6 +14,13 @@ from oprd_mega.config.distill import DistillationSection
 from oprd_mega.config.errors import ConfigError
 from oprd_mega.config.models import ModelSection, Parallel
 from oprd_mega.config.rollout import RolloutSection
+from oprd_mega.config.teachers import (
+    RoutingSection,
+    TeacherEntry,
+    TeacherSection,
+    check_teacher_list,
+    teacher_entries,
+)
 from oprd_mega.config.training import (
     CheckpointSection,
     EvaluationSection,
@@ -33,8 +40,15 @@ class TrainConfig(Section):
     """Seed of data order, rollouts' sampling seeds, model init and dropout."""
     student: ModelSection
     """The model being trained; rollout servers serve its current weights."""
-    teacher: ModelSection
-    """The frozen teacher (run up to its deepest tapped layer, no LM head in OPRD-only mode)."""
+    teacher: ModelSection | None
+    """The frozen teacher (run up to its deepest tapped layer, no LM head in OPRD-only mode);
+    required unless a teachers list is given."""
+    teachers: tuple[TeacherSection, ...] = ()
+    """Several frozen teachers, each with a name, a model directory and optionally its own
+    layers, projection, parallel layout and loss weight (docs/multi-teacher.md); prompts are
+    routed to them by data.teacher_field and routing. Empty: the teacher section."""
+    routing: RoutingSection = RoutingSection()
+    """Which teachers supervise which prompts (with a teachers list)."""
     parallel: Parallel = ParallelLayout()
     """Tensor/pipeline/context/sequence parallelism of both models; data parallelism fills the
     rest."""
@@ -66,6 +80,30 @@ class TrainConfig(Section):
             return self.evaluation.sampling
         return dataclasses.replace(self.rollout.sampling, n=self.evaluation.k)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _teachers_replace_teacher(cls, data: Any) -> Any:
+        """A teachers list stands in for the (otherwise required) teacher section."""
+        if isinstance(data, dict) and data.get("teachers") and "teacher" not in data:
+            data = {**data, "teacher": None}
+        return data
+
+    @property
+    def teacher_list(self) -> list[TeacherEntry]:
+        """Every teacher with its effective layers, projection, layout and weight."""
+        return teacher_entries(self)
+
+    @model_validator(mode="after")
+    def _teachers_and_routes(self) -> TrainConfig:
+        check_teacher_list(
+            self.teacher,
+            self.teachers,
+            self.routing,
+            self.data.teacher_field,
+            self.distillation.projection.bridge_path,
+        )
+        return self
+
     @model_validator(mode="after")
     def _training_fits_optimizer(self) -> TrainConfig:
         training = self.training
@@ -76,13 +114,16 @@ class TrainConfig(Section):
                 "needs optimizer.use_distributed_optimizer = true (only the distributed "
                 "optimizer gathers parameters)",
             )
-        projection = self.distillation.projection
+        shared_maps = [
+            entry
+            for entry in self.teacher_list
+            if entry.projection.mode == "full" and not entry.projection.per_layer
+        ]
         if (
             training.overlap_grad_reduce
             and (self.parallel.pp > 1 or training.recompute.granularity == "full")
             and self.distillation.uses_oprd
-            and projection.mode == "full"
-            and not projection.per_layer
+            and shared_maps
         ):
             raise invalid(
                 "training.overlap_grad_reduce",
@@ -130,15 +171,16 @@ def data_parallel_size(config: TrainConfig, world_size: int) -> int:
                 f"{world_size}"
             ]
         )
-    teacher = layout.teacher_layout()
-    if world_size % (teacher.tp * teacher.pp):
-        raise ConfigError(
-            [
-                f"parallel.teacher.tp = {teacher.tp}, parallel.teacher.pp = {teacher.pp}: "
-                f"tp * pp = {teacher.tp * teacher.pp} must divide the world size {world_size} "
-                "(the teacher's data-parallel size fills the rest)"
-            ]
-        )
+    for entry in config.teacher_list:
+        teacher = entry.parallel_layout(layout)
+        if world_size % (teacher.tp * teacher.pp):
+            raise ConfigError(
+                [
+                    f"{entry.key('parallel.tp')} = {teacher.tp}, {entry.key('parallel.pp')} = "
+                    f"{teacher.pp}: tp * pp = {teacher.tp * teacher.pp} must divide the world "
+                    f"size {world_size} (the teacher's data-parallel size fills the rest)"
+                ]
+            )
     dp = layout.data_parallel_size(world_size)
     samples = config.batch.prompts_per_step * config.rollout.sampling.n
     needed = dp * config.batch.microbatch_multiple
@@ -157,13 +199,16 @@ def data_parallel_size(config: TrainConfig, world_size: int) -> int:
 
 def check_paths(config: TrainConfig) -> None:
     """Raise a ConfigError naming every configured input file or directory that is missing."""
-    inputs: dict[str, str | None] = {
-        "student.path": config.student.path,
-        "teacher.path": config.teacher.path,
+    inputs: dict[str, str | None] = {"student.path": config.student.path}
+    for entry in config.teacher_list:
+        inputs[entry.key("path")] = entry.model.path
+    inputs |= {
         "data.path": config.data.path,
         "distillation.projection.bridge_path": config.distillation.projection.bridge_path,
-        "evaluation.prompts": config.evaluation.prompts,
     }
+    for entry in config.teacher_list:
+        inputs[entry.key("projection.bridge_path")] = entry.projection.bridge_path
+    inputs["evaluation.prompts"] = config.evaluation.prompts
     for name, one in config.evaluation.sets.items():
         inputs[f"evaluation.sets.{name}.prompts"] = one.prompts
     if config.rollout.mode == "launch" and config.rollout.launch is not None:

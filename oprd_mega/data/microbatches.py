@@ -13,7 +13,7 @@ supervised position and no loss.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from oprd_mega.data.scheduler import CostModel, ModelDims, Schedule, schedule_microbatches
 from oprd_mega.distill.batch import DistillMicrobatch, make_microbatch, make_packed_microbatch
@@ -27,6 +27,7 @@ class StepSample:
 
     token_ids: tuple[int, ...]
     prompt_length: int
+    teachers: tuple[str, ...] | None = None  # its route (None: every teacher)
 
     @property
     def response_length(self) -> int:
@@ -57,9 +58,14 @@ def plan_step(
     multiple: int,
     cost: CostModel | None,
 ) -> Schedule:
-    """The step's schedule (identical on every rank)."""
+    """The step's schedule (identical on every rank); samples with routes are scheduled by
+    route (a microbatch holds one route's samples)."""
     lengths = [len(s.token_ids) for s in samples]
-    return schedule_microbatches(lengths, dp_size, max_tokens, cost, multiple)
+    routes = [s.teachers for s in samples]
+    routed = any(route is not None for route in routes)
+    return schedule_microbatches(
+        lengths, dp_size, max_tokens, cost, multiple, routes if routed else None
+    )
 
 
 def rank_microbatches(
@@ -72,11 +78,41 @@ def rank_microbatches(
     packed: bool = False,
     slot_multiple: int = 1,
 ) -> list[DistillMicrobatch]:
-    """This rank's microbatches, all of the step's largest ``[batch, seq]`` shape.
+    """This rank's microbatches, all of the step's largest ``[batch, seq]`` shape, each marked
+    with its samples' route.
 
     ``slot_multiple`` (packed): each sequence's slot is padded to a multiple of it (``2 * cp``
     under context parallelism); ``seq_multiple`` must be a multiple of it.
     """
+    return [
+        replace(batch, teachers=samples[bin_[0]].teachers)
+        for batch, bin_ in zip(
+            _unrouted_microbatches(
+                samples,
+                schedule,
+                dp_rank,
+                positions,
+                pad_id,
+                seq_multiple,
+                packed,
+                slot_multiple,
+            ),
+            schedule.ranks[dp_rank],
+            strict=True,
+        )
+    ]
+
+
+def _unrouted_microbatches(
+    samples: Sequence[StepSample],
+    schedule: Schedule,
+    dp_rank: int,
+    positions: PositionSpec,
+    pad_id: int,
+    seq_multiple: int,
+    packed: bool,
+    slot_multiple: int,
+) -> list[DistillMicrobatch]:
     if packed:
 
         def slot(length: int) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 
@@ -63,17 +63,24 @@ class ModelDims:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Cost of one sample: student forward + backward (3x forward) plus teacher forward."""
+    """Cost of one sample: student forward + backward (3x forward) plus the forward of every
+    teacher that runs on it: ``teacher`` always, each of the named ``teachers`` when the
+    sample's route names it (or when it has no route)."""
 
     student: ModelDims
     teacher: ModelDims | None = None
     student_backward_factor: float = 3.0
+    teachers: tuple[tuple[str, ModelDims], ...] = ()
 
-    def cost(self, length: int) -> float:
-        """Estimated FLOPs to train on one sequence of ``length`` tokens."""
+    def cost(self, length: int, route: Sequence[str] | None = None) -> float:
+        """Estimated FLOPs to train on one sequence of ``length`` tokens routed to ``route``
+        (None: every teacher)."""
         total = self.student_backward_factor * self.student.forward_flops(length)
         if self.teacher is not None:
             total += self.teacher.forward_flops(length)
+        for name, dims in self.teachers:
+            if route is None or name in route:
+                total += dims.forward_flops(length)
         return total
 
 
@@ -145,12 +152,37 @@ def _split_to_count(bins: list[list[int]], lengths: Sequence[int], count: int) -
     return bins
 
 
-def _merge_to_count(bins: list[list[int]], lengths: Sequence[int], count: int) -> list[list[int]]:
-    """Merge the two lightest bins until there are ``count`` bins."""
+def _merge_to_count(
+    bins: list[list[int]],
+    lengths: Sequence[int],
+    count: int,
+    routes: Sequence[Hashable] | None = None,
+) -> list[list[int]]:
+    """Merge the two lightest bins (of one route, with ``routes``) until there are ``count``."""
     bins = [list(b) for b in bins]
     while len(bins) > count:
         bins.sort(key=lambda b: sum(lengths[i] for i in b))
-        bins = [bins[0] + bins[1], *bins[2:]]
+        if routes is None:
+            bins = [bins[0] + bins[1], *bins[2:]]
+            continue
+        first: dict[Hashable, int] = {}
+        pair = None
+        for b, members in enumerate(bins):  # the lightest pair of bins that share a route
+            route = routes[members[0]]
+            if route not in first:
+                first[route] = b
+                continue
+            load = sum(lengths[i] for i in bins[first[route]] + members)
+            if pair is None or load < pair[0]:
+                pair = (load, first[route], b)
+        if pair is None:
+            raise ValueError(
+                f"cannot make {count} microbatches: {len(bins)} routes each fill one and a "
+                "microbatch holds one route's samples"
+            )
+        _, a, b = pair
+        merged = bins[a] + bins[b]
+        bins = [merged] + [members for k, members in enumerate(bins) if k not in (a, b)]
     return bins
 
 
@@ -215,13 +247,16 @@ def schedule_microbatches(
     max_tokens_per_microbatch: int,
     cost_model: CostModel | None = None,
     microbatch_multiple: int = 1,
+    routes: Sequence[tuple[str, ...] | None] | None = None,
 ) -> Schedule:
     """Plan every data-parallel rank's microbatches for one step.
 
     ``lengths`` are total (prompt + response) token counts per sample. Every sample is used
     exactly once; every rank gets the same number of microbatches, a multiple of
     ``microbatch_multiple`` (e.g. the virtual pipeline size). Without a cost model, the cost of a
-    sample is its length squared plus its length (attention plus linear work).
+    sample is its length squared plus its length (attention plus linear work). ``routes``: each
+    sample's teachers; a microbatch then holds samples of one route only, so each teacher runs
+    on exactly the samples routed to it, and the cost counts the route's teachers.
     """
     if dp_size <= 0:
         raise ValueError(f"dp_size must be positive, got {dp_size}")
@@ -244,7 +279,16 @@ def schedule_microbatches(
             "each gets a microbatch of its own",
             stacklevel=2,
         )
-    bins = first_fit_pack(lengths, max_tokens_per_microbatch)
+    if routes is None:
+        bins = first_fit_pack(lengths, max_tokens_per_microbatch)
+    else:
+        if len(routes) != len(lengths):
+            raise ValueError(f"{len(routes)} routes for {len(lengths)} samples")
+        bins = []
+        for route in dict.fromkeys(routes):  # each route's samples packed on their own
+            members = [i for i, r in enumerate(routes) if r == route]
+            packed = first_fit_pack([lengths[i] for i in members], max_tokens_per_microbatch)
+            bins += [[members[j] for j in b] for b in packed]
     target = -(-len(bins) // group) * group
     if target <= len(lengths):
         bins = _split_to_count(bins, lengths, target)
@@ -257,12 +301,12 @@ def schedule_microbatches(
             f"{max_tokens_per_microbatch}",
             stacklevel=2,
         )
-        bins = _merge_to_count(bins, lengths, target)
+        bins = _merge_to_count(bins, lengths, target, routes)
 
     def sample_cost(i: int) -> float:
         if cost_model is None:
             return float(lengths[i]) ** 2 + float(lengths[i])
-        return cost_model.cost(lengths[i])
+        return cost_model.cost(lengths[i], None if routes is None else routes[i])
 
     bin_costs = [sum(sample_cost(i) for i in b) for b in bins]
     parts = balanced_partition(bin_costs, dp_size)

@@ -342,6 +342,34 @@ def saved_config(path: Path, state: TrainerState) -> TrainConfig:
         ) from exc
 
 
+def teacher_list_identity(config: TrainConfig) -> list[tuple[str, str, str, str, bool]]:
+    """What decides each teacher's saved tensors: name, path, supervised layers and its
+    projection (mode, per layer)."""
+    return [
+        (
+            entry.name,
+            entry.model.path,
+            str(entry.layers),
+            entry.projection.mode,
+            entry.projection.per_layer,
+        )
+        for entry in config.teacher_list
+    ]
+
+
+def _teachers_text(identity: list[tuple[str, str, str, str, bool]]) -> str:
+    return (
+        "["
+        + ", ".join(
+            f"{name} ({path}, layers {layers}, projection {mode}"
+            + ("" if per_layer else ", shared")
+            + ")"
+            for name, path, layers, mode, per_layer in identity
+        )
+        + "]"
+    )
+
+
 def check_fits(
     path: Path, state: TrainerState, config: TrainConfig, student_args: HFModelArgs
 ) -> None:
@@ -354,6 +382,15 @@ def check_fits(
         for key, old, new in config_diff(saved, config)
         if any(key == k or key.startswith(k + ".") for k in STRUCTURAL_KEYS)
     ]
+    before, now = teacher_list_identity(saved), teacher_list_identity(config)
+    if before != now and (len(before) > 1 or len(now) > 1):
+        changes.append(
+            "the teacher list changed since the checkpoint: "
+            + _teachers_text(before)
+            + " in the checkpoint, "
+            + _teachers_text(now)
+            + " now (each teacher's projection is saved under its name)"
+        )
     try:
         saved_args = read_mcore_args(path / "model").to_dict()
     except (OSError, ValueError) as exc:

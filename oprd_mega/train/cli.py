@@ -63,10 +63,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = train(config, stop_at=args.stop_at_step, launch_checked=True)
     except (TrainingError, CheckpointError, ConfigError) as exc:
+        shared = getattr(exc, "shared", False)  # every rank raised it at one collective point
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        elif not getattr(exc, "shared", False):  # this rank's own failure
+        elif not shared:  # this rank's own failure
             print(f"error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+        if shared:  # no rank exits (and has torchrun stop the others) before rank 0 has said it
+            from oprd_mega.parallel.distributed import barrier
+
+            barrier()
         return 1
     logger.info(
         f"done: {summary.steps_run} steps (to step {summary.final_step}) in "

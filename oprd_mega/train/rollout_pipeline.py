@@ -30,6 +30,8 @@ from oprd_mega.rollout.samples import Sample, StaleRolloutError
 from oprd_mega.rollout.sampling import SamplingConfig, prompt_seed, request_params
 
 Submit = Callable[[Sequence[int], dict[str, Any], int], cf.Future]
+# A drawn prompt: its token ids and its route (the teachers that supervise it; None: all).
+Drawn = tuple[Sequence[int], tuple[str, ...] | None]
 _ABORT_RETRY_S = 1.0
 
 
@@ -55,13 +57,15 @@ class Draft:
 @dataclass
 class Group:
     """The ``n`` samples of one prompt. ``step`` and ``index`` (the step the group was first
-    drawn for and its place among that step's prompts) seed its sampling."""
+    drawn for and its place among that step's prompts) seed its sampling; ``route`` names the
+    teachers that supervise it (None: every teacher)."""
 
     uid: int
     step: int
     index: int
     prompt_ids: list[int]
     drafts: list[Draft]
+    route: tuple[str, ...] | None = None
 
     @property
     def complete(self) -> bool:
@@ -88,7 +92,7 @@ class RolloutPipeline:
         self,
         submit: Submit,
         abort_all: Callable[[], None],
-        take_prompts: Callable[[int], list[Sequence[int]]],
+        take_prompts: Callable[[int], list[Drawn]],
         sampling: SamplingConfig,
         prompts_per_step: int,
         max_staleness: int = 0,
@@ -123,12 +127,13 @@ class RolloutPipeline:
         target = ahead * self.prompts_per_step
         while len(self.pool) < target:
             count = min(self.prompts_per_step, target - len(self.pool))
-            for prompt in self.take_prompts(count):
+            for prompt, route in self.take_prompts(count):
                 uid = self.next_uid
                 self.next_uid += 1
                 n = self.sampling.n
                 step, index = divmod(uid, self.prompts_per_step)
-                group = Group(uid, step, index, list(prompt), [Draft() for _ in range(n)])
+                drafts = [Draft() for _ in range(n)]
+                group = Group(uid, step, index, list(prompt), drafts, route)
                 self.pool.append(group)
         for group in self.pool:
             self._send(group, version, version_name)
@@ -200,6 +205,7 @@ class RolloutPipeline:
                 index=g["index"],
                 prompt_ids=list(g["prompt_ids"]),
                 drafts=[Draft(**d) for d in g["drafts"]],
+                route=None if g.get("route") is None else tuple(g["route"]),
             )
             for g in state["pool"]
         ]

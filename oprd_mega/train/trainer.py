@@ -31,21 +31,23 @@ from oprd_mega.bridge.loaded import check_bridge_against
 from oprd_mega.config import (
     ConfigError,
     TrainConfig,
-    check_models,
     check_paths,
     config_diff,
     data_parallel_size,
     dump_config,
 )
+from oprd_mega.config.against_models import check_all_models
 from oprd_mega.config.model_files import check_model_files, model_args
 from oprd_mega.convert.gather import gather_hf_weights
 from oprd_mega.convert.hf_io import HFCheckpointReader, write_hf_directory
 from oprd_mega.convert.mcore_io import load_hf_weights
 from oprd_mega.data.microbatches import StepSample, model_dims, plan_step, rank_microbatches
 from oprd_mega.data.prompts import load_prompts
+from oprd_mega.data.routing import PromptRouter, check_routes
 from oprd_mega.data.scheduler import CostModel
-from oprd_mega.distill.build import build_step, build_teacher
+from oprd_mega.distill.build import TeacherSetup, build_step, build_teacher
 from oprd_mega.distill.layers import teacher_depth
+from oprd_mega.distill.options import ProjectionSpec
 from oprd_mega.models import build_gpt_model
 from oprd_mega.models.builder import resolve_dtype
 from oprd_mega.models.shapes import sequence_multiple
@@ -68,7 +70,7 @@ from oprd_mega.train.checkpoint import (
 from oprd_mega.train.evaluation import describe_eval, evaluation_sets, load_eval_set, score
 from oprd_mega.train.logs import Progress, StepLog, ensure_logging, logger
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
-from oprd_mega.train.metrics import MetricsWriter, StepTimer, peak_memory_mib
+from oprd_mega.train.metrics import MetricsWriter, StepTimer, peak_memory_mib, teacher_records
 from oprd_mega.train.prompt_stream import PromptStream
 from oprd_mega.train.rollout_pipeline import RolloutPipeline
 from oprd_mega.train.rollouts import RolloutService
@@ -89,12 +91,14 @@ def say(message: str) -> None:
 
 
 def _transformer_impls(config: TrainConfig) -> dict[str, bool]:
-    """Whether student and teacher build Transformer Engine layers (checked before any server)."""
+    """Whether the student and each teacher (by name) build Transformer Engine layers (checked
+    before any server)."""
+    sections = [("student", "student.transformer_impl", config.student)]
+    sections += [(e.name, e.key("transformer_impl"), e.model) for e in config.teacher_list]
     use_te = {}
-    for role in ("student", "teacher"):
-        field = f"{role}.transformer_impl"
+    for role, key, section in sections:
         try:
-            use_te[role] = resolve_use_te(getattr(config, role).transformer_impl, field)
+            use_te[role] = resolve_use_te(section.transformer_impl, key)
         except ValueError as error:
             raise ConfigError([str(error)]) from error
     return use_te
@@ -165,20 +169,30 @@ class Trainer:
         """Check inputs, start the servers, build models and optimizer, resume if asked."""
         config = self.config
         self.student_args = model_args(config.student)
-        self.teacher_args = model_args(config.teacher)
-        self.pairs = check_models(config, self.student_args, self.teacher_args)
+        self.teacher_entries = config.teacher_list
+        self.teacher_args = [model_args(entry.model) for entry in self.teacher_entries]
+        self.pairs = check_all_models(config, self.student_args, self.teacher_args)
+        self.several = len(self.teacher_entries) > 1
         self.use_te = _transformer_impls(config)
         if config.optimizer.use_distributed_optimizer:
             _require_apex_or_te()
-        self.bridge = None
-        projection = config.distillation.projection
-        if config.distillation.uses_oprd and projection.mode == "bridge":
-            try:  # a bridge built for other models fails here, before any server starts
-                self.bridge = check_bridge_against(
-                    projection.bridge_path, self.student_args, self.teacher_args, self.pairs
-                )
-            except ValueError as exc:
-                raise TrainingError(str(exc)) from exc
+        self.bridges: list[Any] = []
+        for entry, t_args, pairs in zip(
+            self.teacher_entries, self.teacher_args, self.pairs, strict=True
+        ):
+            bridge = None
+            if config.distillation.uses_oprd and entry.projection.mode == "bridge":
+                try:  # a bridge built for other models fails here, before any server starts
+                    bridge = check_bridge_against(
+                        entry.projection.bridge_path,
+                        self.student_args,
+                        t_args,
+                        pairs,
+                        where=entry.key("projection.bridge_path"),
+                    )
+                except ValueError as exc:
+                    raise TrainingError(str(exc)) from exc
+            self.bridges.append(bridge)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.cost = self._cost_model()  # fixed for the run: built once, not per step
         self.pad_id = _pad_id(config.student.path)
@@ -229,10 +243,11 @@ class Trainer:
         prompts = load_prompts(data.path, self.tokenizer, **data.load_options())
         self.prompts = PromptStream(prompts, self.config.seed, data.shuffle)
         rollout = self.config.rollout
+        router = PromptRouter.of(self.config)
         self.pipeline = RolloutPipeline(
             self.rollouts.submit,
             self.rollouts.abort_all,
-            lambda count: [p.prompt_ids for p in self.prompts.take(count)],
+            lambda count: [(p.prompt_ids, router.route(p)) for p in self.prompts.take(count)],
             rollout.sampling,
             self.config.batch.prompts_per_step,
             max_staleness=rollout.max_staleness,
@@ -258,28 +273,44 @@ class Trainer:
         if self.resume_from is None:
             load_hf_weights(student, s_args, HFCheckpointReader(config.student.path))
         options = distill.step_options()
-        teacher_layout = config.parallel.teacher_layout()
-        own_layout = config.parallel.teacher_has_own_layout
-        teacher = build_teacher(  # parallel.teacher: built, loaded and run in its own groups
-            t_args,
-            self.pairs,
-            options,
-            params_dtype=resolve_dtype(config.teacher.dtype),
-            sequence_parallel=teacher_layout.sp,
-            use_te=self.use_te["teacher"],
-            pg_collection=init_model_groups(teacher_layout) if own_layout else None,
-        )
-        load_hf_weights(teacher, t_args, HFCheckpointReader(config.teacher.path))
-        self.teacher = teacher
+        groups: dict[tuple[int, int], Any] = {}  # one set of groups per teacher layout
+        setups = []
+        for entry, t_args, pairs, bridge in zip(
+            self.teacher_entries, self.teacher_args, self.pairs, self.bridges, strict=True
+        ):
+            layout = entry.parallel_layout(config.parallel)
+            own = entry.has_own_layout(config.parallel)
+            if own and (layout.tp, layout.pp) not in groups:
+                groups[(layout.tp, layout.pp)] = init_model_groups(layout)
+            teacher = build_teacher(  # its own layout: built, loaded and run in its own groups
+                t_args,
+                pairs,
+                options,
+                params_dtype=resolve_dtype(entry.model.dtype),
+                sequence_parallel=layout.sp,
+                use_te=self.use_te[entry.name],
+                pg_collection=groups[(layout.tp, layout.pp)] if own else None,
+            )
+            load_hf_weights(teacher, t_args, HFCheckpointReader(entry.model.path))
+            setups.append(
+                TeacherSetup(
+                    entry.name,
+                    teacher,
+                    pairs,
+                    projection=ProjectionSpec(
+                        normalize=distill.normalize, **entry.projection.model_dump()
+                    ),
+                    bridge=None if bridge is None else bridge.tensors(),
+                    own_layout=own,
+                    weight=entry.weight,
+                )
+            )
+        self.teachers = [setup.model for setup in setups]
         self.step = build_step(
             student,
-            teacher,
-            self.pairs,
+            setups,
             options,
             config.optimizer.options(),
-            projection=distill.projection_spec(),
-            bridge=None if self.bridge is None else self.bridge.tensors(),
-            teacher_own_layout=own_layout,
             overlap_grad_reduce=config.training.overlap_grad_reduce,
             overlap_param_gather=config.training.overlap_param_gather,
         )
@@ -448,6 +479,9 @@ class Trainer:
                 record[f"rep/cosine_similarity/layer_{layer}"] = value
         for name, value in result.opd.items():
             record[f"opd/{name}"] = value
+        if self.several:
+            record |= teacher_records(result, config.distillation.uses_oprd)
+            record["routing/unsupervised_samples"] = sum(s.teachers == () for s in samples)
         if not result.skipped:
             self.weight_version = version
             self.version_step = step + 1
@@ -504,7 +538,7 @@ class Trainer:
         drafts = [d for group in batch.groups for d in group.drafts]
         lengths = [len(d.response_ids) for d in drafts]
         samples = [
-            StepSample(tuple(ids), prompt_length)
+            StepSample(tuple(ids), prompt_length, group.route)
             for group in batch.groups
             for ids, prompt_length in group.samples()
         ]
@@ -518,17 +552,25 @@ class Trainer:
         return samples, stats
 
     def _cost_model(self) -> Any:
-        """The scheduler's FLOP model of one sample (student update + teacher forward)."""
+        """The scheduler's FLOP model of one sample (student update + the forward of each
+        teacher it is routed to)."""
         distill = self.config.distillation
         opd = distill.opd_term is not None
-        teacher_layers = teacher_depth(self.pairs, self.teacher_args.num_layers, needs_logits=opd)
+        teachers = []
+        for entry, t_args, pairs in zip(
+            self.teacher_entries, self.teacher_args, self.pairs, strict=True
+        ):
+            layers = teacher_depth(pairs, t_args.num_layers, needs_logits=opd)
+            teachers.append((entry.name, model_dims(t_args, layers, lm_head=opd)))
         return CostModel(
-            student=model_dims(self.student_args, lm_head=opd),
-            teacher=model_dims(self.teacher_args, teacher_layers, lm_head=opd),
+            student=model_dims(self.student_args, lm_head=opd), teachers=tuple(teachers)
         )
 
     def _microbatches(self, samples: list[StepSample]) -> tuple[list, float]:
         config = self.config
+        supervised = [s for s in samples if s.teachers != ()]
+        if len(supervised) >= self.dp_size * config.batch.microbatch_multiple:
+            samples = supervised  # routed to no teacher: not trained on (counted in the log)
         schedule = plan_step(
             samples,
             self.dp_size,
@@ -727,6 +769,7 @@ def train(
     ensure_logging()
     if not launch_checked:
         check_paths(config)
+        check_routes(config)
         check_model_files(config)  # shapes, layout, tokenizers before any process group starts
     init_distributed(config.parallel, seed=config.seed)
     torch.manual_seed(config.seed)

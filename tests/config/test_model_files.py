@@ -28,7 +28,7 @@ def _config(root: Path, teacher: str = "teacher", *overrides: str):
 
 
 def test_same_tokenizer_passes_and_pairs_are_returned(models: Path) -> None:
-    pairs = check_model_files(_config(models))
+    (pairs,) = check_model_files(_config(models))
     assert pairs and all(1 <= s <= 2 and 1 <= t <= 3 for s, t in pairs)
 
 

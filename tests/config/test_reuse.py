@@ -87,7 +87,7 @@ def _parameters(function: object) -> dict[str, object]:
 @pytest.mark.parametrize(
     "section, function, renamed, own",
     [
-        (PromptsSection, load_prompts, {}, {"format", "shuffle"}),
+        (PromptsSection, load_prompts, {}, {"format", "shuffle", "teacher_field"}),
         (BatchSection, schedule_microbatches, {}, {"prompts_per_step", "pack_sequences"}),
         (AttachSection, ServerGroup.attach, {}, {"tp_size"}),  # tp_size: the weight sync's
         (DiskSyncSection, DiskWeightSync.__init__, {}, set()),

@@ -217,3 +217,57 @@ def test_model_dims_of_a_hf_config():
     assert one_token == pytest.approx(2 * matmul_params + 2 * 96)
     with pytest.raises(ValueError, match="outside 1..3"):
         model_dims(args, num_layers=4)
+
+
+ROUTES = [("a",), ("b",), ("a", "b"), ()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lengths=st.lists(st.integers(min_value=1, max_value=300), min_size=8, max_size=40),
+    route_ids=st.lists(st.integers(min_value=0, max_value=3), min_size=40, max_size=40),
+    dp=st.integers(min_value=1, max_value=4),
+    budget=st.integers(min_value=64, max_value=1024),
+)
+def test_routed_microbatches_hold_one_route_and_every_sample_once(lengths, route_ids, dp, budget):
+    routes = [ROUTES[k] for k in route_ids[: len(lengths)]]
+    if len(set(routes)) > len(lengths) // dp:  # more routes than microbatches can hold
+        routes = [routes[0]] * len(lengths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = schedule_microbatches(lengths, dp, budget, routes=routes)
+    used = sorted(i for rank in plan.ranks for mb in rank for i in mb)
+    assert used == list(range(len(lengths)))
+    assert len({len(rank) for rank in plan.ranks}) == 1
+    for rank in plan.ranks:
+        for mb in rank:
+            assert len({routes[i] for i in mb}) == 1, (mb, [routes[i] for i in mb])
+
+
+def test_routed_merge_joins_bins_of_one_route_and_says_when_it_cannot():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = schedule_microbatches([100] * 5, 4, 100, routes=[("a",)] * 3 + [("b",)] * 2)
+    assert plan.microbatches_per_rank == 1
+    for rank in plan.ranks:
+        assert len({("a",) if i < 3 else ("b",) for i in rank[0]}) == 1
+    with warnings.catch_warnings(), pytest.raises(ValueError, match="holds one route"):
+        warnings.simplefilter("ignore")
+        schedule_microbatches([100] * 3, 2, 100, routes=[("a",), ("b",), ("c",)])
+
+
+def test_cost_model_counts_only_the_routed_teachers():
+    student = ModelDims(num_layers=2, hidden_size=64, ffn_hidden_size=128)
+    small = ModelDims(num_layers=3, hidden_size=64, ffn_hidden_size=128)
+    big = ModelDims(num_layers=6, hidden_size=256, ffn_hidden_size=512)
+    cost = CostModel(student, teachers=(("small", small), ("big", big)))
+    alone = 3 * student.forward_flops(100)
+    assert cost.cost(100, ("small",)) == pytest.approx(alone + small.forward_flops(100))
+    assert cost.cost(100, ("big",)) == pytest.approx(alone + big.forward_flops(100))
+    assert cost.cost(100, ()) == pytest.approx(alone)
+    both = alone + small.forward_flops(100) + big.forward_flops(100)
+    assert cost.cost(100) == pytest.approx(both)
+    # the big teacher's samples weigh more: balanced by cost, not by count
+    plan = schedule_microbatches([100] * 8, 2, 100, cost, routes=[("big",)] * 2 + [("small",)] * 6)
+    big_ranks = [sum(i < 2 for mb in rank for i in mb) for rank in plan.ranks]
+    assert sorted(big_ranks) == [1, 1]
