@@ -234,8 +234,16 @@ def test_partial_rollouts_keep_the_bound_and_resume(task: Path, tmp_path: Path) 
     assert all(r["rollout/staleness_max"] <= 1 for r in records)
 
 
+# CI: 3 steps, one after the resume, no evaluation. With -m slow: 4 steps, evaluated every 2.
+@pytest.mark.parametrize(
+    "length",
+    [
+        pytest.param(("schedule.steps=3", "evaluation.interval=0"), id="3-steps"),
+        pytest.param(("schedule.steps=4",), id="4-steps-evaluated", marks=pytest.mark.slow),
+    ],
+)
 def test_partial_rollouts_cut_by_tokens_resume_like_the_uninterrupted_run(
-    task: Path, tmp_path: Path
+    task: Path, tmp_path: Path, length: tuple[str, ...]
 ) -> None:
     """Partial rollouts in chunks of 2 of the 6-token budget: responses are continued under
     newer weights, and a run stopped after step 2 and resumed trains on exactly what the
@@ -244,7 +252,7 @@ def test_partial_rollouts_cut_by_tokens_resume_like_the_uninterrupted_run(
         "rollout.max_staleness=1",
         "rollout.partial=true",
         "rollout.partial_chunk_tokens=2",
-        "schedule.steps=4",
+        *length,
     )
     whole = task_config(task, tmp_path / "whole")
     require_success(train(whole, *chunked))
