@@ -197,8 +197,10 @@ class RolloutSection(Section):
     with budget left is continued at a later request, and a step takes the oldest complete
     groups, skipping unfinished ones (sending their next chunk when too few are complete), never
     aborting. Which groups a step trains on depends only on what the servers return, not on
-    their speed. Smaller: less waiting on a long tail, more continued responses. Null: cut by
-    time."""
+    their speed. Smaller: less waiting on a long tail, more continued responses. A response
+    gets one chunk per step before its oldest token ages past max_staleness (and more only when
+    a step runs short of complete groups): at least max_new_tokens / (max_staleness + 1) lets
+    every response finish without restarts. Null: cut by time."""
 
     @model_validator(mode="after")
     def _partial_needs_staleness(self) -> RolloutSection:
