@@ -334,3 +334,19 @@ def test_chunked_pool_resumes_with_the_same_takes() -> None:
 def test_chunks_need_partial_rollouts() -> None:
     with pytest.raises(ValueError, match="chunk_tokens needs partial"):
         make(FakeServer(), stream(), staleness=1, chunk=2)
+
+
+@pytest.mark.parametrize(("chunk", "restarted"), [(2, 2.0), (3, 0.0)])
+def test_a_response_needing_more_chunks_than_the_bound_allows_restarts(
+    chunk: int, restarted: float
+) -> None:
+    # 100 runs to the 6-token budget; the others end at once. At max_staleness 1 a response
+    # gets 2 chunks (one per step) before its oldest token ages out: 2 of 2 tokens are not
+    # enough and it starts again; 2 of 3 (max_new_tokens / (max_staleness + 1)) are.
+    lengths = {100 + i: 1 for i in range(10)} | {100: 6}
+    server = FakeServer(lengths=lengths)
+    prompts = PromptStream([[100 + i, 5, 6] for i in range(10)], seed=0, shuffle=False)
+    batches = run(make(server, prompts, staleness=1, partial=True, chunk=chunk), server, range(3))
+    assert [s["rollout/restarted_samples"] for _, s in batches] == [0.0, 0.0, restarted]
+    steps = [k for k, (groups, _) in enumerate(batches) if any(g[0][0][0] == 100 for g in groups)]
+    assert steps == ([] if restarted else [1])
