@@ -72,13 +72,15 @@ class Draft:
 @dataclass
 class Group:
     """The ``n`` samples of one prompt. ``step`` and ``index`` (the step the group was first
-    drawn for and its place among that step's prompts) seed its sampling."""
+    drawn for and its place among that step's prompts) seed its first request; ``restarted``:
+    responses of it were dropped as too old (their new requests are seeded apart)."""
 
     uid: int
     step: int
     index: int
     prompt_ids: list[int]
     drafts: list[Draft]
+    restarted: bool = False
 
     @property
     def complete(self) -> bool:
@@ -226,6 +228,7 @@ class RolloutPipeline:
                 index=g["index"],
                 prompt_ids=list(g["prompt_ids"]),
                 drafts=[Draft(**d) for d in g["drafts"]],
+                restarted=g.get("restarted", False),
             )
             for g in state["pool"]
         ]
@@ -309,19 +312,22 @@ class RolloutPipeline:
                 draft.reset()
                 self.restarted_samples += 1
                 dropped = True
+        group.restarted |= dropped
         return dropped
 
     def _send(self, group: Group, version: int, version_name: str) -> None:
         """Request every unfinished response of ``group`` that is not in flight: the whole
-        group in one request when none has tokens (seeded as the synchronous loop seeds it),
-        otherwise each response on its own, continued from its tokens."""
+        group in one request when none has tokens and none was dropped (seeded as the
+        synchronous loop seeds it), otherwise each response on its own, continued from its
+        tokens, with a seed of its own (:func:`continuation_seed`)."""
         if any(key[0] == group.uid for key in self.inflight):
             return
         todo = [j for j, d in enumerate(group.drafts) if not d.done]
         if not todo:
             return
         base = self.sampling.sampling_seed
-        if len(todo) == len(group.drafts) and not any(d.response_ids for d in group.drafts):
+        fresh = not group.restarted and not any(d.response_ids for d in group.drafts)
+        if fresh and len(todo) == len(group.drafts):
             seed = None if base is None else prompt_seed(base, group.step, group.index)
             config = self._request(0, self.sampling.n)
             future = self.submit(group.prompt_ids, request_params(config, seed), group.uid)

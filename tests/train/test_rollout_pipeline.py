@@ -350,3 +350,6 @@ def test_a_response_needing_more_chunks_than_the_bound_allows_restarts(
     assert [s["rollout/restarted_samples"] for _, s in batches] == [0.0, 0.0, restarted]
     steps = [k for k, (groups, _) in enumerate(batches) if any(g[0][0][0] == 100 for g in groups)]
     assert steps == ([] if restarted else [1])
+    # Every request samples from a stream of its own, the restarted ones too.
+    seeds = [p["sampling_seed"] + k for _, p in server.requests for k in range(p["n"])]
+    assert len(seeds) == len(set(seeds))
