@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """End-to-end step time of the trainer with its rollouts ahead (``rollout.max_staleness`` 1) and
 in turn (0), side by side in one run, at several balances of rollout time to train time; and
-with a long tail of response lengths, with and without partial rollouts (``rollout.partial``).
+with a long tail of response lengths, with and without partial rollouts (``rollout.partial``,
+cut by time or by tokens).
 
     python tools/bench_pipeline.py [--balances 0.5,1,2 --steps 10 --prompts 16]
     python tools/bench_pipeline.py --partial-only
@@ -22,7 +23,9 @@ step's wall time, ``time/rollout`` + ``time/rollout_settle``: the trainer waitin
 
 The long-tail part: responses end at any of a set of stop tokens (``--stop-fraction`` of the
 vocabulary), so most are short and a few run to ``max_new_tokens``; at max_staleness 1 it
-compares partial rollouts off and on (step time, trainer wait, server idle, lengths).
+compares partial rollouts off, cut by time (``rollout.partial``) and cut by tokens
+(``rollout.partial_chunk_tokens``, each of ``--tail-chunks``): step time, trainer wait, server
+idle, lengths, continued and restarted responses.
 """
 
 from __future__ import annotations
@@ -147,6 +150,8 @@ def summary(records: list[dict[str, Any]]) -> dict[str, float]:
         "response_length_mean": mean("response_length/mean"),
         "response_length_max": max(float(r["response_length/max"]) for r in steady),
         "truncated_fraction": mean("response_length/truncated_fraction"),
+        "continued_samples": mean("rollout/continued_samples"),
+        "restarted_samples": mean("rollout/restarted_samples"),
         "steps": float(len(steady)),
     }
 
@@ -181,14 +186,19 @@ def long_tail(task: Path, work: Path, args: argparse.Namespace) -> dict[str, Any
         "max_new_tokens": args.tail_tokens,
         "decode_step_delay_s": args.tail_delay,
     }
-    for partial in (False, True):
-        name = f"tail-partial{int(partial)}"
-        over = {"rollout": {"max_staleness": 1, "partial": partial}, "sampling": sampling}
-        run = work / name
-        records = train(config(task, run, args, args.tail_delay, **over), run)
-        report[f"partial_{'on' if partial else 'off'}"] = summary(records)
-    off, on = report["partial_off"], report["partial_on"]
-    report["ratio_step_time"] = on["step_time_s"] / off["step_time_s"]
+    modes: dict[str, dict[str, Any]] = {
+        "partial_off": {"partial": False},
+        "partial_on": {"partial": True},  # cut by time
+        **{f"partial_chunk{c}": {"partial": True, "partial_chunk_tokens": c} for c in args.chunks},
+    }
+    for key, mode in modes.items():
+        over = {"rollout": {"max_staleness": 1, **mode}, "sampling": sampling}
+        run = work / f"tail-{key}"
+        report[key] = summary(train(config(task, run, args, args.tail_delay, **over), run))
+    off = report["partial_off"]["step_time_s"]
+    report["ratio_step_time"] = report["partial_on"]["step_time_s"] / off
+    for c in args.chunks:
+        report[f"ratio_step_time_chunk{c}"] = report[f"partial_chunk{c}"]["step_time_s"] / off
     return report
 
 
@@ -216,11 +226,18 @@ def main() -> None:
         help="long tail: the share of the vocabulary that ends a response (0.16 on the default "
         "model: median 7 tokens, about one response in ten at --tail-tokens)",
     )
+    parser.add_argument(
+        "--tail-chunks",
+        default="20",
+        help="long tail: rollout.partial_chunk_tokens of the runs cut by tokens, comma-separated "
+        "('' for none; 20 = half the budget: at max_staleness 1 no response restarts)",
+    )
     parser.add_argument("--partial-only", action="store_true", help="only the long-tail part")
     parser.add_argument("--balances-only", action="store_true", help="only the balances")
     parser.add_argument("--keep", type=Path, help="keep the runs in this directory")
     args = parser.parse_args()
     args.balances = [float(b) for b in args.balances.split(",")]
+    args.chunks = [int(c) for c in args.tail_chunks.split(",") if c.strip()]
     with tempfile.TemporaryDirectory(prefix="bench_pipeline.") as tmp:
         work = args.keep or Path(tmp)
         task = make_task(work / "task", args)
@@ -242,6 +259,14 @@ def main() -> None:
             f"server_idle={tail['partial_on']['server_idle_s']:.3f}/"
             f"{tail['partial_off']['server_idle_s']:.3f} s"
         )
+        for c in args.chunks:
+            chunked = tail[f"partial_chunk{c}"]
+            print(
+                f"ratio partial_chunk{c}/partial_off long_tail "
+                f"step_time={tail[f'ratio_step_time_chunk{c}']:.3f} "
+                f"server_idle={chunked['server_idle_s']:.3f}/"
+                f"{tail['partial_off']['server_idle_s']:.3f} s"
+            )
 
 
 if __name__ == "__main__":

@@ -182,12 +182,25 @@ class RolloutSection(Section):
     response whose oldest token would lag more than s steps is never trained on: it is dropped
     and sampled again from its prompt (counted in rollout/restarted_samples)."""
     partial: bool = False
-    """Partial rollouts (slime's --partial-rollout): a step takes the first
-    batch.prompts_per_step prompt groups to complete; at the weight sync the unfinished ones
-    are aborted with their tokens kept and continued after it (prompt plus partial response,
-    the remaining max_new_tokens) under the new weights, so one long response never holds up a
-    step. Needs max_staleness >= 1. Which groups finish first depends on the servers' speed, so
-    two runs with partial rollouts differ (docs/rollout.md)."""
+    """Partial rollouts: a long response no longer holds up a step; it is continued (prompt
+    plus partial response, the remaining max_new_tokens) under newer weights, so its tokens
+    mix versions (the bound applies to the oldest). Needs max_staleness >= 1. With
+    partial_chunk_tokens null (slime's --partial-rollout) they are cut by time: a step takes
+    the first batch.prompts_per_step groups to complete and the weight sync aborts the rest
+    with their tokens kept; which groups finish first and where a response is cut depend on the
+    servers' speed, so two runs differ, resumed or not. With partial_chunk_tokens set they are
+    cut by tokens: reproducible, and a resumed run repeats the uninterrupted one
+    (docs/training.md, 'Asynchronous rollouts')."""
+    partial_chunk_tokens: int | None = Field(None, ge=1)
+    """Partial rollouts cut by tokens (Kimi k1.5's fixed per-request budget; needs partial:
+    true): every request asks for at most this many more tokens, a response cut at its chunk
+    with budget left is continued at a later request, and a step takes the oldest complete
+    groups, skipping unfinished ones (sending their next chunk when too few are complete), never
+    aborting. Which groups a step trains on depends only on what the servers return, not on
+    their speed. Smaller: less waiting on a long tail, more continued responses. A response
+    gets one chunk per step before its oldest token ages past max_staleness (and more only when
+    a step runs short of complete groups): at least max_new_tokens / (max_staleness + 1) lets
+    every response finish without restarts. Null: cut by time."""
 
     @model_validator(mode="after")
     def _partial_needs_staleness(self) -> RolloutSection:
@@ -197,6 +210,13 @@ class RolloutSection(Section):
                 True,
                 "partial rollouts continue responses under newer weights, so they need "
                 "rollout.max_staleness >= 1",
+            )
+        if self.partial_chunk_tokens is not None and not self.partial:
+            raise invalid(
+                "partial_chunk_tokens",
+                self.partial_chunk_tokens,
+                "the chunk is the size of a partial rollout's request: it needs "
+                "rollout.partial = true",
             )
         return self
 

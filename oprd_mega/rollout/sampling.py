@@ -4,6 +4,7 @@ batched next-token selection."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -204,6 +205,16 @@ _SEED_MODULUS = 2**62
 def prompt_seed(base: int, step: int, group: int) -> int:
     """The sampling seed of prompt ``group`` at ``step`` (the server adds the sample index)."""
     return (base * 1_000_003 + step * 65_537 + group * 1_009) % _SEED_MODULUS
+
+
+def continuation_seed(base: int, version: int, group: int, sample: int, generated: int) -> int:
+    """The sampling seed of one request continuing (or restarting) sample ``sample`` of group
+    ``group`` under weights ``version`` from its first ``generated`` tokens: a hash of all five,
+    so no two such requests of a run share a random stream (a linear mix like
+    :func:`prompt_seed` would repeat across combinations)."""
+    key = f"{base}/{version}/{group}/{sample}/{generated}".encode()
+    digest = hashlib.blake2b(key, digest_size=8, person=b"oprd-cont").digest()
+    return int.from_bytes(digest, "little") % _SEED_MODULUS
 
 
 async def sample_groups(

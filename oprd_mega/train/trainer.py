@@ -252,6 +252,7 @@ class Trainer:
             self.config.batch.prompts_per_step,
             max_staleness=rollout.max_staleness,
             partial=rollout.partial,
+            chunk_tokens=rollout.partial_chunk_tokens,
         )
         self.eval_prompts = [
             (eval_set, load_eval_set(eval_set, self.tokenizer, **data.rendering_options()))

@@ -43,3 +43,26 @@ def test_a_config_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
         load_config(path, [])
     assert str(path) in str(info.value) and "not UTF-8" in str(info.value)
     assert "0xe9" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["rollout.partial_chunk_tokens=4"], "needs rollout.partial = true"),
+        (
+            ["rollout.max_staleness=1", "rollout.partial=true", "rollout.partial_chunk_tokens=0"],
+            "greater than or equal to 1",
+        ),
+    ],
+)
+def test_a_partial_chunk_needs_partial_rollouts_and_a_positive_size(
+    overrides: list[str], fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        minimal(*overrides)
+    problems = [p for p in info.value.problems if p.startswith("rollout.partial_chunk_tokens")]
+    assert problems and fragment in problems[0], info.value.problems
+    config = minimal(
+        "rollout.max_staleness=1", "rollout.partial=true", "rollout.partial_chunk_tokens=4"
+    )
+    assert config.rollout.partial_chunk_tokens == 4

@@ -234,6 +234,45 @@ def test_partial_rollouts_keep_the_bound_and_resume(task: Path, tmp_path: Path) 
     assert all(r["rollout/staleness_max"] <= 1 for r in records)
 
 
+# CI: 3 steps, one after the resume, no evaluation. With -m slow: 4 steps, evaluated every 2.
+@pytest.mark.parametrize(
+    "length",
+    [
+        pytest.param(("schedule.steps=3", "evaluation.interval=0"), id="3-steps"),
+        pytest.param(("schedule.steps=4",), id="4-steps-evaluated", marks=pytest.mark.slow),
+    ],
+)
+def test_partial_rollouts_cut_by_tokens_resume_like_the_uninterrupted_run(
+    task: Path, tmp_path: Path, length: tuple[str, ...]
+) -> None:
+    """Partial rollouts in chunks of 2 of the 6-token budget: responses are continued under
+    newer weights, and a run stopped after step 2 and resumed trains on exactly what the
+    uninterrupted run did (the cut responses in the pool at the checkpoint included)."""
+    chunked = (
+        "rollout.max_staleness=1",
+        "rollout.partial=true",
+        "rollout.partial_chunk_tokens=2",
+        *length,
+    )
+    whole = task_config(task, tmp_path / "whole")
+    require_success(train(whole, *chunked))
+    split = task_config(task, tmp_path / "split")
+    require_success(train(split, *chunked, "--stop-at-step", "2"))
+    second = require_success(train(split, *chunked))
+    assert "resumed from" in second and "step-00000002" in second
+    reference = read_metrics(tmp_path / "whole" / "logs")
+    assert comparable(read_metrics(tmp_path / "split" / "logs")) == comparable(reference)
+    records = [r for r in reference if r["kind"] == "train"]
+    assert all(r["rollout/staleness_max"] <= 1 for r in records)
+    # Responses really were continued, across versions too, after the resume as well.
+    assert all(r["rollout/continued_samples"] > 0 for r in records)
+    assert all(r["rollout/mixed_version_samples"] > 0 for r in records[2:])
+    state = read_state(tmp_path / "split" / "ckpt" / "step-00000002")
+    assert state.rollouts is not None
+    drafts = [d for group in state.rollouts["pool"] for d in group["drafts"]]
+    assert any(d["response_ids"] and d["finish_reason"] is None for d in drafts)  # cut
+
+
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(directory.glob("*.safetensors")):
