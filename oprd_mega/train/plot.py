@@ -37,7 +37,11 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 _EVAL_KEY = re.compile(r"eval/(?:(?P<set>[^/]+)/)?(?P<metric>avg_at_k|best_at_k)")
-_LAYER_KEY = re.compile(r"rep/(?P<metric>loss|cosine_similarity)/layer_(?P<layer>\d+)")
+# rep/... of one teacher, or teacher/NAME/rep/... of each of several
+_LAYER_KEY = re.compile(
+    r"(?P<prefix>teacher/(?P<teacher>[^/]+)/)?rep/(?P<metric>loss|cosine_similarity)"
+    r"/layer_(?P<layer>\d+)"
+)
 
 
 DESCRIPTION = (
@@ -170,18 +174,23 @@ def runs_figure(runs: Sequence[Run]) -> Figure:
         if steps:
             loss.plot(steps, values, color=color, label=run.name)
         layers = sorted(
-            {int(m["layer"]) for m in map(_LAYER_KEY.fullmatch, run.keys("train")) if m}
+            {
+                (m["prefix"] or "", m["teacher"] or "", int(m["layer"]))
+                for m in map(_LAYER_KEY.fullmatch, run.keys("train"))
+                if m
+            }
         )
-        for position, layer in enumerate(layers):
+        for position, (prefix, teacher, layer) in enumerate(layers):
+            name = " ".join(p for p in (teacher, f"layer {layer}") if p)
             for metric, ax in (("loss", layer_loss), ("cosine_similarity", layer_cosine)):
-                steps, values = run.series(f"rep/{metric}/layer_{layer}", "train")
+                steps, values = run.series(f"{prefix}rep/{metric}/layer_{layer}", "train")
                 if not steps:
                     continue
                 if len(runs) > 1:  # colour: the run; line style: the layer
                     style = {"color": color, "linestyle": ("-", "--", ":", "-.")[position % 4]}
-                    ax.plot(steps, values, label=f"{run.name} layer {layer}", **style)
+                    ax.plot(steps, values, label=f"{run.name} {name}", **style)
                 else:
-                    ax.plot(steps, values, label=f"layer {layer}")
+                    ax.plot(steps, values, label=name)
     _finish(accuracy, "held-out accuracy", "step", "accuracy (%)")
     _finish(loss, "training loss", "step", "loss")
     _finish(
