@@ -411,23 +411,32 @@ def peak_memory_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
+def objective_records(part: Any, oprd: bool, prefix: str = "") -> dict[str, float]:
+    """The objective's metrics of a step (a ``StepResult``) or of one teacher's share (a
+    ``TeacherResult``) under ``prefix``: rep/loss, rep/cosine_similarity and both per student
+    layer (with the representation loss, ``oprd``), and opd/*."""
+    record: dict[str, float] = {}
+    if oprd:
+        record[prefix + "rep/loss"] = part.oprd_loss
+        record[prefix + "rep/cosine_similarity"] = part.cosine
+        for layer, value in part.layer_loss.items():
+            record[f"{prefix}rep/loss/layer_{layer}"] = value
+        for layer, value in part.layer_cosine.items():
+            record[f"{prefix}rep/cosine_similarity/layer_{layer}"] = value
+    for metric, value in part.opd.items():
+        record[f"{prefix}opd/{metric}"] = value
+    return record
+
+
 def teacher_records(result: Any, oprd: bool) -> dict[str, float]:
     """A step's per-teacher metrics (a ``StepResult``'s ``teachers``), under teacher/NAME/:
-    loss, the OPRD loss and cosine (overall and per student layer), OPD metrics, supervised
-    tokens and microbatches; its pass's seconds as time/teacher/NAME."""
+    loss, :func:`objective_records`, supervised tokens and microbatches; its pass's seconds as
+    time/teacher/NAME."""
     record: dict[str, float] = {}
     for name, part in result.teachers.items():
         prefix = f"teacher/{name}/"
         record[prefix + "loss"] = part.loss
-        if oprd:
-            record[prefix + "rep/loss"] = part.oprd_loss
-            record[prefix + "rep/cosine_similarity"] = part.cosine
-            for layer, value in part.layer_loss.items():
-                record[f"{prefix}rep/loss/layer_{layer}"] = value
-            for layer, value in part.layer_cosine.items():
-                record[f"{prefix}rep/cosine_similarity/layer_{layer}"] = value
-        for metric, value in part.opd.items():
-            record[f"{prefix}opd/{metric}"] = value
+        record |= objective_records(part, oprd, prefix)
         record[prefix + "supervised_tokens"] = part.supervised_tokens
         record[prefix + "microbatches"] = part.microbatches
         record[f"time/teacher/{name}"] = part.seconds

@@ -70,7 +70,13 @@ from oprd_mega.train.checkpoint import (
 from oprd_mega.train.evaluation import describe_eval, evaluation_sets, load_eval_set, score
 from oprd_mega.train.logs import Progress, StepLog, ensure_logging, logger
 from oprd_mega.train.lr_schedule import learning_rate, set_learning_rate
-from oprd_mega.train.metrics import MetricsWriter, StepTimer, peak_memory_mib, teacher_records
+from oprd_mega.train.metrics import (
+    MetricsWriter,
+    StepTimer,
+    objective_records,
+    peak_memory_mib,
+    teacher_records,
+)
 from oprd_mega.train.prompt_stream import PromptStream
 from oprd_mega.train.rollout_pipeline import RolloutPipeline
 from oprd_mega.train.rollouts import RolloutService
@@ -471,15 +477,7 @@ class Trainer:
             **times,
             **rollout_stats,
         }
-        if config.distillation.uses_oprd:
-            record["rep/loss"] = result.oprd_loss
-            record["rep/cosine_similarity"] = result.cosine
-            for layer, value in result.layer_loss.items():
-                record[f"rep/loss/layer_{layer}"] = value
-            for layer, value in result.layer_cosine.items():
-                record[f"rep/cosine_similarity/layer_{layer}"] = value
-        for name, value in result.opd.items():
-            record[f"opd/{name}"] = value
+        record |= objective_records(result, config.distillation.uses_oprd)
         if self.several:
             record |= teacher_records(result, config.distillation.uses_oprd)
             record["routing/unsupervised_samples"] = sum(s.teachers == () for s in samples)
