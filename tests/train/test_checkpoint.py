@@ -175,3 +175,32 @@ def test_a_changed_model_or_projection_is_one_line_naming_the_key(tmp_path: Path
     assert "\n" not in message and str(path) in message
     assert "distillation.projection.mode ('full' in the checkpoint, 'identity' now)" in message
     assert "num_layers (2 in the checkpoint, 4 now)" in message
+
+
+def test_another_teacher_list_is_refused_and_one_renamed_teacher_is_not(tmp_path: Path) -> None:
+    student = make_tiny_model_dir(tmp_path / "student", layers=2, hidden=32)
+    two = "teachers=[{name: a, path: ta}, {name: b, path: tb, projection: {mode: full}}]"
+    saved = minimal(f"student.path={student}", "teacher=null", two)
+    path, state = _checkpoint_of(tmp_path / "ckpt", saved, student)
+    check_fits(path, state, saved, load_hf_config(student))
+    for changed in (
+        "teachers=[{name: a, path: ta}]",  # one dropped
+        "teachers=[{name: a, path: ta}, {name: c, path: tb, projection: {mode: full}}]",
+        "teachers=[{name: a, path: ta}, {name: b, path: tb, layers: last, "
+        "projection: {mode: full}}]",
+    ):
+        config = minimal(f"student.path={student}", "teacher=null", changed)
+        with pytest.raises(CheckpointMismatchError) as info:
+            check_fits(path, state, config, load_hf_config(student))
+        message = str(info.value)
+        assert "\n" not in message and "the teacher list changed since the checkpoint" in message
+        assert "b (tb, layers all, projection full)] in the checkpoint" in message
+    # One teacher, as the teacher section or as a list of one under another name: its
+    # projection is the model's own (not stored by name), so the run resumes.
+    single = minimal(f"student.path={student}", "teacher.path=ta")
+    path, state = _checkpoint_of(tmp_path / "single", single, student)
+    renamed = minimal(f"student.path={student}", "teacher=null", "teachers=[{name: x, path: ta}]")
+    check_fits(path, state, renamed, load_hf_config(student))
+    moved = minimal(f"student.path={student}", "teacher=null", "teachers=[{name: x, path: tz}]")
+    with pytest.raises(CheckpointMismatchError, match="teacher list changed"):
+        check_fits(path, state, moved, load_hf_config(student))
