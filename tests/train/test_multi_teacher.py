@@ -1,6 +1,6 @@
 """Two teachers in one run, routed per prompt, through real torchrun launches: per-teacher
-metrics, every prompt supervised by exactly its route's teachers, exact resume with both
-projections, and a clear error when the teacher list changed since the checkpoint."""
+metrics, the weighted objective, and exact resume with both projections (a changed teacher list
+is refused by check_fits: tests/train/test_checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _config(task: Path, run: Path, teachers: list[dict[str, Any]] = TEACHERS) -> Path:
-    paths = {"same": task / "teacher", "wide": task / "wide", "third": task / "wide"}
+    paths = {"same": task / "teacher", "wide": task / "wide"}
     return task_config(
         task,
         run,
@@ -93,8 +93,3 @@ def test_two_routed_teachers_train_log_and_resume_exactly(task: Path, tmp_path: 
             record["teacher/same/supervised_tokens"] + record["teacher/wide/supervised_tokens"]
             >= record["supervised_tokens"]
         )
-
-    changed = _config(task, tmp_path / "split", [*TEACHERS, {**TEACHERS[1], "name": "third"}])
-    result = train(changed, "schedule.steps=6")
-    assert result.returncode != 0
-    assert "the teacher list changed since the checkpoint" in result.stdout + result.stderr
