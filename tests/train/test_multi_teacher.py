@@ -93,3 +93,11 @@ def test_two_routed_teachers_train_log_and_resume_exactly(task: Path, tmp_path: 
             record["teacher/same/supervised_tokens"] + record["teacher/wide/supervised_tokens"]
             >= record["supervised_tokens"]
         )
+    # prompts without a domain go to both teachers: their tokens count once for each
+    shared = sum(
+        r["teacher/same/supervised_tokens"]
+        + r["teacher/wide/supervised_tokens"]
+        - r["supervised_tokens"]
+        for r in reference
+    )
+    assert shared > 0
