@@ -24,7 +24,7 @@ from tests.real_shapes import REAL_SHAPED
 from tests.torchrun_utils import run_torchrun
 
 WORKER = Path(__file__).parent / "workers" / "step_worker.py"
-# The one launch runs every layout (about 10 minutes on 2 idle cores, more beside other work):
+# The one launch runs every layout (slower beside other work on the 2 cores):
 # pytest's limit sits above the launch's own 1,200 s, so a slow launch fails with its output.
 pytestmark = pytest.mark.timeout(1500)
 # [tp, pp, sp] or [tp, pp, sp, {options}]: cp, teacher ([tp, pp] of its own), split (by hand)
