@@ -33,8 +33,8 @@ Every model's greedy accuracy on both tasks goes to ``models/accuracy.json`` (``
 With the defaults (seed 0) ``teacher_fwd`` gets 94.0% of the 500 held-out ``fwd`` problems right
 and 2.6% of the ``add`` ones (it forgot the reversed order), the student 0.4% of ``fwd``, the
 quickstart's teacher 0.4% of ``fwd``; the curve of ``teacher_fwd`` (seed 0, on a shared 2-core
-machine): 28.6% at step 250, 88.6% at 500, 85.0% at 750, 94.0% at 1000 (about 4 minutes on two
-idle cores, 15 on busy ones).
+machine): 28.6% at step 250, 88.6% at 500, 85.0% at 750, 94.0% at 1000 (886 s there, on two
+cores loaded by other work; the 1,600 steps of the default build take about 4.5 minutes idle).
 Like ``--narrow`` it has its own manifest, written after the default build is complete.
 
 Layout of ``--out`` (default ``runs/quickstart``)::
