@@ -96,6 +96,26 @@ def test_runs_side_by_side(tmp_path: Path) -> None:
               _series(ours, "train", f"rep/cosine_similarity/layer_{layer}"))  # fmt: skip
 
 
+def test_several_teachers_per_layer_per_teacher(tmp_path: Path) -> None:
+    """A run with several teachers logs its per-layer alignment only per teacher
+    (``teacher/NAME/rep/...``): each teacher's layers are drawn, named."""
+    logs = tmp_path / "routed" / "logs"
+    with MetricsWriter(logs, sinks=("jsonl",)) as writer:
+        for step in (1, 2):
+            record = {"loss": 1.0 / step, "rep/cosine_similarity": 0.5}
+            for teacher in ("add", "fwd"):
+                record[f"teacher/{teacher}/rep/loss/layer_1"] = 0.3 * step
+                record[f"teacher/{teacher}/rep/cosine_similarity/layer_1"] = 0.2 * step
+            writer.log(step, record)
+    records = _records(logs / "metrics.jsonl")
+    figure = build_figure([tmp_path / "routed"])
+    assert sorted(_lines(figure.axes[2])) == ["add layer 1", "fwd layer 1"]
+    for teacher in ("add", "fwd"):
+        for ax, metric in ((figure.axes[2], "loss"), (figure.axes[3], "cosine_similarity")):
+            key = f"teacher/{teacher}/rep/{metric}/layer_1"
+            _same(_lines(ax)[f"{teacher} layer 1"], _series(records, "train", key))
+
+
 def test_one_run_names_layers_only(tmp_path: Path) -> None:
     _write_run(tmp_path / "run" / "logs", 0.0, layers=True)
     figure = build_figure([tmp_path / "run" / "logs" / "metrics.jsonl"])
