@@ -22,16 +22,36 @@ hidden), stopped at ``--narrow-steps``. With the defaults (seed 0, hidden 64, st
 check the printed accuracy with another ``--seed``. The default build does not pay for it: it
 has its own manifest, written after the default build is complete (reused if there).
 
+With ``--second-task`` it also builds a second task over the same tokenizer, for the
+several-teacher demonstration (docs/multi-teacher.md, scripts/two_teachers.sh): ``fwd``, the
+same sums in the usual order after ``==`` ("07+45==" -> "052"), on the same training and
+held-out operand pairs, and its teacher ``models/teacher_fwd``: SFT of the same recipe on the
+second task's training problems only, starting from the student's weights (``--second-steps``,
+default 1000), so the student and both teachers share a lineage. ``data/multi_train.jsonl``
+holds both tasks' training problems, alternating, with a ``task`` column (``add`` or ``fwd``).
+Every model's greedy accuracy on both tasks goes to ``models/accuracy.json`` (``two_tasks``).
+With the defaults (seed 0) ``teacher_fwd`` gets 94.0% of the 500 held-out ``fwd`` problems right
+and 2.6% of the ``add`` ones (it forgot the reversed order), the student 0.4% of ``fwd``, the
+quickstart's teacher 0.4% of ``fwd``; the curve of ``teacher_fwd`` (seed 0, on a shared 2-core
+machine): 28.6% at step 250, 88.6% at 500, 85.0% at 750, 94.0% at 1000 (886 s there, on two
+cores loaded by other work; the 1,600 steps of the default build take about 4.5 minutes idle).
+Like ``--narrow`` it has its own manifest, written after the default build is complete.
+
 Layout of ``--out`` (default ``runs/quickstart``)::
 
     models/teacher/         config.json, model.safetensors (fp32), generation_config.json,
     models/student/         tokenizer.json, tokenizer_config.json
     models/student_narrow/  (with --narrow) the same files
+    models/teacher_fwd/     (with --second-task) the same files
     models/accuracy.json    greedy exact-match accuracy of each on the held-out problems
     data/train.jsonl        {"prompt": "07+45=", "answer": "250"} per line: every training problem
     data/heldout.jsonl      the held-out problems (same fields)
     manifest.json           the options of the build; written last, so it marks a complete build
     manifest_narrow.json    (with --narrow) the same for the narrow student, written after it
+    data/fwd_train.jsonl    (with --second-task) the second task's problems, same fields
+    data/fwd_heldout.jsonl
+    data/multi_train.jsonl  (with --second-task) both tasks, {"prompt", "answer", "task"}
+    manifest_second.json    (with --second-task) the same for the second task, written after it
 
 A re-run with the same options finds the manifests and exits at once; ``--force`` rebuilds
 (everything). Each model directory is written into a temporary directory and renamed into place.
@@ -85,6 +105,10 @@ MANIFEST = "manifest.json"
 NARROW_MANIFEST = "manifest_narrow.json"
 MANIFEST_FORMAT = 1
 NARROW_NAME = "student_narrow"
+SECOND_MANIFEST = "manifest_second.json"
+SECOND_NAME = "teacher_fwd"  # the second task's teacher
+SECOND_PROMPT_LENGTH = 7  # "07+45=="
+TASKS = ("add", "fwd")  # the task column of data/multi_train.jsonl
 HIDDEN = 128  # the teacher's and the default student's width
 NUM_HEADS = 4
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json")
@@ -135,6 +159,14 @@ class NarrowOptions:
     steps: int = 300
 
 
+@dataclass(frozen=True)
+class SecondOptions:
+    """The second task's teacher: SFT steps on the second task, from the student's weights (the
+    rest of its recipe is :class:`Options`')."""
+
+    steps: int = 1000
+
+
 # ----------------------------------------------------------------------------- task and data
 
 
@@ -169,6 +201,22 @@ def problem_records(pairs: Sequence[tuple[int, int]]) -> list[dict[str, str]]:
     records = []
     for a, b in pairs:
         prompt, answer = problem(a, b)
+        records.append({"prompt": prompt, "answer": answer})
+    return records
+
+
+def fwd_problem(a: int, b: int) -> tuple[str, str]:
+    """The second task's prompt and answer for ``a + b``: the sum in the usual order,
+    zero-padded to 3 digits, after ``==``: ``fwd_problem(7, 45) == ("07+45==", "052")``."""
+    prompt, answer = problem(a, b)
+    return prompt + "=", answer[::-1]
+
+
+def fwd_records(pairs: Sequence[tuple[int, int]]) -> list[dict[str, str]]:
+    """``{"prompt": ..., "answer": ...}`` of the second task for each pair."""
+    records = []
+    for a, b in pairs:
+        prompt, answer = fwd_problem(a, b)
         records.append({"prompt": prompt, "answer": answer})
     return records
 
@@ -330,14 +378,17 @@ def _replace_dir(new: Path, target: Path) -> None:
 # ----------------------------------------------------------------------------- training
 
 
-def answer_loss(model: LlamaForCausalLM, batch: torch.Tensor) -> torch.Tensor:
+def answer_loss(
+    model: LlamaForCausalLM, batch: torch.Tensor, prompt_length: int = PROMPT_LENGTH
+) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens and the ``</s>`` after them (the prompt and
-    ``<s>`` carry no loss). ``batch`` is ``[n, 11]`` from :func:`encode_examples`."""
+    ``<s>`` carry no loss). ``batch`` is ``[n, 2 + prompt_length + 3]`` from
+    :func:`encode_examples` (``[n, 11]`` for the quickstart's task)."""
     import torch.nn.functional as F
 
     logits = model(input_ids=batch[:, :-1]).logits
-    # Position t predicts token t + 1; the answer starts at token 1 + PROMPT_LENGTH.
-    first = PROMPT_LENGTH  # the position that predicts the first answer token
+    # Position t predicts token t + 1; the answer starts at token 1 + prompt_length.
+    first = prompt_length  # the position that predicts the first answer token
     target = batch[:, first + 1 :]
     pred = logits[:, first:, :]
     return F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), target.reshape(-1))
@@ -361,10 +412,11 @@ def train(
     checkpoints: dict[int, Callable[[LlamaForCausalLM], None]],
     log_every: int = 100,
     steps: int | None = None,
+    prompt_length: int = PROMPT_LENGTH,
 ) -> None:
     """SFT: AdamW, linear warm-up to ``options.lr`` then constant, gradient clipping, for
-    ``steps`` steps (default ``options.teacher_steps``). After step ``s`` (counting from 1)
-    ``checkpoints[s](model)`` runs, if present."""
+    ``steps`` steps (default ``options.teacher_steps``) on prompts of ``prompt_length``
+    characters. After step ``s`` (counting from 1) ``checkpoints[s](model)`` runs, if present."""
     import torch
 
     steps = options.teacher_steps if steps is None else steps
@@ -380,7 +432,7 @@ def train(
     stream = batches(examples, options.batch_size, options.seed)
     start = time.monotonic()
     for step in range(1, steps + 1):
-        loss = answer_loss(model, next(stream))
+        loss = answer_loss(model, next(stream), prompt_length)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
@@ -488,6 +540,7 @@ def build(out: Path, options: Options) -> dict[str, float]:
     hf_logging.disable_progress_bar()  # the saves and loads here take milliseconds
     (out / MANIFEST).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
     (out / NARROW_MANIFEST).unlink(missing_ok=True)  # accuracy.json is rewritten without it
+    (out / SECOND_MANIFEST).unlink(missing_ok=True)  # the same for the second task
     train_pairs, held_pairs = split_problems(options.seed, options.heldout)
     train_records, held_records = problem_records(train_pairs), problem_records(held_pairs)
     write_jsonl(out / "data" / "train.jsonl", train_records)
@@ -585,6 +638,111 @@ def build_narrow(out: Path, options: Options, narrow: NarrowOptions) -> float:
     return score
 
 
+def read_second_manifest(out: Path) -> dict[str, Any] | None:
+    """The second task's manifest, or None (missing, unreadable, its files missing, or its
+    accuracies missing from ``models/accuracy.json``)."""
+    try:
+        manifest = json.loads((out / SECOND_MANIFEST).read_text(encoding="utf-8"))
+        report = json.loads((out / "models" / "accuracy.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    files = [out / "models" / SECOND_NAME / f for f in MODEL_FILES]
+    files += [out / "data" / name for name in ("multi_train.jsonl", "fwd_heldout.jsonl")]
+    if not isinstance(manifest, dict) or not isinstance(report, dict) or "two_tasks" not in report:
+        return None
+    return manifest if all(p.is_file() for p in files) else None
+
+
+def is_second_complete(out: Path, options: Options, second: SecondOptions) -> bool:
+    """Whether ``out`` holds a complete default build made with ``options`` and the second task
+    made with ``options`` and ``second``."""
+    manifest = read_second_manifest(out)
+    return (
+        is_complete(out, options)
+        and manifest is not None
+        and manifest.get("format") == MANIFEST_FORMAT
+        and manifest.get("options") == asdict(options)
+        and manifest.get("second") == asdict(second)
+    )
+
+
+def build_second(out: Path, options: Options, second: SecondOptions) -> dict[str, dict[str, float]]:
+    """The second task on the complete default build in ``out``: its data (``data/fwd_*``, the
+    mixed ``data/multi_train.jsonl``), its teacher (SFT from ``models/student``'s weights on the
+    second task's training problems, ``options``' recipe, ``second.steps`` steps) in
+    ``models/teacher_fwd``, and every model's accuracy on both tasks' held-out problems (added to
+    ``models/accuracy.json`` as ``two_tasks``); return those accuracies."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    (out / SECOND_MANIFEST).unlink(missing_ok=True)
+    train_pairs, held_pairs = split_problems(options.seed, options.heldout)
+    add_train, add_held = problem_records(train_pairs), problem_records(held_pairs)
+    fwd_train, fwd_held = fwd_records(train_pairs), fwd_records(held_pairs)
+    data = out / "data"
+    write_jsonl(data / "fwd_train.jsonl", fwd_train)
+    write_jsonl(data / "fwd_heldout.jsonl", fwd_held)
+    # Both tasks' training problems, alternating, each with its task (the routing column).
+    mixed = [
+        {**record, "task": task}
+        for pair in zip(add_train, fwd_train, strict=True)
+        for task, record in zip(TASKS, pair, strict=True)
+    ]
+    write_jsonl(data / "multi_train.jsonl", mixed)
+    print(f"second task: {len(fwd_train)} training, {len(fwd_held)} held-out problems; ", end="")
+    print(f"{len(mixed)} mixed training prompts")
+
+    path = out / "models" / SECOND_NAME
+    model = AutoModelForCausalLM.from_pretrained(out / "models" / "student", dtype=torch.float32)
+    tokenizer = make_char_tokenizer()
+
+    def report_progress(m: LlamaForCausalLM) -> None:
+        print(f"  held-out {TASKS[1]} accuracy {accuracy(m, tokenizer, fwd_held):.1%}", flush=True)
+
+    every = max(second.steps // 4, 1)
+    progress = {step: report_progress for step in range(every, second.steps + 1, every)}
+    start = time.monotonic()
+    train(
+        model,
+        encode_examples(fwd_train),
+        options,
+        progress,
+        steps=second.steps,
+        prompt_length=SECOND_PROMPT_LENGTH,
+    )
+    save_model_dir(model, path)
+    print(f"second-task SFT: {second.steps} steps in {time.monotonic() - start:.1f} s")
+
+    held = {TASKS[0]: add_held, TASKS[1]: fwd_held}
+    scores = {
+        name: {task: saved_accuracy(out / "models" / name, held[task]) for task in TASKS}
+        for name in ("student", "teacher", SECOND_NAME)
+    }
+    report_path = out / "models" / "accuracy.json"
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    report["two_tasks"] = {
+        "metric": "greedy exact match per task",
+        "heldout": {TASKS[0]: "data/heldout.jsonl", TASKS[1]: "data/fwd_heldout.jsonl"},
+        "steps": {
+            "student": options.student_steps,
+            "teacher": options.teacher_steps,
+            SECOND_NAME: f"{options.student_steps} + {second.steps} on {TASKS[1]}",
+        },
+        "accuracy": scores,
+    }
+    _write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "options": asdict(options),
+        "second": asdict(second),
+        "accuracy": scores,
+    }
+    _write_text_atomic(out / SECOND_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return scores
+
+
 def parse_args(
     argv: Sequence[str] | None = None,
 ) -> tuple[Path, Options, NarrowOptions | None, bool, argparse.Namespace]:
@@ -635,12 +793,27 @@ def parse_args(
         default=None,
         help=f"SFT steps of the narrow student (default {NarrowOptions.steps})",
     )
+    parser.add_argument(
+        "--second-task",
+        action="store_true",
+        help=f"also build the second task ({TASKS[1]}) and models/{SECOND_NAME}",
+    )
+    parser.add_argument(
+        "--second-steps",
+        type=int,
+        default=None,
+        help=f"SFT steps of models/{SECOND_NAME} from the student (default {SecondOptions.steps})",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if complete")
     args = parser.parse_args(argv)
     if not 1 <= args.student_steps <= args.teacher_steps:
         parser.error("need 1 <= --student-steps <= --teacher-steps")
     if args.batch_size < 1:
         parser.error("--batch-size must be positive")
+    if args.second_steps is not None and not args.second_task:
+        parser.error("--second-steps needs --second-task")
+    if args.second_steps is not None and args.second_steps < 1:
+        parser.error("--second-steps must be positive")
     if args.heldout is None:
         args.heldout = CHAT_HELDOUT if args.chat_task else defaults.heldout
     options = Options(
@@ -690,6 +863,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         scores = build(out, options)
         print(f"greedy accuracy on held-out: student {scores['student']:.1%}, ", end="")
         print(f"teacher {scores['teacher']:.1%}  ({out / 'models' / 'accuracy.json'})")
+    if args.second_task:
+        second = SecondOptions(
+            steps=SecondOptions.steps if args.second_steps is None else args.second_steps
+        )
+        if not force and is_second_complete(out, options, second):
+            two = (read_second_manifest(out) or {}).get("accuracy", {})
+            print(f"{out}: second task already complete ({two}); --force rebuilds")
+        else:
+            two = build_second(out, options, second)
+        for name, by_task in two.items():
+            cells = ", ".join(f"{task} {acc:.1%}" for task, acc in by_task.items())
+            print(f"greedy accuracy on held-out: {name}: {cells}")
     if narrow is None:
         return 0
     if not force and is_narrow_complete(out, options, narrow):

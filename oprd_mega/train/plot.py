@@ -37,10 +37,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 _EVAL_KEY = re.compile(r"eval/(?:(?P<set>[^/]+)/)?(?P<metric>avg_at_k|best_at_k)")
-# rep/... of one teacher, or teacher/NAME/rep/... of each of several
+# The top-level per-layer keys, or (a run with several teachers logs only these) a teacher's.
 _LAYER_KEY = re.compile(
-    r"(?P<prefix>teacher/(?P<teacher>[^/]+)/)?rep/(?P<metric>loss|cosine_similarity)"
-    r"/layer_(?P<layer>\d+)"
+    r"(?P<prefix>teacher/(?P<teacher>[^/]+)/)?"
+    r"rep/(?P<metric>loss|cosine_similarity)/layer_(?P<layer>\d+)"
 )
 
 
@@ -173,24 +173,27 @@ def runs_figure(runs: Sequence[Run]) -> Figure:
         steps, values = run.series("loss", "train")
         if steps:
             loss.plot(steps, values, color=color, label=run.name)
-        layers = sorted(
-            {
-                (m["prefix"] or "", m["teacher"] or "", int(m["layer"]))
-                for m in map(_LAYER_KEY.fullmatch, run.keys("train"))
-                if m
-            }
-        )
-        for position, (prefix, teacher, layer) in enumerate(layers):
-            name = " ".join(p for p in (teacher, f"layer {layer}") if p)
+        matches = [m for m in map(_LAYER_KEY.fullmatch, run.keys("train")) if m]
+        if any(m["teacher"] is None for m in matches):  # one teacher: the top-level keys
+            matches = [m for m in matches if m["teacher"] is None]
+        layers = sorted({(m["prefix"] or "", m["teacher"] or "", int(m["layer"])) for m in matches})
+        teachers = sorted({teacher for _, teacher, _ in layers})
+        for prefix, teacher, layer in layers:
+            position = sum(1 for _, t, other in layers if t == teacher and other < layer)
             for metric, ax in (("loss", layer_loss), ("cosine_similarity", layer_cosine)):
                 steps, values = run.series(f"{prefix}rep/{metric}/layer_{layer}", "train")
                 if not steps:
                     continue
+                name = " ".join(p for p in (teacher, f"layer {layer}") if p)
+                style: dict[str, Any] = {}
+                if teacher:  # several teachers: a marker per teacher
+                    marker = "osD^v<>"[teachers.index(teacher) % 7]
+                    style = {"marker": marker, "markersize": 3, "markevery": 25}
                 if len(runs) > 1:  # colour: the run; line style: the layer
-                    style = {"color": color, "linestyle": ("-", "--", ":", "-.")[position % 4]}
+                    style |= {"color": color, "linestyle": ("-", "--", ":", "-.")[position % 4]}
                     ax.plot(steps, values, label=f"{run.name} {name}", **style)
                 else:
-                    ax.plot(steps, values, label=name)
+                    ax.plot(steps, values, label=name, **style)
     _finish(accuracy, "held-out accuracy", "step", "accuracy (%)")
     _finish(loss, "training loss", "step", "loss")
     _finish(

@@ -193,6 +193,50 @@ def test_narrow_build_adds_a_narrow_student_without_rebuilding(tmp_path: Path) -
     assert toy.is_complete(out, options) and not toy.is_narrow_complete(out, options, narrow)
 
 
+def test_fwd_problem_format() -> None:
+    assert toy.fwd_problem(7, 45) == ("07+45==", "052")
+    assert toy.fwd_problem(99, 99) == ("99+99==", "198")
+    assert toy.fwd_problem(50, 50) == ("50+50==", "100")
+    assert len(toy.fwd_problem(0, 0)[0]) == toy.SECOND_PROMPT_LENGTH
+
+
+def test_second_task_adds_data_and_a_teacher_without_rebuilding(tmp_path: Path) -> None:
+    out = tmp_path / "quickstart"
+    base = ["--out", str(out), "--student-steps", "2", "--teacher-steps", "3", "--heldout", "20"]
+    base += ["--batch-size", "8", "--seed", "3"]
+    assert toy.main(base) == 0
+    assert not (out / toy.SECOND_MANIFEST).exists()  # the default build does not pay for it
+    base_stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+    args = [*base, "--second-task", "--second-steps", "2"]
+    assert toy.main(args) == 0
+    for path, stamp in base_stamps.items():  # the default build was reused, not redone
+        if path.name != "accuracy.json":
+            assert path.stat().st_mtime_ns == stamp, path
+    for file in toy.MODEL_FILES:
+        assert (out / "models" / toy.SECOND_NAME / file).is_file(), file
+    mixed = [json.loads(line) for line in (out / "data/multi_train.jsonl").read_text().splitlines()]
+    train = [json.loads(line) for line in (out / "data/train.jsonl").read_text().splitlines()]
+    assert len(mixed) == 2 * len(train) == 2 * 9980
+    assert mixed[0] == {**train[0], "task": "add"}
+    assert mixed[1]["task"] == "fwd" and mixed[1]["prompt"] == train[0]["prompt"] + "="
+    held = (out / "data/fwd_heldout.jsonl").read_text().splitlines()
+    assert len(held) == 20
+    report = json.loads((out / "models/accuracy.json").read_text())
+    assert set(report["two_tasks"]["accuracy"]) == {"student", "teacher", toy.SECOND_NAME}
+    assert {"student", "teacher"} <= set(report)
+
+    _, options, _, _, parsed = toy.parse_args(args)
+    second = toy.SecondOptions(steps=parsed.second_steps)
+    assert toy.is_second_complete(out, options, second)
+    assert not toy.is_second_complete(out, options, toy.SecondOptions(steps=3))
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert toy.main(args) == 0  # reused
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+    with pytest.raises(SystemExit):
+        toy.parse_args(["--second-steps", "5"])
+
+
 def test_narrow_options_need_narrow_and_a_valid_width() -> None:
     assert toy.parse_args(["--narrow"])[2] == toy.NarrowOptions()
     with pytest.raises(SystemExit):
