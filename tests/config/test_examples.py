@@ -15,6 +15,7 @@ WORLD_SIZES = {
     "tiny_cpu.yaml": 2,
     "tiny_cpu_narrow_full.yaml": 2,
     "smollm2_recovery_cpu.yaml": 2,
+    "tiny_cpu_two_teachers.yaml": 2,
     "qwen3_1.7b_from_8b_2x8.yaml": 16,
 }
 
@@ -45,6 +46,13 @@ def test_recovery_example_is_a_tp1_cpu_run_on_chat_prompts() -> None:
     assert data_parallel_size(config, 2) == 2
     assert config.data.chat_template
     assert config.distillation.layers == "all"
+
+
+def test_two_teacher_example_routes_by_task() -> None:
+    config = load_config(EXAMPLES / "tiny_cpu_two_teachers.yaml")
+    assert [entry.name for entry in config.teacher_list] == ["add", "fwd"]
+    assert config.data.teacher_field == "task"
+    assert sorted(config.evaluation.sets) == ["add", "fwd"]
 
 
 def test_qwen_example_projects_and_attaches() -> None:
