@@ -245,6 +245,14 @@ CASES += [
         "name": "two-teachers-combined",
         "layouts": TWO_TEACHER_LAYOUTS,
     },
+    {  # OPD top-1 alone: each teacher's own head on its own samples' response tokens
+        **BASE,
+        **TWO_TEACHERS,
+        "name": "two-teachers-opd-top1",
+        "method": "opd-top1",
+        "opd": "top1",
+        "layouts": TWO_TEACHER_LAYOUTS,
+    },
 ]
 # Activation recompute and overlapped gradient reduction: the same oracle. Full 'uniform' in
 # chunks of 2 puts tapped layers 1 and 3 inside a checkpointed chunk (not its output).
@@ -366,6 +374,7 @@ FAST_LAYOUTS = {
     "distributed-optimizer-overlap": [[2, 1, False]],
     "two-teachers": [TWO_TEACHER_LAYOUTS[i] for i in (0, 1, 3, 5)],
     "two-teachers-combined": [TWO_TEACHER_LAYOUTS[i] for i in (0, 3, 5)],
+    "two-teachers-opd-top1": [TWO_TEACHER_LAYOUTS[i] for i in (0, 3)],
 }
 SUITES = {
     "fast": [{**case, "layouts": FAST_LAYOUTS[case["name"]]} for case in CASES],
@@ -411,7 +420,7 @@ def test_two_routed_teachers_each_match_the_oracle_and_checkpoint_their_maps(sui
     teachers' maps are optimised, and a torch_dist round trip at PP2 restores both (the
     loss, gradient and AdamW checks above cover the combined objective)."""
     _, results = suite
-    for case in ("two-teachers", "two-teachers-combined"):
+    for case in ("two-teachers", "two-teachers-combined", "two-teachers-opd-top1"):
         ref = results[case]["ref"]["teacher_loss"]
         assert set(ref) == {"wide", "deep"} and ref["wide"] != pytest.approx(ref["deep"])
         for layout, got in results[case]["layouts"].items():
@@ -423,6 +432,8 @@ def test_two_routed_teachers_each_match_the_oracle_and_checkpoint_their_maps(sui
                 )
             # samples 0 and 2 (wide), 1 and 2 (deep): last_k = 5 positions, 4 in sample 1
             assert got["teacher_supervised"] == {"wide": 10, "deep": 9}, (case, layout)
+            if case == "two-teachers-opd-top1":
+                continue  # no representation loss: no maps
             assert got["projection_in_optimizer"] == 1, (case, layout)
             assert got["checked_tensors"] >= 16, (case, layout)
             if "PP2" in layout:
