@@ -13,22 +13,29 @@ nproc="${NPROC:-2}"
 config="${config:-$root/examples/tiny_cpu.yaml}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"
 
-run() {  # run NAME [overrides...]: one fresh training run of $config under torchrun, outputs in
+launch() {  # launch DIR NAME [overrides...]: one fresh training run of $config under
+  # torchrun, its checkpoints, logs and synced weights in DIR/NAME
+  local dir="$1" name="$2"
+  shift 2
+  rm -rf "${dir:?}/$name"
+  # --log-dir: torchrun otherwise leaves a /tmp/torchelastic_* folder per launch.
+  "$py" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
+    --log-dir "$dir/$name/logs/torchrun" --master-addr 127.0.0.1 --master-port "$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
+    -m oprd_mega.train --config "$config" --resume never \
+    "checkpoint.dir=$dir/$name/checkpoints" "metrics.dir=$dir/$name/logs" \
+    "rollout.launch.log_dir=$dir/$name/logs/rollout" \
+    "rollout.weight_sync.disk.directory=$dir/$name/rollout_weights" \
+    metrics.progress_bar=false "$@"
+}
+
+run() {  # run NAME [overrides...]: one fresh run of $config on the toy task, outputs in
   # $out/NAME
   local name="$1"
   shift
   echo "[quickstart] training: $name"
-  rm -rf "${out:?}/$name"
-  # --log-dir: torchrun otherwise leaves a /tmp/torchelastic_* folder per launch.
-  "$py" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
-    --log-dir "$out/$name/logs/torchrun" --master-addr 127.0.0.1 --master-port "$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
-    -m oprd_mega.train --config "$config" --resume never \
+  launch "$out" "$name" \
     "student.path=$out/models/student" "teacher.path=$out/models/teacher" \
-    "data.path=$out/data/train.jsonl" "evaluation.prompts=$out/data/heldout.jsonl" \
-    "checkpoint.dir=$out/$name/checkpoints" "metrics.dir=$out/$name/logs" \
-    "rollout.launch.log_dir=$out/$name/logs/rollout" \
-    "rollout.weight_sync.disk.directory=$out/$name/rollout_weights" \
-    metrics.progress_bar=false "$@"
+    "data.path=$out/data/train.jsonl" "evaluation.prompts=$out/data/heldout.jsonl" "$@"
 }
 
 lr_overrides() {  # lr_overrides LR SOURCE: optimizer.lr=LR optimizer.min_lr=LR/10 (the shape

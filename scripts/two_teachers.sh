@@ -38,17 +38,10 @@ run_two() {  # run_two NAME [overrides...]: one fresh run of $config, outputs in
   local name="$1"
   shift
   echo "[two-teachers] training: $name"
-  rm -rf "${dir:?}/$name"
-  "$py" -m torch.distributed.run --nnodes 1 --nproc-per-node "$nproc" \
-    --log-dir "$dir/$name/logs/torchrun" --master-addr 127.0.0.1 --master-port "$("$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')" \
-    -m oprd_mega.train --config "$config" --resume never \
+  launch "$dir" "$name" \
     "student.path=$models/student" "data.path=$out/data/multi_train.jsonl" \
     "evaluation.sets.add.prompts=$out/data/heldout.jsonl" \
-    "evaluation.sets.fwd.prompts=$out/data/fwd_heldout.jsonl" \
-    "checkpoint.dir=$dir/$name/checkpoints" "metrics.dir=$dir/$name/logs" \
-    "rollout.launch.log_dir=$dir/$name/logs/rollout" \
-    "rollout.weight_sync.disk.directory=$dir/$name/rollout_weights" \
-    metrics.progress_bar=false "$@"
+    "evaluation.sets.fwd.prompts=$out/data/fwd_heldout.jsonl" "$@"
 }
 
 add="{name: add, path: $models/teacher, dtype: float32}"
