@@ -340,23 +340,6 @@ class DistillStep:
             )
         self.taps = StudentTaps(inner, heads, options.kernel)
 
-    # The first teacher's parts, as a single-teacher step names them.
-    @property
-    def teacher(self) -> torch.nn.Module:
-        return self.teachers[0].spec.model
-
-    @property
-    def plan(self) -> TeacherPlan:
-        return self.teachers[0].plan
-
-    @property
-    def teacher_placement(self) -> TeacherPlacement | None:
-        return self.teachers[0].spec.placement
-
-    @property
-    def pairs(self) -> list[tuple[int, int]]:
-        return self.teachers[0].spec.pairs
-
     def _counts(self, microbatches: list[DistillMicrobatch]) -> torch.Tensor:
         """``[teachers, 2]``: each teacher's supervised and OPD tokens in the global batch."""
         counts = torch.zeros(len(self.teachers), 2, dtype=torch.float64, device=current_device())

@@ -312,7 +312,6 @@ class Trainer:
                     weight=entry.weight,
                 )
             )
-        self.teachers = [setup.model for setup in setups]
         self.step = build_step(
             student,
             setups,

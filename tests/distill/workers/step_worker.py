@@ -697,25 +697,26 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
         # the groups the teacher computes in (its own with parallel.teacher)
         "teacher_groups": [inner.pg_collection.tp.size(), inner.pg_collection.pp.size()],
     }
-    if not step.plan.pairs:
+    only = step.teachers[0]  # the one teacher of these cases
+    if not only.plan.pairs:
         return out
     worst, rows_bad, dtypes = 0.0, 0, set()
     cp = parallel_state.get_context_parallel_world_size()
     cp_rank = parallel_state.get_context_parallel_rank()
     shards = [context_shard(batch) for batch in microbatches]  # what the step feeds the teacher
     for dtype in (torch.float32, torch.bfloat16):
-        plan = dataclasses.replace(step.plan, target_dtype=dtype)
-        if step.teacher_placement is None:
+        plan = dataclasses.replace(only.plan, target_dtype=dtype)
+        if only.spec.placement is None:
             targets = teacher_pass(teacher, shards, plan).targets
         else:  # the teacher's own groups (no CP there), targets routed to the student's ranks
             targets = teacher_pass_own_layout(
-                teacher, microbatches, plan, step.teacher_placement
+                teacher, microbatches, plan, only.spec.placement
             ).targets
         stage = parallel_state.get_pipeline_model_parallel_rank()
         for batch in microbatches:
             first = batch.index * mbs
-            for student_layer, teacher_layer in step.plan.pairs:
-                if step.plan.student_stage[student_layer] != stage:
+            for student_layer, teacher_layer in only.plan.pairs:
+                if only.plan.student_stage[student_layer] != stage:
                     continue
                 got = targets[batch.index][student_layer]
                 dtypes.add(str(got.dtype))
@@ -743,8 +744,8 @@ def check_teacher(step, teacher, microbatches, ref, mine_samples, sp: bool, mbs:
                     hidden = hidden[rank * shard : (rank + 1) * shard]
                 rows = local_rows(shards[batch.index].supervised, sp)
                 want = hidden.reshape(-1, hidden.shape[-1])[rows]
-                if step.plan.bridge is not None:  # the teacher ships P_T (h - mu_T)
-                    p_t, mu_t = step.plan.bridge[teacher_layer]
+                if only.plan.bridge is not None:  # the teacher ships P_T (h - mu_T)
+                    p_t, mu_t = only.plan.bridge[teacher_layer]
                     want = (want - mu_t.double()) @ p_t.double().T
                 if want.shape != got.shape:
                     rows_bad += 1
