@@ -340,16 +340,23 @@ class DistillStep:
             )
         self.taps = StudentTaps(inner, heads, options.kernel)
 
-    def _counts(self, microbatches: list[DistillMicrobatch]) -> torch.Tensor:
-        """``[teachers, 2]``: each teacher's supervised and OPD tokens in the global batch."""
-        counts = torch.zeros(len(self.teachers), 2, dtype=torch.float64, device=current_device())
-        for n, teacher in enumerate(self.teachers):
-            for batch in microbatches:
+    def _counts(self, microbatches: list[DistillMicrobatch]) -> tuple[torch.Tensor, int]:
+        """``[teachers, 3]``: each teacher's supervised tokens, OPD tokens and microbatches in
+        the global batch; and the global batch's supervised tokens routed to any teacher."""
+        teachers = len(self.teachers)
+        counts = torch.zeros(teachers * 3 + 1, dtype=torch.float64, device=current_device())
+        per_teacher = counts[:-1].view(teachers, 3)
+        for batch in microbatches:
+            if batch.teachers != ():
+                counts[-1] += float(batch.supervised.sum())
+            for n, teacher in enumerate(self.teachers):
                 if batch.routed_to(teacher.spec.name):
-                    counts[n, 0] += float(batch.supervised.sum())
-                    counts[n, 1] += float(batch.predicts.sum())
+                    per_teacher[n, 0] += float(batch.supervised.sum())
+                    per_teacher[n, 1] += float(batch.predicts.sum())
+                    per_teacher[n, 2] += 1
         dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        return counts.cpu()
+        counts = counts.cpu()
+        return counts[:-1].view(teachers, 3), int(counts[-1])
 
     def run(self, microbatches: list[DistillMicrobatch]) -> StepResult:
         """Teacher passes, student forward/backward, optimizer step; metrics from every stage."""
@@ -362,7 +369,7 @@ class DistillStep:
             )
         start = time.perf_counter()
         options = self.options
-        counts = self._counts(microbatches)
+        counts, supervised_any = self._counts(microbatches)
         whole = microbatches  # a teacher on its own layout runs whole sequences
         microbatches = [context_shard(batch) for batch in microbatches]  # this CP rank's share
         # distillation.overlap_teacher where the layout allows (one teacher on the student's
@@ -470,7 +477,7 @@ class DistillStep:
             micro_batch_size=batch,
             forward_only=False,
         )
-        result = self._metrics(opd_sums, counts, microbatches)
+        result = self._metrics(opd_sums, counts, supervised_any)
         if math.isfinite(result.loss):  # the same value on every rank: all skip or none
             _, grad_norm, _ = self.optimizer.step()
             result.grad_norm = None if grad_norm is None else float(grad_norm)
@@ -536,20 +543,16 @@ class DistillStep:
         return result.loss, sums
 
     def _metrics(
-        self, opd_sums: torch.Tensor, counts: torch.Tensor, microbatches: list[DistillMicrobatch]
+        self, opd_sums: torch.Tensor, counts: torch.Tensor, supervised_any: int
     ) -> StepResult:
         """Per-teacher, per-layer loss and cosine from every stage, OPD metrics from the last
-        stage; the totals weighted by the teachers' weights."""
+        stage; the totals weighted by the teachers' weights. ``counts`` and ``supervised_any``
+        as :meth:`_counts` returns them."""
         stats = self.taps.stats
         device = current_device()  # NCCL reduces device tensors only
         count = len(self.teachers)
         layers = torch.zeros(count, 2, self.num_layers, dtype=torch.float64, device=device)
         opd_sums = opd_sums.to(device)
-        routed = torch.tensor(
-            [sum(b.routed_to(t.spec.name) for b in microbatches) for t in self.teachers],
-            dtype=torch.float64,
-            device=device,
-        )
         for n, teacher in enumerate(self.teachers):
             for student_layer, _ in teacher.spec.pairs:
                 key = (teacher.spec.name, student_layer)
@@ -561,7 +564,6 @@ class DistillStep:
         if self.sequence_parallel:  # each TP rank summed its own sequence shard
             dist.all_reduce(layers, group=parallel_state.get_tensor_model_parallel_group())
         dist.all_reduce(opd_sums, group=data_and_context)
-        dist.all_reduce(routed, group=parallel_state.get_data_parallel_group())
         if not parallel_state.is_pipeline_last_stage():
             opd_sums.zero_()
         stacked = torch.cat([layers.reshape(-1), opd_sums.reshape(-1)])
@@ -575,7 +577,7 @@ class DistillStep:
             part = TeacherResult(
                 supervised_tokens=int(counts[n, 0]),
                 opd_tokens=int(counts[n, 1]),
-                microbatches=int(routed[n]),
+                microbatches=int(counts[n, 2]),
             )
             if options.oprd_weight:
                 part.layer_loss = {layer: float(layers[n, 0, layer - 1]) for layer in tapped}
@@ -620,9 +622,7 @@ class DistillStep:
                 metric: weighted({name: p.opd[metric] for name, p in per_teacher.items()})
                 for metric in opd_names
             },
-            supervised_tokens=int(
-                sum(float(b.supervised.sum()) for b in microbatches if b.teachers != ())
-            ),
+            supervised_tokens=supervised_any,
             opd_tokens=sum(p.opd_tokens for p in per_teacher.values()),
             teachers=per_teacher,
         )

@@ -432,6 +432,11 @@ def test_two_routed_teachers_each_match_the_oracle_and_checkpoint_their_maps(sui
                 )
             # samples 0 and 2 (wide), 1 and 2 (deep): last_k = 5 positions, 4 in sample 1
             assert got["teacher_supervised"] == {"wide": 10, "deep": 9}, (case, layout)
+            # the global batch's tokens supervised by any teacher (sample 3 by none), and each
+            # teacher's microbatches, summed over the data-parallel ranks
+            assert got["supervised"] == 14, (case, layout)
+            routed = got["teacher_microbatches"]
+            assert routed["wide"] >= 2 and routed["deep"] >= 2, (case, layout)
             if case == "two-teachers-opd-top1":
                 continue  # no representation loss: no maps
             assert got["projection_in_optimizer"] == 1, (case, layout)

@@ -549,6 +549,8 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         "teacher_supervised": {
             name: part.supervised_tokens for name, part in result.teachers.items()
         },
+        "teacher_microbatches": {name: part.microbatches for name, part in result.teachers.items()},
+        "supervised": result.supervised_tokens,
         "cosine": result.cosine,
         "attention_runs_per_layer": all_max(per_layer),
         **{key: int(all_max(count)) for key, count in overlap.items() if key != "finalizing"},
