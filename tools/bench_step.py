@@ -7,7 +7,12 @@ pre-step baseline (the paper's dPeak) side by side, with ratios to OPD top-16. T
 ``ratio oprd/opd-top16 time=X dpeak=Y``. ``--methods oprd,oprd-overlap`` measures what
 ``distillation.overlap_teacher`` saves (``ratio oprd-overlap/oprd``; with several microbatches,
 the teacher on the student's layout and no pipeline; on a GPU the teacher runs on a side CUDA
-stream, on a CPU in order, so there it can save nothing).
+stream, on a CPU in order, so there it can save nothing). ``oprd-2teachers`` adds a second
+teacher of the same shape on every microbatch, ``oprd-2teachers-routed`` routes the microbatches
+alternately to one teacher each (``routing``; needs at least two microbatches per replica):
+``ratio oprd-2teachers/oprd`` and ``ratio oprd-2teachers-routed/oprd`` give what a second
+teacher costs, and what routing saves of it. Both report each teacher's supervised tokens,
+microbatches and pass time.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the allocation before the step; on
 CPU the peak resident set size (sampled every millisecond) above the resident size before the
@@ -50,16 +55,32 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
+from typing import NamedTuple
 
 from oprd_mega.models.presets import PRESETS, preset, scaled
 
-# name -> (distillation method, top_k, distillation.overlap_teacher)
+
+class Method(NamedTuple):
+    """A benchmarked configuration: the distillation method, its top_k,
+    distillation.overlap_teacher and the teachers (``one``; ``all``: two, both on every
+    microbatch; ``routed``: two, the microbatches alternately routed to one of them)."""
+
+    kind: str
+    top_k: int
+    overlap_teacher: bool = False
+    teachers: str = "one"
+
+
 METHODS = {
-    "oprd": ("oprd", 16, False),
-    "oprd-overlap": ("oprd", 16, True),
-    "opd-top1": ("opd-top1", 16, False),
-    "opd-top16": ("opd-topk", 16, False),
+    "oprd": Method("oprd", 16),
+    "oprd-overlap": Method("oprd", 16, overlap_teacher=True),
+    "opd-top1": Method("opd-top1", 16),
+    "opd-top16": Method("opd-topk", 16),
+    "oprd-2teachers": Method("oprd", 16, teachers="all"),
+    "oprd-2teachers-routed": Method("oprd", 16, teachers="routed"),
 }
+TEACHER_NAMES = ("teacher_a", "teacher_b")
 RECOMPUTE = {
     "none": {},
     "selective": {"granularity": "selective"},
@@ -138,7 +159,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(layout_problem)
     if args.micro_batch_size is not None and not 0 < args.micro_batch_size <= args.sequences:
         parser.error(f"--micro-batch-size must be in 1..{args.sequences}")
+    routed = [
+        name
+        for name in args.methods.split(",")
+        if name.strip() in METHODS and METHODS[name.strip()].teachers == "routed"
+    ]
+    if routed and _microbatches_per_replica(args) < 2:
+        parser.error(
+            f"--methods {routed[0].strip()} routes each microbatch to one teacher: it needs at "
+            f"least 2 microbatches per data-parallel replica (got "
+            f"{_microbatches_per_replica(args)}; lower --micro-batch-size or raise --sequences)"
+        )
     return args
+
+
+def _microbatches_per_replica(args: argparse.Namespace) -> int:
+    share = args.sequences // layout(args).data_parallel_size(args.nproc)
+    return share // (args.micro_batch_size or share)
 
 
 def layout(args: argparse.Namespace):
@@ -287,33 +324,41 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
     teacher_config, student_config, _ = model_configs(args)
     s_args = parse_hf_config(student_config, where="bench_step student")
     t_args = parse_hf_config(teacher_config, where="bench_step teacher")
-    method, k, overlap_teacher = METHODS[name]
+    method = METHODS[name]
     pairs = layer_pairs("all", s_args.num_layers, t_args.num_layers)
     options = StepOptions(
-        method=method, top_k=k, opd_chunk_tokens=1024, overlap_teacher=overlap_teacher
+        method=method.kind,
+        top_k=method.top_k,
+        opd_chunk_tokens=1024,
+        overlap_teacher=method.overlap_teacher,
     )
     recompute = RecomputeOptions(**RECOMPUTE[args.recompute])
     student = build_gpt_model(
         s_args, params_dtype=dtype, sequence_parallel=args.sp, recompute=recompute
     )
-    teacher = build_teacher(
-        t_args,
-        pairs,
-        options,
-        params_dtype=dtype,
-        sequence_parallel=args.sp and not own,
-        pg_collection=teacher_groups,
-    )
     # Widths that differ (the Qwen3 presets) go through a learned map, as the paper's runs do.
     projection = (
         ProjectionSpec("full", normalize=True) if s_args.hidden_size != t_args.hidden_size else None
     )
-    step = build_step(
-        student,
-        [TeacherSetup("teacher", teacher, pairs, projection=projection, own_layout=own)],
-        options,
-        OptimizerOptions(lr=1e-5),
-    )
+    names = ("teacher",) if method.teachers == "one" else TEACHER_NAMES
+    setups = [
+        TeacherSetup(
+            teacher_name,
+            build_teacher(
+                t_args,
+                pairs,
+                options,
+                params_dtype=dtype,
+                sequence_parallel=args.sp and not own,
+                pg_collection=teacher_groups,
+            ),
+            pairs,
+            projection=projection,
+            own_layout=own,
+        )
+        for teacher_name in names
+    ]
+    step = build_step(student, setups, options, OptimizerOptions(lr=1e-5))
     vocab = min(s_args.vocab_size, t_args.vocab_size)
     generator = torch.Generator().manual_seed(1)
     everything = [
@@ -336,10 +381,16 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
         )
         for index, start in enumerate(range(0, share, per_microbatch))
     ]
+    if method.teachers == "routed":  # microbatch i to teacher i mod 2
+        microbatches = [
+            replace(batch, teachers=(TEACHER_NAMES[index % 2],))
+            for index, batch in enumerate(microbatches)
+        ]
     flops = training_flops(model_dims(s_args), [args.seq_len] * args.sequences)
     device = torch.cuda.get_device_name() if cuda else "cpu"
     peak = args.peak_tflops or (peak_tflops(device, dtype_name) if cuda else None)
-    teacher_times = []
+    teacher_times: list[float] = []
+    per_teacher_times: dict[str, list[float]] = {teacher_name: [] for teacher_name in names}
     times, peaks = [], []
     for index in range(args.steps + 1):
         _trim()
@@ -359,6 +410,8 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
             times.append(seconds)
             peaks.append(top - base)
             teacher_times.append(result.teacher_seconds)
+            for teacher_name, part in result.teachers.items():
+                per_teacher_times[teacher_name].append(part.seconds)
     median = statistics.median(times)
     dpeak_per_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(dpeak_per_rank, max(peaks))
@@ -370,9 +423,18 @@ def run_method(args: argparse.Namespace, name: str) -> dict:
         if cuda
         else "cpu peak resident set size (host memory, not a GPU's)",
         "recompute": args.recompute,
-        "overlap_teacher": overlap_teacher,
+        "overlap_teacher": method.overlap_teacher,
         "layout": str(student_layout),
         "teacher_time": statistics.median(teacher_times),
+        # each teacher's share of the last step (tokens over every replica) and median time
+        "teachers": {
+            teacher_name: {
+                "supervised_tokens": part.supervised_tokens,
+                "microbatches": part.microbatches,
+                "time": statistics.median(per_teacher_times[teacher_name]),
+            }
+            for teacher_name, part in result.teachers.items()
+        },
         "tokens_per_s": args.sequences * args.seq_len / median,
         "student_tflops": flops / 1e12,
         # the step's FLOPs over every rank's peak
@@ -437,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         f"recompute {args.recompute}, layout {layout(args)} on {args.nproc} rank(s)"
     )
     print(
-        f"{'method':<10} {'time_s':>9} {'dpeak_MiB':>10} {'time/top16':>11} {'dpeak/top16':>12} "
+        f"{'method':<22} {'time_s':>9} {'dpeak_MiB':>10} {'time/top16':>11} {'dpeak/top16':>12} "
         f"{'tokens/s':>10} {'teacher_s':>10} {'mfu':>7}"
     )
     for name, value in results.items():
@@ -445,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_ratio = value["dpeak"] / reference["dpeak"] if reference else float("nan")
         mfu = "-" if value["mfu"] is None else f"{100 * value['mfu']:.1f}%"
         print(
-            f"{name:<10} {value['time']:>9.3f} {value['dpeak'] / 2**20:>10.1f} "
+            f"{name:<22} {value['time']:>9.3f} {value['dpeak'] / 2**20:>10.1f} "
             f"{time_ratio:>11.3f} {peak_ratio:>12.3f} {value['tokens_per_s']:>10.0f} "
             f"{value['teacher_time']:>10.3f} {mfu:>7}"
         )
@@ -463,6 +525,14 @@ def main(argv: list[str] | None = None) -> int:
             f"ratio oprd-overlap/oprd time={overlap['time'] / plain['time']:.3f} "
             f"dpeak={overlap['dpeak'] / plain['dpeak']:.3f}"
         )
+    for name in ("oprd-2teachers", "oprd-2teachers-routed"):
+        if "oprd" in results and name in results:
+            two, one = results[name], results["oprd"]
+            print(
+                f"ratio {name}/oprd time={two['time'] / one['time']:.3f} "
+                f"teacher_time={two['teacher_time'] / one['teacher_time']:.3f} "
+                f"dpeak={two['dpeak'] / one['dpeak']:.3f}"
+            )
     if reference and "oprd" in results:
         print(
             f"ratio oprd/opd-top16 time={results['oprd']['time'] / reference['time']:.3f} "

@@ -76,6 +76,33 @@ def test_two_ranks_with_the_teacher_on_its_own_layout_report_every_rank(tmp_path
     assert row["tokens_per_s"] == pytest.approx(2 * 64 / row["time"])
 
 
+def test_a_second_teacher_runs_on_every_microbatch_or_on_those_routed_to_it(
+    tmp_path: Path,
+) -> None:
+    """Two teachers on all 4 microbatches, then each on every other one: each teacher's share
+    is counted by the step itself (16 supervised tokens a sequence)."""
+    out = tmp_path / "bench.json"
+    argv = [
+        "--layers", "2", "--hidden", "64", "--heads", "8", "--vocab", "512",
+        "--sequences", "4", "--micro-batch-size", "1", "--seq-len", "64", "--prompt-len", "32",
+        "--last-k", "16", "--steps", "1", "--json", str(out),
+        "--methods", "oprd,oprd-2teachers,oprd-2teachers-routed",
+    ]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(TOOL), *argv], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())["results"]
+    assert list(report["oprd"]["teachers"]) == ["teacher"]
+    both, routed = report["oprd-2teachers"]["teachers"], report["oprd-2teachers-routed"]["teachers"]
+    for name in ("teacher_a", "teacher_b"):
+        assert both[name]["supervised_tokens"] == 64 and both[name]["microbatches"] == 4
+        assert routed[name]["supervised_tokens"] == 32 and routed[name]["microbatches"] == 2
+        assert 0 < routed[name]["time"] <= report["oprd-2teachers-routed"]["teacher_time"]
+    for name in ("oprd-2teachers", "oprd-2teachers-routed"):
+        assert f"ratio {name}/oprd time=" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -84,6 +111,11 @@ def test_two_ranks_with_the_teacher_on_its_own_layout_report_every_rank(tmp_path
         (["--nproc", "2", "--cp", "2", "--seq-len", "66", "--prompt-len", "8"], "--seq-len (66)"),
         (["--nproc", "2", "--tp", "2", "--heads", "4"], "--tp 2: must divide the student's"),
         (["--nproc", "4", "--sequences", "2", "--methods", "oprd"], "--sequences 2 must be"),
+        (
+            ["--sequences", "2", "--methods", "oprd,oprd-2teachers-routed"],
+            "--methods oprd-2teachers-routed routes each microbatch to one teacher: it needs at "
+            "least 2 microbatches per data-parallel replica (got 1;",
+        ),
     ],
 )
 def test_bad_layouts_are_refused_by_flag_before_any_launch(argv: list[str], message: str) -> None:
