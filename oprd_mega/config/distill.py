@@ -133,8 +133,9 @@ class DistillationSection(Section):
     overlap_teacher: bool = False
     """Run the teacher's forward of microbatch i+1 while the student runs microbatch i (on a
     side CUDA stream; in order on CPU) instead of all teacher targets before the student.
-    Only where the layout allows: one teacher, on the student's layout, and no pipeline
-    parallelism; elsewhere the teacher passes run first, as with false."""
+    Without pipeline parallelism only; with several teachers each teacher on the student's
+    layout runs ahead on the microbatches routed to it, and a teacher on its own `parallel`
+    layout runs its pass first, as with false."""
     layers: LayerSpec = "all"
     """Supervised student layers: last, all, even, odd (authors' parity) or a list of 1-based
     layers (paper: all). Each is paired with teacher layer phi(l) (first and last aligned),

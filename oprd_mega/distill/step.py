@@ -372,25 +372,22 @@ class DistillStep:
         counts, supervised_any = self._counts(microbatches)
         whole = microbatches  # a teacher on its own layout runs whole sequences
         microbatches = [context_shard(batch) for batch in microbatches]  # this CP rank's share
-        # distillation.overlap_teacher where the layout allows (one teacher on the student's
-        # layout, no pipeline, every microbatch its)
-        first = self.teachers[0]
-        ahead = (
-            TeacherAhead(first.spec.model, microbatches, first.plan)
-            if options.overlap_teacher
-            and len(self.teachers) == 1
-            and first.spec.placement is None
-            and all(batch.teachers is None for batch in microbatches)
-            and parallel_state.get_pipeline_model_parallel_world_size() == 1
-            else None
-        )
+        # distillation.overlap_teacher where the layout allows: every teacher on the student's
+        # layout one microbatch ahead (on its routed ones), without a pipeline
+        aheads: dict[int, TeacherAhead] = {}
+        if options.overlap_teacher and parallel_state.get_pipeline_model_parallel_world_size() == 1:
+            aheads = {
+                n: TeacherAhead(t.spec.model, microbatches, t.plan, t.spec.name)
+                for n, t in enumerate(self.teachers)
+                if t.spec.placement is None
+            }
         outputs, seconds = [], []
-        for teacher in self.teachers:
+        for n, teacher in enumerate(self.teachers):
             teacher.spec.model.eval()
             teacher_start = time.perf_counter()
             name = teacher.spec.name
-            if ahead is not None:
-                out = ahead.outputs  # filled microbatch by microbatch in forward_step
+            if n in aheads:
+                out = aheads[n].outputs  # filled microbatch by microbatch in forward_step
             elif teacher.spec.placement is None:
                 routed = [batch for batch in microbatches if batch.routed_to(name)]
                 out = (
@@ -427,7 +424,7 @@ class DistillStep:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            if ahead is not None:
+            for ahead in aheads.values():
                 ahead.ready(batch.index)
             self.taps.select(batch.index)
             try:
@@ -440,7 +437,7 @@ class DistillStep:
                     )
             finally:
                 self.taps.select(None)
-            if ahead is not None:
+            for ahead in aheads.values():
                 ahead.start_next(batch.index)
 
             def loss_func(output_tensor: torch.Tensor):
@@ -489,8 +486,8 @@ class DistillStep:
             result.skipped = True
             self.student.zero_grad_buffer()
             self.optimizer.zero_grad()
-        if ahead is not None:
-            seconds[0] += ahead.seconds
+        for n, ahead in aheads.items():
+            seconds[n] += ahead.seconds
         for teacher, spent in zip(self.teachers, seconds, strict=True):
             result.teachers[teacher.spec.name].seconds = spent
         result.teacher_seconds = sum(seconds)

@@ -253,6 +253,16 @@ CASES += [
         "opd": "top1",
         "layouts": TWO_TEACHER_LAYOUTS,
     },
+    {  # distillation.overlap_teacher: each teacher on the student's layout one microbatch ahead
+        # on its routed microbatches ("deep" on its own layout runs first where it has one)
+        **BASE,
+        **TWO_TEACHERS,
+        "name": "two-teachers-overlap",
+        "method": "oprd",
+        "normalize": True,
+        "overlap_teacher": True,
+        "layouts": TWO_TEACHER_LAYOUTS[:4],
+    },
 ]
 # Activation recompute and overlapped gradient reduction: the same oracle. Full 'uniform' in
 # chunks of 2 puts tapped layers 1 and 3 inside a checkpointed chunk (not its output).
@@ -375,6 +385,7 @@ FAST_LAYOUTS = {
     "two-teachers": [TWO_TEACHER_LAYOUTS[i] for i in (0, 1, 3, 5)],
     "two-teachers-combined": [TWO_TEACHER_LAYOUTS[i] for i in (0, 3, 5)],
     "two-teachers-opd-top1": [TWO_TEACHER_LAYOUTS[i] for i in (0, 3)],
+    "two-teachers-overlap": [TWO_TEACHER_LAYOUTS[i] for i in (2, 3)],
 }
 SUITES = {
     "fast": [{**case, "layouts": FAST_LAYOUTS[case["name"]]} for case in CASES],
@@ -420,7 +431,12 @@ def test_two_routed_teachers_each_match_the_oracle_and_checkpoint_their_maps(sui
     teachers' maps are optimised, and a torch_dist round trip at PP2 restores both (the
     loss, gradient and AdamW checks above cover the combined objective)."""
     _, results = suite
-    for case in ("two-teachers", "two-teachers-combined", "two-teachers-opd-top1"):
+    for case in (
+        "two-teachers",
+        "two-teachers-combined",
+        "two-teachers-opd-top1",
+        "two-teachers-overlap",
+    ):
         ref = results[case]["ref"]["teacher_loss"]
         assert set(ref) == {"wide", "deep"} and ref["wide"] != pytest.approx(ref["deep"])
         for layout, got in results[case]["layouts"].items():
@@ -524,6 +540,14 @@ def test_overlapped_teacher_runs_one_microbatch_ahead(suite) -> None:
     assert layouts["TP1PP1"]["call_order"] == "ts"  # DP4: one microbatch per rank
     assert layouts["TP2PP1+SP"]["call_order"] == "tsts"  # DP2: two
     assert results["full-plain"]["layouts"]["TP2PP1"]["call_order"] == "ttss"
+    # Two routed teachers (t: "wide", u: "deep"); rank 0 holds microbatch 0 (routed to wide)
+    # and 1 (to deep). Each teacher runs ahead on its own microbatches: deep's starts after the
+    # student's forward of 0. On its own layout deep runs first (a collective over the world),
+    # wide still ahead; without overlap both teachers run before the student.
+    two = results["two-teachers-overlap"]["layouts"]
+    assert two["TP2PP1+SP"]["call_order"] == "tsus"
+    assert two["TP2PP1+SP/teacher-TP1PP1"]["call_order"] == "utss"
+    assert results["two-teachers"]["layouts"]["TP2PP1+SP/teacher-TP1PP1"]["call_order"] == "tuss"
 
 
 def test_student_never_runs_its_output_layer(suite) -> None:

@@ -520,10 +520,16 @@ def run_layout(case: dict, layout: list, work: Path, ref: dict, base: dict | Non
         else {}
     )
     attention_runs[0] = 0
-    order: list[str] = []  # which model's first layer ran, in order, during the step
+    # which model's first layer ran, in order, during the step: s (student), t (the first
+    # teacher), u (the second)
+    order: list[str] = []
+    tagged = [
+        ("s", model),
+        *((tag, t.spec.model) for tag, t in zip("tu", step.teachers[:2], strict=False)),
+    ]
     order_hooks = [
         unwrap(chunk).decoder.layers[0].register_forward_hook(lambda *_, tag=tag: order.append(tag))
-        for tag, chunk in (("s", model), ("t", teacher))
+        for tag, chunk in tagged
         if pp == 1
     ]
     result = step.run(microbatches)
