@@ -578,31 +578,46 @@ def build(out: Path, options: Options) -> dict[str, float]:
     return scores
 
 
-def read_narrow_manifest(out: Path) -> dict[str, Any] | None:
-    """The narrow student's manifest, or None (missing, unreadable, its model files missing, or
-    its accuracy missing from ``models/accuracy.json``)."""
+def _read_addon_manifest(
+    out: Path, manifest_name: str, files: list[Path], report_key: str
+) -> dict[str, Any] | None:
+    """An add-on build's manifest ``manifest_name``, or None (missing, unreadable, one of
+    ``files`` missing, or ``report_key`` missing from ``models/accuracy.json``)."""
     try:
-        manifest = json.loads((out / NARROW_MANIFEST).read_text(encoding="utf-8"))
+        manifest = json.loads((out / manifest_name).read_text(encoding="utf-8"))
         report = json.loads((out / "models" / "accuracy.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    files = [out / "models" / NARROW_NAME / f for f in MODEL_FILES]
-    if not isinstance(manifest, dict) or not isinstance(report, dict) or NARROW_NAME not in report:
+    if not isinstance(manifest, dict) or not isinstance(report, dict) or report_key not in report:
         return None
     return manifest if all(p.is_file() for p in files) else None
 
 
-def is_narrow_complete(out: Path, options: Options, narrow: NarrowOptions) -> bool:
-    """Whether ``out`` holds a complete default build made with ``options`` and a narrow student
-    made with ``options`` and ``narrow``."""
-    manifest = read_narrow_manifest(out)
+def _addon_complete(
+    out: Path, options: Options, manifest: dict[str, Any] | None, key: str, addon: Any
+) -> bool:
+    """Whether ``out`` holds a complete default build made with ``options`` and an add-on whose
+    ``manifest`` records ``options`` and its own options ``addon`` under ``key``."""
     return (
         is_complete(out, options)
         and manifest is not None
         and manifest.get("format") == MANIFEST_FORMAT
         and manifest.get("options") == asdict(options)
-        and manifest.get("narrow") == asdict(narrow)
+        and manifest.get(key) == asdict(addon)
     )
+
+
+def read_narrow_manifest(out: Path) -> dict[str, Any] | None:
+    """The narrow student's manifest, or None (missing, unreadable, its model files missing, or
+    its accuracy missing from ``models/accuracy.json``)."""
+    files = [out / "models" / NARROW_NAME / f for f in MODEL_FILES]
+    return _read_addon_manifest(out, NARROW_MANIFEST, files, NARROW_NAME)
+
+
+def is_narrow_complete(out: Path, options: Options, narrow: NarrowOptions) -> bool:
+    """Whether ``out`` holds a complete default build made with ``options`` and a narrow student
+    made with ``options`` and ``narrow``."""
+    return _addon_complete(out, options, read_narrow_manifest(out), "narrow", narrow)
 
 
 def build_narrow(out: Path, options: Options, narrow: NarrowOptions) -> float:
@@ -641,29 +656,15 @@ def build_narrow(out: Path, options: Options, narrow: NarrowOptions) -> float:
 def read_second_manifest(out: Path) -> dict[str, Any] | None:
     """The second task's manifest, or None (missing, unreadable, its files missing, or its
     accuracies missing from ``models/accuracy.json``)."""
-    try:
-        manifest = json.loads((out / SECOND_MANIFEST).read_text(encoding="utf-8"))
-        report = json.loads((out / "models" / "accuracy.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
     files = [out / "models" / SECOND_NAME / f for f in MODEL_FILES]
     files += [out / "data" / name for name in ("multi_train.jsonl", "fwd_heldout.jsonl")]
-    if not isinstance(manifest, dict) or not isinstance(report, dict) or "two_tasks" not in report:
-        return None
-    return manifest if all(p.is_file() for p in files) else None
+    return _read_addon_manifest(out, SECOND_MANIFEST, files, "two_tasks")
 
 
 def is_second_complete(out: Path, options: Options, second: SecondOptions) -> bool:
     """Whether ``out`` holds a complete default build made with ``options`` and the second task
     made with ``options`` and ``second``."""
-    manifest = read_second_manifest(out)
-    return (
-        is_complete(out, options)
-        and manifest is not None
-        and manifest.get("format") == MANIFEST_FORMAT
-        and manifest.get("options") == asdict(options)
-        and manifest.get("second") == asdict(second)
-    )
+    return _addon_complete(out, options, read_second_manifest(out), "second", second)
 
 
 def build_second(out: Path, options: Options, second: SecondOptions) -> dict[str, dict[str, float]]:
