@@ -177,9 +177,11 @@ class DistillationSection(Section):
             overlap_teacher=self.overlap_teacher,
         )
 
-    def projection_spec(self) -> ProjectionSpec:
-        """The ``ProjectionSpec`` of ``attach_projection``."""
-        return ProjectionSpec(normalize=self.normalize, **self.projection.model_dump())
+    def projection_spec(self, projection: ProjectionSection | None = None) -> ProjectionSpec:
+        """The ``ProjectionSpec`` of ``attach_projection`` for ``projection`` (a teacher's
+        effective ``teachers[i].projection``; default ``distillation.projection``)."""
+        section = self.projection if projection is None else projection
+        return ProjectionSpec(normalize=self.normalize, **section.model_dump())
 
     @model_validator(mode="before")
     @classmethod

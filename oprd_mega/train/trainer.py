@@ -47,7 +47,6 @@ from oprd_mega.data.routing import PromptRouter, check_routes
 from oprd_mega.data.scheduler import CostModel
 from oprd_mega.distill.build import TeacherSetup, build_step, build_teacher
 from oprd_mega.distill.layers import teacher_depth
-from oprd_mega.distill.options import ProjectionSpec
 from oprd_mega.models import build_gpt_model
 from oprd_mega.models.builder import resolve_dtype
 from oprd_mega.models.shapes import sequence_multiple
@@ -304,9 +303,7 @@ class Trainer:
                     entry.name,
                     teacher,
                     pairs,
-                    projection=ProjectionSpec(
-                        normalize=distill.normalize, **entry.projection.model_dump()
-                    ),
+                    projection=distill.projection_spec(entry.projection),
                     bridge=None if bridge is None else bridge.tensors(),
                     own_layout=own,
                     weight=entry.weight,
