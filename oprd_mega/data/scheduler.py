@@ -64,20 +64,17 @@ class ModelDims:
 @dataclass(frozen=True)
 class CostModel:
     """Cost of one sample: student forward + backward (3x forward) plus the forward of every
-    teacher that runs on it: ``teacher`` always, each of the named ``teachers`` when the
-    sample's route names it (or when it has no route)."""
+    teacher that runs on it: each of the named ``teachers`` when the sample's route names it
+    (or when it has no route)."""
 
     student: ModelDims
-    teacher: ModelDims | None = None
-    student_backward_factor: float = 3.0
     teachers: tuple[tuple[str, ModelDims], ...] = ()
+    student_backward_factor: float = 3.0
 
     def cost(self, length: int, route: Sequence[str] | None = None) -> float:
         """Estimated FLOPs to train on one sequence of ``length`` tokens routed to ``route``
         (None: every teacher)."""
         total = self.student_backward_factor * self.student.forward_flops(length)
-        if self.teacher is not None:
-            total += self.teacher.forward_flops(length)
         for name, dims in self.teachers:
             if route is None or name in route:
                 total += dims.forward_flops(length)

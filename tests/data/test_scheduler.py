@@ -153,7 +153,7 @@ def test_merges_when_too_few_samples_to_split():
 def test_cost_model_counts_attention_quadratic_and_teacher():
     student = ModelDims(num_layers=2, hidden_size=64, ffn_hidden_size=128, vocab_size=1000)
     teacher = ModelDims(num_layers=3, hidden_size=128, ffn_hidden_size=256)
-    cost = CostModel(student, teacher)
+    cost = CostModel(student, teachers=(("teacher", teacher),))
     h, f, v = 64, 128, 1000
 
     def forward(dims_layers, hh, ff, vv, length):
