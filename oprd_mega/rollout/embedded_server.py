@@ -25,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs
 
+from oprd_mega.lifetime import exit_within_after_signal
 from oprd_mega.rollout.engine import (
     MEMORY_TAGS,
     PAUSE_MODES,
@@ -55,6 +56,9 @@ SERVER_VERSION = "oprd-embedded-0.1"
 SSE_PREFIX, SSE_END, SSE_DONE = b"data: ", b"\n\n", b"data: [DONE]\n\n"
 # The sections SGLang's /v1/loads accepts in ``include`` (this server fills only ``core``).
 _LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
+# After SIGTERM the server has this long to stop by itself, then exits: its launcher may be gone
+# (the parent-death signal), and nobody would be left to SIGKILL a server whose stop hangs.
+EXIT_GRACE_S = 10.0
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -882,8 +886,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def serve_forever(config: ServerConfig) -> None:
-    """Run the server in the foreground until SIGINT or SIGTERM."""
+    """Run the server in the foreground until SIGINT or SIGTERM; once SIGTERM arrives, the
+    process ends within :data:`EXIT_GRACE_S` seconds, stopped cleanly or not."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    exit_within_after_signal(EXIT_GRACE_S)
     server = EmbeddedServer(config)
     stop = threading.Event()
 

@@ -230,3 +230,48 @@ def test_unseeded_servers_sample_different_streams(tiny_model_dir):
         with EmbeddedServer(ServerConfig(str(tiny_model_dir), port=0)) as srv:
             answers.append([o["output_ids"] for o in post(srv, "/generate", body)])
     assert answers[0] != answers[1]
+
+
+def test_a_server_whose_stop_hangs_still_exits_after_sigterm(tiny_model_dir):
+    """Its launcher may be gone (the parent-death signal), so nobody would SIGKILL it: after
+    SIGTERM the server process ends within its exit grace even when stopping hangs."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    from oprd_mega.rollout.embedded_server import EXIT_GRACE_S
+    from tests.torchrun_utils import free_port
+
+    port = free_port()
+    script = textwrap.dedent(
+        f"""
+        import time
+        from oprd_mega.rollout import embedded_server as es
+        es.EmbeddedServer.stop = lambda self: time.sleep(3600)  # a stop that never returns
+        es.serve_forever(es.ServerConfig({str(tiny_model_dir)!r}, host="127.0.0.1", port={port}))
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("the server never answered /health")
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        proc.wait(timeout=EXIT_GRACE_S + 20)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert EXIT_GRACE_S - 1 <= took <= EXIT_GRACE_S + 10
+    assert "exiting" in proc.stderr.read()
