@@ -53,6 +53,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -470,9 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     passthrough = list(argv if argv is not None else sys.argv[1:])
     launcher = [sys.executable]
-    if args.nproc > 1:  # one rendezvous per launch on a free port (--standalone)
+    torchrun_logs = tempfile.TemporaryDirectory(prefix="oprd-bench-step-torchrun-")
+    if args.nproc > 1:  # one rendezvous per launch on a free port (--standalone); --log-dir:
+        # torchrun otherwise leaves a /tmp/torchelastic_* folder per launch
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-        launcher += [str(args.nproc)]
+        launcher += [str(args.nproc), "--log-dir", torchrun_logs.name]
     for name in names:
         out = subprocess.run(
             [*launcher, __file__],

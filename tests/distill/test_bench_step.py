@@ -1,6 +1,7 @@
 """tools/bench_step.py with a paper preset, shrunk to CPU size: the report and its MFU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,10 +65,17 @@ def test_two_ranks_with_the_teacher_on_its_own_layout_report_every_rank(tmp_path
         "--seq-len", "64", "--prompt-len", "32", "--last-k", "16", "--steps", "1",
         "--json", str(out),
     ]  # fmt: skip
+    temp = tmp_path / "tmp"  # the launches' temporary folders: none is left behind
+    temp.mkdir()
     result = subprocess.run(
-        [sys.executable, str(TOOL), *argv], capture_output=True, text=True, timeout=600
+        [sys.executable, str(TOOL), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TMPDIR": str(temp)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(temp.iterdir()) == []
     assert "layout TP2PP1 (teacher TP1PP1) on 2 rank(s)" in result.stdout
     row = json.loads(out.read_text())["results"]["oprd"]
     assert row["layout"] == "TP2PP1 (teacher TP1PP1)" and row["rank"] == 0
