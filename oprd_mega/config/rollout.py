@@ -58,7 +58,8 @@ Launch = adopt(
         "mem_fraction_static": "SGLang --mem-fraction-static; null: SGLang's default.",
         "extra_args": "Extra server command-line arguments, passed unchanged.",
         "command": "Command prefix replacing the launcher's (tests use a fake server).",
-        "log_dir": "Directory for the servers' logs; null: a temporary directory.",
+        "log_dir": "Directory for the servers' logs (rollout-server-<i>.log; a restarted "
+        "server's earlier log is kept as .log.1, .log.2, ...); null: <metrics.dir>/rollout.",
         "health_timeout_s": "Seconds to wait for every server's /health.",
         "shutdown_grace_s": "Seconds between SIGTERM and SIGKILL at shutdown.",
         "env": "Extra environment variables of the server processes.",

@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,13 +109,17 @@ class LaunchConfig:
                 f"{self.trainer_gpus}, or colocate: true to share them"
             )
 
-    def for_trainer(self, trainer_gpus: int, sampling_seed: int | None) -> LaunchConfig:
+    def for_trainer(
+        self, trainer_gpus: int, sampling_seed: int | None, run_log_dir: str | None = None
+    ) -> LaunchConfig:
         """This config as the trainer launches it: ``trainer_gpus`` GPUs of this node are the
-        trainer's, and a seeded sampler gets SGLang's deterministic inference."""
+        trainer's, a seeded sampler gets SGLang's deterministic inference, and the servers'
+        logs go to ``run_log_dir`` unless ``log_dir`` says where (they belong to the run)."""
         return replace(
             self,
             trainer_gpus=trainer_gpus,
             deterministic_inference=self.deterministic_inference or sampling_seed is not None,
+            log_dir=self.log_dir or run_log_dir,
         )
 
     def server_gpus(self, index: int) -> list[int]:
@@ -199,6 +204,8 @@ class ServerGroup:
         self.grace_s = grace_s
         self._closed = False
         self._previous_handlers: dict[int, Any] = {}
+        # The folder ``launch`` made for the logs (no log_dir): removed by a clean ``with`` exit.
+        self.temporary_logs: Path | None = None
         if self.processes:
             atexit.register(self.shutdown)
             self._install_signal_handlers()
@@ -209,11 +216,12 @@ class ServerGroup:
     def launch(cls, config: LaunchConfig) -> ServerGroup:
         """Start every server, wait until all answer /health and prove their identity, or
         clean up and raise."""
+        temporary_logs = None
         if config.log_dir:
             log_dir = Path(config.log_dir)
             log_dir.mkdir(parents=True, exist_ok=True)
         else:
-            log_dir = Path(tempfile.mkdtemp(prefix="oprd-rollout-logs-"))
+            log_dir = temporary_logs = Path(tempfile.mkdtemp(prefix="oprd-rollout-logs-"))
         ports = launch_ports(config)
         _check_gpus(config)
         processes: list[subprocess.Popen] = []
@@ -223,6 +231,7 @@ class ServerGroup:
         try:
             for i, port in enumerate(ports):
                 log_path = log_dir / f"rollout-server-{i}.log"
+                _keep_earlier_log(log_path)
                 handle = log_path.open("wb")
                 processes.append(
                     subprocess.Popen(
@@ -238,6 +247,7 @@ class ServerGroup:
                 handle.close()
                 logs.append(log_path)
             group = cls(urls, processes, logs, grace_s=config.shutdown_grace_s, tokens=tokens)
+            group.temporary_logs = temporary_logs
         except BaseException:
             for proc in processes:
                 _kill_group(proc, config.shutdown_grace_s)
@@ -377,8 +387,24 @@ class ServerGroup:
     def __enter__(self) -> ServerGroup:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Shut down; the logs' temporary folder goes too unless the block raised (an error
+        names a server's log, which must still be there to read)."""
         self.shutdown()
+        if exc_type is None and self.temporary_logs is not None:
+            shutil.rmtree(self.temporary_logs, ignore_errors=True)
+
+
+def _keep_earlier_log(path: Path) -> None:
+    """Move an earlier launch's log at ``path`` (a server restarted after it died, a resumed
+    run) to the next free ``<name>.1``, ``<name>.2``, ... so that the new one does not
+    overwrite it."""
+    if not path.exists():
+        return
+    number = 1
+    while path.with_name(f"{path.name}.{number}").exists():
+        number += 1
+    path.rename(path.with_name(f"{path.name}.{number}"))
 
 
 def list_router_workers(router_url: str, timeout_s: float = 10.0) -> list[str]:

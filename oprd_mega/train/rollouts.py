@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -93,7 +94,9 @@ class RolloutService:
         if rollout.mode == "launch":
             assert rollout.launch is not None
             launch = rollout.launch.for_trainer(
-                local_trainer_gpus(), rollout.sampling.sampling_seed
+                local_trainer_gpus(),
+                rollout.sampling.sampling_seed,
+                run_log_dir=str(Path(self.config.metrics.dir) / "rollout"),
             )
             self.servers = ServerGroup.launch(launch)
         else:

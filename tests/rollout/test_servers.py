@@ -166,6 +166,42 @@ def test_health_timeout_cleans_up(tmp_path):
     assert no_survivors(tmp_path / "state")
 
 
+def test_a_relaunch_keeps_the_earlier_logs(tmp_path):
+    """A server relaunched into the same log_dir (restarted after it died, a resumed run)
+    writes a new log; the earlier ones are kept, numbered in launch order."""
+    for _ in range(3):
+        with ServerGroup.launch(config(tmp_path, num_servers=1)):
+            pass
+    logs = tmp_path / "logs"
+    assert sorted(p.name for p in logs.iterdir()) == [
+        "rollout-server-0.log",
+        "rollout-server-0.log.1",
+        "rollout-server-0.log.2",
+    ]
+
+
+def test_a_temporary_log_folder_goes_with_a_clean_exit_and_stays_after_an_error(
+    tmp_path, monkeypatch
+):
+    import tempfile
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with ServerGroup.launch(config(tmp_path, log_dir=None, num_servers=1)) as group:
+        assert group.logs[0].parent.parent == temp and group.logs[0].is_file()
+    assert list(temp.iterdir()) == []
+    failing = config(tmp_path, log_dir=None, num_servers=1)
+    with pytest.raises(RuntimeError, match="training failed"), ServerGroup.launch(failing) as group:
+        raise RuntimeError("training failed")
+    assert [p.name for p in temp.iterdir()] == [group.logs[0].parent.name]
+    assert group.logs[0].is_file()  # an error may name it: it is still there to read
+    with pytest.raises(ServerLaunchError) as info:
+        ServerGroup.launch(config(tmp_path, log_dir=None, num_servers=1, env={"FAKE_FAIL": "1"}))
+    named = next(p for p in temp.iterdir() if str(p) in str(info.value))
+    assert "CUDA out of memory (simulated)" in (named / "rollout-server-0.log").read_text()
+
+
 def test_exception_inside_with_shuts_down(tmp_path):
     with pytest.raises(RuntimeError, match="training failed"), ServerGroup.launch(config(tmp_path)):
         raise RuntimeError("training failed")

@@ -46,7 +46,6 @@ def task_config(task: Path, run: Path, **sections: Any) -> Path:
                 "backend": "embedded",
                 "base_port": free_port(),
                 "health_timeout_s": 120,
-                "log_dir": str(run / "logs" / "rollout"),
                 # One sequence per forward: batch composition cannot change a sampled token.
                 "extra_args": ["--max-batch-size", "1"],
             },

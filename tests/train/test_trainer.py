@@ -483,6 +483,14 @@ def test_dead_server_is_restarted_and_resynced(task: Path, tmp_path: Path, stale
     records = read_metrics(tmp_path / "run" / "logs", kind="train")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
     assert all(r["rollout/staleness_max"] <= staleness for r in records)
+    # The server's logs are the run's (<metrics.dir>/rollout, no log_dir set), and the killed
+    # server's log is kept beside its successor's.
+    logs = tmp_path / "run" / "logs" / "rollout"
+    assert sorted(p.name for p in logs.iterdir()) == [
+        "rollout-server-0.log",
+        "rollout-server-0.log.1",
+    ]
+    assert all("server ready" in log.read_text() for log in logs.iterdir())
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the server by its listening socket")
