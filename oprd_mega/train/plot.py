@@ -4,7 +4,8 @@ Three kinds of input, told apart by what they are:
 
 - a run (its folder, its ``logs`` folder or its ``metrics.jsonl``): held-out accuracy and
   training loss against step, several runs side by side, plus the per-layer alignment loss and
-  cosine of OPRD runs;
+  cosine of OPRD runs; a group of runs (``--group LABEL=RUN,RUN,...``: the seeds of one
+  setting) is drawn as its mean with a band from its lowest to its highest run;
 - a bridge report (``report.json`` of ``tools/build_bridge.py``): held-out cosine of P_S against
   P_T before and after the fit, and the explained variance, against the rank;
 - a kernel benchmark JSON (``tools/bench_kernels.py --json``): time and peak memory against
@@ -25,7 +26,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ class Run:
     name: str
     path: Path
     records: list[dict[str, Any]]
+    members: tuple[Run, ...] = ()  # the runs this one is the mean of (see :func:`mean_run`)
 
     def series(self, key: str, kind: str) -> tuple[list[int], list[float]]:
         """Steps and values of ``key`` in the ``kind`` records that have it (None -> NaN)."""
@@ -74,6 +76,18 @@ class Run:
                 values.append(math.nan if value is None else float(value))
         return steps, values
 
+    def band(self, key: str, kind: str) -> tuple[list[int], list[float], list[float]]:
+        """Steps of this mean run's ``key`` and, at each, its members' lowest and highest
+        value (NaN values left out)."""
+        steps, _ = self.series(key, kind)
+        at = [dict(zip(*member.series(key, kind), strict=True)) for member in self.members]
+        low, high = [], []
+        for step in steps:
+            values = [v for member in at if not math.isnan(v := member[step])]
+            low.append(min(values, default=math.nan))
+            high.append(max(values, default=math.nan))
+        return steps, low, high
+
     def keys(self, kind: str) -> list[str]:
         """Every metric name of the ``kind`` records, in first-seen order."""
         seen: dict[str, None] = {}
@@ -81,6 +95,30 @@ class Run:
             if record.get("kind") == kind:
                 seen.update(dict.fromkeys(record))
         return list(seen)
+
+
+def mean_run(name: str, members: Sequence[Run]) -> Run:
+    """The mean of ``members``, key by key, at every step (of each kind) that all of them
+    logged: a key counts where every member's record has it, NaN (a skipped step) left out of
+    the mean. A step that some member lacks (a shorter run) is left out."""
+    indexed = [{(r.get("kind"), r.get("step")): r for r in member.records} for member in members]
+    records = []
+    for record in members[0].records:
+        where = (record.get("kind"), record.get("step"))
+        rows = [index.get(where) for index in indexed]
+        if any(row is None for row in rows):
+            continue
+        mean: dict[str, Any] = {"kind": where[0], "step": where[1]}
+        for key in record:
+            if key in mean or key == "time":
+                continue
+            values = [row.get(key, "absent") for row in rows]
+            if not all(v is None or isinstance(v, int | float) for v in values):
+                continue  # absent somewhere, or not a number
+            finite = [float(v) for v in values if v is not None and not math.isnan(v)]
+            mean[key] = sum(finite) / len(finite) if finite else None
+        records.append(mean)
+    return Run(name, members[0].path, records, tuple(members))
 
 
 def metrics_path(path: str | os.PathLike[str]) -> Path:
@@ -113,7 +151,8 @@ def _unique_names(runs: list[Run]) -> list[Run]:
     names = [r.name for r in runs]
     if len(set(names)) == len(names):
         return runs
-    return [Run(str(r.path.parent), r.path, r.records) for r in runs]
+    # Single runs are then named by their folders; a group keeps its label.
+    return [r if r.members else replace(r, name=str(r.path.parent)) for r in runs]
 
 
 def _figure(rows: int, cols: int) -> tuple[Figure, list[Axes]]:
@@ -140,7 +179,8 @@ def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
 def runs_figure(runs: Sequence[Run]) -> Figure:
     """Four panels: held-out Avg@k (solid) and Best@k (dashed, k > 1) per evaluation set in
     percent, training loss, per-layer alignment loss and per-layer cosine, all against step;
-    one colour per run."""
+    one colour per run. A mean run (:func:`mean_run`) gets a band from its lowest to its
+    highest member on the accuracy and loss panels."""
     runs = _unique_names(list(runs))
     figure, (accuracy, loss, layer_loss, layer_cosine) = _figure(2, 2)
     for index, run in enumerate(runs):
@@ -161,6 +201,10 @@ def runs_figure(runs: Sequence[Run]) -> Figure:
                 continue
             steps, values = run.series(key, "eval")
             metric = f"Best@{k}" if best else f"Avg@{k}"
+            if run.members:
+                _, low, high = run.band(key, "eval")
+                band = [100 * v for v in low], [100 * v for v in high]
+                accuracy.fill_between(steps, *band, color=color, alpha=0.15, linewidth=0)
             accuracy.plot(
                 steps,
                 [100 * v for v in values],
@@ -172,6 +216,8 @@ def runs_figure(runs: Sequence[Run]) -> Figure:
             )
         steps, values = run.series("loss", "train")
         if steps:
+            if run.members:
+                loss.fill_between(*run.band("loss", "train"), color=color, alpha=0.15, linewidth=0)
             loss.plot(steps, values, color=color, label=run.name)
         matches = [m for m in map(_LAYER_KEY.fullmatch, run.keys("train")) if m]
         if any(m["teacher"] is None for m in matches):  # one teacher: the top-level keys
@@ -298,9 +344,33 @@ def _label(path: Path, paths: Sequence[Path]) -> str:
     return path.parent.name if path.name == "report.json" else path.stem
 
 
-def build_figure(inputs: Sequence[str | os.PathLike[str]]) -> Figure:
-    """The figure of ``inputs``, all of one kind (runs, bridge reports or benchmarks)."""
+def parse_group(spec: str) -> tuple[str, list[str]]:
+    """``LABEL=RUN,RUN,...`` -> (label, runs); an error names the malformed ``--group``."""
+    label, sep, listed = spec.partition("=")
+    runs = [run for run in listed.split(",") if run]
+    if not sep or not label.strip() or not runs:
+        raise PlotInputError(f"--group {spec!r}: expected LABEL=RUN[,RUN...]")
+    return label.strip(), runs
+
+
+def build_figure(inputs: Sequence[str | os.PathLike[str]], groups: Sequence[str] = ()) -> Figure:
+    """The figure of ``inputs``, all of one kind (runs, bridge reports or benchmarks), and of
+    ``groups`` (``LABEL=RUN,RUN,...``: runs drawn as their mean, after the single runs)."""
+    parsed = [parse_group(spec) for spec in groups]
+    if not inputs and not parsed:
+        raise PlotInputError("nothing to draw: give inputs or --group")
     paths = [Path(p) for p in inputs]
+    if parsed:
+        if any(_kind(path) != "run" for path in paths):
+            raise PlotInputError("--group draws runs; the other inputs must be runs too")
+        for label, members in parsed:
+            if (bad := next((m for m in members if _kind(Path(m)) != "run"), None)) is not None:
+                raise PlotInputError(f"--group {label}: {bad} is not a run")
+        means = [
+            mean_run(f"{label} (mean of {len(members)})", [load_run(m) for m in members])
+            for label, members in parsed
+        ]
+        return runs_figure([*(load_run(p) for p in paths), *means])
     kinds = {path: _kind(path) for path in paths}
     if len(set(kinds.values())) > 1:
         listed = ", ".join(f"{p} ({k})" for p, k in kinds.items())
@@ -335,10 +405,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The plot subcommand's arguments."""
     parser.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
         help="run folders (or their logs/ or metrics.jsonl), bridge report.json files, or "
         "kernel benchmark JSON files; all of one kind",
+    )
+    parser.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="LABEL=RUN,RUN,...",
+        help="runs drawn as one line, their mean, with a band from the lowest to the highest "
+        "(e.g. the seeds of one setting); repeat for several groups",
     )
     parser.add_argument(
         "-o", "--output", required=True, help="image to write; the suffix sets the format (.png)"
@@ -351,7 +429,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Draw and save; a bad input is one message naming the file (exit code 2)."""
     try:
-        figure = build_figure(args.inputs)
+        figure = build_figure(args.inputs, args.group)
         path = save_figure(figure, args.output, args.force)
     except (PlotInputError, FileExistsError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -116,6 +116,75 @@ def test_several_teachers_per_layer_per_teacher(tmp_path: Path) -> None:
             _same(_lines(ax)[f"{teacher} layer 1"], _series(records, "train", key))
 
 
+def _band(ax: Any, index: int) -> dict[float, tuple[float, float]]:
+    """The lowest and highest y of the ``index``-th filled band at each x."""
+    vertices = ax.collections[index].get_paths()[0].vertices
+    band: dict[float, list[float]] = {}
+    for x, y in vertices:
+        band.setdefault(float(x), []).append(float(y))
+    return {x: (min(ys), max(ys)) for x, ys in band.items()}
+
+
+def test_a_group_is_its_mean_with_a_band_from_lowest_to_highest(tmp_path: Path) -> None:
+    """``--group``: the seeds of a setting drawn as one line, their mean at every step all of
+    them logged (NaN left out), with a band between the lowest and the highest seed."""
+    offsets = (0.0, 0.2, 0.05)
+    seeds = [_write_run(tmp_path / f"s{i}" / "logs", o, layers=True) for i, o in enumerate(offsets)]
+    short = tmp_path / "short" / "logs"
+    with MetricsWriter(short, sinks=("jsonl",)) as writer:  # a run that stopped at step 2
+        writer.log(0, {"eval/avg_at_k": 0.5, "eval/k": 4.0, "eval/best_at_k": 0.5}, kind="eval")
+        for step in (1, 2):
+            writer.log(step, {"loss": 2.0})
+        writer.log(2, {"eval/avg_at_k": 0.7, "eval/k": 4.0, "eval/best_at_k": 0.7}, kind="eval")
+    _write_run(tmp_path / "single" / "logs", 0.3, layers=False)
+    runs = ",".join(str(tmp_path / f"s{i}") for i in range(3))
+    figure = build_figure(
+        [tmp_path / "single"], [f"seeds={runs}", f"with short={tmp_path / 's0'},{short.parent}"]
+    )
+    accuracy, loss, layer_loss, _ = figure.axes
+    each = [_records(path) for path in seeds]
+
+    def mean(kind: str, key: str) -> tuple[list[int], list[float]]:
+        steps = _series(each[0], kind, key)[0]
+        columns = [_series(records, kind, key)[1] for records in each]
+        values = []
+        for row in zip(*columns, strict=True):
+            finite = [v for v in row if not math.isnan(v)]
+            values.append(sum(finite) / len(finite) if finite else math.nan)
+        return steps, values
+
+    lines = _lines(accuracy)
+    steps, values = mean("eval", "eval/avg_at_k")
+    _same(lines["seeds (mean of 3) Avg@4"], (steps, [100 * v for v in values]))
+    band = _band(accuracy, 0)  # the single run has none; the groups' come in their order
+    for step in steps:
+        at = [_series(records, "eval", "eval/avg_at_k")[1][steps.index(step)] for records in each]
+        assert band[step] == pytest.approx((100 * min(at), 100 * max(at)))
+    _same(_lines(loss)["seeds (mean of 3)"], mean("train", "loss"))
+    assert math.isnan(_lines(loss)["seeds (mean of 3)"][1][2])  # every seed skipped step 3
+    _same(_lines(layer_loss)["seeds (mean of 3) layer 2"], mean("train", "rep/loss/layer_2"))
+    # With a shorter member: only the steps both logged; the single run as it is.
+    _same(lines["with short (mean of 2) Avg@4"], ([0, 2], [25.0, 45.0]))
+    _same(lines["single Avg@4"], ([0, 2, 4], [30.0, 50.0, 70.0]))
+
+
+def test_bad_groups_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _write_run(tmp_path / "run" / "logs", 0.0, layers=False)
+    out = tmp_path / "out.png"
+    for spec, needle in (
+        ("no-label", "--group 'no-label': expected LABEL=RUN[,RUN...]"),
+        ("a=", "--group 'a=': expected LABEL=RUN[,RUN...]"),
+        (f"a={tmp_path / 'missing'}", "missing: no such file or directory"),
+    ):
+        assert main(["plot", "--group", spec, "-o", str(out)]) == 2
+        assert needle in capsys.readouterr().err
+    assert main(["plot", "-o", str(out)]) == 2
+    assert "nothing to draw" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["plot", "--group", f"a={tmp_path / 'run'}", "-o", str(out)]) == 0
+    assert out.read_bytes().startswith(PNG_MAGIC)
+
+
 def test_one_run_names_layers_only(tmp_path: Path) -> None:
     _write_run(tmp_path / "run" / "logs", 0.0, layers=True)
     figure = build_figure([tmp_path / "run" / "logs" / "metrics.jsonl"])
