@@ -95,11 +95,13 @@ def test_train_takes_flags_and_overrides_in_any_order(
 
 
 def test_config_takes_flags_and_overrides_in_any_order(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     argv = ["config", str(EXAMPLE), "seed=7", "--world-size", "2", "optimizer.lr=0.25"]
-    # --world-size runs train's checks, which read the models: the example's are not built
-    # here, so the answer names the student's directory.
+    # --world-size runs train's checks, which read the models: the example's relative paths
+    # lead nowhere from an empty folder (the quickstart builds them under the repository
+    # root), so the answer names the student's directory.
+    monkeypatch.chdir(tmp_path)
     assert main(argv) == 2
     assert "student.path = 'runs/quickstart/models/student'" in capsys.readouterr().err
     argv = ["config", str(EXAMPLE), "seed=7", "optimizer.lr=0.25"]
