@@ -20,6 +20,9 @@ folders of a process that died are recognised and removed by a later run.
   once saying the result is complete (no cleanup, no traceback from an exit-time finalizer).
 - :func:`make_owned_temp_dir` / :func:`remove_stale_temp_dirs`: temporary folders whose names
   carry host and pid, so a later run can prove their owner dead and remove them.
+- :func:`plain_permissions`: what ``mkdtemp``/``mkstemp`` make private (0700/0600) gets, before
+  it is published by a rename, the permissions a plain ``mkdir``/``open`` gives under the
+  umask, so a checkpoint or converted model is as readable as any other file of the run.
 
 Standard library only: imported by every process of the project, before torch.
 """
@@ -269,11 +272,33 @@ def _owner_tag() -> str:
     return f"{host}-{os.getpid()}"
 
 
-def make_owned_temp_dir(parent: Path, name: str) -> Path:
+def make_owned_temp_dir(parent: Path, name: str, private: bool = False) -> Path:
     """``parent/.<name>.tmp-<host>-<pid>-<random>``, after removing the leftovers of earlier
-    processes of this host that are provably dead (see :func:`remove_stale_temp_dirs`)."""
+    processes of this host that are provably dead (see :func:`remove_stale_temp_dirs`); with
+    the umask's permissions (it is published by a rename), or 0700 with ``private``."""
     remove_stale_temp_dirs(parent, name)
-    return Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_owner_tag()}-", dir=parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-{_owner_tag()}-", dir=parent))
+    if not private:
+        plain_permissions(folder)
+    return folder
+
+
+def _umask() -> int:
+    """This process's umask: Linux shows it in /proc/self/status; elsewhere it is read by
+    setting it and setting it back."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_permissions(path: Path) -> None:
+    """Give ``path`` (made private by ``mkdtemp``/``mkstemp``) the permissions a plain
+    ``mkdir``/``open`` would have given it under this process's umask."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
 def remove_stale_temp_dirs(parent: Path, name: str) -> list[Path]:

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from oprd_mega.lifetime import make_owned_temp_dir, pid_alive, remove_stale_temp_dirs
+from oprd_mega.lifetime import (
+    make_owned_temp_dir,
+    pid_alive,
+    plain_permissions,
+    remove_stale_temp_dirs,
+)
 from tests.torchrun_utils import free_port, torchrun_command, torchrun_env
 from tools.tiny_hf import make_tiny_model_dir
 
@@ -232,6 +238,28 @@ def test_only_temporary_folders_of_dead_owners_are_removed(tmp_path: Path) -> No
         path.mkdir()
     assert remove_stale_temp_dirs(tmp_path, "out") == [stale]
     assert mine.is_dir() and other_host.is_dir() and other_name.is_dir()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_published_folders_and_files_get_the_umask_permissions(tmp_path: Path, umask: int) -> None:
+    """What is published by a rename (checkpoints, converted models, figures) is as readable
+    as what ``mkdir``/``open`` make under the same umask; released weights stay private."""
+    previous = os.umask(umask)
+    try:
+        reference_dir = tmp_path / "made-by-mkdir"
+        reference_dir.mkdir()
+        reference_file = tmp_path / "made-by-open"
+        reference_file.write_text("x")
+        published = make_owned_temp_dir(tmp_path, "out")
+        private = make_owned_temp_dir(tmp_path, "spill", private=True)
+        handle, name = tempfile.mkstemp(dir=tmp_path)
+        os.close(handle)
+        plain_permissions(Path(name))
+    finally:
+        os.umask(previous)
+    assert published.stat().st_mode & 0o777 == reference_dir.stat().st_mode & 0o777
+    assert Path(name).stat().st_mode & 0o777 == reference_file.stat().st_mode & 0o777
+    assert private.stat().st_mode & 0o777 == 0o700
 
 
 _SIGTERM_IN_A_FINALIZER = """

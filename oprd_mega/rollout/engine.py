@@ -921,7 +921,9 @@ class GenerationEngine:
         with self.exclusive():
             if "weights" in tags and "weights" not in self.released:
                 # Owned by this process: the next server removes it if this one was killed.
-                folder = make_owned_temp_dir(Path(tempfile.gettempdir()), RELEASED_WEIGHTS)
+                folder = make_owned_temp_dir(
+                    Path(tempfile.gettempdir()), RELEASED_WEIGHTS, private=True
+                )
                 path = folder / "weights.safetensors"
                 params = dict(self.model.named_parameters())  # tied weights once
                 save_file({n: p.detach().contiguous() for n, p in params.items()}, str(path))

@@ -50,6 +50,7 @@ from oprd_mega.convert.mcore_io import (
     save_mcore_checkpoint,
 )
 from oprd_mega.errors import CheckpointError
+from oprd_mega.lifetime import plain_permissions
 from oprd_mega.models.hf_config import HFModelArgs
 from oprd_mega.models.running import unwrap
 from oprd_mega.parallel.distributed import barrier, broadcast_object, global_rank
@@ -147,6 +148,7 @@ def save_checkpoint(
     if global_rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         tmp_name = tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root)
+        plain_permissions(Path(tmp_name))  # published by the rename below
     tmp = Path(broadcast_object(tmp_name))
     error: str | None = None
     try:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from oprd_mega.data.prompts import PromptDataError, read_rows
+from oprd_mega.lifetime import plain_permissions
 from oprd_mega.train.verifiers import extract_boxed
 
 PROBLEM_KEYS = ("problem", "Problem", "question", "Question")
@@ -118,6 +119,7 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: Path, force: bool) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        plain_permissions(Path(tmp))
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             for row in rows:
                 out.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from oprd_mega.errors import cannot_write
+from oprd_mega.lifetime import plain_permissions
 from oprd_mega.train.metrics import JSONL_NAME, MetricsFileError, read_metrics
 
 if TYPE_CHECKING:
@@ -393,6 +394,7 @@ def save_figure(figure: Figure, output: str | os.PathLike[str], force: bool) -> 
     handle, tmp = tempfile.mkstemp(prefix=f".{output.name}.", dir=output.parent)
     os.close(handle)
     try:
+        plain_permissions(Path(tmp))
         figure.savefig(tmp, format=fmt, dpi=120)
         os.replace(tmp, output)
     except BaseException:

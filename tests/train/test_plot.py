@@ -254,6 +254,9 @@ def test_command_writes_and_keeps_files(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["plot", str(tmp_path / "run"), "-o", str(out), "--force"]) == 0
     assert out.read_bytes().startswith(PNG_MAGIC)
     assert sorted(p.name for p in out.parent.iterdir()) == ["run.png"]  # no temp file left
+    plain = tmp_path / "plain"
+    plain.write_text("made by open")  # the permissions of any file made here
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_bad_inputs_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

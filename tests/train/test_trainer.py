@@ -92,6 +92,10 @@ def test_resume_reproduces_the_uninterrupted_run(task: Path, tmp_path: Path) -> 
 
     latest = find_latest(tmp_path / "split" / "ckpt")
     assert latest is not None and latest.name == "step-00000006"
+    plain = tmp_path / "plain"
+    plain.mkdir()  # the permissions of any folder made here: the checkpoint's and the export's
+    assert latest.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+    assert exported.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
     state = read_state(latest)
     assert state.step == 6 and state.layout == {"tp": 1, "pp": 2, "dp": 1}
     assert not list((tmp_path / "split" / "ckpt").glob(".step-*"))  # no temp dirs left
