@@ -471,9 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     passthrough = list(argv if argv is not None else sys.argv[1:])
     launcher = [sys.executable]
-    torchrun_logs = tempfile.TemporaryDirectory(prefix="oprd-bench-step-torchrun-")
     if args.nproc > 1:  # one rendezvous per launch on a free port (--standalone); --log-dir:
-        # torchrun otherwise leaves a /tmp/torchelastic_* folder per launch
+        # torchrun otherwise leaves a /tmp/torchelastic_* folder per launch (this one goes at exit)
+        torchrun_logs = tempfile.TemporaryDirectory(prefix="oprd-bench-step-torchrun-")
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
         launcher += [str(args.nproc), "--log-dir", torchrun_logs.name]
     for name in names:

@@ -195,6 +195,7 @@ class ServerGroup:
         control_urls: Sequence[str] | None = None,
         grace_s: float = 15.0,
         tokens: Sequence[str] = (),
+        temporary_logs: Path | None = None,
     ) -> None:
         self.urls = [u.rstrip("/") for u in urls]
         self.tokens = list(tokens)  # the launch token of each launched server
@@ -205,7 +206,7 @@ class ServerGroup:
         self._closed = False
         self._previous_handlers: dict[int, Any] = {}
         # The folder ``launch`` made for the logs (no log_dir): removed by a clean ``with`` exit.
-        self.temporary_logs: Path | None = None
+        self.temporary_logs = temporary_logs
         if self.processes:
             atexit.register(self.shutdown)
             self._install_signal_handlers()
@@ -246,8 +247,14 @@ class ServerGroup:
                 )
                 handle.close()
                 logs.append(log_path)
-            group = cls(urls, processes, logs, grace_s=config.shutdown_grace_s, tokens=tokens)
-            group.temporary_logs = temporary_logs
+            group = cls(
+                urls,
+                processes,
+                logs,
+                grace_s=config.shutdown_grace_s,
+                tokens=tokens,
+                temporary_logs=temporary_logs,
+            )
         except BaseException:
             for proc in processes:
                 _kill_group(proc, config.shutdown_grace_s)
